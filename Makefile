@@ -1,0 +1,45 @@
+# The few verbs people expect. `make test` is what CI runs (.ci/run).
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+CARGO ?= cargo
+export OPAMP_TOOLS_BIN := $(CURDIR)/target/tools/bin
+
+.PHONY: all build test unit lint fmt tools tools-interop tools-k8s demo bench
+
+all: build
+
+build:
+	$(CARGO) build --release
+
+## tools: every external binary the tests and the demo use, built from registries and cached
+## outside the clone (~/.cache/opamp-operator/tools), linked into target/tools/bin.
+tools: tools-interop tools-k8s
+
+tools-interop:
+	bash tests/tools/build-interop-agent.sh
+	bash tests/tools/build-protodump.sh
+
+tools-k8s:
+	bash tests/tools/build-k8s.sh
+	bash tests/tools/build-helm.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+## test: lints, then every test (unit, transport, interop with the opamp-go agent).
+test: tools-interop lint
+	$(CARGO) test --all-targets
+
+unit:
+	$(CARGO) test --lib
+
+demo:
+	@echo "make demo (the operator on a local control plane) arrives with the Kubernetes control loop;"
+	@echo "for now: cargo run -- serve, and point OpAMP agents at ws://127.0.0.1:4320/v1/opamp"
+
+bench:
+	@echo "benchmarks arrive with the fleet simulator"

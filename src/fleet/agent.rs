@@ -1,0 +1,137 @@
+//! One agent's entry in the registry.
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::outbox::Outbox;
+use super::{Connection, DesiredState};
+use crate::opamp::Uid;
+use crate::opamp::session::{AgentReport, Session};
+
+/// How an agent talks to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    #[serde(rename = "websocket")]
+    WebSocket,
+    Http,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "websocket",
+            Transport::Http => "http",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) enum Link {
+    WebSocket { conn: u64, notify: Arc<Notify> },
+    Http,
+    Offline { since: Instant },
+}
+
+impl Link {
+    pub(super) fn is_online(&self) -> bool {
+        !matches!(self, Link::Offline { .. })
+    }
+}
+
+pub(super) struct Agent {
+    pub(super) session: Session,
+    pub(super) namespace: Arc<str>,
+    pub(super) link: Link,
+    pub(super) connected_since: SystemTime,
+    pub(super) last_seen: Instant,
+    pub(super) last_seen_wall: SystemTime,
+    pub(super) desired: DesiredState,
+    pub(super) outbox: Outbox,
+}
+
+impl Agent {
+    pub(super) fn new(namespace: Arc<str>, now: Instant) -> Self {
+        Self {
+            session: Session::new(),
+            namespace,
+            link: Link::Offline { since: now },
+            connected_since: SystemTime::now(),
+            last_seen: now,
+            last_seen_wall: SystemTime::now(),
+            desired: DesiredState::default(),
+            outbox: Outbox::default(),
+        }
+    }
+
+    /// Whether the agent is reachable through this connection.
+    pub(super) fn is_on(&self, conn: &Connection) -> bool {
+        match &self.link {
+            Link::WebSocket { conn: id, .. } => *id == conn.id,
+            Link::Http => conn.transport == Transport::Http,
+            Link::Offline { .. } => false,
+        }
+    }
+
+    pub(super) fn attach(&mut self, conn: &Connection) {
+        self.link = match &conn.notify {
+            Some(notify) => Link::WebSocket { conn: conn.id, notify: notify.clone() },
+            None => Link::Http,
+        };
+    }
+
+    pub(super) fn go_offline(&mut self, now: Instant) {
+        self.link = Link::Offline { since: now };
+    }
+
+    pub(super) fn touch(&mut self, now: Instant) {
+        self.last_seen = now;
+        self.last_seen_wall = SystemTime::now();
+    }
+
+    /// Wakes the agent's WebSocket connection so it pushes what changed.
+    pub(super) fn wake(&self) {
+        if let Link::WebSocket { notify, .. } = &self.link {
+            notify.notify_one();
+        }
+    }
+
+    pub(super) fn snapshot(&self, uid: Uid) -> AgentSnapshot {
+        AgentSnapshot {
+            uid,
+            namespace: self.namespace.to_string(),
+            transport: match self.link {
+                Link::WebSocket { .. } => Some(Transport::WebSocket),
+                Link::Http => Some(Transport::Http),
+                Link::Offline { .. } => None,
+            },
+            connected: self.link.is_online(),
+            connected_since: self.connected_since,
+            last_seen: self.last_seen_wall,
+            report: self.session.report.clone(),
+            awaiting_full_state: self.session.awaiting_full_state(),
+            desired_config_hash: self.desired.remote_config.as_ref().map(|c| c.config_hash.clone()),
+            queued_custom_messages: self.outbox.len(),
+        }
+    }
+}
+
+/// A copy of what the server knows of one agent.
+#[derive(Debug, Clone)]
+pub struct AgentSnapshot {
+    pub uid: Uid,
+    pub namespace: String,
+    /// The transport it is connected through, `None` when disconnected.
+    pub transport: Option<Transport>,
+    pub connected: bool,
+    pub connected_since: SystemTime,
+    pub last_seen: SystemTime,
+    /// The last reported description, health, effective config, statuses, capabilities.
+    pub report: AgentReport,
+    pub awaiting_full_state: bool,
+    pub desired_config_hash: Option<Bytes>,
+    pub queued_custom_messages: usize,
+}

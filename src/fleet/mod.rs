@@ -1,0 +1,511 @@
+//! The fleet registry: every agent the server knows, its reported state, what it should have,
+//! and how to reach it. It knows nothing of sockets: transports hand it decoded messages and a
+//! [`Connection`] describing where they came from, and get back the reply.
+//!
+//! Built for a large fleet in one process: agents live in sharded maps behind short-lived
+//! mutexes (never held across an await or while calling foreign code), a connected WebSocket
+//! agent costs one `Notify` for pushes, HTTP agents cost no task at all, and no operation on
+//! one agent touches the others.
+mod agent;
+mod outbox;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use agent::{Agent, Link};
+pub use agent::{AgentSnapshot, Transport};
+pub use outbox::{EnqueueError, OUTBOX_LIMIT_DEFAULT};
+
+use crate::opamp::Uid;
+use crate::opamp::session::{AgentReport, Changes, Desired, Ingested, server_message};
+use crate::proto::{
+    AgentDescription, AgentIdentification, AgentRemoteConfig, AgentToServer, AgentToServerFlags,
+    CustomCapabilities, CustomMessage, ServerToAgent,
+};
+
+/// The namespace an authenticated agent belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Tenant {
+    pub namespace: Arc<str>,
+}
+
+impl Tenant {
+    pub fn new(namespace: &str) -> Self {
+        Self { namespace: namespace.into() }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// Connected agents beyond this are refused with "unavailable, retry later".
+    pub max_agents: Option<usize>,
+    /// The heartbeat interval agents are expected to keep; HTTP agents silent for three of
+    /// them count as disconnected.
+    pub heartbeat_interval: Duration,
+    /// How long a disconnected agent is remembered before it is forgotten.
+    pub offline_retention: Duration,
+    /// What refused agents are told to wait before retrying.
+    pub retry_after: Duration,
+    /// Custom messages held per agent.
+    pub outbox_limit: usize,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            max_agents: None,
+            heartbeat_interval: Duration::from_secs(30),
+            offline_retention: Duration::from_secs(600),
+            retry_after: Duration::from_secs(30),
+            outbox_limit: OUTBOX_LIMIT_DEFAULT,
+        }
+    }
+}
+
+/// What the server wants one agent to have, as computed by the controller.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DesiredState {
+    pub remote_config: Option<Arc<AgentRemoteConfig>>,
+    pub custom_capabilities: Option<Arc<CustomCapabilities>>,
+}
+
+impl DesiredState {
+    pub fn as_desired(&self) -> Desired<'_> {
+        Desired {
+            remote_config: self.remote_config.as_ref(),
+            custom_capabilities: self.custom_capabilities.as_ref(),
+        }
+    }
+}
+
+/// Computes an agent's desired state when it connects or its description changes, so the
+/// first reply can already carry its config. Called without any fleet lock held.
+pub trait DesiredStateProvider: Send + Sync {
+    fn desired_state(
+        &self,
+        uid: Uid,
+        namespace: &str,
+        description: Option<&AgentDescription>,
+    ) -> DesiredState;
+}
+
+/// Receives the custom messages agents send. Must not block: queue and return.
+pub trait CustomMessageSink: Send + Sync {
+    fn on_custom_message(&self, uid: Uid, namespace: &Arc<str>, message: CustomMessage);
+}
+
+/// Why a message was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("the server holds its maximum of {limit} agents")]
+    AtCapacity { limit: usize, retry_after: Duration },
+}
+
+/// One transport connection as the fleet sees it. WebSocket connections live as long as the
+/// socket; an HTTP request makes a short-lived one.
+#[derive(Debug)]
+pub struct Connection {
+    id: u64,
+    transport: Transport,
+    tenant: Tenant,
+    notify: Option<Arc<Notify>>,
+    /// The agent this connection speaks for, once it said so.
+    bound: Option<Uid>,
+    /// A uid issued on this connection for an agent whose own uid was invalid.
+    issued: Option<(Bytes, Uid)>,
+}
+
+impl Connection {
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    pub fn tenant(&self) -> &Tenant {
+        &self.tenant
+    }
+
+    /// The agent bound to this connection by its last message.
+    pub fn agent(&self) -> Option<Uid> {
+        self.bound
+    }
+
+    /// Woken when a WebSocket agent has something to be pushed (see [`Fleet::poll_push`]).
+    pub fn notified(&self) -> Option<&Arc<Notify>> {
+        self.notify.as_ref()
+    }
+}
+
+const SHARDS: usize = 64;
+/// Uids issued to HTTP agents with an invalid uid, remembered so retries get the same one.
+const ISSUED_UIDS_LIMIT: usize = 4096;
+
+#[derive(Default)]
+struct Shard {
+    agents: HashMap<Uid, Agent>,
+}
+
+struct Inner {
+    config: FleetConfig,
+    shards: Box<[Mutex<Shard>]>,
+    connected: AtomicUsize,
+    known: AtomicUsize,
+    next_conn: AtomicU64,
+    changes: Mutex<HashMap<Uid, Changes>>,
+    changes_notify: Notify,
+    http_issued: Mutex<HashMap<Bytes, Uid>>,
+    provider: RwLock<Option<Arc<dyn DesiredStateProvider>>>,
+    sink: RwLock<Option<Arc<dyn CustomMessageSink>>>,
+}
+
+/// The registry of agents. Cheap to clone; all clones share one fleet.
+#[derive(Clone)]
+pub struct Fleet {
+    inner: Arc<Inner>,
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Self::new(FleetConfig::default())
+    }
+}
+
+impl Fleet {
+    pub fn new(config: FleetConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+                connected: AtomicUsize::new(0),
+                known: AtomicUsize::new(0),
+                next_conn: AtomicU64::new(1),
+                changes: Mutex::default(),
+                changes_notify: Notify::new(),
+                http_issued: Mutex::default(),
+                provider: RwLock::new(None),
+                sink: RwLock::new(None),
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &FleetConfig {
+        &self.inner.config
+    }
+
+    pub fn set_desired_state_provider(&self, provider: Arc<dyn DesiredStateProvider>) {
+        *self.inner.provider.write().unwrap() = Some(provider);
+    }
+
+    pub fn set_custom_message_sink(&self, sink: Arc<dyn CustomMessageSink>) {
+        *self.inner.sink.write().unwrap() = Some(sink);
+    }
+
+    /// A new connection for an authenticated agent.
+    pub fn connection(&self, transport: Transport, tenant: Tenant) -> Connection {
+        Connection {
+            id: self.inner.next_conn.fetch_add(1, Ordering::Relaxed),
+            transport,
+            tenant,
+            notify: (transport == Transport::WebSocket).then(|| Arc::new(Notify::new())),
+            bound: None,
+            issued: None,
+        }
+    }
+
+    /// Agents connected now.
+    pub fn connected_count(&self) -> usize {
+        self.inner.connected.load(Ordering::Relaxed)
+    }
+
+    /// Agents remembered, connected or not.
+    pub fn known_count(&self) -> usize {
+        self.inner.known.load(Ordering::Relaxed)
+    }
+
+    fn shard(&self, uid: &Uid) -> MutexGuard<'_, Shard> {
+        // Uids are random (v4) or random after their timestamp (v7): the last byte spreads well.
+        let idx = uid.0[15] as usize % SHARDS;
+        self.inner.shards[idx].lock().unwrap()
+    }
+
+    /// Handles one message from an agent and returns the reply.
+    pub fn handle(&self, conn: &mut Connection, mut msg: AgentToServer) -> Result<ServerToAgent, Rejection> {
+        let reply_uid = msg.instance_uid.clone();
+        let (uid, issued) = self.resolve_uid(conn, &msg);
+        let now = Instant::now();
+
+        let (ingested, provider_input) = {
+            let mut shard = self.shard(&uid);
+            let (agent, admitted) = match shard.agents.entry(uid) {
+                Entry::Occupied(e) => (e.into_mut(), false),
+                Entry::Vacant(v) => {
+                    self.admit()?;
+                    self.inner.known.fetch_add(1, Ordering::Relaxed);
+                    (v.insert(Agent::new(conn.tenant.namespace.clone(), now)), true)
+                }
+            };
+            let mut changes = Changes::empty();
+            if !agent.is_on(conn) {
+                if !agent.link.is_online() {
+                    // A known agent coming back counts against the limit like a new one.
+                    if !admitted {
+                        self.admit()?;
+                    }
+                    agent.connected_since = SystemTime::now();
+                }
+                // Otherwise the same agent moved to another connection: the old one is stale.
+                agent.attach(conn);
+                agent.session.on_connect();
+                changes |= Changes::CONNECTED;
+            }
+            if agent.namespace != conn.tenant.namespace {
+                agent.namespace = conn.tenant.namespace.clone();
+                changes |= Changes::CONNECTED;
+            }
+            agent.touch(now);
+            let mut ingested = agent.session.ingest(&mut msg);
+            ingested.changes |= changes;
+            let needs_desired = ingested.changes.intersects(Changes::CONNECTED | Changes::DESCRIPTION);
+            let input =
+                needs_desired.then(|| (agent.namespace.clone(), agent.session.report.description.clone()));
+            (ingested, input)
+        };
+        conn.bound = Some(uid);
+
+        // Recompute the desired state outside the lock; a concurrent update wins either way.
+        let provider = self.inner.provider.read().unwrap().clone();
+        let desired = match (provider, provider_input) {
+            (Some(p), Some((ns, desc))) => Some(p.desired_state(uid, &ns, desc.as_ref())),
+            _ => None,
+        };
+
+        let mut reply = {
+            let mut shard = self.shard(&uid);
+            let Some(agent) = shard.agents.get_mut(&uid) else {
+                // Forgotten in between (a sweep): answer without offers.
+                return Ok(server_message(reply_uid));
+            };
+            if let Some(d) = desired {
+                agent.desired = d;
+            }
+            let mut reply = agent.session.reply(reply_uid, &ingested, agent.desired.as_desired());
+            if ingested.disconnect {
+                agent.go_offline(now);
+                self.inner.connected.fetch_sub(1, Ordering::Relaxed);
+                conn.bound = None;
+            } else {
+                reply.custom_message = agent.outbox.pop();
+            }
+            reply
+        };
+        if let Some(new_uid) = issued {
+            reply.agent_identification = Some(AgentIdentification { new_instance_uid: new_uid.to_wire() });
+        }
+        self.record(uid, ingested.changes);
+        self.route(uid, &conn.tenant.namespace, ingested);
+        Ok(reply)
+    }
+
+    /// The uid to file a message under, and the uid to announce if the server issued one.
+    fn resolve_uid(&self, conn: &mut Connection, msg: &AgentToServer) -> (Uid, Option<Uid>) {
+        let wants_new = msg.flags & AgentToServerFlags::RequestInstanceUid as u64 != 0;
+        if let (Some(uid), false) = (Uid::from_wire(&msg.instance_uid), wants_new) {
+            return (uid, None);
+        }
+        // Invalid uid (an old 26-character ULID, empty, ...) or the agent asked for a new one:
+        // issue a UUIDv7 once per wire uid, so retries keep the one already issued.
+        if let Some((wire, uid)) = &conn.issued {
+            if *wire == msg.instance_uid {
+                return (*uid, Some(*uid));
+            }
+        }
+        let uid = if conn.transport == Transport::Http {
+            let mut issued = self.inner.http_issued.lock().unwrap();
+            if issued.len() >= ISSUED_UIDS_LIMIT {
+                issued.clear();
+            }
+            *issued.entry(msg.instance_uid.clone()).or_insert_with(Uid::new_v7)
+        } else {
+            Uid::new_v7()
+        };
+        conn.issued = Some((msg.instance_uid.clone(), uid));
+        (uid, Some(uid))
+    }
+
+    fn admit(&self) -> Result<(), Rejection> {
+        let connected = self.inner.connected.fetch_add(1, Ordering::Relaxed);
+        match self.inner.config.max_agents {
+            Some(limit) if connected >= limit => {
+                self.inner.connected.fetch_sub(1, Ordering::Relaxed);
+                Err(Rejection::AtCapacity { limit, retry_after: self.inner.config.retry_after })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn route(&self, uid: Uid, namespace: &Arc<str>, ingested: Ingested) {
+        let Some(message) = ingested.custom_message else { return };
+        match self.inner.sink.read().unwrap().clone() {
+            Some(sink) => sink.on_custom_message(uid, namespace, message),
+            None => {
+                tracing::debug!(agent = %uid, capability = %message.capability, "custom message with no route")
+            }
+        }
+    }
+
+    /// What to push to a WebSocket agent after its connection was notified, if anything.
+    pub fn poll_push(&self, conn: &Connection) -> Option<ServerToAgent> {
+        let uid = conn.bound?;
+        let mut shard = self.shard(&uid);
+        let agent = shard.agents.get_mut(&uid).filter(|a| a.is_on(conn))?;
+        let mut msg = agent.session.push(uid.to_wire(), agent.desired.as_desired());
+        if let Some(custom) = agent.outbox.pop() {
+            let msg = msg.get_or_insert_with(|| server_message(uid.to_wire()));
+            msg.custom_message = Some(custom);
+            if !agent.outbox.is_empty() {
+                // One custom message per frame; come back for the next.
+                if let Some(n) = &conn.notify {
+                    n.notify_one();
+                }
+            }
+        }
+        msg
+    }
+
+    /// The transport closed this connection.
+    pub fn connection_closed(&self, conn: &Connection) {
+        let Some(uid) = conn.bound else { return };
+        let mut shard = self.shard(&uid);
+        let Some(agent) = shard.agents.get_mut(&uid).filter(|a| a.is_on(conn)) else { return };
+        agent.go_offline(Instant::now());
+        drop(shard);
+        self.inner.connected.fetch_sub(1, Ordering::Relaxed);
+        self.record(uid, Changes::DISCONNECTED);
+    }
+
+    /// Sets what one agent should have. Connected WebSocket agents get it pushed at once,
+    /// HTTP agents on their next poll. Returns whether anything changed.
+    pub fn set_desired_state(&self, uid: Uid, desired: DesiredState) -> bool {
+        let mut shard = self.shard(&uid);
+        let Some(agent) = shard.agents.get_mut(&uid) else { return false };
+        if agent.desired == desired {
+            return false;
+        }
+        agent.desired = desired;
+        agent.wake();
+        true
+    }
+
+    /// Sets only the remote config of one agent (see [`Fleet::set_desired_state`]).
+    pub fn set_remote_config(&self, uid: Uid, config: Option<Arc<AgentRemoteConfig>>) -> bool {
+        let custom_capabilities = self.desired_state(uid).and_then(|d| d.custom_capabilities);
+        self.set_desired_state(uid, DesiredState { remote_config: config, custom_capabilities })
+    }
+
+    pub fn desired_state(&self, uid: Uid) -> Option<DesiredState> {
+        self.shard(&uid).agents.get(&uid).map(|a| a.desired.clone())
+    }
+
+    /// Queues a custom message for an agent; it goes out one per message, in order.
+    pub fn enqueue_custom_message(&self, uid: Uid, message: CustomMessage) -> Result<usize, EnqueueError> {
+        let mut shard = self.shard(&uid);
+        let agent = shard.agents.get_mut(&uid).ok_or(EnqueueError::UnknownAgent)?;
+        if !agent.session.report.supports_custom_capability(&message.capability) {
+            return Err(EnqueueError::CapabilityNotSupported);
+        }
+        let depth = agent.outbox.push(message, self.inner.config.outbox_limit)?;
+        agent.wake();
+        Ok(depth)
+    }
+
+    /// A copy of what the server knows of one agent.
+    pub fn agent(&self, uid: Uid) -> Option<AgentSnapshot> {
+        self.shard(&uid).agents.get(&uid).map(|a| a.snapshot(uid))
+    }
+
+    /// Copies of every agent (for APIs and tests; the controller uses [`Fleet::for_each`]).
+    pub fn agents(&self) -> Vec<AgentSnapshot> {
+        let mut out = Vec::with_capacity(self.known_count());
+        self.for_each(|uid, _, _| out.push(uid));
+        out.into_iter().filter_map(|uid| self.agent(uid)).collect()
+    }
+
+    /// Visits every agent under its shard's lock: keep the closure short.
+    pub fn for_each(&self, mut f: impl FnMut(Uid, &str, &AgentReport)) {
+        for shard in self.inner.shards.iter() {
+            let shard = shard.lock().unwrap();
+            for (uid, agent) in &shard.agents {
+                f(*uid, &agent.namespace, &agent.session.report);
+            }
+        }
+    }
+
+    /// Marks HTTP agents that missed three heartbeats as disconnected and forgets agents
+    /// offline for longer than the retention. Run periodically (see [`Fleet::run_sweeper`]).
+    pub fn sweep(&self, now: Instant) {
+        let http_deadline = self.inner.config.heartbeat_interval * 3;
+        let retention = self.inner.config.offline_retention;
+        let mut changed = Vec::new();
+        for shard in self.inner.shards.iter() {
+            let mut shard = shard.lock().unwrap();
+            shard.agents.retain(|uid, agent| {
+                match agent.link {
+                    Link::Http if now.saturating_duration_since(agent.last_seen) > http_deadline => {
+                        agent.go_offline(now);
+                        self.inner.connected.fetch_sub(1, Ordering::Relaxed);
+                        changed.push((*uid, Changes::DISCONNECTED));
+                    }
+                    Link::Offline { since } if now.saturating_duration_since(since) > retention => {
+                        self.inner.known.fetch_sub(1, Ordering::Relaxed);
+                        changed.push((*uid, Changes::REMOVED));
+                        return false;
+                    }
+                    _ => {}
+                }
+                true
+            });
+        }
+        for (uid, c) in changed {
+            self.record(uid, c);
+        }
+    }
+
+    /// Sweeps every second until `shutdown` is cancelled.
+    pub async fn run_sweeper(self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                now = tick.tick() => self.sweep(now),
+            }
+        }
+    }
+
+    fn record(&self, uid: Uid, changes: Changes) {
+        if changes.is_empty() {
+            return;
+        }
+        *self.inner.changes.lock().unwrap().entry(uid).or_default() |= changes;
+        self.inner.changes_notify.notify_one();
+    }
+
+    /// Takes the agents that changed since the last call, with what changed (coalesced:
+    /// memory is bounded by the fleet size, however fast agents change).
+    pub fn take_changes(&self) -> HashMap<Uid, Changes> {
+        std::mem::take(&mut *self.inner.changes.lock().unwrap())
+    }
+
+    /// Resolves when changes may be waiting in [`Fleet::take_changes`].
+    pub async fn changed(&self) {
+        self.inner.changes_notify.notified().await
+    }
+}

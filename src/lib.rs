@@ -1,0 +1,19 @@
+//! opamp-operator: a Kubernetes operator that manages fleets of OpAMP agents.
+//!
+//! - [`opamp`]: the OpAMP endpoint (wire codec, session state machine, transports);
+//! - [`fleet`]: the registry of agents, their reported and desired state;
+//! - [`sim`]: a small OpAMP agent of our own, for tests and load.
+#![forbid(unsafe_code)]
+
+pub mod fleet;
+pub mod opamp;
+pub mod sim;
+
+/// Types generated from `proto/opamp.proto` and `proto/anyvalue.proto`.
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    include!(concat!(env!("OUT_DIR"), "/opamp.proto.rs"));
+
+    /// The serialized `FileDescriptorSet` of our protos (for schema conformance checks).
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/opamp.fds"));
+}

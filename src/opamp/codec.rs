@@ -1,0 +1,139 @@
+//! Framing of OpAMP messages on both transports.
+//!
+//! WebSocket: each binary frame is a varint header (currently always `0`) followed by one
+//! protobuf message. Old clients sent the message without the header; a protobuf message can
+//! never start with a zero byte (field number 0 is invalid), so a first byte other than zero
+//! means "no header".
+//! HTTP: the body is the bare protobuf message, optionally gzip-compressed.
+use std::io::Read;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use prost::Message;
+
+use crate::proto::{AgentToServer, ServerToAgent};
+
+/// The only header value the specification defines.
+pub const WS_HEADER: u8 = 0;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("empty message")]
+    Empty,
+    #[error("malformed AgentToServer protobuf: {0}")]
+    Protobuf(String),
+    #[error("malformed gzip body: {0}")]
+    Gzip(String),
+    #[error("message exceeds the limit of {limit} bytes")]
+    TooLarge { limit: usize },
+}
+
+/// Decodes one WebSocket binary frame (with or without the header) into an `AgentToServer`.
+pub fn decode_ws(mut frame: Bytes) -> Result<AgentToServer, DecodeError> {
+    match frame.first() {
+        None => return Err(DecodeError::Empty),
+        // A varint whose first byte is 0 is the single-byte value 0: the defined header.
+        Some(&WS_HEADER) => frame.advance(1),
+        Some(_) => {} // headerless frame from an older client
+    }
+    decode(frame)
+}
+
+/// Decodes a bare protobuf `AgentToServer`.
+pub fn decode(buf: impl Buf) -> Result<AgentToServer, DecodeError> {
+    AgentToServer::decode(buf).map_err(|e| DecodeError::Protobuf(e.to_string()))
+}
+
+/// Encodes a `ServerToAgent` as one WebSocket binary frame payload (header + message).
+pub fn encode_ws(msg: &ServerToAgent) -> Bytes {
+    let mut buf = BytesMut::with_capacity(1 + msg.encoded_len());
+    buf.put_u8(WS_HEADER);
+    msg.encode(&mut buf).expect("BytesMut grows as needed");
+    buf.freeze()
+}
+
+/// Encodes a `ServerToAgent` as an HTTP body.
+pub fn encode(msg: &ServerToAgent) -> Bytes {
+    Bytes::from(msg.encode_to_vec())
+}
+
+/// Inflates a gzip body, refusing to produce more than `limit` bytes (no gzip bombs).
+pub fn gunzip(body: &[u8], limit: usize) -> Result<Bytes, DecodeError> {
+    let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
+    let mut reader = flate2::read::GzDecoder::new(body).take(limit as u64 + 1);
+    reader.read_to_end(&mut out).map_err(|e| DecodeError::Gzip(e.to_string()))?;
+    if out.len() > limit {
+        return Err(DecodeError::TooLarge { limit });
+    }
+    Ok(out.into())
+}
+
+/// Gzips a body.
+pub fn gzip(body: &[u8]) -> Bytes {
+    use std::io::Write;
+    let mut enc =
+        flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 2 + 32), flate2::Compression::fast());
+    enc.write_all(body).expect("writing to a Vec cannot fail");
+    enc.finish().expect("writing to a Vec cannot fail").into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> AgentToServer {
+        AgentToServer {
+            instance_uid: Bytes::from_static(&[7; 16]),
+            sequence_num: 3,
+            capabilities: 1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ws_frame_with_header_roundtrips() {
+        let msg = sample();
+        let mut frame = vec![0u8];
+        msg.encode(&mut frame).unwrap();
+        assert_eq!(decode_ws(frame.into()).unwrap(), msg);
+    }
+
+    #[test]
+    fn ws_frame_without_header_from_old_clients_is_accepted() {
+        let msg = sample();
+        assert_eq!(decode_ws(msg.encode_to_vec().into()).unwrap(), msg);
+    }
+
+    #[test]
+    fn empty_frame_is_refused_and_a_bare_header_is_an_empty_message() {
+        assert_eq!(decode_ws(Bytes::new()), Err(DecodeError::Empty));
+        assert_eq!(decode_ws(Bytes::from_static(&[0])).unwrap(), AgentToServer::default());
+    }
+
+    #[test]
+    fn garbage_and_truncated_protobuf_are_refused() {
+        assert!(matches!(
+            decode_ws(Bytes::from_static(&[0, 0xff, 0xff, 0xff])),
+            Err(DecodeError::Protobuf(_))
+        ));
+        let full = sample().encode_to_vec();
+        let truncated = Bytes::copy_from_slice(&full[..full.len() - 3]);
+        assert!(matches!(decode(truncated), Err(DecodeError::Protobuf(_))));
+    }
+
+    #[test]
+    fn encode_ws_prefixes_the_zero_header() {
+        let msg = ServerToAgent { capabilities: 7, ..Default::default() };
+        let frame = encode_ws(&msg);
+        assert_eq!(frame[0], 0);
+        assert_eq!(ServerToAgent::decode(&frame[1..]).unwrap(), msg);
+    }
+
+    #[test]
+    fn gzip_roundtrips_and_bombs_are_refused() {
+        let body = sample().encode_to_vec();
+        assert_eq!(&gunzip(&gzip(&body), 1024).unwrap()[..], &body[..]);
+        let bomb = gzip(&vec![b'a'; 1 << 20]);
+        assert_eq!(gunzip(&bomb, 1000), Err(DecodeError::TooLarge { limit: 1000 }));
+        assert!(matches!(gunzip(b"not gzip", 1000), Err(DecodeError::Gzip(_))));
+    }
+}

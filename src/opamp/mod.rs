@@ -1,0 +1,13 @@
+//! The OpAMP endpoint: wire codec, the pure session state machine, and the two transports
+//! (WebSocket and plain HTTP) served on one path, `/v1/opamp`.
+pub mod auth;
+pub mod codec;
+mod http;
+pub mod server;
+pub mod session;
+mod uid;
+mod ws;
+
+pub use auth::{AuthError, Authenticator};
+pub use server::{OPAMP_PATH, OpampServer, ServerConfig};
+pub use uid::{ParseUidError, Uid};

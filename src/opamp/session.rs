@@ -1,0 +1,243 @@
+//! The OpAMP session state machine, pure and socket-free.
+//!
+//! One [`Session`] per agent holds what the server remembers of it: the last reported
+//! sub-messages (agents omit unchanged ones), the sequence number, and what was already offered
+//! on the current connection. Handling a message is two steps, so the caller can recompute the
+//! desired state between them without holding anything across foreign code:
+//! [`Session::ingest`] folds an `AgentToServer` into the session and says what changed;
+//! [`Session::reply`] builds the `ServerToAgent` for it from the desired state.
+//! [`Session::push`] builds an unsolicited message when the desired state changed.
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::proto::{
+    AgentCapabilities, AgentDescription, AgentRemoteConfig, AgentToServer, AvailableComponents,
+    ComponentHealth, CustomCapabilities, CustomMessage, EffectiveConfig, PackageStatuses, RemoteConfigStatus,
+    ServerCapabilities, ServerToAgent, ServerToAgentFlags,
+};
+
+/// What this server can do, sent in every reply (the specification requires the first).
+pub const SERVER_CAPABILITIES: u64 = ServerCapabilities::AcceptsStatus as u64
+    | ServerCapabilities::OffersRemoteConfig as u64
+    | ServerCapabilities::AcceptsEffectiveConfig as u64
+    | ServerCapabilities::AcceptsPackagesStatus as u64;
+
+bitflags::bitflags! {
+    /// What a message changed in the server's view of an agent.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub struct Changes: u16 {
+        const CONNECTED = 1 << 0;
+        const DISCONNECTED = 1 << 1;
+        const CAPABILITIES = 1 << 2;
+        const DESCRIPTION = 1 << 3;
+        const HEALTH = 1 << 4;
+        const EFFECTIVE_CONFIG = 1 << 5;
+        const REMOTE_CONFIG_STATUS = 1 << 6;
+        const PACKAGE_STATUSES = 1 << 7;
+        const CUSTOM_CAPABILITIES = 1 << 8;
+        const AVAILABLE_COMPONENTS = 1 << 9;
+        const REMOVED = 1 << 10;
+    }
+}
+
+/// The last state an agent reported. Agents omit sub-messages that did not change, so each
+/// field keeps its last value until the agent sends a new one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AgentReport {
+    pub capabilities: u64,
+    pub description: Option<AgentDescription>,
+    pub health: Option<ComponentHealth>,
+    pub effective_config: Option<EffectiveConfig>,
+    pub remote_config_status: Option<RemoteConfigStatus>,
+    pub package_statuses: Option<PackageStatuses>,
+    pub custom_capabilities: Option<CustomCapabilities>,
+    pub available_components: Option<AvailableComponents>,
+}
+
+impl AgentReport {
+    pub fn has_capability(&self, cap: AgentCapabilities) -> bool {
+        self.capabilities & cap as u64 != 0
+    }
+
+    /// Whether the agent declared a custom capability in `AgentToServer.custom_capabilities`.
+    pub fn supports_custom_capability(&self, capability: &str) -> bool {
+        self.custom_capabilities.as_ref().is_some_and(|c| c.capabilities.iter().any(|c| c == capability))
+    }
+}
+
+/// What the server wants an agent to have.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Desired<'a> {
+    pub remote_config: Option<&'a Arc<AgentRemoteConfig>>,
+    pub custom_capabilities: Option<&'a Arc<CustomCapabilities>>,
+}
+
+/// The outcome of [`Session::ingest`].
+#[derive(Debug, Default, PartialEq)]
+pub struct Ingested {
+    pub changes: Changes,
+    /// A custom message the agent sent, to be routed.
+    pub custom_message: Option<CustomMessage>,
+    /// The agent said goodbye (`AgentDisconnect`).
+    pub disconnect: bool,
+    /// The server lost track of the agent's state and asks for all of it.
+    pub request_full_state: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Session {
+    pub report: AgentReport,
+    last_seq: Option<u64>,
+    /// `ReportFullState` was requested and the full report has not arrived yet; until then
+    /// the server does not know what config the agent has, so it offers none.
+    awaiting_full_state: bool,
+    /// Per connection: the config hash already offered, and the custom capabilities sent.
+    offered_config_hash: Option<Bytes>,
+    sent_custom_capabilities: Option<Arc<CustomCapabilities>>,
+}
+
+impl Session {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A new transport connection: what was offered on the previous one is forgotten.
+    pub fn on_connect(&mut self) {
+        self.offered_config_hash = None;
+        self.sent_custom_capabilities = None;
+    }
+
+    /// Whether the server is waiting for the agent's full state.
+    pub fn awaiting_full_state(&self) -> bool {
+        self.awaiting_full_state
+    }
+
+    /// Folds one message into the session. Sub-messages are moved out of `msg`.
+    pub fn ingest(&mut self, msg: &mut AgentToServer) -> Ingested {
+        let mut out = Ingested::default();
+        let seq = msg.sequence_num;
+        // A message is in sequence when it follows the previous one, or starts a new sequence
+        // (a restarted agent begins at 0 and sends everything in its first message).
+        let in_sequence = match self.last_seq {
+            Some(prev) => seq == prev.wrapping_add(1) || seq == 0,
+            None => seq == 0,
+        };
+        self.last_seq = Some(seq);
+        if !in_sequence {
+            self.awaiting_full_state = true;
+            self.offered_config_hash = None;
+            out.request_full_state = true;
+        } else if msg.agent_description.is_some() {
+            // Every full report carries the description (it is mandatory at start).
+            self.awaiting_full_state = false;
+        }
+
+        if msg.capabilities != self.report.capabilities {
+            self.report.capabilities = msg.capabilities;
+            out.changes |= Changes::CAPABILITIES;
+        }
+        let r = &mut self.report;
+        keep_latest(&mut r.description, msg.agent_description.take(), Changes::DESCRIPTION, &mut out.changes);
+        keep_latest(&mut r.health, msg.health.take(), Changes::HEALTH, &mut out.changes);
+        keep_latest(
+            &mut r.effective_config,
+            msg.effective_config.take(),
+            Changes::EFFECTIVE_CONFIG,
+            &mut out.changes,
+        );
+        keep_latest(
+            &mut r.remote_config_status,
+            msg.remote_config_status.take(),
+            Changes::REMOTE_CONFIG_STATUS,
+            &mut out.changes,
+        );
+        keep_latest(
+            &mut r.package_statuses,
+            msg.package_statuses.take(),
+            Changes::PACKAGE_STATUSES,
+            &mut out.changes,
+        );
+        keep_latest(
+            &mut r.custom_capabilities,
+            msg.custom_capabilities.take(),
+            Changes::CUSTOM_CAPABILITIES,
+            &mut out.changes,
+        );
+        keep_latest(
+            &mut r.available_components,
+            msg.available_components.take(),
+            Changes::AVAILABLE_COMPONENTS,
+            &mut out.changes,
+        );
+
+        out.custom_message = msg.custom_message.take();
+        if msg.agent_disconnect.is_some() {
+            out.disconnect = true;
+            out.changes |= Changes::DISCONNECTED;
+        }
+        out
+    }
+
+    /// The reply to an ingested message. Every message gets one.
+    pub fn reply(&mut self, instance_uid: Bytes, ingested: &Ingested, desired: Desired<'_>) -> ServerToAgent {
+        let mut msg = server_message(instance_uid);
+        if ingested.request_full_state {
+            msg.flags |= ServerToAgentFlags::ReportFullState as u64;
+        }
+        if !ingested.disconnect {
+            self.add_offers(&mut msg, desired);
+        }
+        msg
+    }
+
+    /// An unsolicited message for a connected agent, if the desired state has something new.
+    pub fn push(&mut self, instance_uid: Bytes, desired: Desired<'_>) -> Option<ServerToAgent> {
+        let mut msg = server_message(instance_uid);
+        self.add_offers(&mut msg, desired).then_some(msg)
+    }
+
+    /// The config the agent should be offered now, if any.
+    pub fn config_to_offer<'d>(&self, desired: Desired<'d>) -> Option<&'d Arc<AgentRemoteConfig>> {
+        let config = desired.remote_config?;
+        let has_it = |hash: &Bytes| *hash == config.config_hash;
+        let accepts = self.report.has_capability(AgentCapabilities::AcceptsRemoteConfig);
+        let reported = self.report.remote_config_status.as_ref().map(|s| &s.last_remote_config_hash);
+        (accepts
+            && !self.awaiting_full_state
+            && !reported.is_some_and(has_it)
+            && !self.offered_config_hash.as_ref().is_some_and(has_it))
+        .then_some(config)
+    }
+
+    fn add_offers(&mut self, msg: &mut ServerToAgent, desired: Desired<'_>) -> bool {
+        let mut added = false;
+        if let Some(config) = self.config_to_offer(desired) {
+            self.offered_config_hash = Some(config.config_hash.clone());
+            msg.remote_config = Some(AgentRemoteConfig::clone(config));
+            added = true;
+        }
+        let sent = self.sent_custom_capabilities.as_deref().map_or(&[][..], |c| &c.capabilities[..]);
+        let wanted = desired.custom_capabilities.map_or(&[][..], |c| &c.capabilities[..]);
+        if sent != wanted {
+            self.sent_custom_capabilities = desired.custom_capabilities.cloned();
+            msg.custom_capabilities = Some(CustomCapabilities { capabilities: wanted.to_vec() });
+            added = true;
+        }
+        added
+    }
+}
+
+/// A `ServerToAgent` for an agent, with the server's capabilities and nothing else yet.
+pub fn server_message(instance_uid: Bytes) -> ServerToAgent {
+    ServerToAgent { instance_uid, capabilities: SERVER_CAPABILITIES, ..Default::default() }
+}
+
+fn keep_latest<T: PartialEq>(slot: &mut Option<T>, new: Option<T>, flag: Changes, changes: &mut Changes) {
+    if let Some(new) = new {
+        if slot.as_ref() != Some(&new) {
+            *changes |= flag;
+            *slot = Some(new);
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! The WebSocket transport: one task per connection, woken by the socket, by the fleet when
+//! there is something to push, by the ping timer, and by shutdown.
+use std::sync::Arc;
+
+use axum::extract::State as AxumState;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use tokio::time::{Instant, sleep_until, timeout};
+use tokio_tungstenite::tungstenite;
+
+use super::codec;
+use super::http::unauthorized;
+use super::server::State;
+use crate::fleet::{Connection, Rejection, Transport};
+use crate::proto::{ServerErrorResponse, ServerErrorResponseType, ServerToAgent, server_error_response};
+
+/// `GET /v1/opamp` with an upgrade.
+pub(super) async fn upgrade(
+    AxumState(state): AxumState<Arc<State>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let tenant = match state.auth.authenticate(&headers) {
+        Ok(t) => t,
+        Err(e) => return unauthorized(e),
+    };
+    let limit = state.config.max_message_bytes;
+    ws.read_buffer_size(state.config.ws_read_buffer_bytes)
+        .write_buffer_size(0)
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| async move {
+            let conn = state.fleet.connection(Transport::WebSocket, tenant);
+            serve(socket, state, conn).await
+        })
+        .into_response()
+}
+
+enum Step {
+    Continue,
+    Close(u16, &'static str),
+    Gone,
+}
+
+async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
+    let notify = conn.notified().cloned().expect("WebSocket connections are notifiable");
+    let ping_every = state.config.ws_ping_interval;
+    let mut last_heard = Instant::now();
+    let mut pinged = false;
+    let step = loop {
+        let step = tokio::select! {
+            biased;
+            _ = state.shutdown.cancelled() => Step::Close(close_code::AWAY, "server shutting down"),
+            frame = socket.recv() => {
+                last_heard = Instant::now();
+                pinged = false;
+                match frame {
+                    None => Step::Gone,
+                    Some(Ok(Message::Binary(data))) => on_frame(&mut socket, &state, &mut conn, data).await,
+                    Some(Ok(Message::Text(_))) => Step::Close(close_code::UNSUPPORTED, "text frames are not supported"),
+                    Some(Ok(Message::Close(_))) => Step::Gone,
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => Step::Continue,
+                    Some(Err(e)) => read_error(e),
+                }
+            }
+            _ = notify.notified() => match state.fleet.poll_push(&conn) {
+                Some(msg) => send(&mut socket, &state, &msg).await,
+                None => Step::Continue,
+            },
+            _ = sleep_until(last_heard + ping_every * if pinged { 3 } else { 1 }) => {
+                if pinged {
+                    Step::Close(close_code::AWAY, "no traffic from the agent")
+                } else {
+                    pinged = true;
+                    write(&mut socket, &state, Message::Ping(Default::default())).await
+                }
+            }
+        };
+        if !matches!(step, Step::Continue) {
+            break step;
+        }
+    };
+    state.fleet.connection_closed(&conn);
+    if let Step::Close(code, reason) = step {
+        let frame = CloseFrame { code, reason: reason.into() };
+        let _ = timeout(state.config.write_timeout, socket.send(Message::Close(Some(frame)))).await;
+    }
+    tracing::debug!(agent = ?conn.agent(), "websocket closed");
+}
+
+async fn on_frame(socket: &mut WebSocket, state: &State, conn: &mut Connection, data: bytes::Bytes) -> Step {
+    let msg = match codec::decode_ws(data) {
+        Ok(msg) => msg,
+        Err(e) => {
+            tracing::debug!(error = %e, "undecodable frame");
+            return send(
+                socket,
+                state,
+                &error_reply(ServerErrorResponseType::BadRequest, e.to_string(), None),
+            )
+            .await;
+        }
+    };
+    let uid = msg.instance_uid.clone();
+    match state.fleet.handle(conn, msg) {
+        Ok(reply) => send(socket, state, &reply).await,
+        Err(rejection @ Rejection::AtCapacity { retry_after, .. }) => {
+            let mut reply =
+                error_reply(ServerErrorResponseType::Unavailable, rejection.to_string(), Some(retry_after));
+            reply.instance_uid = uid;
+            match send(socket, state, &reply).await {
+                Step::Continue => Step::Close(close_code::AGAIN, "server at capacity, retry later"),
+                other => other,
+            }
+        }
+    }
+}
+
+pub(super) fn error_reply(
+    kind: ServerErrorResponseType,
+    message: String,
+    retry_after: Option<std::time::Duration>,
+) -> ServerToAgent {
+    ServerToAgent {
+        error_response: Some(ServerErrorResponse {
+            r#type: kind as i32,
+            error_message: message,
+            details: retry_after.map(|d| {
+                server_error_response::Details::RetryInfo(crate::proto::RetryInfo {
+                    retry_after_nanoseconds: d.as_nanos() as u64,
+                })
+            }),
+        }),
+        ..Default::default()
+    }
+}
+
+async fn send(socket: &mut WebSocket, state: &State, msg: &ServerToAgent) -> Step {
+    write(socket, state, Message::Binary(codec::encode_ws(msg))).await
+}
+
+async fn write(socket: &mut WebSocket, state: &State, msg: Message) -> Step {
+    match timeout(state.config.write_timeout, socket.send(msg)).await {
+        Ok(Ok(())) => Step::Continue,
+        Ok(Err(_)) => Step::Gone,
+        Err(_) => Step::Close(close_code::AWAY, "write timed out"),
+    }
+}
+
+fn read_error(e: axum::Error) -> Step {
+    match e.into_inner().downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(_)) => Step::Close(close_code::SIZE, "message too large"),
+        Some(tungstenite::Error::Protocol(_)) => Step::Close(close_code::PROTOCOL, "protocol error"),
+        _ => Step::Gone,
+    }
+}

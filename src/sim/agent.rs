@@ -1,0 +1,198 @@
+//! The behaviour of a simple agent, transport-agnostic: it builds the messages an agent sends
+//! and reacts to what the server sends, as a well-behaved OpAMP client does.
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+
+use crate::opamp::Uid;
+use crate::proto::{
+    AgentCapabilities, AgentConfigMap, AgentDescription, AgentToServer, AnyValue, ComponentHealth,
+    CustomCapabilities, EffectiveConfig, KeyValue, RemoteConfigStatus, RemoteConfigStatuses, ServerToAgent,
+    ServerToAgentFlags, any_value,
+};
+
+/// What an agent is.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    pub uid: Uid,
+    pub identifying: Vec<(String, String)>,
+    pub non_identifying: Vec<(String, String)>,
+    pub capabilities: u64,
+    pub custom_capabilities: Vec<String>,
+    /// A remote config containing this string is reported FAILED.
+    pub fail_marker: Option<String>,
+}
+
+impl AgentSpec {
+    pub fn new(service: &str) -> Self {
+        Self {
+            uid: Uid::new_v7(),
+            identifying: vec![("service.name".into(), service.into())],
+            non_identifying: vec![("os.type".into(), "linux".into())],
+            capabilities: [
+                AgentCapabilities::ReportsStatus,
+                AgentCapabilities::AcceptsRemoteConfig,
+                AgentCapabilities::ReportsEffectiveConfig,
+                AgentCapabilities::ReportsRemoteConfig,
+                AgentCapabilities::ReportsHealth,
+                AgentCapabilities::ReportsHeartbeat,
+            ]
+            .iter()
+            .fold(0, |acc, c| acc | *c as u64),
+            custom_capabilities: Vec::new(),
+            fail_marker: Some("FAIL_ME".into()),
+        }
+    }
+}
+
+/// A running agent's protocol state.
+#[derive(Debug)]
+pub struct SimAgent {
+    pub spec: AgentSpec,
+    seq: u64,
+    effective: AgentConfigMap,
+    status: Option<RemoteConfigStatus>,
+    /// Remote configs received (including any duplicates of an applied one).
+    pub configs_received: usize,
+    /// Remote configs received whose hash was already applied.
+    pub duplicate_configs: usize,
+    pub healthy: bool,
+}
+
+fn kv(pairs: &[(String, String)]) -> Vec<KeyValue> {
+    pairs
+        .iter()
+        .map(|(k, v)| KeyValue {
+            key: k.clone(),
+            value: Some(AnyValue { value: Some(any_value::Value::StringValue(v.clone())) }),
+        })
+        .collect()
+}
+
+impl SimAgent {
+    pub fn new(spec: AgentSpec) -> Self {
+        let mut effective = AgentConfigMap::default();
+        effective.config_map.insert(
+            "agent.yaml".into(),
+            crate::proto::AgentConfigFile {
+                body: Bytes::from_static(b"initial: true\n"),
+                content_type: "text/yaml".into(),
+            },
+        );
+        Self {
+            spec,
+            seq: 0,
+            effective,
+            status: None,
+            configs_received: 0,
+            duplicate_configs: 0,
+            healthy: true,
+        }
+    }
+
+    pub fn uid(&self) -> Uid {
+        self.spec.uid
+    }
+
+    pub fn remote_config_status(&self) -> Option<&RemoteConfigStatus> {
+        self.status.as_ref()
+    }
+
+    pub fn effective_files(&self) -> BTreeMap<String, Bytes> {
+        self.effective.config_map.iter().map(|(k, v)| (k.clone(), v.body.clone())).collect()
+    }
+
+    fn base(&mut self) -> AgentToServer {
+        let msg = AgentToServer {
+            instance_uid: self.spec.uid.to_wire(),
+            sequence_num: self.seq,
+            capabilities: self.spec.capabilities,
+            ..Default::default()
+        };
+        self.seq += 1;
+        msg
+    }
+
+    /// A message carrying the agent's whole state (the first one, and after `ReportFullState`).
+    pub fn full_state(&mut self) -> AgentToServer {
+        let mut msg = self.base();
+        msg.agent_description = Some(AgentDescription {
+            identifying_attributes: kv(&self.spec.identifying),
+            non_identifying_attributes: kv(&self.spec.non_identifying),
+        });
+        msg.health = Some(self.health());
+        msg.effective_config = Some(EffectiveConfig { config_map: Some(self.effective.clone()) });
+        msg.remote_config_status = self.status.clone();
+        if !self.spec.custom_capabilities.is_empty() {
+            msg.custom_capabilities =
+                Some(CustomCapabilities { capabilities: self.spec.custom_capabilities.clone() });
+        }
+        msg
+    }
+
+    /// A heartbeat: nothing changed.
+    pub fn heartbeat(&mut self) -> AgentToServer {
+        self.base()
+    }
+
+    fn health(&self) -> ComponentHealth {
+        ComponentHealth {
+            healthy: self.healthy,
+            status: if self.healthy { "ok" } else { "degraded" }.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Reacts to a server message; returns what the agent sends in response, if anything.
+    pub fn on_message(&mut self, msg: &ServerToAgent) -> Option<AgentToServer> {
+        if let Some(id) = &msg.agent_identification {
+            if let Some(uid) = Uid::from_wire(&id.new_instance_uid) {
+                self.spec.uid = uid;
+            }
+        }
+        if msg.flags & ServerToAgentFlags::ReportFullState as u64 != 0 {
+            // Apply a config that came with the flag first, then report everything.
+            if let Some(rc) = &msg.remote_config {
+                self.apply(rc);
+            }
+            return Some(self.full_state());
+        }
+        let rc = msg.remote_config.as_ref()?;
+        self.apply(rc).then(|| {
+            let mut out = self.base();
+            out.remote_config_status = self.status.clone();
+            out.effective_config = Some(EffectiveConfig { config_map: Some(self.effective.clone()) });
+            out
+        })
+    }
+
+    /// Applies a remote config; false when it was a duplicate of the applied one.
+    fn apply(&mut self, rc: &crate::proto::AgentRemoteConfig) -> bool {
+        self.configs_received += 1;
+        if self.status.as_ref().is_some_and(|s| s.last_remote_config_hash == rc.config_hash) {
+            self.duplicate_configs += 1;
+            return false;
+        }
+        let files = rc.config.clone().unwrap_or_default();
+        let failed = self.spec.fail_marker.as_deref().and_then(|marker| {
+            files
+                .config_map
+                .iter()
+                .any(|(_, f)| f.body.windows(marker.len()).any(|w| w == marker.as_bytes()))
+                .then(|| format!("config rejected: contains {marker}"))
+        });
+        self.status = Some(RemoteConfigStatus {
+            last_remote_config_hash: rc.config_hash.clone(),
+            status: if failed.is_some() {
+                RemoteConfigStatuses::Failed
+            } else {
+                RemoteConfigStatuses::Applied
+            } as i32,
+            error_message: failed.clone().unwrap_or_default(),
+        });
+        if failed.is_none() {
+            self.effective = files;
+        }
+        true
+    }
+}

@@ -1,0 +1,157 @@
+//! Minimal OpAMP transport clients.
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use prost::Message as _;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::opamp::codec;
+use crate::proto::{AgentToServer, ServerToAgent};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("websocket: {0}")]
+    WebSocket(#[from] tungstenite::Error),
+    #[error("http: {0}")]
+    Http(#[from] reqwest::Error),
+    #[error("the server closed the connection: {0:?}")]
+    Closed(Option<CloseFrame>),
+    #[error("undecodable ServerToAgent: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error("unexpected frame: {0}")]
+    Unexpected(String),
+}
+
+/// What arrives on a WebSocket.
+#[derive(Debug)]
+pub enum WsEvent {
+    Message(Box<ServerToAgent>),
+    Closed(Option<CloseFrame>),
+}
+
+/// An OpAMP WebSocket client connection.
+pub struct WsClient {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl WsClient {
+    pub async fn connect(url: &str, token: Option<&str>) -> Result<Self, ClientError> {
+        let mut req = url.into_client_request()?;
+        if let Some(t) = token {
+            req.headers_mut().insert("authorization", format!("Bearer {t}").parse().expect("valid header"));
+        }
+        let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8 << 10);
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(config), false).await?;
+        Ok(Self { ws })
+    }
+
+    /// Sends one message with the standard header.
+    pub async fn send(&mut self, msg: &AgentToServer) -> Result<(), ClientError> {
+        let mut buf = Vec::with_capacity(1 + msg.encoded_len());
+        buf.push(codec::WS_HEADER);
+        msg.encode(&mut buf).expect("Vec grows");
+        self.send_raw(Message::Binary(buf.into())).await
+    }
+
+    pub async fn send_raw(&mut self, frame: Message) -> Result<(), ClientError> {
+        Ok(self.ws.send(frame).await?)
+    }
+
+    /// The next message or close, skipping pings.
+    pub async fn next_event(&mut self) -> Result<WsEvent, ClientError> {
+        loop {
+            match self.ws.next().await {
+                None => return Ok(WsEvent::Closed(None)),
+                Some(Err(tungstenite::Error::ConnectionClosed)) => return Ok(WsEvent::Closed(None)),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(Message::Binary(data))) => {
+                    let data = match data.first() {
+                        Some(0) => data.slice(1..),
+                        _ => return Err(ClientError::Unexpected("frame without the 0 header".into())),
+                    };
+                    return Ok(WsEvent::Message(Box::new(ServerToAgent::decode(data)?)));
+                }
+                Some(Ok(Message::Close(frame))) => return Ok(WsEvent::Closed(frame)),
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                Some(Ok(Message::Text(t))) => return Err(ClientError::Unexpected(format!("text frame {t}"))),
+            }
+        }
+    }
+
+    /// The next message; a close is an error.
+    pub async fn recv(&mut self) -> Result<ServerToAgent, ClientError> {
+        match self.next_event().await? {
+            WsEvent::Message(m) => Ok(*m),
+            WsEvent::Closed(frame) => Err(ClientError::Closed(frame)),
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
+
+/// The plain-HTTP transport.
+#[derive(Clone)]
+pub struct HttpClient {
+    client: reqwest::Client,
+    url: String,
+    token: Option<String>,
+    gzip: bool,
+}
+
+/// A raw HTTP reply, decoded when it carried a protobuf body.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: reqwest::StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    /// The body as sent (possibly gzip-compressed).
+    pub raw: Bytes,
+    pub message: Option<ServerToAgent>,
+}
+
+impl HttpClient {
+    pub fn new(url: &str, token: Option<&str>, gzip: bool) -> Self {
+        Self {
+            client: reqwest::Client::builder().pool_max_idle_per_host(1).build().expect("client builds"),
+            url: url.to_owned(),
+            token: token.map(str::to_owned),
+            gzip,
+        }
+    }
+
+    pub async fn send(&self, msg: &AgentToServer) -> Result<HttpReply, ClientError> {
+        let body = msg.encode_to_vec();
+        self.post(body.into(), "application/x-protobuf").await
+    }
+
+    /// Posts any body (gzip-compressed when the client compresses).
+    pub async fn post(&self, body: Bytes, content_type: &str) -> Result<HttpReply, ClientError> {
+        let mut req = self.client.post(&self.url).header("content-type", content_type);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let body = if self.gzip {
+            req = req.header("content-encoding", "gzip").header("accept-encoding", "gzip");
+            codec::gzip(&body)
+        } else {
+            body
+        };
+        let resp = req.body(body).send().await?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let raw = resp.bytes().await?;
+        let gzipped = headers.get("content-encoding").is_some_and(|v| v == "gzip");
+        let plain = if gzipped {
+            codec::gunzip(&raw, 64 << 20).map_err(|e| ClientError::Unexpected(e.to_string()))?
+        } else {
+            raw.clone()
+        };
+        let is_protobuf = headers.get("content-type").is_some_and(|v| v == "application/x-protobuf");
+        let message = if is_protobuf { Some(ServerToAgent::decode(plain)?) } else { None };
+        Ok(HttpReply { status, headers, raw, message })
+    }
+}

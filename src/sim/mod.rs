@@ -1,0 +1,8 @@
+//! Our own OpAMP agent: transport clients and the behaviour of a simple agent (report state,
+//! apply remote configs, answer `ReportFullState`). Used by the tests and the fleet simulator;
+//! interop with third-party agents is proven separately against opamp-go.
+mod agent;
+mod client;
+
+pub use agent::{AgentSpec, SimAgent};
+pub use client::{ClientError, HttpClient, HttpReply, WsClient, WsEvent};

@@ -1,0 +1,89 @@
+//! Shared test harness: an in-process OpAMP server on a free loopback port, and waiting on
+//! conditions with deadlines (never sleep-and-hope).
+#![allow(dead_code)]
+
+pub mod goagent;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use opamp_operator::fleet::{Fleet, FleetConfig};
+use opamp_operator::opamp::{Authenticator, OpampServer, ServerConfig};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub fleet: Fleet,
+    pub shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl TestServer {
+    pub async fn start(fleet: FleetConfig, server: ServerConfig) -> Self {
+        Self::start_at("127.0.0.1:0".parse().unwrap(), Fleet::new(fleet), server, None).await
+    }
+
+    pub async fn start_default() -> Self {
+        Self::start(FleetConfig::default(), ServerConfig::default()).await
+    }
+
+    pub async fn start_at(
+        addr: SocketAddr,
+        fleet: Fleet,
+        config: ServerConfig,
+        auth: Option<Arc<dyn Authenticator>>,
+    ) -> Self {
+        let listener = TcpListener::bind(addr).await.expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let server = match auth {
+            Some(auth) => OpampServer::with_auth(fleet.clone(), config, auth),
+            None => OpampServer::new(fleet.clone(), config),
+        };
+        let shutdown = server.shutdown_token();
+        let task = tokio::spawn(server.serve(listener));
+        Self { addr, fleet, shutdown, task }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/opamp", self.addr)
+    }
+
+    pub fn http_url(&self) -> String {
+        format!("http://{}/v1/opamp", self.addr)
+    }
+
+    /// Stops the server and waits until it has let go of its port.
+    pub async fn stop(self) -> SocketAddr {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await.expect("server stops");
+        self.addr
+    }
+}
+
+/// Waits until `check` returns `Some`, polling, or panics after `deadline` naming `what`.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > end {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Runs a future with a deadline, naming it on timeout.
+pub async fn within<T>(deadline: Duration, what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(deadline, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {deadline:?}: {what}"))
+}

@@ -1,0 +1,352 @@
+//! Both transports over real sockets, driven by our own Rust agent.
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{TestServer, eventually, within};
+use opamp_operator::fleet::{FleetConfig, Transport};
+use opamp_operator::opamp::session::SERVER_CAPABILITIES;
+use opamp_operator::opamp::{AuthError, Authenticator, ServerConfig, Uid};
+use opamp_operator::proto::{
+    AgentConfigFile, AgentConfigMap, AgentRemoteConfig, AgentToServer, RemoteConfigStatuses,
+    ServerErrorResponseType, server_error_response,
+};
+use opamp_operator::sim::{AgentSpec, HttpClient, SimAgent, WsClient, WsEvent};
+use prost::Message as _;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+const T: Duration = Duration::from_secs(10);
+
+fn config(body: &str) -> Arc<AgentRemoteConfig> {
+    let mut files = AgentConfigMap::default();
+    files.config_map.insert(
+        "collector.yaml".into(),
+        AgentConfigFile { body: Bytes::from(body.to_owned()), content_type: "text/yaml".into() },
+    );
+    Arc::new(AgentRemoteConfig { config: Some(files), config_hash: Bytes::from(format!("h-{body}")) })
+}
+
+async fn close_code(ws: &mut WsClient) -> Option<CloseCode> {
+    loop {
+        match within(T, "close", ws.next_event()).await {
+            Ok(WsEvent::Closed(frame)) => return frame.map(|f| f.code),
+            Ok(WsEvent::Message(_)) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+#[tokio::test]
+async fn websocket_agent_reports_and_gets_config_pushed() {
+    let server = TestServer::start_default().await;
+    let mut agent = SimAgent::new(AgentSpec::new("checkout"));
+    let mut ws = WsClient::connect(&server.ws_url(), None).await.unwrap();
+    ws.send(&agent.full_state()).await.unwrap();
+    let reply = within(T, "first reply", ws.recv()).await.unwrap();
+    assert_eq!(reply.capabilities, SERVER_CAPABILITIES);
+    assert_eq!(reply.instance_uid, agent.uid().to_wire());
+
+    let snap = server.fleet.agent(agent.uid()).unwrap();
+    assert_eq!(snap.transport, Some(Transport::WebSocket));
+    assert!(snap.report.description.is_some() && snap.report.health.is_some());
+
+    // The server pushes as soon as the desired state changes: the agent sends nothing first.
+    let cfg = config("receivers: {}");
+    server.fleet.set_remote_config(agent.uid(), Some(cfg.clone()));
+    let push = within(T, "pushed config", ws.recv()).await.unwrap();
+    assert_eq!(push.remote_config.as_ref(), Some(&*cfg));
+    let status = agent.on_message(&push).expect("agent reports the status");
+    ws.send(&status).await.unwrap();
+    within(T, "reply to status", ws.recv()).await.unwrap();
+    let snap = server.fleet.agent(agent.uid()).unwrap();
+    let rcs = snap.report.remote_config_status.unwrap();
+    assert_eq!(
+        (rcs.status, rcs.last_remote_config_hash),
+        (RemoteConfigStatuses::Applied as i32, cfg.config_hash.clone())
+    );
+
+    // Closing the socket disconnects the agent.
+    ws.close().await;
+    eventually(T, "agent disconnected", || async {
+        (!server.fleet.agent(agent.uid()).unwrap().connected).then_some(())
+    })
+    .await;
+    assert_eq!(server.fleet.connected_count(), 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_accepts_frames_without_the_header_from_old_clients() {
+    let server = TestServer::start_default().await;
+    let mut agent = SimAgent::new(AgentSpec::new("legacy"));
+    let mut ws = WsClient::connect(&server.ws_url(), None).await.unwrap();
+    ws.send_raw(Message::Binary(agent.full_state().encode_to_vec().into())).await.unwrap();
+    let reply = within(T, "reply", ws.recv()).await.unwrap();
+    assert_eq!(reply.instance_uid, agent.uid().to_wire());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_text_frames_are_refused_with_1003() {
+    let server = TestServer::start_default().await;
+    let mut ws = WsClient::connect(&server.ws_url(), None).await.unwrap();
+    ws.send_raw(Message::Text("hello".into())).await.unwrap();
+    assert_eq!(close_code(&mut ws).await, Some(CloseCode::Unsupported));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_oversize_messages_are_closed_with_1009() {
+    let server = TestServer::start(
+        FleetConfig::default(),
+        ServerConfig { max_message_bytes: 1024, ..Default::default() },
+    )
+    .await;
+    let mut ws = WsClient::connect(&server.ws_url(), None).await.unwrap();
+    let mut big = vec![0u8];
+    AgentToServer { instance_uid: Bytes::from(vec![1u8; 2048]), ..Default::default() }
+        .encode(&mut big)
+        .unwrap();
+    ws.send_raw(Message::Binary(big.into())).await.unwrap();
+    assert_eq!(close_code(&mut ws).await, Some(CloseCode::Size));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_garbage_gets_bad_request_and_the_connection_lives_on() {
+    let server = TestServer::start_default().await;
+    let mut ws = WsClient::connect(&server.ws_url(), None).await.unwrap();
+    ws.send_raw(Message::Binary(Bytes::from_static(&[0, 0xff, 0xff, 0xff, 0x0f]))).await.unwrap();
+    let reply = within(T, "error reply", ws.recv()).await.unwrap();
+    let err = reply.error_response.expect("error_response");
+    assert_eq!(err.r#type, ServerErrorResponseType::BadRequest as i32);
+    assert!(err.error_message.contains("malformed AgentToServer"), "{}", err.error_message);
+    let mut agent = SimAgent::new(AgentSpec::new("after-garbage"));
+    ws.send(&agent.full_state()).await.unwrap();
+    assert_eq!(within(T, "reply", ws.recv()).await.unwrap().error_response, None);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn websocket_agents_beyond_the_limit_get_unavailable_with_retry_info() {
+    let fleet =
+        FleetConfig { max_agents: Some(1), retry_after: Duration::from_secs(5), ..Default::default() };
+    let server = TestServer::start(fleet, ServerConfig::default()).await;
+    let mut first = WsClient::connect(&server.ws_url(), None).await.unwrap();
+    first.send(&SimAgent::new(AgentSpec::new("a")).full_state()).await.unwrap();
+    within(T, "reply", first.recv()).await.unwrap();
+
+    let mut second = WsClient::connect(&server.ws_url(), None).await.unwrap();
+    let mut agent = SimAgent::new(AgentSpec::new("b"));
+    second.send(&agent.full_state()).await.unwrap();
+    let reply = within(T, "refusal", second.recv()).await.unwrap();
+    assert_eq!(reply.instance_uid, agent.uid().to_wire());
+    let err = reply.error_response.expect("error_response");
+    assert_eq!(err.r#type, ServerErrorResponseType::Unavailable as i32);
+    let Some(server_error_response::Details::RetryInfo(retry)) = err.details else {
+        panic!("retry_info missing")
+    };
+    assert_eq!(retry.retry_after_nanoseconds, 5_000_000_000);
+    assert_eq!(close_code(&mut second).await, Some(CloseCode::Again));
+    assert_eq!(server.fleet.connected_count(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_websockets_with_going_away() {
+    let server = TestServer::start_default().await;
+    let mut ws = WsClient::connect(&server.ws_url(), None).await.unwrap();
+    ws.send(&SimAgent::new(AgentSpec::new("a")).full_state()).await.unwrap();
+    within(T, "reply", ws.recv()).await.unwrap();
+    server.shutdown.cancel();
+    assert_eq!(close_code(&mut ws).await, Some(CloseCode::Away));
+}
+
+#[tokio::test]
+async fn http_agent_polls_and_gets_config_on_next_poll() {
+    let server = TestServer::start_default().await;
+    let http = HttpClient::new(&server.http_url(), None, false);
+    let mut agent = SimAgent::new(AgentSpec::new("http-agent"));
+    let reply = http.send(&agent.full_state()).await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.headers["content-type"], "application/x-protobuf");
+    assert!(reply.headers.get("content-encoding").is_none(), "no gzip unless accepted");
+    let msg = reply.message.unwrap();
+    assert_eq!((msg.capabilities, msg.remote_config), (SERVER_CAPABILITIES, None));
+    assert_eq!(server.fleet.agent(agent.uid()).unwrap().transport, Some(Transport::Http));
+
+    let cfg = config("exporters: {}");
+    server.fleet.set_remote_config(agent.uid(), Some(cfg.clone()));
+    let msg = http.send(&agent.heartbeat()).await.unwrap().message.unwrap();
+    assert_eq!(msg.remote_config.as_ref(), Some(&*cfg));
+    let status = agent.on_message(&msg).unwrap();
+    let msg = http.send(&status).await.unwrap().message.unwrap();
+    assert_eq!(msg.remote_config, None, "applied: not offered again");
+    let rcs = server.fleet.agent(agent.uid()).unwrap().report.remote_config_status.unwrap();
+    assert_eq!(rcs.status, RemoteConfigStatuses::Applied as i32);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn http_gzip_bodies_are_accepted_and_replies_gzipped_when_accepted() {
+    let server = TestServer::start_default().await;
+    let http = HttpClient::new(&server.http_url(), None, true);
+    let mut agent = SimAgent::new(AgentSpec::new("gz"));
+    let reply = http.send(&agent.full_state()).await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.headers["content-encoding"], "gzip");
+    assert_eq!(&reply.raw[..2], &[0x1f, 0x8b], "the body on the wire is gzip");
+    assert_eq!(reply.message.unwrap().instance_uid, agent.uid().to_wire());
+    assert!(server.fleet.agent(agent.uid()).unwrap().report.description.is_some());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn http_bad_input_gets_clear_errors_with_protobuf_bodies() {
+    let server = TestServer::start(
+        FleetConfig::default(),
+        ServerConfig { max_message_bytes: 1024, ..Default::default() },
+    )
+    .await;
+    let plain = HttpClient::new(&server.http_url(), None, false);
+    let gz = HttpClient::new(&server.http_url(), None, true);
+
+    let garbage =
+        plain.post(Bytes::from_static(&[0xff, 0xff, 0xff]), "application/x-protobuf").await.unwrap();
+    assert_eq!(garbage.status, 400);
+    assert_eq!(garbage.headers["content-type"], "application/x-protobuf");
+    let err = garbage.message.unwrap().error_response.unwrap();
+    assert_eq!(err.r#type, ServerErrorResponseType::BadRequest as i32);
+
+    let full = AgentToServer { instance_uid: Uid::new_v7().to_wire(), capabilities: 1, ..Default::default() };
+    let bytes = full.encode_to_vec();
+    let truncated =
+        plain.post(Bytes::copy_from_slice(&bytes[..bytes.len() - 5]), "application/x-protobuf").await;
+    assert_eq!(truncated.unwrap().status, 400);
+
+    let oversize = plain.post(Bytes::from(vec![1u8; 4096]), "application/x-protobuf").await.unwrap();
+    assert_eq!(oversize.status, 413);
+    assert_eq!(oversize.headers["content-type"], "application/x-protobuf");
+    // A small gzip body that inflates beyond the limit is refused the same way.
+    let bomb = gz.post(Bytes::from(vec![b'a'; 1 << 20]), "application/x-protobuf").await.unwrap();
+    assert_eq!(bomb.status, 413);
+
+    let json = plain.post(Bytes::from_static(b"{}"), "application/json").await.unwrap();
+    assert_eq!(json.status, 415);
+    assert_eq!(json.headers["content-type"], "application/x-protobuf");
+    assert_eq!(server.fleet.known_count(), 0, "nothing was registered from bad input");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn http_agents_beyond_the_limit_get_503_with_retry_after() {
+    let fleet =
+        FleetConfig { max_agents: Some(1), retry_after: Duration::from_millis(2500), ..Default::default() };
+    let server = TestServer::start(fleet, ServerConfig::default()).await;
+    let http = HttpClient::new(&server.http_url(), None, false);
+    let mut a = SimAgent::new(AgentSpec::new("a"));
+    assert_eq!(http.send(&a.full_state()).await.unwrap().status, 200);
+    let refused = http.send(&SimAgent::new(AgentSpec::new("b")).full_state()).await.unwrap();
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.headers["retry-after"], "3");
+    let err = refused.message.unwrap().error_response.unwrap();
+    assert_eq!(err.r#type, ServerErrorResponseType::Unavailable as i32);
+    // The admitted agent keeps polling fine.
+    assert_eq!(http.send(&a.heartbeat()).await.unwrap().status, 200);
+    server.stop().await;
+}
+
+struct TokenAuth;
+impl Authenticator for TokenAuth {
+    fn authenticate(
+        &self,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<opamp_operator::fleet::Tenant, AuthError> {
+        match opamp_operator::opamp::auth::bearer_token(headers) {
+            Some("s3cret") => Ok(opamp_operator::fleet::Tenant::new("team-a")),
+            Some(_) => Err(AuthError::UnknownToken),
+            None => Err(AuthError::MissingToken),
+        }
+    }
+}
+
+#[tokio::test]
+async fn unauthenticated_agents_get_401_on_both_transports() {
+    let fleet = opamp_operator::fleet::Fleet::default();
+    let server = TestServer::start_at(
+        "127.0.0.1:0".parse().unwrap(),
+        fleet,
+        ServerConfig::default(),
+        Some(Arc::new(TokenAuth)),
+    )
+    .await;
+    let mut agent = SimAgent::new(AgentSpec::new("a"));
+    for token in [None, Some("wrong")] {
+        let reply =
+            HttpClient::new(&server.http_url(), token, false).send(&agent.full_state()).await.unwrap();
+        assert_eq!(reply.status, 401);
+        assert_eq!(reply.headers["www-authenticate"], "Bearer");
+        let err = WsClient::connect(&server.ws_url(), token).await.err().expect("upgrade refused");
+        assert!(err.to_string().contains("401"), "{err}");
+    }
+    let ok =
+        HttpClient::new(&server.http_url(), Some("s3cret"), false).send(&agent.full_state()).await.unwrap();
+    assert_eq!(ok.status, 200);
+    assert_eq!(server.fleet.agent(agent.uid()).unwrap().namespace, "team-a");
+    server.stop().await;
+}
+
+/// Many agents at once on both transports: every one gets its config and reports it applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_agents_on_both_transports_all_apply_their_config() {
+    let server = TestServer::start_default().await;
+    let cfg = config("service: fleet");
+    let n = 100;
+    let mut tasks = Vec::new();
+    for i in 0..n * 2 {
+        let (ws_url, http_url) = (server.ws_url(), server.http_url());
+        let fleet = server.fleet.clone();
+        let cfg = cfg.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut agent = SimAgent::new(AgentSpec::new(&format!("svc-{i}")));
+            if i % 2 == 0 {
+                let mut ws = WsClient::connect(&ws_url, None).await.unwrap();
+                ws.send(&agent.full_state()).await.unwrap();
+                ws.recv().await.unwrap();
+                fleet.set_remote_config(agent.uid(), Some(cfg));
+                let push = ws.recv().await.unwrap();
+                ws.send(&agent.on_message(&push).unwrap()).await.unwrap();
+                ws.recv().await.unwrap();
+                Some(ws) // stays connected until the end of the test
+            } else {
+                let http = HttpClient::new(&http_url, None, i % 4 == 1);
+                http.send(&agent.full_state()).await.unwrap();
+                fleet.set_remote_config(agent.uid(), Some(cfg));
+                let reply = http.send(&agent.heartbeat()).await.unwrap().message.unwrap();
+                http.send(&agent.on_message(&reply).unwrap()).await.unwrap();
+                None
+            }
+        }));
+    }
+    let mut sockets = Vec::new();
+    for t in tasks {
+        sockets.push(within(T * 3, "agent task", t).await.unwrap());
+    }
+    let applied = server
+        .fleet
+        .agents()
+        .into_iter()
+        .filter(|a| {
+            a.report.remote_config_status.as_ref().is_some_and(|s| {
+                s.status == RemoteConfigStatuses::Applied as i32
+                    && s.last_remote_config_hash == cfg.config_hash
+            })
+        })
+        .count();
+    assert_eq!(applied, n * 2);
+    assert_eq!(server.fleet.connected_count(), n * 2);
+    server.stop().await;
+}
