@@ -28,6 +28,33 @@ enum LogFormat {
 enum Command {
     /// Serve the OpAMP endpoint alone, without Kubernetes (every agent in namespace `default`).
     Serve(ServeArgs),
+    /// Simulate a fleet of agents against an OpAMP server (load testing, sizing).
+    FleetSim(FleetSimArgs),
+}
+
+#[derive(clap::Args)]
+struct FleetSimArgs {
+    /// Server URL: ws://host:port/v1/opamp (WebSocket agents) or http://… (HTTP agents).
+    #[arg(long, default_value = "ws://127.0.0.1:4320/v1/opamp")]
+    url: String,
+    /// Number of agents.
+    #[arg(long, short = 'n', default_value_t = 1000)]
+    agents: usize,
+    /// Heartbeat (WebSocket) or poll (HTTP) interval, in seconds.
+    #[arg(long, default_value_t = 30.0)]
+    heartbeat_seconds: f64,
+    /// New agents per second while ramping up.
+    #[arg(long, default_value_t = 2000)]
+    connect_rate: u32,
+    /// Fraction of agents that report FAILED for every config (0..=1).
+    #[arg(long, default_value_t = 0.0)]
+    fail_fraction: f64,
+    /// Bearer token the agents present.
+    #[arg(long, env = "OPAMP_AGENT_TOKEN")]
+    token: Option<String>,
+    /// Seconds to keep the fleet connected once all are in (default: until Ctrl-C).
+    #[arg(long)]
+    hold_seconds: Option<f64>,
 }
 
 #[derive(clap::Args)]
@@ -62,7 +89,45 @@ async fn main() -> anyhow::Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::FleetSim(args) => fleet_sim(args).await,
     }
+}
+
+async fn fleet_sim(args: FleetSimArgs) -> anyhow::Result<()> {
+    use opamp_operator::fleet::Transport;
+    use opamp_operator::sim::fleet::{FleetSimConfig, raise_fd_limit, run};
+    let transport = match args.url.split("://").next() {
+        Some("ws" | "wss") => Transport::WebSocket,
+        Some("http" | "https") => Transport::Http,
+        _ => anyhow::bail!("--url must start with ws://, wss://, http:// or https://"),
+    };
+    anyhow::ensure!((0.0..=1.0).contains(&args.fail_fraction), "--fail-fraction must be within 0..=1");
+    let limit = raise_fd_limit();
+    anyhow::ensure!(
+        limit as usize > args.agents + 64,
+        "the open-file limit is {limit}: too low for {} agents (raise it with ulimit -n)",
+        args.agents
+    );
+    let config = FleetSimConfig {
+        url: args.url,
+        transport,
+        agents: args.agents,
+        heartbeat: Duration::from_secs_f64(args.heartbeat_seconds),
+        connect_rate: args.connect_rate,
+        fail_fraction: args.fail_fraction,
+        token: args.token,
+        hold: args.hold_seconds.map(Duration::from_secs_f64),
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        stop.cancel();
+    });
+    let report = run(config, shutdown).await;
+    println!("{report}");
+    anyhow::ensure!(report.errors == 0, "{} agents failed", report.errors);
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -78,6 +143,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let server = OpampServer::new(fleet, config);
+    opamp_operator::sim::fleet::raise_fd_limit();
     let listener = tokio::net::TcpListener::bind(args.opamp_addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.opamp_addr))?;

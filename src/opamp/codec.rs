@@ -39,8 +39,12 @@ pub fn decode_ws(mut frame: Bytes) -> Result<AgentToServer, DecodeError> {
 }
 
 /// Decodes a bare protobuf `AgentToServer`.
-pub fn decode(buf: impl Buf) -> Result<AgentToServer, DecodeError> {
-    AgentToServer::decode(buf).map_err(|e| DecodeError::Protobuf(e.to_string()))
+///
+/// Decoding from a slice copies `bytes` fields out of the frame: the registry keeps some of
+/// them (effective config, hashes) for the agent's lifetime, and a zero-copy slice would pin
+/// the whole receive buffer it came from.
+pub fn decode(buf: impl AsRef<[u8]>) -> Result<AgentToServer, DecodeError> {
+    AgentToServer::decode(buf.as_ref()).map_err(|e| DecodeError::Protobuf(e.to_string()))
 }
 
 /// Encodes a `ServerToAgent` as one WebSocket binary frame payload (header + message).

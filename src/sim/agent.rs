@@ -19,7 +19,7 @@ pub struct AgentSpec {
     pub non_identifying: Vec<(String, String)>,
     pub capabilities: u64,
     pub custom_capabilities: Vec<String>,
-    /// A remote config containing this string is reported FAILED.
+    /// A remote config containing this string is reported FAILED (an empty one: every config).
     pub fail_marker: Option<String>,
 }
 
@@ -174,12 +174,16 @@ impl SimAgent {
             return false;
         }
         let files = rc.config.clone().unwrap_or_default();
-        let failed = self.spec.fail_marker.as_deref().and_then(|marker| {
-            files
-                .config_map
-                .iter()
-                .any(|(_, f)| f.body.windows(marker.len()).any(|w| w == marker.as_bytes()))
-                .then(|| format!("config rejected: contains {marker}"))
+        let contains = |marker: &str| {
+            marker.is_empty()
+                || files
+                    .config_map
+                    .values()
+                    .any(|f| f.body.windows(marker.len()).any(|w| w == marker.as_bytes()))
+        };
+        let failed = self.spec.fail_marker.as_deref().filter(|m| contains(m)).map(|marker| match marker {
+            "" => "config rejected (simulated failure)".to_owned(),
+            m => format!("config rejected: contains {m}"),
         });
         self.status = Some(RemoteConfigStatus {
             last_remote_config_hash: rc.config_hash.clone(),

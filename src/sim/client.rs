@@ -2,7 +2,9 @@
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
-use tokio::net::TcpStream;
+use std::net::SocketAddr;
+
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -39,12 +41,41 @@ pub struct WsClient {
 
 impl WsClient {
     pub async fn connect(url: &str, token: Option<&str>) -> Result<Self, ClientError> {
+        Self::connect_from(url, token, None).await
+    }
+
+    /// Connects from a chosen loopback source address when the server is on loopback (so one
+    /// machine can open more connections than one address has ephemeral ports).
+    pub async fn connect_from(
+        url: &str,
+        token: Option<&str>,
+        source: Option<SocketAddr>,
+    ) -> Result<Self, ClientError> {
         let mut req = url.into_client_request()?;
         if let Some(t) = token {
             req.headers_mut().insert("authorization", format!("Bearer {t}").parse().expect("valid header"));
         }
-        let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(8 << 10);
-        let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(config), false).await?;
+        let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4 << 10);
+        let host = req.uri().host().unwrap_or("localhost").trim_matches(['[', ']']).to_owned();
+        let port = req.uri().port_u16().unwrap_or(80);
+        let target = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(tungstenite::Error::Io)?
+            .next()
+            .ok_or_else(|| ClientError::Unexpected(format!("cannot resolve {host}")))?;
+        let stream = match source.filter(|s| target.ip().is_loopback() && s.is_ipv4() == target.is_ipv4()) {
+            Some(source) => {
+                let socket = if target.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }
+                    .map_err(tungstenite::Error::Io)?;
+                socket.bind(source).map_err(tungstenite::Error::Io)?;
+                socket.connect(target).await.map_err(tungstenite::Error::Io)?
+            }
+            None => TcpStream::connect(target).await.map_err(tungstenite::Error::Io)?,
+        };
+        stream.set_nodelay(true).map_err(tungstenite::Error::Io)?;
+        let (ws, _) =
+            tokio_tungstenite::client_async_with_config(req, MaybeTlsStream::Plain(stream), Some(config))
+                .await?;
         Ok(Self { ws })
     }
 

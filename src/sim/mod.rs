@@ -3,6 +3,7 @@
 //! interop with third-party agents is proven separately against opamp-go.
 mod agent;
 mod client;
+pub mod fleet;
 
 pub use agent::{AgentSpec, SimAgent};
 pub use client::{ClientError, HttpClient, HttpReply, WsClient, WsEvent};
