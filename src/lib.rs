@@ -5,6 +5,7 @@
 //! - [`sim`]: a small OpAMP agent of our own, for tests and load.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod fleet;
 pub mod opamp;
 pub mod sim;

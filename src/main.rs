@@ -28,6 +28,12 @@ enum LogFormat {
 enum Command {
     /// Serve the OpAMP endpoint alone, without Kubernetes (every agent in namespace `default`).
     Serve(ServeArgs),
+    /// Print the CustomResourceDefinitions (or write one file per kind into a directory).
+    Crds {
+        /// Write `<plural>.<group>.yaml` files here instead of printing.
+        #[arg(long)]
+        out_dir: Option<std::path::PathBuf>,
+    },
     /// Simulate a fleet of agents against an OpAMP server (load testing, sizing).
     FleetSim(FleetSimArgs),
 }
@@ -90,7 +96,26 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::FleetSim(args) => fleet_sim(args).await,
+        Command::Crds { out_dir } => crds(out_dir),
     }
+}
+
+fn crds(out_dir: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let crds = opamp_operator::api::crds();
+    match out_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            for (file, yaml) in crds {
+                let path = dir.join(file);
+                std::fs::write(&path, yaml).with_context(|| format!("cannot write {}", path.display()))?;
+            }
+        }
+        None => {
+            let docs: Vec<String> = crds.into_iter().map(|(_, yaml)| yaml).collect();
+            print!("{}", docs.join("---\n"));
+        }
+    }
+    Ok(())
 }
 
 async fn fleet_sim(args: FleetSimArgs) -> anyhow::Result<()> {
