@@ -4,7 +4,7 @@ SHELL := bash
 CARGO ?= cargo
 export OPAMP_TOOLS_BIN := $(CURDIR)/target/tools/bin
 
-.PHONY: all build test unit lint fmt tools tools-interop tools-k8s demo bench
+.PHONY: all build test unit lint fmt crds tools tools-interop tools-k8s demo bench
 
 all: build
 
@@ -30,8 +30,16 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-## test: lints, then every test (unit, transport, interop with the opamp-go agent).
-test: tools-interop lint
+## crds: regenerate crds/ from src/api (a test fails when they drift).
+crds:
+	$(CARGO) run -q -- crds --out-dir crds
+
+## test: lints, then every test (unit, transport, interop with the opamp-go agent, e2e against a
+## local kube-apiserver + etcd). The cluster is brought up once for the whole run and always taken
+## down afterwards, whether the tests pass, fail or are interrupted.
+test: tools-interop tools-k8s lint
+	trap 'tests/tools/local-cluster down' EXIT; \
+	tests/tools/local-cluster up; \
 	$(CARGO) test --all-targets
 
 unit:

@@ -6,8 +6,10 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod controller;
 pub mod fleet;
 pub mod opamp;
+pub mod operator;
 pub mod sim;
 
 /// Types generated from `proto/opamp.proto` and `proto/anyvalue.proto`.

@@ -26,6 +26,8 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the operator: watch the custom resources, serve OpAMP, write status.
+    Run(RunArgs),
     /// Serve the OpAMP endpoint alone, without Kubernetes (every agent in namespace `default`).
     Serve(ServeArgs),
     /// Print the CustomResourceDefinitions (or write one file per kind into a directory).
@@ -64,6 +66,28 @@ struct FleetSimArgs {
 }
 
 #[derive(clap::Args)]
+struct RunArgs {
+    /// Address of the OpAMP endpoint (`/v1/opamp`, WebSocket and HTTP).
+    #[arg(long, env = "OPAMP_ADDR", default_value = "0.0.0.0:4320")]
+    opamp_addr: SocketAddr,
+    /// Address of the API endpoint (`/healthz`, `/readyz`, the dispatch API).
+    #[arg(long, env = "OPAMP_API_ADDR", default_value = "0.0.0.0:8080")]
+    api_addr: SocketAddr,
+    /// Admit agents without a token into this namespace (off by default).
+    #[arg(long, env = "OPAMP_ANONYMOUS_AGENTS_NAMESPACE")]
+    anonymous_agents_namespace: Option<String>,
+    /// Connected agents beyond this are told to retry later.
+    #[arg(long, env = "OPAMP_MAX_AGENTS")]
+    max_agents: Option<usize>,
+    /// Largest accepted message, in bytes.
+    #[arg(long, env = "OPAMP_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
+    max_message_bytes: usize,
+    /// Heartbeat interval agents are expected to keep, in seconds.
+    #[arg(long, env = "OPAMP_HEARTBEAT_SECONDS", default_value_t = 30)]
+    heartbeat_seconds: u64,
+}
+
+#[derive(clap::Args)]
 struct ServeArgs {
     /// Address of the OpAMP endpoint (`/v1/opamp`, WebSocket and HTTP).
     #[arg(long, env = "OPAMP_ADDR", default_value = "0.0.0.0:4320")]
@@ -94,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
+        Command::Run(args) => run(args).await,
         Command::Serve(args) => serve(args).await,
         Command::FleetSim(args) => fleet_sim(args).await,
         Command::Crds { out_dir } => crds(out_dir),
@@ -152,6 +177,34 @@ async fn fleet_sim(args: FleetSimArgs) -> anyhow::Result<()> {
     let report = run(config, shutdown).await;
     println!("{report}");
     anyhow::ensure!(report.errors == 0, "{} agents failed", report.errors);
+    Ok(())
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    use opamp_operator::operator::{Operator, OperatorConfig};
+    opamp_operator::sim::fleet::raise_fd_limit();
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes configuration found (set KUBECONFIG, or run in a cluster)")?;
+    let heartbeat = Duration::from_secs(args.heartbeat_seconds);
+    let config = OperatorConfig {
+        opamp_addr: args.opamp_addr,
+        api_addr: args.api_addr,
+        anonymous_namespace: args.anonymous_agents_namespace,
+        fleet: FleetConfig {
+            max_agents: args.max_agents,
+            heartbeat_interval: heartbeat,
+            ..Default::default()
+        },
+        server: ServerConfig {
+            max_message_bytes: args.max_message_bytes,
+            ws_ping_interval: heartbeat,
+            ..Default::default()
+        },
+    };
+    let operator = Operator::start(client, config).await?;
+    tracing::info!(opamp = %operator.opamp_addr, api = %operator.api_addr, "operator started");
+    operator.run_until(shutdown_signal()).await;
     Ok(())
 }
 

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 struct Everyone(Arc<AgentRemoteConfig>);
 impl DesiredStateProvider for Everyone {
-    fn desired_state(&self, _: Uid, _: &str, _: Option<&AgentDescription>) -> DesiredState {
+    fn desired_state(&self, _: Uid, _: &str, _: Option<&AgentDescription>, _: bool) -> DesiredState {
         DesiredState { remote_config: Some(self.0.clone()), custom_capabilities: None }
     }
 }

@@ -34,7 +34,7 @@ pub struct AgentConfigSpec {
     #[serde(default)]
     pub priority: i32,
     /// The files, by name; they become the agent's remote config (`AgentConfigMap`).
-    #[schemars(extend("minProperties" = 1))]
+    #[schemars(extend("minProperties" = 1, "maxProperties" = 100))]
     pub files: BTreeMap<String, ConfigFile>,
     /// How the files reach the selected agents.
     #[serde(default)]

@@ -17,14 +17,24 @@ pub struct Desired {
 }
 
 impl Desired {
-    pub fn new(type_: &'static str, status: bool, reason: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(
+        type_: &'static str,
+        status: bool,
+        reason: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Self { type_, status, reason: reason.into(), message: message.into() }
     }
 }
 
 /// Merges computed conditions into the current ones: keeps `lastTransitionTime` unless the
 /// status changed, sets `observedGeneration`, and orders them by type for stable output.
-pub fn merge(current: &[Condition], desired: Vec<Desired>, generation: Option<i64>, now: &Time) -> Vec<Condition> {
+pub fn merge(
+    current: &[Condition],
+    desired: Vec<Desired>,
+    generation: Option<i64>,
+    now: &Time,
+) -> Vec<Condition> {
     let mut out: Vec<Condition> = desired
         .into_iter()
         .map(|d| {
@@ -70,14 +80,19 @@ mod tests {
 
     #[test]
     fn transition_time_moves_only_when_status_flips() {
-        let first = merge(&[], vec![Desired::new(READY, false, "RolloutInProgress", "1/2 applied")], Some(1), &t(10));
+        let first =
+            merge(&[], vec![Desired::new(READY, false, "RolloutInProgress", "1/2 applied")], Some(1), &t(10));
         assert_eq!(first[0].last_transition_time, t(10));
-        let same_status = merge(&first, vec![Desired::new(READY, false, "RolloutInProgress", "2/3")], Some(2), &t(20));
+        let same_status =
+            merge(&first, vec![Desired::new(READY, false, "RolloutInProgress", "2/3")], Some(2), &t(20));
         assert_eq!(same_status[0].last_transition_time, t(10));
         assert_eq!(same_status[0].observed_generation, Some(2));
         let flipped = merge(&same_status, vec![Desired::new(READY, true, "Applied", "3/3")], Some(2), &t(30));
         assert_eq!(flipped[0].last_transition_time, t(30));
         assert!(!same(&same_status, &flipped));
-        assert!(same(&flipped, &merge(&flipped, vec![Desired::new(READY, true, "Applied", "3/3")], Some(2), &t(40))));
+        assert!(same(
+            &flipped,
+            &merge(&flipped, vec![Desired::new(READY, true, "Applied", "3/3")], Some(2), &t(40))
+        ));
     }
 }

@@ -19,7 +19,9 @@ pub const VERSION: &str = "v1alpha1";
 pub const AGENT_TOKEN_SECRET_TYPE: &str = "opamp.dev/agent-token";
 
 /// A key in a ConfigMap or Secret of the same namespace.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, schemars::JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub struct KeyRef {
     /// Name of the object, in the resource's namespace.
@@ -34,6 +36,9 @@ pub struct KeyRef {
 pub fn crds() -> Vec<(&'static str, String)> {
     vec![
         ("agentconfigs.opamp.dev.yaml", serde_yaml::to_string(&AgentConfig::crd()).expect("CRDs serialize")),
-        ("capabilityslots.opamp.dev.yaml", serde_yaml::to_string(&CapabilitySlot::crd()).expect("CRDs serialize")),
+        (
+            "capabilityslots.opamp.dev.yaml",
+            serde_yaml::to_string(&CapabilitySlot::crd()).expect("CRDs serialize"),
+        ),
     ]
 }

@@ -1,4 +1,5 @@
 //! Selecting agents by their `AgentDescription` attributes.
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -46,13 +47,14 @@ pub enum SelectorOperator {
 
 impl AgentSelector {
     /// Whether an agent with these attributes is selected.
-    pub fn matches<'a>(&self, attribute: impl Fn(&str) -> Option<&'a str>) -> bool {
-        self.match_attributes.iter().all(|(k, v)| attribute(k) == Some(v.as_str()))
+    pub fn matches<'a>(&self, attribute: impl Fn(&str) -> Option<Cow<'a, str>>) -> bool {
+        self.match_attributes.iter().all(|(k, v)| attribute(k).is_some_and(|a| a == v.as_str()))
             && self.match_expressions.iter().all(|r| {
                 let value = attribute(&r.key);
+                let listed = || value.as_deref().is_some_and(|v| r.values.iter().any(|x| x == v));
                 match r.operator {
-                    SelectorOperator::In => value.is_some_and(|v| r.values.iter().any(|x| x == v)),
-                    SelectorOperator::NotIn => !value.is_some_and(|v| r.values.iter().any(|x| x == v)),
+                    SelectorOperator::In => listed(),
+                    SelectorOperator::NotIn => !listed(),
                     SelectorOperator::Exists => value.is_some(),
                     SelectorOperator::DoesNotExist => value.is_none(),
                 }
@@ -64,12 +66,16 @@ impl AgentSelector {
 mod tests {
     use super::*;
 
-    fn attrs<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<&'a str> + 'a {
-        move |k| pairs.iter().find(|(key, _)| *key == k).map(|(_, v)| *v)
+    fn attrs<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<Cow<'a, str>> + 'a {
+        move |k| pairs.iter().find(|(key, _)| *key == k).map(|(_, v)| Cow::Borrowed(*v))
     }
 
     fn req(key: &str, operator: SelectorOperator, values: &[&str]) -> SelectorRequirement {
-        SelectorRequirement { key: key.into(), operator, values: values.iter().map(|s| s.to_string()).collect() }
+        SelectorRequirement {
+            key: key.into(),
+            operator,
+            values: values.iter().map(|s| s.to_string()).collect(),
+        }
     }
 
     #[test]
@@ -90,8 +96,16 @@ mod tests {
         };
         let base = [("service.name", "checkout"), ("deployment.environment", "prod"), ("host.name", "h1")];
         assert!(s.matches(attrs(&base)));
-        assert!(!s.matches(attrs(&[("service.name", "payments"), ("deployment.environment", "prod"), ("host.name", "h")])));
-        assert!(!s.matches(attrs(&[("service.name", "checkout"), ("deployment.environment", "dev"), ("host.name", "h")])));
+        assert!(!s.matches(attrs(&[
+            ("service.name", "payments"),
+            ("deployment.environment", "prod"),
+            ("host.name", "h")
+        ])));
+        assert!(!s.matches(attrs(&[
+            ("service.name", "checkout"),
+            ("deployment.environment", "dev"),
+            ("host.name", "h")
+        ])));
         assert!(!s.matches(attrs(&[("service.name", "checkout"), ("deployment.environment", "prod")])));
         let mut canary = base.to_vec();
         canary.push(("canary", "true"));

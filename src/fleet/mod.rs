@@ -26,7 +26,8 @@ pub use agent::{AgentSnapshot, Transport};
 pub use outbox::{EnqueueError, OUTBOX_LIMIT_DEFAULT};
 
 use crate::opamp::Uid;
-use crate::opamp::session::{AgentReport, Changes, Desired, Ingested, server_message};
+pub use crate::opamp::session::Changes;
+use crate::opamp::session::{AgentReport, Desired, Ingested, server_message};
 use crate::proto::{
     AgentDescription, AgentIdentification, AgentRemoteConfig, AgentToServer, AgentToServerFlags,
     CustomCapabilities, CustomMessage, ServerToAgent,
@@ -87,14 +88,26 @@ impl DesiredState {
     }
 }
 
+/// A borrowed view of one agent (see [`Fleet::inspect`]).
+pub struct AgentView<'a> {
+    pub namespace: &'a Arc<str>,
+    pub report: &'a AgentReport,
+    pub connected: bool,
+    pub awaiting_full_state: bool,
+    pub desired: &'a DesiredState,
+    pub last_seen: SystemTime,
+}
+
 /// Computes an agent's desired state when it connects or its description changes, so the
 /// first reply can already carry its config. Called without any fleet lock held.
 pub trait DesiredStateProvider: Send + Sync {
+    /// `has_remote_config`: the agent reports running a remote config (a non-empty hash).
     fn desired_state(
         &self,
         uid: Uid,
         namespace: &str,
         description: Option<&AgentDescription>,
+        has_remote_config: bool,
     ) -> DesiredState;
 }
 
@@ -274,8 +287,14 @@ impl Fleet {
             let mut ingested = agent.session.ingest(&mut msg);
             ingested.changes |= changes;
             let needs_desired = ingested.changes.intersects(Changes::CONNECTED | Changes::DESCRIPTION);
-            let input =
-                needs_desired.then(|| (agent.namespace.clone(), agent.session.report.description.clone()));
+            let input = needs_desired.then(|| {
+                let report = &agent.session.report;
+                let has_rc = report
+                    .remote_config_status
+                    .as_ref()
+                    .is_some_and(|s| !s.last_remote_config_hash.is_empty());
+                (agent.namespace.clone(), report.description.clone(), has_rc)
+            });
             (ingested, input)
         };
         conn.bound = Some(uid);
@@ -283,7 +302,7 @@ impl Fleet {
         // Recompute the desired state outside the lock; a concurrent update wins either way.
         let provider = self.inner.provider.read().unwrap().clone();
         let desired = match (provider, provider_input) {
-            (Some(p), Some((ns, desc))) => Some(p.desired_state(uid, &ns, desc.as_ref())),
+            (Some(p), Some((ns, desc, has_rc))) => Some(p.desired_state(uid, &ns, desc.as_ref(), has_rc)),
             _ => None,
         };
 
@@ -436,6 +455,20 @@ impl Fleet {
         let mut out = Vec::with_capacity(self.known_count());
         self.for_each(|uid, _, _| out.push(uid));
         out.into_iter().filter_map(|uid| self.agent(uid)).collect()
+    }
+
+    /// Reads one agent under its shard's lock, without copying: keep the closure short.
+    pub fn inspect<R>(&self, uid: Uid, f: impl FnOnce(&AgentView<'_>) -> R) -> Option<R> {
+        let shard = self.shard(&uid);
+        let agent = shard.agents.get(&uid)?;
+        Some(f(&AgentView {
+            namespace: &agent.namespace,
+            report: &agent.session.report,
+            connected: agent.link.is_online(),
+            awaiting_full_state: agent.session.awaiting_full_state(),
+            desired: &agent.desired,
+            last_seen: agent.last_seen_wall,
+        }))
     }
 
     /// Visits every agent under its shard's lock: keep the closure short.

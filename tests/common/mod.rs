@@ -2,7 +2,9 @@
 //! conditions with deadlines (never sleep-and-hope).
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod goagent;
+pub mod simrun;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -1,0 +1,411 @@
+//! The control loop: watches AgentConfigs, CapabilitySlots, ConfigMaps and Secrets into
+//! reflector caches, turns them into each agent's desired state in the fleet, and writes what
+//! the fleet did back into the resources' status.
+//!
+//! The unit of work is the namespace: an agent's config is the merge of every AgentConfig of
+//! its namespace that selects it, so any change there (a resource, a referenced ConfigMap or
+//! Secret) re-plans the namespace: resolve, then recompute the desired state of its agents.
+//! Status is recomputed for namespaces whose agents or objects changed, at most once a second.
+pub mod auth;
+pub mod index;
+pub mod merge;
+pub mod status;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use self::auth::TokenAuthenticator;
+use self::index::NamespaceIndex;
+use self::status::NamespaceStatus;
+use crate::api::{
+    AGENT_TOKEN_SECRET_TYPE, AgentConfig, AgentConfigStatus, CapabilitySlot, CapabilitySlotStatus,
+};
+use crate::fleet::{Changes, DesiredState, DesiredStateProvider, Fleet};
+use crate::opamp::Uid;
+use crate::proto::AgentDescription;
+
+pub const FIELD_MANAGER: &str = "opamp-operator";
+
+type SharedIndex = Arc<RwLock<HashMap<String, Arc<NamespaceIndex>>>>;
+
+/// Namespaces with something new, coalesced.
+#[derive(Default)]
+struct Dirty {
+    namespaces: Mutex<HashSet<String>>,
+    all: std::sync::atomic::AtomicBool,
+    notify: Notify,
+}
+
+impl Dirty {
+    fn mark(&self, ns: Option<String>) {
+        if let Some(ns) = ns {
+            self.namespaces.lock().unwrap().insert(ns);
+            self.notify.notify_one();
+        }
+    }
+
+    fn mark_all(&self) {
+        self.all.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.notify.notify_one();
+    }
+}
+
+/// The desired state of a connecting agent, from the index (called by the fleet).
+struct Provider {
+    index: SharedIndex,
+}
+
+impl DesiredStateProvider for Provider {
+    fn desired_state(&self, _: Uid, ns: &str, desc: Option<&AgentDescription>, has_rc: bool) -> DesiredState {
+        match self.index.read().unwrap().get(ns) {
+            Some(idx) => idx.desired(desc, has_rc),
+            None => DesiredState::default(),
+        }
+    }
+}
+
+/// The reflector caches.
+#[derive(Clone)]
+struct Stores {
+    agent_configs: Store<AgentConfig>,
+    slots: Store<CapabilitySlot>,
+    config_maps: Store<ConfigMap>,
+    secrets: Store<Secret>,
+}
+
+pub struct Controller {
+    client: Client,
+    fleet: Fleet,
+    auth: Arc<TokenAuthenticator>,
+    index: SharedIndex,
+    dirty: Arc<Dirty>,
+    recorder: Recorder,
+    /// Agents by namespace, maintained from the fleet's changes.
+    agents: HashMap<Arc<str>, HashSet<Uid>>,
+    agent_ns: HashMap<Uid, Arc<str>>,
+    status_dirty: HashSet<String>,
+    failure_since: HashMap<String, HashMap<(Uid, Bytes), Time>>,
+}
+
+impl Controller {
+    pub fn new(client: Client, fleet: Fleet, auth: Arc<TokenAuthenticator>) -> Self {
+        let index: SharedIndex = Arc::default();
+        fleet.set_desired_state_provider(Arc::new(Provider { index: index.clone() }));
+        let reporter =
+            Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            fleet,
+            auth,
+            index,
+            dirty: Arc::default(),
+            agents: HashMap::new(),
+            agent_ns: HashMap::new(),
+            status_dirty: HashSet::new(),
+            failure_since: HashMap::new(),
+        }
+    }
+
+    /// Runs until `shutdown`; `ready` flips to true once every cache is synced.
+    pub async fn run(mut self, shutdown: CancellationToken, ready: tokio::sync::watch::Sender<bool>) {
+        let (agent_configs, w1) = reflector::store();
+        let (slots, w2) = reflector::store();
+        let (config_maps, w3) = reflector::store();
+        let (secrets, w4) = reflector::store();
+        let stores = Stores { agent_configs, slots, config_maps, secrets };
+        let c = &self.client;
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(reflect(Api::<AgentConfig>::all(c.clone()), w1, self.dirty.clone(), None));
+        tasks.spawn(reflect(Api::<CapabilitySlot>::all(c.clone()), w2, self.dirty.clone(), None));
+        tasks.spawn(reflect(Api::<ConfigMap>::all(c.clone()), w3, self.dirty.clone(), None));
+        let (auth, secret_store) = (self.auth.clone(), stores.secrets.clone());
+        let on_secret: TokenHook = Box::new(move |s: Option<&Secret>| {
+            if s.is_none_or(|s| s.type_.as_deref() == Some(AGENT_TOKEN_SECRET_TYPE)) {
+                auth.rebuild(&secret_store.state());
+            }
+        });
+        tasks.spawn(reflect(Api::<Secret>::all(c.clone()), w4, self.dirty.clone(), Some(on_secret)));
+
+        let synced = async {
+            let _ = tokio::join!(
+                stores.agent_configs.wait_until_ready(),
+                stores.slots.wait_until_ready(),
+                stores.config_maps.wait_until_ready(),
+                stores.secrets.wait_until_ready()
+            );
+        };
+        tokio::select! {
+            _ = synced => {}
+            _ = shutdown.cancelled() => return,
+        }
+        self.auth.rebuild(&stores.secrets.state());
+        self.dirty.mark_all();
+        tracing::info!(tokens = self.auth.len(), "caches synced");
+        let _ = ready.send(true);
+
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let fleet = self.fleet.clone();
+        let dirty = self.dirty.clone();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = dirty.notify.notified() => {}
+                _ = fleet.changed() => {}
+                _ = tick.tick() => {
+                    self.write_statuses().await;
+                    continue;
+                }
+            }
+            self.track_agents();
+            self.replan(&stores);
+        }
+        tasks.abort_all();
+    }
+
+    /// Folds the fleet's changes into the agents-by-namespace index.
+    fn track_agents(&mut self) {
+        for (uid, changes) in self.fleet.take_changes() {
+            let previous = self.agent_ns.get(&uid).cloned();
+            let current = if changes.contains(Changes::REMOVED) {
+                None
+            } else {
+                self.fleet.inspect(uid, |a| a.namespace.clone())
+            };
+            if previous != current {
+                if let Some(p) = &previous {
+                    if let Some(set) = self.agents.get_mut(p) {
+                        set.remove(&uid);
+                    }
+                    self.status_dirty.insert(p.to_string());
+                }
+                match &current {
+                    Some(ns) => {
+                        self.agents.entry(ns.clone()).or_default().insert(uid);
+                        self.agent_ns.insert(uid, ns.clone());
+                    }
+                    None => {
+                        self.agent_ns.remove(&uid);
+                    }
+                }
+            }
+            if let Some(ns) = current {
+                self.status_dirty.insert(ns.to_string());
+            }
+        }
+    }
+
+    /// Re-resolves dirty namespaces and recomputes their agents' desired state.
+    fn replan(&mut self, stores: &Stores) {
+        let all = self.dirty.all.swap(false, std::sync::atomic::Ordering::Relaxed);
+        let mut namespaces: HashSet<String> = std::mem::take(&mut *self.dirty.namespaces.lock().unwrap());
+        if all {
+            namespaces.extend(stores.agent_configs.state().iter().filter_map(|o| o.namespace()));
+            namespaces.extend(stores.slots.state().iter().filter_map(|o| o.namespace()));
+            namespaces.extend(self.agents.keys().map(|k| k.to_string()));
+            namespaces.extend(self.index.read().unwrap().keys().cloned());
+        }
+        for ns in namespaces {
+            let in_ns = |o: &Option<String>| o.as_deref() == Some(ns.as_str());
+            let configs: Vec<_> =
+                stores.agent_configs.state().into_iter().filter(|o| in_ns(&o.namespace())).collect();
+            let slots: Vec<_> = stores.slots.state().into_iter().filter(|o| in_ns(&o.namespace())).collect();
+            let idx = Arc::new(NamespaceIndex::resolve(configs, slots, &stores.config_maps, &stores.secrets));
+            self.index.write().unwrap().insert(ns.clone(), idx.clone());
+            for uid in self.agents.get(ns.as_str()).into_iter().flatten() {
+                let desired = self.fleet.inspect(*uid, |a| {
+                    let has_rc = a
+                        .report
+                        .remote_config_status
+                        .as_ref()
+                        .is_some_and(|s| !s.last_remote_config_hash.is_empty());
+                    idx.desired(a.report.description.as_ref(), has_rc)
+                });
+                if let Some(d) = desired {
+                    self.fleet.set_desired_state(*uid, d);
+                }
+            }
+            self.status_dirty.insert(ns);
+        }
+    }
+
+    /// Writes the status of every object of the namespaces that changed.
+    async fn write_statuses(&mut self) {
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        for ns in std::mem::take(&mut self.status_dirty) {
+            let Some(idx) = self.index.read().unwrap().get(&ns).cloned() else { continue };
+            let mut st = NamespaceStatus::new(&idx);
+            for uid in self.agents.get(ns.as_str()).into_iter().flatten() {
+                self.fleet.inspect(*uid, |a| st.add(*uid, a));
+            }
+            let since = self.failure_since.entry(ns.clone()).or_default();
+            let config_statuses = st.agent_configs(&now, since);
+            let slot_statuses = st.capability_slots(&now);
+            for (config, status) in idx.configs.iter().zip(config_statuses) {
+                self.publish_config(&config.object, status).await;
+            }
+            for (slot, status) in idx.slots.slots.iter().zip(slot_statuses) {
+                self.publish_slot(slot, status).await;
+            }
+        }
+    }
+
+    async fn publish_config(&self, object: &AgentConfig, status: AgentConfigStatus) {
+        let current = object.status.as_ref();
+        let strip = |s: &AgentConfigStatus| AgentConfigStatus { conditions: vec![], ..s.clone() };
+        if !status::changed(current, &status, |s| &s.conditions, strip) {
+            return;
+        }
+        let old = current.map(|s| s.conditions.as_slice()).unwrap_or_default();
+        let mut events = transitions(old, &status.conditions);
+        if current.and_then(|c| c.config_hash.as_ref()) != status.config_hash.as_ref()
+            && status.config_hash.is_some()
+        {
+            let note = format!(
+                "rolling out {} to {} agents",
+                status.config_hash.as_deref().unwrap_or(""),
+                status.selected_agents
+            );
+            events.insert(0, (EventType::Normal, "RolloutStarted", note));
+        }
+        self.patch_status::<AgentConfig, _>(object, &status).await;
+        for (type_, reason, note) in events {
+            self.event(object, type_, reason, note).await;
+        }
+    }
+
+    async fn publish_slot(&self, object: &CapabilitySlot, status: CapabilitySlotStatus) {
+        let current = object.status.as_ref();
+        let strip = |s: &CapabilitySlotStatus| CapabilitySlotStatus { conditions: vec![], ..s.clone() };
+        if !status::changed(current, &status, |s| &s.conditions, strip) {
+            return;
+        }
+        let old = current.map(|s| s.conditions.as_slice()).unwrap_or_default();
+        let events = transitions(old, &status.conditions);
+        self.patch_status::<CapabilitySlot, _>(object, &status).await;
+        for (type_, reason, note) in events {
+            self.event(object, type_, reason, note).await;
+        }
+    }
+
+    async fn patch_status<K, S>(&self, object: &K, status: &S)
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + DeserializeOwned
+            + Debug,
+        S: serde::Serialize,
+    {
+        let api: Api<K> = Api::namespaced(self.client.clone(), &object.namespace().unwrap_or_default());
+        let patch = serde_json::json!({
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
+            "status": status,
+        });
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        if let Err(e) = api.patch_status(&object.name_any(), &params, &Patch::Apply(&patch)).await {
+            tracing::warn!(name = %object.name_any(), namespace = ?object.namespace(), error = %e, "status patch failed");
+        }
+    }
+
+    async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        object: &K,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &object.object_ref(&())).await {
+            tracing::debug!(error = %e, "event not recorded");
+        }
+    }
+}
+
+/// Events for condition transitions worth telling users about.
+fn transitions(old: &[Condition], new: &[Condition]) -> Vec<(EventType, &'static str, String)> {
+    let status_of = |cs: &[Condition], t: &str| {
+        cs.iter().find(|c| c.type_ == t).map(|c| (c.status.clone(), c.reason.clone()))
+    };
+    let mut out = Vec::new();
+    for c in new {
+        if status_of(old, &c.type_) == Some((c.status.clone(), c.reason.clone())) {
+            continue;
+        }
+        let event = match (c.type_.as_str(), c.status.as_str(), c.reason.as_str()) {
+            ("Ready", _, "ReferenceNotFound") => Some((EventType::Warning, "ReferenceNotFound")),
+            ("Ready", "True", _) => Some((EventType::Normal, "RolloutComplete")),
+            ("Degraded", "True", _) => Some((EventType::Warning, "AgentsFailed")),
+            ("Conflict", "True", _) => Some((EventType::Warning, "Conflict")),
+            _ => None,
+        };
+        if let Some((t, reason)) = event {
+            out.push((t, reason, c.message.clone()));
+        }
+    }
+    out
+}
+
+type TokenHook = Box<dyn Fn(Option<&Secret>) + Send + Sync>;
+
+/// Keeps a reflector cache of one kind and marks the namespaces of changed objects dirty.
+async fn reflect<K>(
+    api: Api<K>,
+    writer: reflector::store::Writer<K>,
+    dirty: Arc<Dirty>,
+    hook: Option<TokenHook>,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone,
+{
+    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()).default_backoff());
+    let mut stream = std::pin::pin!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o) | watcher::Event::InitApply(o)) => {
+                dirty.mark(o.namespace());
+                if let Some(h) = &hook {
+                    // Called with the object: only its kind's changes matter to the hook.
+                    h(Some(as_secret(&o)).flatten());
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                dirty.mark_all();
+                if let Some(h) = &hook {
+                    h(None);
+                }
+            }
+            Ok(watcher::Event::Init) => {}
+            Err(e) => {
+                tracing::warn!(kind = %K::kind(&Default::default()), error = %e, "watch error (retrying)")
+            }
+        }
+    }
+}
+
+fn as_secret<K: 'static>(o: &K) -> Option<&Secret> {
+    (o as &dyn std::any::Any).downcast_ref::<Secret>()
+}

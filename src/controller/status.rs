@@ -1,0 +1,260 @@
+//! Status of AgentConfigs and CapabilitySlots, computed from the index and the fleet (pure
+//! given its inputs), with kstatus conditions.
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use bytes::Bytes;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::ResourceExt;
+
+use super::index::NamespaceIndex;
+use super::merge::display_hash;
+use crate::api::conditions::{self, CONFLICT, DEGRADED, Desired, PROGRESSING, READY};
+use crate::api::{AgentConfigStatus, AgentFailure, CapabilitySlotStatus, RolloutState, RolloutStatus};
+use crate::fleet::AgentView;
+use crate::opamp::Uid;
+use crate::proto::RemoteConfigStatuses;
+
+pub const MAX_FAILURES: usize = 20;
+
+#[derive(Debug, Default, Clone)]
+struct Counts {
+    selected: u32,
+    applied: u32,
+    applying: u32,
+    failed: u32,
+    pending: u32,
+    failures: Vec<(Uid, String, Bytes)>,
+}
+
+/// Accumulates one namespace's agents, then yields each object's status.
+pub struct NamespaceStatus<'a> {
+    index: &'a NamespaceIndex,
+    configs: Vec<Counts>,
+    selections: HashSet<Vec<usize>>,
+    supporting: Vec<u32>,
+}
+
+impl<'a> NamespaceStatus<'a> {
+    pub fn new(index: &'a NamespaceIndex) -> Self {
+        Self {
+            index,
+            configs: vec![Counts::default(); index.configs.len()],
+            selections: HashSet::new(),
+            supporting: vec![0; index.slots.slots.len()],
+        }
+    }
+
+    /// Counts one agent of the namespace.
+    pub fn add(&mut self, uid: Uid, agent: &AgentView<'_>) {
+        let desc = agent.report.description.as_ref();
+        let desired_hash = agent.desired.remote_config.as_ref().map(|c| &c.config_hash);
+        let reported = agent.report.remote_config_status.as_ref();
+        let mut selecting = Vec::new();
+        for (i, config) in self.index.configs.iter().enumerate() {
+            if !config.selects(desc) {
+                continue;
+            }
+            let c = &mut self.configs[i];
+            c.selected += 1;
+            if config.source.is_none() || !agent.connected || desired_hash.is_none() {
+                c.pending += 1;
+                continue;
+            }
+            selecting.push(i);
+            match reported.filter(|r| Some(&r.last_remote_config_hash) == desired_hash) {
+                Some(r) if r.status == RemoteConfigStatuses::Applied as i32 => c.applied += 1,
+                Some(r) if r.status == RemoteConfigStatuses::Failed as i32 => {
+                    c.failed += 1;
+                    c.failures.push((uid, r.error_message.clone(), r.last_remote_config_hash.clone()));
+                }
+                _ if agent.awaiting_full_state => c.pending += 1,
+                _ => c.applying += 1,
+            }
+        }
+        if selecting.len() > 1 {
+            self.selections.insert(selecting);
+        }
+        for (i, slot) in self.index.slots.slots.iter().enumerate() {
+            if agent.report.supports_custom_capability(&slot.spec.capability) {
+                self.supporting[i] += 1;
+            }
+        }
+    }
+
+    /// The status of each AgentConfig (index order). `since` remembers when failures were
+    /// first seen, keyed by (agent, hash); entries no longer failing are dropped.
+    pub fn agent_configs(
+        &self,
+        now: &Time,
+        since: &mut HashMap<(Uid, Bytes), Time>,
+    ) -> Vec<AgentConfigStatus> {
+        let conflicts = self.index.conflicts(self.selections.iter());
+        let mut still_failing = HashMap::new();
+        let out = self
+            .index
+            .configs
+            .iter()
+            .enumerate()
+            .map(|(i, config)| {
+                let c = &self.configs[i];
+                let current = config.object.status.clone().unwrap_or_default();
+                let mut failures: Vec<AgentFailure> = c
+                    .failures
+                    .iter()
+                    .map(|(uid, message, hash)| {
+                        let key = (*uid, hash.clone());
+                        let t = since.get(&key).cloned().or_else(|| {
+                            let uid = uid.to_string();
+                            current.failures.iter().find(|f| f.instance_uid == uid).map(|f| f.since.clone())
+                        });
+                        let t = t.unwrap_or_else(|| now.clone());
+                        still_failing.insert(key, t.clone());
+                        AgentFailure { instance_uid: uid.to_string(), message: message.clone(), since: t }
+                    })
+                    .collect();
+                failures
+                    .sort_by(|a, b| b.since.cmp(&a.since).then_with(|| a.instance_uid.cmp(&b.instance_uid)));
+                failures.truncate(MAX_FAILURES);
+                let lost = conflicts.get(&i);
+                let state = if c.pending == 0 && c.applying == 0 {
+                    RolloutState::Complete
+                } else {
+                    RolloutState::Progressing
+                };
+                let desired = config_conditions(config.missing.as_slice(), c, lost, state);
+                let generation = config.object.metadata.generation;
+                AgentConfigStatus {
+                    observed_generation: generation,
+                    config_hash: config.own_hash.map(|h| display_hash(&h)),
+                    selected_agents: c.selected,
+                    applied_agents: c.applied,
+                    applying_agents: c.applying,
+                    failed_agents: c.failed,
+                    pending_agents: c.pending,
+                    rollout: config.source.as_ref().map(|_| RolloutStatus { step: 1, state }),
+                    failures,
+                    conditions: conditions::merge(&current.conditions, desired, generation, now),
+                }
+            })
+            .collect();
+        *since = still_failing;
+        out
+    }
+
+    /// The status of each CapabilitySlot (index order).
+    pub fn capability_slots(&self, now: &Time) -> Vec<CapabilitySlotStatus> {
+        self.index
+            .slots
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, slot)| {
+                let current = slot.status.clone().unwrap_or_default();
+                let owner = self.index.slots.conflicting.get(&slot.name_any());
+                let desired = match owner {
+                    Some(owner) => vec![
+                        Desired::new(
+                            CONFLICT,
+                            true,
+                            "CapabilityClaimed",
+                            format!(
+                                "capability {} is already claimed by CapabilitySlot {owner}",
+                                slot.spec.capability
+                            ),
+                        ),
+                        Desired::new(
+                            READY,
+                            false,
+                            "CapabilityClaimed",
+                            format!("CapabilitySlot {owner} owns capability {}", slot.spec.capability),
+                        ),
+                    ],
+                    None => vec![
+                        Desired::new(CONFLICT, false, "NoConflict", ""),
+                        Desired::new(
+                            READY,
+                            true,
+                            "Advertised",
+                            format!("advertised to agents; {} declare it", self.supporting[i]),
+                        ),
+                    ],
+                };
+                let generation = slot.metadata.generation;
+                CapabilitySlotStatus {
+                    observed_generation: generation,
+                    supporting_agents: self.supporting[i],
+                    upstream: current.upstream,
+                    downstream: current.downstream,
+                    conditions: conditions::merge(&current.conditions, desired, generation, now),
+                }
+            })
+            .collect()
+    }
+}
+
+fn config_conditions(
+    missing: &[String],
+    c: &Counts,
+    lost: Option<&BTreeMap<String, String>>,
+    state: RolloutState,
+) -> Vec<Desired> {
+    let progress = format!("{}/{} agents applied", c.applied, c.selected);
+    let mut out = if !missing.is_empty() {
+        let what = missing.join("; ");
+        vec![
+            Desired::new(READY, false, "ReferenceNotFound", what.clone()),
+            Desired::new(PROGRESSING, false, "ReferenceNotFound", what),
+            Desired::new(DEGRADED, false, "ReferenceNotFound", "nothing is sent until the reference exists"),
+        ]
+    } else if c.failed > 0 {
+        let first = c.failures.first().map(|(u, m, _)| format!(": {u}: {m}")).unwrap_or_default();
+        let msg = format!("{} of {} agents failed to apply the config{first}", c.failed, c.selected);
+        vec![
+            Desired::new(READY, false, "AgentsFailed", msg.clone()),
+            Desired::new(PROGRESSING, state == RolloutState::Progressing, "RolloutInProgress", progress),
+            Desired::new(DEGRADED, true, "AgentsFailed", msg),
+        ]
+    } else if state == RolloutState::Complete {
+        let msg = if c.selected == 0 { "no agents selected".to_owned() } else { progress };
+        vec![
+            Desired::new(READY, true, "Applied", msg.clone()),
+            Desired::new(PROGRESSING, false, "RolloutComplete", msg),
+            Desired::new(DEGRADED, false, "AsExpected", ""),
+        ]
+    } else {
+        vec![
+            Desired::new(READY, false, "RolloutInProgress", progress.clone()),
+            Desired::new(PROGRESSING, true, "RolloutInProgress", progress),
+            Desired::new(DEGRADED, false, "AsExpected", ""),
+        ]
+    };
+    out.push(match lost {
+        Some(files) => {
+            let list: Vec<String> = files.iter().map(|(f, w)| format!("{f} (set by {w})")).collect();
+            Desired::new(
+                CONFLICT,
+                true,
+                "FileConflict",
+                format!("other AgentConfigs win these files: {}", list.join(", ")),
+            )
+        }
+        None => Desired::new(CONFLICT, false, "NoConflict", ""),
+    });
+    out
+}
+
+/// Whether two statuses differ in anything but condition timestamps.
+pub fn changed<S: PartialEq + Clone>(
+    current: Option<&S>,
+    new: &S,
+    conditions: impl Fn(&S) -> &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    without_conditions: impl Fn(&S) -> S,
+) -> bool {
+    match current {
+        None => true,
+        Some(cur) => {
+            !conditions::same(conditions(cur), conditions(new))
+                || without_conditions(cur) != without_conditions(new)
+        }
+    }
+}

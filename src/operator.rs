@@ -1,0 +1,167 @@
+//! Wires the pieces into a running operator: the controller over the Kubernetes API, the
+//! fleet, the OpAMP endpoint, and the API endpoint (health, readiness).
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
+use kube::Client;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::controller::Controller;
+use crate::controller::auth::TokenAuthenticator;
+use crate::fleet::{Fleet, FleetConfig};
+use crate::opamp::{OpampServer, ServerConfig};
+
+#[derive(Debug, Clone)]
+pub struct OperatorConfig {
+    /// The OpAMP endpoint (`/v1/opamp`).
+    pub opamp_addr: SocketAddr,
+    /// The API endpoint (`/healthz`, `/readyz`, later the dispatch API).
+    pub api_addr: SocketAddr,
+    /// Admit agents without a token into this namespace.
+    pub anonymous_namespace: Option<String>,
+    pub fleet: FleetConfig,
+    pub server: ServerConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot reach the Kubernetes API: {0}")]
+    Unreachable(#[source] kube::Error),
+    #[error(
+        "the opamp.dev CustomResourceDefinitions are not installed (kubectl apply -f crds/): {0} is missing"
+    )]
+    CrdsMissing(&'static str),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+}
+
+impl Error {
+    /// A short label for metrics and logs.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::Unreachable(_) => "unreachable",
+            Error::CrdsMissing(_) => "crds_missing",
+            Error::Listen { .. } => "listen",
+        }
+    }
+}
+
+/// A running operator.
+pub struct Operator {
+    pub fleet: Fleet,
+    pub opamp_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    shutdown: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+/// Checks the API server answers and our CRDs are served.
+pub async fn preflight(client: &Client) -> Result<(), Error> {
+    client.apiserver_version().await.map_err(Error::Unreachable)?;
+    let resources = client.list_api_group_resources("opamp.dev/v1alpha1").await;
+    let served = match resources {
+        Ok(list) => list.resources.into_iter().map(|r| r.name).collect::<Vec<_>>(),
+        Err(kube::Error::Api(e)) if e.code == 404 => vec![],
+        Err(e) => return Err(Error::Unreachable(e)),
+    };
+    for plural in ["agentconfigs", "capabilityslots"] {
+        if !served.iter().any(|n| n == plural) {
+            return Err(Error::CrdsMissing(if plural == "agentconfigs" {
+                "agentconfigs.opamp.dev"
+            } else {
+                "capabilityslots.opamp.dev"
+            }));
+        }
+    }
+    Ok(())
+}
+
+impl Operator {
+    /// Starts everything; the OpAMP endpoint opens once the caches are synced (so agents'
+    /// tokens are known).
+    pub async fn start(client: Client, config: OperatorConfig) -> Result<Self, Error> {
+        preflight(&client).await?;
+        let listen = |addr| async move {
+            TcpListener::bind(addr).await.map_err(|source| Error::Listen { addr, source })
+        };
+        let opamp_listener = listen(config.opamp_addr).await?;
+        let api_listener = listen(config.api_addr).await?;
+        let opamp_addr = opamp_listener
+            .local_addr()
+            .map_err(|source| Error::Listen { addr: config.opamp_addr, source })?;
+        let api_addr =
+            api_listener.local_addr().map_err(|source| Error::Listen { addr: config.api_addr, source })?;
+
+        let fleet = Fleet::new(config.fleet.clone());
+        let auth = TokenAuthenticator::new(config.anonymous_namespace.as_deref());
+        let shutdown = CancellationToken::new();
+        let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
+        let mut tasks = JoinSet::new();
+
+        let controller = Controller::new(client, fleet.clone(), auth.clone());
+        tasks.spawn(controller.run(shutdown.clone(), ready_tx));
+
+        let ready = ready_rx.clone();
+        let api = Router::new().route("/healthz", get(|| async { "ok" })).route(
+            "/readyz",
+            get(move || {
+                let ready = *ready.borrow();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+                    }
+                }
+            }),
+        );
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            let serve =
+                axum::serve(api_listener, api).with_graceful_shutdown(async move { stop.cancelled().await });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "API endpoint failed");
+            }
+        });
+
+        let server = OpampServer::with_auth(fleet.clone(), config.server.clone(), auth);
+        let server_shutdown = server.shutdown_token();
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                r = ready_rx.wait_for(|r| *r) => if r.is_err() { return },
+                _ = stop.cancelled() => return,
+            }
+            tracing::info!(addr = %opamp_addr, "serving OpAMP on /v1/opamp");
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                server_shutdown.cancel();
+            });
+            if let Err(e) = server.serve(opamp_listener).await {
+                tracing::error!(error = %e, "OpAMP endpoint failed");
+            }
+        });
+        Ok(Self { fleet, opamp_addr, api_addr, shutdown, tasks })
+    }
+
+    /// Stops everything: WebSockets close with 1001 so agents reconnect elsewhere.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Runs until `signal` resolves, then stops.
+    pub async fn run_until(self, signal: impl std::future::Future<Output = ()>) {
+        signal.await;
+        tracing::info!("shutting down");
+        self.stop().await;
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}

@@ -1,0 +1,82 @@
+//! Our Rust agent running in the background over WebSocket, reconnecting like real agents do.
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opamp_operator::opamp::Uid;
+use opamp_operator::sim::{AgentSpec, SimAgent, WsClient};
+use tokio_util::sync::CancellationToken;
+
+pub struct RunningAgent {
+    pub uid: Uid,
+    pub state: Arc<Mutex<SimAgent>>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningAgent {
+    /// Connects to `url` and keeps the agent connected (reconnecting every 200 ms when the
+    /// connection drops) until stopped.
+    pub fn spawn(url: String, token: Option<String>, spec: AgentSpec) -> Self {
+        let uid = spec.uid;
+        let state = Arc::new(Mutex::new(SimAgent::new(spec)));
+        let stop = CancellationToken::new();
+        let (s, st) = (state.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut first = true;
+            while !st.is_cancelled() {
+                if let Ok(mut ws) = WsClient::connect(&url, token.as_deref()).await {
+                    // Like opamp-go: everything on the first connection, a bare message after.
+                    let hello =
+                        if first { s.lock().unwrap().full_state() } else { s.lock().unwrap().heartbeat() };
+                    first = false;
+                    if ws.send(&hello).await.is_ok() {
+                        loop {
+                            tokio::select! {
+                                _ = st.cancelled() => break,
+                                msg = ws.recv() => match msg {
+                                    Ok(m) => {
+                                        let out = s.lock().unwrap().on_message(&m);
+                                        if let Some(out) = out {
+                                            if ws.send(&out).await.is_err() { break; }
+                                        }
+                                    }
+                                    Err(_) => break,
+                                },
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                                    let hb = s.lock().unwrap().heartbeat();
+                                    if ws.send(&hb).await.is_err() { break; }
+                                }
+                            }
+                        }
+                    }
+                    ws.close().await;
+                }
+                tokio::select! { _ = st.cancelled() => {}, _ = tokio::time::sleep(Duration::from_millis(200)) => {} }
+            }
+        });
+        Self { uid, state, stop, task }
+    }
+
+    pub fn configs_received(&self) -> usize {
+        self.state.lock().unwrap().configs_received
+    }
+
+    pub fn duplicate_configs(&self) -> usize {
+        self.state.lock().unwrap().duplicate_configs
+    }
+
+    /// The content of one file of the agent's effective config.
+    pub fn effective(&self, file: &str) -> Option<String> {
+        self.state
+            .lock()
+            .unwrap()
+            .effective_files()
+            .get(file)
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}

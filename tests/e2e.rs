@@ -1,0 +1,301 @@
+//! The operator end to end against a real kube-apiserver + etcd: custom resources in, configs
+//! to real agents (opamp-go and ours), status out.
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::{TestNamespace, install_crds};
+use common::goagent::GoAgent;
+use common::simrun::RunningAgent;
+use common::{eventually, within};
+use k8s_openapi::api::core::v1::Event as KubeEvent;
+use opamp_operator::api::{AgentConfig, AgentConfigStatus};
+use opamp_operator::fleet::FleetConfig;
+use opamp_operator::opamp::{ServerConfig, Uid};
+use opamp_operator::operator::{Operator, OperatorConfig};
+use opamp_operator::sim::AgentSpec;
+
+const T: Duration = Duration::from_secs(30);
+
+/// One operator at a time: each watches every namespace and writes status.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn start_operator(client: kube::Client, opamp_addr: &str) -> Operator {
+    let config = OperatorConfig {
+        opamp_addr: opamp_addr.parse().unwrap(),
+        api_addr: "127.0.0.1:0".parse().unwrap(),
+        anonymous_namespace: None,
+        fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
+        server: ServerConfig::default(),
+    };
+    let op = within(T, "operator start", Operator::start(client, config)).await.expect("operator starts");
+    // Ready once the caches synced and the OpAMP endpoint is open.
+    let url = format!("http://{}/readyz", op.api_addr);
+    eventually(T, "operator ready", || async { reqwest::get(&url).await.ok().filter(|r| r.status() == 200) })
+        .await;
+    op
+}
+
+fn token_secret(name: &str, token: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}}}\ntype: opamp.dev/agent-token\nstringData: {{token: {token}}}\n"
+    )
+}
+
+fn agent_config(name: &str, selector: &str, files: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: opamp.dev/v1alpha1\nkind: AgentConfig\nmetadata: {{name: {name}}}\nspec:\n  selector: {selector}\n  files:\n{files}{extra}"
+    )
+}
+
+fn inline(file: &str, body: &str) -> String {
+    format!("    {file}:\n      contentType: text/yaml\n      inline: |\n        {body}\n")
+}
+
+fn spec(service: &str) -> AgentSpec {
+    AgentSpec::new(service)
+}
+
+async fn status_where(
+    ns: &TestNamespace,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&AgentConfigStatus) -> bool,
+) -> AgentConfigStatus {
+    let api = ns.api::<AgentConfig>();
+    eventually(T, what, || async { api.get(name).await.ok()?.status.filter(|s| pred(s)) }).await
+}
+
+fn condition<'a>(s: &'a AgentConfigStatus, t: &str) -> (&'a str, &'a str, &'a str) {
+    let c = s.conditions.iter().find(|c| c.type_ == t).unwrap_or_else(|| panic!("no condition {t}: {s:?}"));
+    (c.status.as_str(), c.reason.as_str(), c.message.as_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_edit_fail_and_status() {
+    let _serial = SERIAL.lock().await;
+    let ns = TestNamespace::new("e2e-apply").await;
+    install_crds(&ns.client).await;
+    ns.apply_yaml(&token_secret("agents", "tok-apply")).await.unwrap();
+    let op = start_operator(ns.client.clone(), "127.0.0.1:0").await;
+    let url = format!("ws://{}/v1/opamp", op.opamp_addr);
+
+    // Two Rust agents and one opamp-go agent of service checkout, one agent of another service.
+    let a1 = RunningAgent::spawn(url.clone(), Some("tok-apply".into()), spec("checkout"));
+    let a2 = RunningAgent::spawn(url.clone(), Some("tok-apply".into()), spec("checkout"));
+    let other = RunningAgent::spawn(url.clone(), Some("tok-apply".into()), spec("payments"));
+    let go_uid = Uid::new_v7();
+    let mut go = GoAgent::spawn(&[
+        "-url",
+        &url,
+        "-uid",
+        &go_uid.to_string(),
+        "-token",
+        "tok-apply",
+        "-heartbeat",
+        "1s",
+        "-attr",
+        "service.name=checkout",
+    ]);
+    go.wait_event(T, "connected").await;
+
+    let cfg = agent_config(
+        "checkout",
+        "{matchAttributes: {service.name: checkout}}",
+        &inline("collector.yaml", "receivers: {otlp: {}}"),
+        "",
+    );
+    ns.apply_yaml(&cfg).await.unwrap();
+    let s = status_where(&ns, "checkout", "3 agents applied, Ready", |s| {
+        s.applied_agents == 3 && s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+    })
+    .await;
+    assert_eq!((s.selected_agents, s.failed_agents, s.pending_agents), (3, 0, 0));
+    assert!(s.config_hash.as_deref().unwrap().starts_with("sha256:"));
+    assert_eq!(s.observed_generation, Some(1));
+    assert_eq!(condition(&s, "Ready").1, "Applied");
+    assert_eq!(a1.effective("collector.yaml").as_deref(), Some("receivers: {otlp: {}}\n"));
+    assert_eq!(other.configs_received(), 0, "payments is not selected");
+    let got = go.wait_event(T, "remote_config").await;
+    assert_eq!(got["files"]["collector.yaml"], "receivers: {otlp: {}}\n");
+
+    // An edit: a new hash everywhere.
+    let edited = agent_config(
+        "checkout",
+        "{matchAttributes: {service.name: checkout}}",
+        &inline("collector.yaml", "receivers: {otlp: {protocols: {grpc: {}}}}"),
+        "",
+    );
+    ns.apply_yaml(&edited).await.unwrap();
+    let s2 = status_where(&ns, "checkout", "edit applied", |x| {
+        x.applied_agents == 3 && x.observed_generation == Some(2) && x.config_hash != s.config_hash
+    })
+    .await;
+    assert_eq!(condition(&s2, "Ready").0, "True");
+    assert_eq!(
+        a2.effective("collector.yaml").as_deref(),
+        Some("receivers: {otlp: {protocols: {grpc: {}}}}\n")
+    );
+
+    // A config the agents reject: failures and Degraded.
+    let bad = agent_config(
+        "checkout",
+        "{matchAttributes: {service.name: checkout}}",
+        &inline("collector.yaml", "FAIL_ME"),
+        "",
+    );
+    ns.apply_yaml(&bad).await.unwrap();
+    let s3 = status_where(&ns, "checkout", "3 failed", |x| x.failed_agents == 3).await;
+    assert_eq!(condition(&s3, "Degraded").0, "True");
+    assert_eq!(condition(&s3, "Ready").0, "False");
+    assert_eq!(s3.failures.len(), 3);
+    assert!(s3.failures.iter().any(|f| f.instance_uid == go_uid.to_string() && f.message == "config rejected: contains FAIL_ME"));
+    // Events tell the story.
+    let events: kube::Api<KubeEvent> = ns.api();
+    let reasons = eventually(T, "events", || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        let r: Vec<String> = list.items.into_iter().filter_map(|e| e.reason).collect();
+        (r.iter().any(|x| x == "AgentsFailed") && r.iter().any(|x| x == "RolloutComplete")).then_some(r)
+    })
+    .await;
+    assert!(reasons.iter().any(|x| x == "RolloutStarted"), "{reasons:?}");
+
+    go.stop().await;
+    for a in [a1, a2, other] {
+        a.stop().await;
+    }
+    op.stop().await;
+    ns.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_reference_conflicts_and_selector_release() {
+    let _serial = SERIAL.lock().await;
+    let ns = TestNamespace::new("e2e-refs").await;
+    install_crds(&ns.client).await;
+    ns.apply_yaml(&token_secret("agents", "tok-refs")).await.unwrap();
+    let op = start_operator(ns.client.clone(), "127.0.0.1:0").await;
+    let url = format!("ws://{}/v1/opamp", op.opamp_addr);
+    let mut s = spec("api");
+    s.non_identifying.push(("deployment.environment".into(), "prod".into()));
+    let agent = RunningAgent::spawn(url.clone(), Some("tok-refs".into()), s);
+
+    // A ConfigMap that does not exist yet.
+    let from_cm = "    collector.yaml:\n      configMapKeyRef: {name: otel, key: collector.yaml}\n";
+    ns.apply_yaml(&agent_config("from-cm", "{}", from_cm, "")).await.unwrap();
+    let st = status_where(&ns, "from-cm", "ReferenceNotFound", |x| {
+        x.conditions.iter().any(|c| c.type_ == "Ready" && c.reason == "ReferenceNotFound")
+    })
+    .await;
+    assert!(condition(&st, "Ready").2.contains("ConfigMap \"otel\" not found"), "{st:?}");
+    assert_eq!(agent.configs_received(), 0);
+    // Creating it fixes it, without a new generation.
+    ns.apply_yaml("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: otel}\ndata: {collector.yaml: 'from: configmap'}\n").await.unwrap();
+    status_where(&ns, "from-cm", "applied after the ConfigMap appeared", |x| x.applied_agents == 1).await;
+    assert_eq!(agent.effective("collector.yaml").as_deref(), Some("from: configmap"));
+    // Editing the ConfigMap re-rolls.
+    ns.apply_yaml("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: otel}\ndata: {collector.yaml: 'from: configmap v2'}\n").await.unwrap();
+    eventually(T, "ConfigMap edit reaches the agent", || async {
+        (agent.effective("collector.yaml").as_deref() == Some("from: configmap v2")).then_some(())
+    })
+    .await;
+
+    // Two AgentConfigs set the same file: the higher priority wins, the other gets Conflict.
+    let high = agent_config(
+        "override",
+        "{matchExpressions: [{key: deployment.environment, operator: In, values: [prod]}]}",
+        &inline("collector.yaml", "from: override"),
+        "  priority: 10\n",
+    );
+    ns.apply_yaml(&high).await.unwrap();
+    let lost = status_where(&ns, "from-cm", "Conflict", |x| {
+        x.conditions.iter().any(|c| c.type_ == "Conflict" && c.status == "True")
+    })
+    .await;
+    assert!(condition(&lost, "Conflict").2.contains(&format!("{}/override", ns.name)), "{lost:?}");
+    eventually(T, "override wins", || async {
+        (agent.effective("collector.yaml").as_deref() == Some("from: override\n")).then_some(())
+    })
+    .await;
+    let won = status_where(&ns, "override", "override applied", |x| x.applied_agents == 1).await;
+    assert_eq!(condition(&won, "Conflict").0, "False");
+
+    // The selector stops matching: the agent is released (sent an empty config).
+    let narrowed = agent_config(
+        "override",
+        "{matchExpressions: [{key: deployment.environment, operator: In, values: [staging]}]}",
+        &inline("collector.yaml", "from: override"),
+        "  priority: 10\n",
+    );
+    ns.apply_yaml(&narrowed).await.unwrap();
+    status_where(&ns, "override", "no agents selected", |x| x.selected_agents == 0).await;
+    eventually(T, "back to the ConfigMap's file", || async {
+        (agent.effective("collector.yaml").as_deref() == Some("from: configmap v2")).then_some(())
+    })
+    .await;
+    kube::Api::<AgentConfig>::namespaced(ns.client.clone(), &ns.name)
+        .delete("from-cm", &Default::default())
+        .await
+        .unwrap();
+    eventually(T, "released: empty config", || async {
+        agent.effective("collector.yaml").is_none().then_some(())
+    })
+    .await;
+
+    agent.stop().await;
+    op.stop().await;
+    ns.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenancy_tokens_and_restart() {
+    let _serial = SERIAL.lock().await;
+    let a = TestNamespace::new("e2e-team-a").await;
+    let b = TestNamespace::new("e2e-team-b").await;
+    install_crds(&a.client).await;
+    a.apply_yaml(&token_secret("agents", "tok-team-a")).await.unwrap();
+    b.apply_yaml(&token_secret("agents", "tok-team-b")).await.unwrap();
+    let op = start_operator(a.client.clone(), "127.0.0.1:0").await;
+    let addr = op.opamp_addr;
+    let url = format!("ws://{addr}/v1/opamp");
+
+    // Unknown or missing tokens are refused.
+    for token in [None, Some("nope")] {
+        let http = opamp_operator::sim::HttpClient::new(&format!("http://{addr}/v1/opamp"), token, false);
+        let reply = http.send(&opamp_operator::sim::SimAgent::new(spec("x")).full_state()).await.unwrap();
+        assert_eq!(reply.status, 401);
+    }
+
+    a.apply_yaml(&agent_config("all", "{}", &inline("a.yaml", "team: a"), "")).await.unwrap();
+    let agent_a = RunningAgent::spawn(url.clone(), Some("tok-team-a".into()), spec("svc"));
+    let agent_b = RunningAgent::spawn(url.clone(), Some("tok-team-b".into()), spec("svc"));
+    status_where(&a, "all", "team a applied", |x| x.applied_agents == 1 && x.selected_agents == 1).await;
+    assert_eq!(agent_a.effective("a.yaml").as_deref(), Some("team: a\n"));
+    assert_eq!(agent_b.configs_received(), 0, "namespace B never sees namespace A's config");
+    assert!(agent_b.effective("a.yaml").is_none());
+
+    // Operator restart: agents reconnect and are not sent the unchanged config again.
+    let received = agent_a.configs_received();
+    op.stop().await;
+    let op = start_operator(a.client.clone(), &addr.to_string()).await;
+    eventually(T, "agent back", || async {
+        op.fleet.agent(agent_a.uid).filter(|x| x.connected && x.report.remote_config_status.is_some())
+    })
+    .await;
+    status_where(&a, "all", "still applied after restart", |x| x.applied_agents == 1).await;
+    // A few heartbeats later, still nothing re-sent.
+    let seen = op.fleet.agent(agent_a.uid).unwrap().last_seen;
+    eventually(T, "two more heartbeats", || async {
+        let later = op.fleet.agent(agent_a.uid)?.last_seen;
+        (later.duration_since(seen).unwrap_or_default() >= Duration::from_secs(2)).then_some(())
+    })
+    .await;
+    assert_eq!(agent_a.configs_received(), received);
+    assert_eq!(agent_a.duplicate_configs(), 0);
+
+    agent_a.stop().await;
+    agent_b.stop().await;
+    op.stop().await;
+    a.cleanup().await;
+    b.cleanup().await;
+}
