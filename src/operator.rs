@@ -80,6 +80,42 @@ pub async fn preflight(client: &Client) -> Result<(), Error> {
     Ok(())
 }
 
+/// The fleet as JSON (`GET /api/v1/agents`): what users see of each agent.
+pub fn agents_json(fleet: &Fleet) -> serde_json::Value {
+    use crate::controller::index::attribute;
+    use crate::proto::RemoteConfigStatuses;
+    let mut agents = fleet.agents();
+    agents.sort_by(|a, b| (&a.namespace, a.uid).cmp(&(&b.namespace, b.uid)));
+    let items: Vec<serde_json::Value> = agents
+        .iter()
+        .map(|a| {
+            let desc = a.report.description.as_ref();
+            let attrs: serde_json::Map<String, serde_json::Value> = desc
+                .into_iter()
+                .flat_map(|d| d.identifying_attributes.iter().chain(&d.non_identifying_attributes))
+                .filter_map(|kv| Some((kv.key.clone(), attribute(desc, &kv.key)?.into_owned().into())))
+                .collect();
+            let status = a.report.remote_config_status.as_ref();
+            serde_json::json!({
+                "instanceUid": a.uid,
+                "namespace": a.namespace,
+                "connected": a.connected,
+                "transport": a.transport.map(|t| t.as_str()),
+                "attributes": attrs,
+                "healthy": a.report.health.as_ref().map(|h| h.healthy),
+                "remoteConfig": status.map(|s| serde_json::json!({
+                    "status": RemoteConfigStatuses::try_from(s.status).map(|x| x.as_str_name().trim_start_matches("RemoteConfigStatuses_")).unwrap_or("UNKNOWN"),
+                    "hash": hex::encode(&s.last_remote_config_hash),
+                    "error": s.error_message,
+                })),
+                "desiredHash": a.desired_config_hash.as_ref().map(hex::encode),
+                "lastSeen": k8s_openapi::jiff::Timestamp::try_from(a.last_seen).map(|t| t.to_string()).unwrap_or_default(),
+            })
+        })
+        .collect();
+    serde_json::json!({ "agents": items })
+}
+
 impl Operator {
     /// Starts everything; the OpAMP endpoint opens once the caches are synced (so agents'
     /// tokens are known).
@@ -106,19 +142,29 @@ impl Operator {
         tasks.spawn(controller.run(shutdown.clone(), ready_tx));
 
         let ready = ready_rx.clone();
-        let api = Router::new().route("/healthz", get(|| async { "ok" })).route(
-            "/readyz",
-            get(move || {
-                let ready = *ready.borrow();
-                async move {
-                    if ready {
-                        (StatusCode::OK, "ready")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+        let listing = fleet.clone();
+        let api = Router::new()
+            .route(
+                "/api/v1/agents",
+                get(move || {
+                    let fleet = listing.clone();
+                    async move { axum::Json(agents_json(&fleet)) }
+                }),
+            )
+            .route("/healthz", get(|| async { "ok" }))
+            .route(
+                "/readyz",
+                get(move || {
+                    let ready = *ready.borrow();
+                    async move {
+                        if ready {
+                            (StatusCode::OK, "ready")
+                        } else {
+                            (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+                        }
                     }
-                }
-            }),
-        );
+                }),
+            );
         let stop = shutdown.clone();
         tasks.spawn(async move {
             let serve =

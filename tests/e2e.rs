@@ -299,3 +299,46 @@ async fn tenancy_tokens_and_restart() {
     a.cleanup().await;
     b.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progressive_rollout_halts_at_max_failures_and_resumes_on_spec_change() {
+    let _serial = SERIAL.lock().await;
+    let ns = TestNamespace::new("e2e-progressive").await;
+    install_crds(&ns.client).await;
+    ns.apply_yaml(&token_secret("agents", "tok-prog")).await.unwrap();
+    let op = start_operator(ns.client.clone(), "127.0.0.1:0").await;
+    let url = format!("ws://{}/v1/opamp", op.opamp_addr);
+    let agents: Vec<RunningAgent> =
+        (0..4).map(|_| RunningAgent::spawn(url.clone(), Some("tok-prog".into()), spec("edge"))).collect();
+    eventually(T, "4 agents connected", || async { (op.fleet.connected_count() == 4).then_some(()) }).await;
+
+    let rollout =
+        "  rollout: {strategy: Progressive, steps: [25, 50], minHealthySeconds: 0, maxFailures: 0}\n";
+    ns.apply_yaml(&agent_config("edge", "{}", &inline("edge.yaml", "FAIL_ME"), rollout)).await.unwrap();
+    let halted = status_where(&ns, "edge", "halted", |s| {
+        s.rollout.as_ref().is_some_and(|r| r.state == opamp_operator::api::RolloutState::Halted)
+    })
+    .await;
+    assert_eq!((halted.failed_agents, halted.pending_agents, halted.selected_agents), (1, 3, 4));
+    assert_eq!(condition(&halted, "Degraded").1, "RolloutHalted");
+    assert_eq!(condition(&halted, "Ready").0, "False");
+    // Only the first step's agent was ever offered the bad config.
+    let offered: usize = agents.iter().map(|a| a.configs_received()).sum();
+    assert_eq!(offered, 1);
+
+    // A fixed spec resumes: steps 25% → 50% → 100%, all applied, Complete and Ready.
+    ns.apply_yaml(&agent_config("edge", "{}", &inline("edge.yaml", "fixed: true"), rollout)).await.unwrap();
+    let done = status_where(&ns, "edge", "complete", |s| {
+        s.applied_agents == 4
+            && s.rollout.as_ref().is_some_and(|r| r.state == opamp_operator::api::RolloutState::Complete)
+    })
+    .await;
+    assert_eq!(done.rollout.as_ref().unwrap().step, 3);
+    assert_eq!(condition(&done, "Ready").0, "True");
+    for a in agents {
+        assert_eq!(a.effective("edge.yaml").as_deref(), Some("fixed: true\n"));
+        a.stop().await;
+    }
+    op.stop().await;
+    ns.cleanup().await;
+}

@@ -10,8 +10,11 @@ use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
 
 use super::merge::{self, File, Source};
+use super::rollout::Tracker;
+use crate::api::RolloutStrategy;
 use crate::api::{AgentConfig, CapabilitySlot, ConfigFile, KeyRef};
 use crate::fleet::DesiredState;
+use crate::opamp::Uid;
 use crate::proto::{AgentDescription, AgentRemoteConfig, CustomCapabilities, any_value};
 
 /// An attribute of an agent's description, identifying or not, as a string.
@@ -46,6 +49,20 @@ pub struct ResolvedConfig {
 impl ResolvedConfig {
     pub fn selects(&self, desc: Option<&AgentDescription>) -> bool {
         self.object.spec.selector.matches(|k| attribute(desc, k))
+    }
+
+    pub fn is_progressive(&self) -> bool {
+        self.object.spec.rollout.strategy == RolloutStrategy::Progressive
+    }
+
+    /// Whether `uid` may be given this resource's current version: always for Immediate
+    /// rollouts, once admitted by the rollout's tracker for Progressive ones.
+    pub fn admits(&self, uid: &Uid, rollouts: &HashMap<String, Tracker>) -> bool {
+        if !self.is_progressive() {
+            return true;
+        }
+        let (Some(source), Some(hash)) = (&self.source, &self.own_hash) else { return false };
+        rollouts.get(&source.key).is_some_and(|t| t.hash == *hash && t.admits(uid))
     }
 }
 
@@ -117,11 +134,30 @@ impl NamespaceIndex {
             .collect()
     }
 
-    /// The desired state of an agent with this description. `has_remote_config` says whether
-    /// the agent runs a remote config now (then an agent no longer selected is sent the empty
-    /// config, releasing it).
-    pub fn desired(&self, desc: Option<&AgentDescription>, has_remote_config: bool) -> DesiredState {
+    /// The desired state of an agent, or `None` to leave it as it is (a progressive rollout
+    /// has not admitted it yet). `has_remote_config` says whether the agent runs a remote config
+    /// now (then an agent no longer selected is sent the empty config, releasing it).
+    pub fn desired(
+        &self,
+        uid: &Uid,
+        desc: Option<&AgentDescription>,
+        has_remote_config: bool,
+        rollouts: &HashMap<String, Tracker>,
+    ) -> Option<DesiredState> {
         let selected = self.selecting(desc);
+        if selected.iter().any(|&i| !self.configs[i].admits(uid, rollouts)) {
+            return None;
+        }
+        Some(self.desired_ungated(selected, desc, has_remote_config))
+    }
+
+    /// The desired state with every selecting resource at its current version.
+    pub fn desired_ungated(
+        &self,
+        selected: Vec<usize>,
+        desc: Option<&AgentDescription>,
+        has_remote_config: bool,
+    ) -> DesiredState {
         let remote_config = if selected.is_empty() {
             has_remote_config.then(empty_config)
         } else {

@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod index;
 pub mod merge;
+pub mod rollout;
 pub mod status;
 
 use std::collections::{HashMap, HashSet};
@@ -32,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::auth::TokenAuthenticator;
 use self::index::NamespaceIndex;
+use self::rollout::{Rollouts, Tracker};
 use self::status::NamespaceStatus;
 use crate::api::{
     AGENT_TOKEN_SECRET_TYPE, AgentConfig, AgentConfigStatus, CapabilitySlot, CapabilitySlotStatus,
@@ -69,14 +71,20 @@ impl Dirty {
 /// The desired state of a connecting agent, from the index (called by the fleet).
 struct Provider {
     index: SharedIndex,
+    rollouts: Rollouts,
 }
 
 impl DesiredStateProvider for Provider {
-    fn desired_state(&self, _: Uid, ns: &str, desc: Option<&AgentDescription>, has_rc: bool) -> DesiredState {
-        match self.index.read().unwrap().get(ns) {
-            Some(idx) => idx.desired(desc, has_rc),
-            None => DesiredState::default(),
-        }
+    fn desired_state(
+        &self,
+        uid: Uid,
+        ns: &str,
+        desc: Option<&AgentDescription>,
+        has_rc: bool,
+    ) -> Option<DesiredState> {
+        let idx = self.index.read().unwrap().get(ns).cloned()?;
+        let rollouts = self.rollouts.lock().unwrap();
+        idx.desired(&uid, desc, has_rc, &rollouts)
     }
 }
 
@@ -94,6 +102,7 @@ pub struct Controller {
     fleet: Fleet,
     auth: Arc<TokenAuthenticator>,
     index: SharedIndex,
+    rollouts: Rollouts,
     dirty: Arc<Dirty>,
     recorder: Recorder,
     /// Agents by namespace, maintained from the fleet's changes.
@@ -106,7 +115,11 @@ pub struct Controller {
 impl Controller {
     pub fn new(client: Client, fleet: Fleet, auth: Arc<TokenAuthenticator>) -> Self {
         let index: SharedIndex = Arc::default();
-        fleet.set_desired_state_provider(Arc::new(Provider { index: index.clone() }));
+        let rollouts: Rollouts = Arc::default();
+        fleet.set_desired_state_provider(Arc::new(Provider {
+            index: index.clone(),
+            rollouts: rollouts.clone(),
+        }));
         let reporter =
             Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         Self {
@@ -115,6 +128,7 @@ impl Controller {
             fleet,
             auth,
             index,
+            rollouts,
             dirty: Arc::default(),
             agents: HashMap::new(),
             agent_ns: HashMap::new(),
@@ -229,6 +243,7 @@ impl Controller {
             let slots: Vec<_> = stores.slots.state().into_iter().filter(|o| in_ns(&o.namespace())).collect();
             let idx = Arc::new(NamespaceIndex::resolve(configs, slots, &stores.config_maps, &stores.secrets));
             self.index.write().unwrap().insert(ns.clone(), idx.clone());
+            let rollouts = self.rollouts.lock().unwrap().clone();
             for uid in self.agents.get(ns.as_str()).into_iter().flatten() {
                 let desired = self.fleet.inspect(*uid, |a| {
                     let has_rc = a
@@ -236,9 +251,9 @@ impl Controller {
                         .remote_config_status
                         .as_ref()
                         .is_some_and(|s| !s.last_remote_config_hash.is_empty());
-                    idx.desired(a.report.description.as_ref(), has_rc)
+                    idx.desired(uid, a.report.description.as_ref(), has_rc, &rollouts)
                 });
-                if let Some(d) = desired {
+                if let Some(Some(d)) = desired {
                     self.fleet.set_desired_state(*uid, d);
                 }
             }
@@ -249,14 +264,23 @@ impl Controller {
     /// Writes the status of every object of the namespaces that changed.
     async fn write_statuses(&mut self) {
         let now = Time(k8s_openapi::jiff::Timestamp::now());
+        let mut active = HashSet::new();
         for ns in std::mem::take(&mut self.status_dirty) {
             let Some(idx) = self.index.read().unwrap().get(&ns).cloned() else { continue };
-            let mut st = NamespaceStatus::new(&idx);
+            let before = self.rollouts.lock().unwrap().clone();
+            let mut st = NamespaceStatus::new(&idx, &before);
             for uid in self.agents.get(ns.as_str()).into_iter().flatten() {
                 self.fleet.inspect(*uid, |a| st.add(*uid, a));
             }
+            if self.advance_rollouts(&idx, &st.facts) {
+                self.dirty.mark(Some(ns.clone()));
+            }
+            let after = self.rollouts.lock().unwrap().clone();
+            if after.values().any(|t| !t.complete && !t.halted) {
+                active.insert(ns.clone());
+            }
             let since = self.failure_since.entry(ns.clone()).or_default();
-            let config_statuses = st.agent_configs(&now, since);
+            let config_statuses = st.agent_configs(&now, since, &after);
             let slot_statuses = st.capability_slots(&now);
             for (config, status) in idx.configs.iter().zip(config_statuses) {
                 self.publish_config(&config.object, status).await;
@@ -265,6 +289,34 @@ impl Controller {
                 self.publish_slot(slot, status).await;
             }
         }
+        // Rollouts in progress are re-evaluated every tick (minHealthySeconds is a time).
+        self.status_dirty.extend(active);
+    }
+
+    /// Moves each progressive rollout forward; true when agents were admitted (re-plan).
+    fn advance_rollouts(
+        &self,
+        idx: &NamespaceIndex,
+        facts: &std::collections::BTreeMap<usize, Vec<rollout::AgentFacts>>,
+    ) -> bool {
+        let mut rollouts = self.rollouts.lock().unwrap();
+        let mut admitted = false;
+        let now = tokio::time::Instant::now();
+        for (i, config) in idx.configs.iter().enumerate() {
+            let (Some(source), Some(hash), true) = (&config.source, config.own_hash, config.is_progressive())
+            else {
+                continue;
+            };
+            let generation = config.object.metadata.generation;
+            let tracker =
+                rollouts.entry(source.key.clone()).or_insert_with(|| Tracker::new(hash, generation));
+            if tracker.hash != hash || tracker.generation != generation {
+                *tracker = Tracker::new(hash, generation); // a new version, or a spec change resumes
+            }
+            let empty = Vec::new();
+            admitted |= tracker.advance(&config.object.spec.rollout, facts.get(&i).unwrap_or(&empty), now);
+        }
+        admitted
     }
 
     async fn publish_config(&self, object: &AgentConfig, status: AgentConfigStatus) {

@@ -8,6 +8,7 @@ use kube::ResourceExt;
 
 use super::index::NamespaceIndex;
 use super::merge::display_hash;
+use super::rollout::{AgentFacts, Tracker};
 use crate::api::conditions::{self, CONFLICT, DEGRADED, Desired, PROGRESSING, READY};
 use crate::api::{AgentConfigStatus, AgentFailure, CapabilitySlotStatus, RolloutState, RolloutStatus};
 use crate::fleet::AgentView;
@@ -29,18 +30,23 @@ struct Counts {
 /// Accumulates one namespace's agents, then yields each object's status.
 pub struct NamespaceStatus<'a> {
     index: &'a NamespaceIndex,
+    rollouts: &'a HashMap<String, Tracker>,
     configs: Vec<Counts>,
     selections: HashSet<Vec<usize>>,
     supporting: Vec<u32>,
+    /// Per progressive config: what its rollout tracker needs of each selected agent.
+    pub facts: BTreeMap<usize, Vec<AgentFacts>>,
 }
 
 impl<'a> NamespaceStatus<'a> {
-    pub fn new(index: &'a NamespaceIndex) -> Self {
+    pub fn new(index: &'a NamespaceIndex, rollouts: &'a HashMap<String, Tracker>) -> Self {
         Self {
             index,
+            rollouts,
             configs: vec![Counts::default(); index.configs.len()],
             selections: HashSet::new(),
             supporting: vec![0; index.slots.slots.len()],
+            facts: BTreeMap::new(),
         }
     }
 
@@ -50,13 +56,37 @@ impl<'a> NamespaceStatus<'a> {
         let desired_hash = agent.desired.remote_config.as_ref().map(|c| &c.config_hash);
         let reported = agent.report.remote_config_status.as_ref();
         let mut selecting = Vec::new();
+        let ungated_hash = || {
+            let has_rc = reported.is_some_and(|r| !r.last_remote_config_hash.is_empty());
+            let selected = self.index.selecting(desc);
+            self.index.desired_ungated(selected, desc, has_rc).remote_config.map(|c| c.config_hash.clone())
+        };
         for (i, config) in self.index.configs.iter().enumerate() {
             if !config.selects(desc) {
                 continue;
             }
+            if config.is_progressive() && config.source.is_some() && agent.connected {
+                let on = |s: RemoteConfigStatuses| {
+                    reported.is_some_and(|r| {
+                        Some(&r.last_remote_config_hash) == desired_hash && r.status == s as i32
+                    })
+                };
+                let has_version =
+                    reported.is_some_and(|r| Some(&r.last_remote_config_hash) == ungated_hash().as_ref());
+                let healthy = agent.report.health.as_ref().is_none_or(|h| h.healthy);
+                let facts = AgentFacts {
+                    uid,
+                    applied: on(RemoteConfigStatuses::Applied),
+                    failed: on(RemoteConfigStatuses::Failed),
+                    healthy,
+                    has_version,
+                };
+                self.facts.entry(i).or_default().push(facts);
+            }
             let c = &mut self.configs[i];
             c.selected += 1;
-            if config.source.is_none() || !agent.connected || desired_hash.is_none() {
+            let gated = !config.admits(&uid, self.rollouts);
+            if config.source.is_none() || !agent.connected || desired_hash.is_none() || gated {
                 c.pending += 1;
                 continue;
             }
@@ -87,6 +117,7 @@ impl<'a> NamespaceStatus<'a> {
         &self,
         now: &Time,
         since: &mut HashMap<(Uid, Bytes), Time>,
+        rollouts: &HashMap<String, Tracker>,
     ) -> Vec<AgentConfigStatus> {
         let conflicts = self.index.conflicts(self.selections.iter());
         let mut still_failing = HashMap::new();
@@ -116,10 +147,19 @@ impl<'a> NamespaceStatus<'a> {
                     .sort_by(|a, b| b.since.cmp(&a.since).then_with(|| a.instance_uid.cmp(&b.instance_uid)));
                 failures.truncate(MAX_FAILURES);
                 let lost = conflicts.get(&i);
-                let state = if c.pending == 0 && c.applying == 0 {
-                    RolloutState::Complete
-                } else {
-                    RolloutState::Progressing
+                let tracker = config
+                    .source
+                    .as_ref()
+                    .filter(|_| config.is_progressive())
+                    .and_then(|s| rollouts.get(&s.key))
+                    .filter(|t| Some(t.hash) == config.own_hash);
+                let settled = c.pending == 0 && c.applying == 0;
+                let (step, state) = match tracker {
+                    Some(t) if t.halted => (t.step as u32 + 1, RolloutState::Halted),
+                    Some(t) if !(t.complete && settled) => (t.step as u32 + 1, RolloutState::Progressing),
+                    Some(t) => (t.step as u32 + 1, RolloutState::Complete),
+                    None if settled && !config.is_progressive() => (1, RolloutState::Complete),
+                    None => (1, RolloutState::Progressing),
                 };
                 let desired = config_conditions(config.missing.as_slice(), c, lost, state);
                 let generation = config.object.metadata.generation;
@@ -131,7 +171,7 @@ impl<'a> NamespaceStatus<'a> {
                     applying_agents: c.applying,
                     failed_agents: c.failed,
                     pending_agents: c.pending,
-                    rollout: config.source.as_ref().map(|_| RolloutStatus { step: 1, state }),
+                    rollout: config.source.as_ref().map(|_| RolloutStatus { step, state }),
                     failures,
                     conditions: conditions::merge(&current.conditions, desired, generation, now),
                 }
@@ -205,6 +245,16 @@ fn config_conditions(
             Desired::new(READY, false, "ReferenceNotFound", what.clone()),
             Desired::new(PROGRESSING, false, "ReferenceNotFound", what),
             Desired::new(DEGRADED, false, "ReferenceNotFound", "nothing is sent until the reference exists"),
+        ]
+    } else if state == RolloutState::Halted {
+        let msg = format!(
+            "rollout halted: {} agents failed (more than maxFailures); change the spec to resume",
+            c.failed
+        );
+        vec![
+            Desired::new(READY, false, "RolloutHalted", msg.clone()),
+            Desired::new(PROGRESSING, false, "RolloutHalted", msg.clone()),
+            Desired::new(DEGRADED, true, "RolloutHalted", msg),
         ]
     } else if c.failed > 0 {
         let first = c.failures.first().map(|(u, m, _)| format!(": {u}: {m}")).unwrap_or_default();

@@ -102,13 +102,14 @@ pub struct AgentView<'a> {
 /// first reply can already carry its config. Called without any fleet lock held.
 pub trait DesiredStateProvider: Send + Sync {
     /// `has_remote_config`: the agent reports running a remote config (a non-empty hash).
+    /// `None` leaves the agent's desired state as it is.
     fn desired_state(
         &self,
         uid: Uid,
         namespace: &str,
         description: Option<&AgentDescription>,
         has_remote_config: bool,
-    ) -> DesiredState;
+    ) -> Option<DesiredState>;
 }
 
 /// Receives the custom messages agents send. Must not block: queue and return.
@@ -302,7 +303,7 @@ impl Fleet {
         // Recompute the desired state outside the lock; a concurrent update wins either way.
         let provider = self.inner.provider.read().unwrap().clone();
         let desired = match (provider, provider_input) {
-            (Some(p), Some((ns, desc, has_rc))) => Some(p.desired_state(uid, &ns, desc.as_ref(), has_rc)),
+            (Some(p), Some((ns, desc, has_rc))) => p.desired_state(uid, &ns, desc.as_ref(), has_rc),
             _ => None,
         };
 

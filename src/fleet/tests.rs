@@ -487,9 +487,15 @@ fn custom_messages_from_agents_reach_the_sink() {
 fn the_provider_computes_desired_state_before_the_first_reply() {
     struct ByService(Arc<AgentRemoteConfig>);
     impl DesiredStateProvider for ByService {
-        fn desired_state(&self, _: Uid, ns: &str, d: Option<&AgentDescription>, _: bool) -> DesiredState {
+        fn desired_state(
+            &self,
+            _: Uid,
+            ns: &str,
+            d: Option<&AgentDescription>,
+            _: bool,
+        ) -> Option<DesiredState> {
             let selected = ns == "team-a" && d == Some(&description("checkout"));
-            DesiredState { remote_config: selected.then(|| self.0.clone()), custom_capabilities: None }
+            Some(DesiredState { remote_config: selected.then(|| self.0.clone()), custom_capabilities: None })
         }
     }
     let fleet = Fleet::default();
