@@ -342,3 +342,20 @@ async fn progressive_rollout_halts_at_max_failures_and_resumes_on_spec_change() 
     op.stop().await;
     ns.cleanup().await;
 }
+
+#[tokio::test]
+async fn an_unreachable_api_server_is_a_clear_error() {
+    let mut config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
+    config.connect_timeout = Some(Duration::from_secs(2));
+    let client = kube::Client::try_from(config).unwrap();
+    let cfg = OperatorConfig {
+        opamp_addr: "127.0.0.1:0".parse().unwrap(),
+        api_addr: "127.0.0.1:0".parse().unwrap(),
+        anonymous_namespace: None,
+        fleet: FleetConfig::default(),
+        server: ServerConfig::default(),
+    };
+    let err = within(T, "start fails", Operator::start(client, cfg)).await.err().expect("refused");
+    assert_eq!(err.category(), "unreachable");
+    assert!(err.to_string().starts_with("cannot reach the Kubernetes API"), "{err}");
+}
