@@ -34,8 +34,8 @@ fn hex(b: &[u8]) -> String {
 /// Gives every agent the same config, as the controller does for a matching AgentConfig.
 struct Everyone(Arc<AgentRemoteConfig>);
 impl DesiredStateProvider for Everyone {
-    fn desired_state(&self, _: Uid, _: &str, _: Option<&AgentDescription>, _: bool) -> DesiredState {
-        DesiredState { remote_config: Some(self.0.clone()), custom_capabilities: None }
+    fn desired_state(&self, _: Uid, _: &str, _: Option<&AgentDescription>, _: bool) -> Option<DesiredState> {
+        Some(DesiredState { remote_config: Some(self.0.clone()), custom_capabilities: None })
     }
 }
 
