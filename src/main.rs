@@ -29,7 +29,7 @@ enum Command {
     /// Run the operator: watch the custom resources, serve OpAMP, write status.
     Run(RunArgs),
     /// Serve the OpAMP endpoint alone, without Kubernetes (every agent in namespace `default`).
-    Serve(ServeArgs),
+    Serve(OpampArgs),
     /// Print the CustomResourceDefinitions (or write one file per kind into a directory).
     Crds {
         /// Write `<plural>.<group>.yaml` files here instead of printing.
@@ -67,28 +67,19 @@ struct FleetSimArgs {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Address of the OpAMP endpoint (`/v1/opamp`, WebSocket and HTTP).
-    #[arg(long, env = "OPAMP_ADDR", default_value = "0.0.0.0:4320")]
-    opamp_addr: SocketAddr,
-    /// Address of the API endpoint (`/healthz`, `/readyz`, the dispatch API).
+    #[command(flatten)]
+    opamp: OpampArgs,
+    /// Address of the API endpoint (`/healthz`, `/readyz`, `/api/v1/agents`).
     #[arg(long, env = "OPAMP_API_ADDR", default_value = "0.0.0.0:8080")]
     api_addr: SocketAddr,
     /// Admit agents without a token into this namespace (off by default).
     #[arg(long, env = "OPAMP_ANONYMOUS_AGENTS_NAMESPACE")]
     anonymous_agents_namespace: Option<String>,
-    /// Connected agents beyond this are told to retry later.
-    #[arg(long, env = "OPAMP_MAX_AGENTS")]
-    max_agents: Option<usize>,
-    /// Largest accepted message, in bytes.
-    #[arg(long, env = "OPAMP_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
-    max_message_bytes: usize,
-    /// Heartbeat interval agents are expected to keep, in seconds.
-    #[arg(long, env = "OPAMP_HEARTBEAT_SECONDS", default_value_t = 30)]
-    heartbeat_seconds: u64,
 }
 
+/// The OpAMP endpoint's settings, shared by `run` and `serve`.
 #[derive(clap::Args)]
-struct ServeArgs {
+struct OpampArgs {
     /// Address of the OpAMP endpoint (`/v1/opamp`, WebSocket and HTTP).
     #[arg(long, env = "OPAMP_ADDR", default_value = "0.0.0.0:4320")]
     opamp_addr: SocketAddr,
@@ -186,21 +177,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("no Kubernetes configuration found (set KUBECONFIG, or run in a cluster)")?;
-    let heartbeat = Duration::from_secs(args.heartbeat_seconds);
     let config = OperatorConfig {
-        opamp_addr: args.opamp_addr,
+        opamp_addr: args.opamp.opamp_addr,
         api_addr: args.api_addr,
         anonymous_namespace: args.anonymous_agents_namespace,
-        fleet: FleetConfig {
-            max_agents: args.max_agents,
-            heartbeat_interval: heartbeat,
-            ..Default::default()
-        },
-        server: ServerConfig {
-            max_message_bytes: args.max_message_bytes,
-            ws_ping_interval: heartbeat,
-            ..Default::default()
-        },
+        fleet: args.opamp.fleet_config(),
+        server: args.opamp.server_config(),
     };
     let operator = Operator::start(client, config).await?;
     tracing::info!(opamp = %operator.opamp_addr, api = %operator.api_addr, "operator started");
@@ -208,19 +190,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let heartbeat = Duration::from_secs(args.heartbeat_seconds);
-    let fleet = Fleet::new(FleetConfig {
-        max_agents: args.max_agents,
-        heartbeat_interval: heartbeat,
-        ..Default::default()
-    });
-    let config = ServerConfig {
-        max_message_bytes: args.max_message_bytes,
-        ws_ping_interval: heartbeat,
-        ..Default::default()
-    };
-    let server = OpampServer::new(fleet, config);
+impl OpampArgs {
+    fn fleet_config(&self) -> FleetConfig {
+        FleetConfig {
+            max_agents: self.max_agents,
+            heartbeat_interval: Duration::from_secs(self.heartbeat_seconds),
+            ..Default::default()
+        }
+    }
+
+    fn server_config(&self) -> ServerConfig {
+        ServerConfig {
+            max_message_bytes: self.max_message_bytes,
+            ws_ping_interval: Duration::from_secs(self.heartbeat_seconds),
+            ..Default::default()
+        }
+    }
+}
+
+async fn serve(args: OpampArgs) -> anyhow::Result<()> {
+    let server = OpampServer::new(Fleet::new(args.fleet_config()), args.server_config());
     opamp_operator::sim::fleet::raise_fd_limit();
     let listener = tokio::net::TcpListener::bind(args.opamp_addr)
         .await

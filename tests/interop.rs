@@ -8,24 +8,12 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::goagent::GoAgent;
-use common::{TestServer, eventually};
+use common::{TestServer, eventually, remote_config};
 use opamp_operator::fleet::{DesiredState, DesiredStateProvider, Fleet, FleetConfig};
 use opamp_operator::opamp::{ServerConfig, Uid};
-use opamp_operator::proto::{
-    AgentConfigFile, AgentConfigMap, AgentDescription, AgentRemoteConfig, RemoteConfigStatuses, any_value,
-};
+use opamp_operator::proto::{AgentDescription, AgentRemoteConfig, RemoteConfigStatuses, any_value};
 
 const T: Duration = Duration::from_secs(20);
-
-fn config(body: &str) -> Arc<AgentRemoteConfig> {
-    let mut files = AgentConfigMap::default();
-    files.config_map.insert(
-        "collector.yaml".into(),
-        AgentConfigFile { body: Bytes::from(body.to_owned()), content_type: "text/yaml".into() },
-    );
-    let hash = Bytes::from(format!("hash:{body}"));
-    Arc::new(AgentRemoteConfig { config: Some(files), config_hash: hash })
-}
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -85,7 +73,7 @@ async fn lifecycle(scheme: &str) {
     assert_eq!(effective.config_map["agent.yaml"].body, Bytes::from_static(b"initial: true"));
 
     // A config set by the server reaches it (pushed on WebSocket, on the next poll on HTTP)...
-    let cfg = config("receivers: {otlp: {}}");
+    let cfg = remote_config("receivers: {otlp: {}}");
     assert!(server.fleet.set_remote_config(uid, Some(cfg.clone())));
     let got = agent.wait_event(T, "remote_config").await;
     assert_eq!(got["hash"], hex(&cfg.config_hash));
@@ -128,7 +116,7 @@ async fn lifecycle(scheme: &str) {
     assert_eq!(agent.count("remote_config_duplicate"), 0);
 
     // A changed config still gets through after the restart.
-    let cfg2 = config("receivers: {otlp: {protocols: {grpc: {}}}}");
+    let cfg2 = remote_config("receivers: {otlp: {protocols: {grpc: {}}}}");
     server.fleet.set_remote_config(uid, Some(cfg2.clone()));
     let got = agent.wait_event(T, "remote_config").await;
     assert_eq!(got["hash"], hex(&cfg2.config_hash));
@@ -165,7 +153,7 @@ async fn opamp_go_agent_reports_a_failed_config_with_its_error() {
         server.fleet.agent(uid).filter(|a| a.report.description.is_some())
     })
     .await;
-    let bad = config("FAIL_ME");
+    let bad = remote_config("FAIL_ME");
     server.fleet.set_remote_config(uid, Some(bad.clone()));
     let s = eventually(T, "FAILED reported", || async {
         server

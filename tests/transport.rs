@@ -5,13 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{TestServer, eventually, within};
+use common::{TestServer, eventually, remote_config, within};
 use opamp_operator::fleet::{FleetConfig, Transport};
 use opamp_operator::opamp::session::SERVER_CAPABILITIES;
 use opamp_operator::opamp::{AuthError, Authenticator, ServerConfig, Uid};
 use opamp_operator::proto::{
-    AgentConfigFile, AgentConfigMap, AgentRemoteConfig, AgentToServer, RemoteConfigStatuses,
-    ServerErrorResponseType, server_error_response,
+    AgentToServer, RemoteConfigStatuses, ServerErrorResponseType, server_error_response,
 };
 use opamp_operator::sim::{AgentSpec, HttpClient, SimAgent, WsClient, WsEvent};
 use prost::Message as _;
@@ -19,15 +18,6 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 const T: Duration = Duration::from_secs(10);
-
-fn config(body: &str) -> Arc<AgentRemoteConfig> {
-    let mut files = AgentConfigMap::default();
-    files.config_map.insert(
-        "collector.yaml".into(),
-        AgentConfigFile { body: Bytes::from(body.to_owned()), content_type: "text/yaml".into() },
-    );
-    Arc::new(AgentRemoteConfig { config: Some(files), config_hash: Bytes::from(format!("h-{body}")) })
-}
 
 async fn close_code(ws: &mut WsClient) -> Option<CloseCode> {
     loop {
@@ -54,7 +44,7 @@ async fn websocket_agent_reports_and_gets_config_pushed() {
     assert!(snap.report.description.is_some() && snap.report.health.is_some());
 
     // The server pushes as soon as the desired state changes: the agent sends nothing first.
-    let cfg = config("receivers: {}");
+    let cfg = remote_config("receivers: {}");
     server.fleet.set_remote_config(agent.uid(), Some(cfg.clone()));
     let push = within(T, "pushed config", ws.recv()).await.unwrap();
     assert_eq!(push.remote_config.as_ref(), Some(&*cfg));
@@ -178,7 +168,7 @@ async fn http_agent_polls_and_gets_config_on_next_poll() {
     assert_eq!((msg.capabilities, msg.remote_config), (SERVER_CAPABILITIES, None));
     assert_eq!(server.fleet.agent(agent.uid()).unwrap().transport, Some(Transport::Http));
 
-    let cfg = config("exporters: {}");
+    let cfg = remote_config("exporters: {}");
     server.fleet.set_remote_config(agent.uid(), Some(cfg.clone()));
     let msg = http.send(&agent.heartbeat()).await.unwrap().message.unwrap();
     assert_eq!(msg.remote_config.as_ref(), Some(&*cfg));
@@ -303,7 +293,7 @@ async fn unauthenticated_agents_get_401_on_both_transports() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_agents_on_both_transports_all_apply_their_config() {
     let server = TestServer::start_default().await;
-    let cfg = config("service: fleet");
+    let cfg = remote_config("service: fleet");
     let n = 100;
     let mut tasks = Vec::new();
     for i in 0..n * 2 {

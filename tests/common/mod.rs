@@ -16,6 +16,20 @@ use opamp_operator::opamp::{Authenticator, OpampServer, ServerConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// A remote config with one file, `collector.yaml`, and a hash derived from the body.
+pub fn remote_config(body: &str) -> Arc<opamp_operator::proto::AgentRemoteConfig> {
+    use opamp_operator::proto::{AgentConfigFile, AgentConfigMap, AgentRemoteConfig};
+    let mut files = AgentConfigMap::default();
+    files.config_map.insert(
+        "collector.yaml".into(),
+        AgentConfigFile { body: bytes::Bytes::from(body.to_owned()), content_type: "text/yaml".into() },
+    );
+    Arc::new(AgentRemoteConfig {
+        config: Some(files),
+        config_hash: bytes::Bytes::from(format!("hash:{body}")),
+    })
+}
+
 pub struct TestServer {
     pub addr: SocketAddr,
     pub fleet: Fleet,
