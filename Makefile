@@ -40,14 +40,15 @@ crds:
 test: tools-interop tools-k8s lint
 	trap 'tests/tools/local-cluster down' EXIT; \
 	tests/tools/local-cluster up; \
-	$(CARGO) test --all-targets
+	$(CARGO) test --all-targets --no-fail-fast
 
 unit:
 	$(CARGO) test --lib
 
+## demo: the operator, a small fleet and examples/ on a local control plane; stops it all at the
+## end (DEMO_KEEP=1 leaves it running; tests/tools/demo down stops it).
 demo:
-	@echo "make demo (the operator on a local control plane) arrives with the Kubernetes control loop;"
-	@echo "for now: cargo run -- serve, and point OpAMP agents at ws://127.0.0.1:4320/v1/opamp"
+	CARGO="$(CARGO)" tests/tools/demo
 
 bench:
 	@echo "benchmarks arrive with the fleet simulator"

@@ -2,7 +2,7 @@
 //! type, label), enum and value that opamp-go v0.23.0 knows must be identical in ours.
 mod common;
 
-use common::goagent::tool;
+use common::cluster::tool;
 
 #[test]
 fn our_schema_matches_opamp_go() {

@@ -74,9 +74,11 @@ fn tools_bin() -> PathBuf {
         .unwrap_or_else(|| repo_root().join("target/tools/bin"))
 }
 
-/// Path of a binary built by `make tools` (kubectl, helm, …).
+/// Path of a binary built by `make tools` (kubectl, helm, the opamp-go agent, …).
 pub fn tool(name: &str) -> PathBuf {
-    tools_bin().join(name)
+    let path = tools_bin().join(name);
+    assert!(path.exists(), "{} is missing: run `make tools` first", path.display());
+    path
 }
 
 fn start_cluster() -> Result<ClusterInfo, String> {

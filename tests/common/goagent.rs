@@ -1,6 +1,5 @@
 //! Drives the opamp-go interop agent (`tests/interop/agent`, built by `make tools-interop`):
 //! spawns it, reads its JSON event lines, writes its stdin commands.
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -9,15 +8,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
-/// A binary built by `make tools`, found in `$OPAMP_TOOLS_BIN` or `target/tools/bin`.
-pub fn tool(name: &str) -> PathBuf {
-    let dir = std::env::var_os("OPAMP_TOOLS_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tools/bin"));
-    let path = dir.join(name);
-    assert!(path.exists(), "{} is missing: run `make tools-interop` first", path.display());
-    path
-}
+use super::cluster::tool;
 
 pub struct GoAgent {
     child: Child,
