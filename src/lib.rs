@@ -10,6 +10,7 @@ pub mod controller;
 pub mod fleet;
 pub mod opamp;
 pub mod operator;
+pub mod routes;
 pub mod sim;
 
 /// Types generated from `proto/opamp.proto` and `proto/anyvalue.proto`.

@@ -2,7 +2,6 @@
 //! fleet, the OpAMP endpoint, and the API endpoint (health, readiness).
 use std::net::SocketAddr;
 
-use axum::Router;
 use axum::http::StatusCode;
 use axum::routing::get;
 use kube::Client;
@@ -14,6 +13,7 @@ use crate::controller::Controller;
 use crate::controller::auth::TokenAuthenticator;
 use crate::fleet::{Fleet, FleetConfig};
 use crate::opamp::{OpampServer, ServerConfig};
+use crate::routes::Routes;
 
 #[derive(Debug, Clone)]
 pub struct OperatorConfig {
@@ -138,12 +138,15 @@ impl Operator {
         let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
         let mut tasks = JoinSet::new();
 
-        let controller = Controller::new(client, fleet.clone(), auth.clone());
+        let routes = Routes::new(fleet.clone());
+        fleet.set_custom_message_sink(routes.clone());
+        tasks.spawn(routes.clone().run_expiry(shutdown.clone()));
+        let controller = Controller::new(client, fleet.clone(), auth.clone(), routes.clone());
         tasks.spawn(controller.run(shutdown.clone(), ready_tx));
 
         let ready = ready_rx.clone();
         let listing = fleet.clone();
-        let api = Router::new()
+        let api = crate::routes::dispatch::router(routes)
             .route(
                 "/api/v1/agents",
                 get(move || {

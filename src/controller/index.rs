@@ -216,6 +216,40 @@ impl NamespaceIndex {
     }
 }
 
+/// The route of a slot, with its Secrets read.
+pub fn slot_route(slot: &CapabilitySlot, secrets: &Store<Secret>) -> crate::routes::SlotRoute {
+    use std::time::Duration;
+    let ns = slot.namespace().unwrap_or_default();
+    let secret = |r: &KeyRef| -> Result<Vec<u8>, String> {
+        let s = secrets
+            .get(&ObjectRef::new(&r.name).within(&ns))
+            .ok_or_else(|| format!("Secret {:?} not found", r.name))?;
+        s.data
+            .as_ref()
+            .and_then(|d| d.get(&r.key))
+            .map(|b| b.0.clone())
+            .ok_or_else(|| format!("Secret {:?} has no key {:?}", r.name, r.key))
+    };
+    crate::routes::SlotRoute {
+        namespace: ns.clone(),
+        name: slot.name_any(),
+        capability: slot.spec.capability.clone(),
+        selector: slot.spec.selector.clone(),
+        message_types: slot.spec.message_types.clone(),
+        callback: slot.spec.callback.as_ref().map(|c| crate::routes::CallbackRoute {
+            url: c.url.clone(),
+            timeout: Duration::from_secs(u64::from(c.timeout_seconds)),
+            max_attempts: c.max_attempts,
+            signing_key: c.signing_secret_ref.as_ref().map(&secret),
+        }),
+        dispatch: slot.spec.dispatch.as_ref().map(|d| crate::routes::DispatchRoute {
+            token: secret(&d.token_secret_ref),
+            queue_limit: d.queue_limit as usize,
+            ttl: Duration::from_secs(u64::from(d.ttl_seconds)),
+        }),
+    }
+}
+
 fn resolve_config(
     object: Arc<AgentConfig>,
     config_maps: &Store<ConfigMap>,

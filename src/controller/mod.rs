@@ -41,6 +41,7 @@ use crate::api::{
 use crate::fleet::{Changes, DesiredState, DesiredStateProvider, Fleet};
 use crate::opamp::Uid;
 use crate::proto::AgentDescription;
+use crate::routes::Routes;
 
 pub const FIELD_MANAGER: &str = "opamp-operator";
 
@@ -100,6 +101,7 @@ struct Stores {
 pub struct Controller {
     client: Client,
     fleet: Fleet,
+    routes: Arc<Routes>,
     auth: Arc<TokenAuthenticator>,
     index: SharedIndex,
     rollouts: Rollouts,
@@ -113,7 +115,7 @@ pub struct Controller {
 }
 
 impl Controller {
-    pub fn new(client: Client, fleet: Fleet, auth: Arc<TokenAuthenticator>) -> Self {
+    pub fn new(client: Client, fleet: Fleet, auth: Arc<TokenAuthenticator>, routes: Arc<Routes>) -> Self {
         let index: SharedIndex = Arc::default();
         let rollouts: Rollouts = Arc::default();
         fleet.set_desired_state_provider(Arc::new(Provider {
@@ -126,6 +128,7 @@ impl Controller {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             fleet,
+            routes,
             auth,
             index,
             rollouts,
@@ -184,6 +187,7 @@ impl Controller {
                 _ = dirty.notify.notified() => {}
                 _ = fleet.changed() => {}
                 _ = tick.tick() => {
+                    self.status_dirty.extend(self.routes.take_changed());
                     self.write_statuses().await;
                     continue;
                 }
@@ -243,6 +247,17 @@ impl Controller {
             let slots: Vec<_> = stores.slots.state().into_iter().filter(|o| in_ns(&o.namespace())).collect();
             let idx = Arc::new(NamespaceIndex::resolve(configs, slots, &stores.config_maps, &stores.secrets));
             self.index.write().unwrap().insert(ns.clone(), idx.clone());
+            let slot_routes = idx
+                .slots
+                .slots
+                .iter()
+                .filter(|s| !idx.slots.conflicting.contains_key(&s.name_any()))
+                .map(|s| {
+                    let st = s.status.clone().unwrap_or_default();
+                    (index::slot_route(s, &stores.secrets), st.upstream, st.downstream)
+                })
+                .collect();
+            self.routes.publish(&ns, slot_routes);
             let rollouts = self.rollouts.lock().unwrap().clone();
             for uid in self.agents.get(ns.as_str()).into_iter().flatten() {
                 let desired = self.fleet.inspect(*uid, |a| {
@@ -281,7 +296,7 @@ impl Controller {
             }
             let since = self.failure_since.entry(ns.clone()).or_default();
             let config_statuses = st.agent_configs(&now, since, &after);
-            let slot_statuses = st.capability_slots(&now);
+            let slot_statuses = st.capability_slots(&now, &self.routes);
             for (config, status) in idx.configs.iter().zip(config_statuses) {
                 self.publish_config(&config.object, status).await;
             }

@@ -182,7 +182,8 @@ impl<'a> NamespaceStatus<'a> {
     }
 
     /// The status of each CapabilitySlot (index order).
-    pub fn capability_slots(&self, now: &Time) -> Vec<CapabilitySlotStatus> {
+    /// The status of each CapabilitySlot (index order), with the routes' counters.
+    pub fn capability_slots(&self, now: &Time, routes: &crate::routes::Routes) -> Vec<CapabilitySlotStatus> {
         self.index
             .slots
             .slots
@@ -220,11 +221,12 @@ impl<'a> NamespaceStatus<'a> {
                     ],
                 };
                 let generation = slot.metadata.generation;
+                let counters = routes.counters(&slot.namespace().unwrap_or_default(), &slot.name_any());
                 CapabilitySlotStatus {
                     observed_generation: generation,
                     supporting_agents: self.supporting[i],
-                    upstream: current.upstream,
-                    downstream: current.downstream,
+                    upstream: counters.as_ref().map_or(current.upstream, |c| c.upstream()),
+                    downstream: counters.as_ref().map_or(current.downstream, |c| c.downstream()),
                     conditions: conditions::merge(&current.conditions, desired, generation, now),
                 }
             })

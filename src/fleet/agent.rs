@@ -99,15 +99,19 @@ impl Agent {
         }
     }
 
+    pub(super) fn transport(&self) -> Option<Transport> {
+        match self.link {
+            Link::WebSocket { .. } => Some(Transport::WebSocket),
+            Link::Http => Some(Transport::Http),
+            Link::Offline { .. } => None,
+        }
+    }
+
     pub(super) fn snapshot(&self, uid: Uid) -> AgentSnapshot {
         AgentSnapshot {
             uid,
             namespace: self.namespace.to_string(),
-            transport: match self.link {
-                Link::WebSocket { .. } => Some(Transport::WebSocket),
-                Link::Http => Some(Transport::Http),
-                Link::Offline { .. } => None,
-            },
+            transport: self.transport(),
             connected: self.link.is_online(),
             connected_since: self.connected_since,
             last_seen: self.last_seen_wall,

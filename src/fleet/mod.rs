@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use agent::{Agent, Link};
 pub use agent::{AgentSnapshot, Transport};
-pub use outbox::{EnqueueError, OUTBOX_LIMIT_DEFAULT};
+pub use outbox::{EnqueueError, OUTBOX_LIMIT_DEFAULT, Ticket, TicketState};
 
 use crate::opamp::Uid;
 pub use crate::opamp::session::Changes;
@@ -91,6 +91,7 @@ impl DesiredState {
 /// A borrowed view of one agent (see [`Fleet::inspect`]).
 pub struct AgentView<'a> {
     pub namespace: &'a Arc<str>,
+    pub transport: Option<Transport>,
     pub report: &'a AgentReport,
     pub connected: bool,
     pub awaiting_full_state: bool,
@@ -323,6 +324,9 @@ impl Fleet {
                 conn.bound = None;
             } else {
                 reply.custom_message = agent.outbox.pop();
+                if !agent.outbox.is_empty() {
+                    agent.wake(); // WebSocket agents get the rest pushed, one per message
+                }
             }
             reply
         };
@@ -436,12 +440,29 @@ impl Fleet {
 
     /// Queues a custom message for an agent; it goes out one per message, in order.
     pub fn enqueue_custom_message(&self, uid: Uid, message: CustomMessage) -> Result<usize, EnqueueError> {
+        self.enqueue_tracked(uid, None, message, None, self.inner.config.outbox_limit)
+    }
+
+    /// Queues a custom message for an agent of `namespace` (agents of other namespaces are
+    /// unknown here), followed through `ticket`, holding at most `limit` messages.
+    pub fn enqueue_tracked(
+        &self,
+        uid: Uid,
+        namespace: Option<&str>,
+        message: CustomMessage,
+        ticket: Option<Arc<Ticket>>,
+        limit: usize,
+    ) -> Result<usize, EnqueueError> {
         let mut shard = self.shard(&uid);
-        let agent = shard.agents.get_mut(&uid).ok_or(EnqueueError::UnknownAgent)?;
+        let agent = shard
+            .agents
+            .get_mut(&uid)
+            .filter(|a| namespace.is_none_or(|ns| *a.namespace == *ns))
+            .ok_or(EnqueueError::UnknownAgent)?;
         if !agent.session.report.supports_custom_capability(&message.capability) {
             return Err(EnqueueError::CapabilityNotSupported);
         }
-        let depth = agent.outbox.push(message, self.inner.config.outbox_limit)?;
+        let depth = agent.outbox.push(message, ticket, limit)?;
         agent.wake();
         Ok(depth)
     }
@@ -464,6 +485,7 @@ impl Fleet {
         let agent = shard.agents.get(&uid)?;
         Some(f(&AgentView {
             namespace: &agent.namespace,
+            transport: agent.transport(),
             report: &agent.session.report,
             connected: agent.link.is_online(),
             awaiting_full_state: agent.session.awaiting_full_state(),

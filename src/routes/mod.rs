@@ -1,0 +1,252 @@
+//! Custom-message routes: each CapabilitySlot is a channel between agents' plugins and a
+//! user's service. Upstream, agents' CustomMessages are POSTed to the slot's callback
+//! ([`upstream`]); downstream, services dispatch messages to agents through the API
+//! ([`dispatch`]). The controller publishes the slots' settings here ([`Routes::publish`]) and
+//! reads the counters back into the slots' status.
+pub mod dispatch;
+pub mod upstream;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::api::{AgentSelector, DownstreamStatus, UpstreamStatus};
+use crate::fleet::Fleet;
+
+/// A slot's settings, resolved (Secrets read).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlotRoute {
+    pub namespace: String,
+    pub name: String,
+    pub capability: String,
+    pub selector: AgentSelector,
+    pub message_types: Vec<String>,
+    pub callback: Option<CallbackRoute>,
+    pub dispatch: Option<DispatchRoute>,
+}
+
+impl SlotRoute {
+    pub fn allows(&self, message_type: &str) -> bool {
+        self.message_types.is_empty() || self.message_types.iter().any(|t| t == message_type)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallbackRoute {
+    pub url: String,
+    pub timeout: Duration,
+    pub max_attempts: u32,
+    /// The signing key, `None` when not configured; `Err` names a missing Secret key.
+    pub signing_key: Option<Result<Vec<u8>, String>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DispatchRoute {
+    /// The token callers present; `Err` names a missing Secret key.
+    pub token: Result<Vec<u8>, String>,
+    pub queue_limit: usize,
+    pub ttl: Duration,
+}
+
+/// A slot's counters, shared by deliveries, dispatches and the status writer.
+#[derive(Debug, Default)]
+pub struct SlotCounters {
+    pub received: AtomicU64,
+    pub delivered: AtomicU64,
+    pub failed: AtomicU64,
+    pub accepted: AtomicU64,
+    pub sent: AtomicU64,
+    pub expired: AtomicU64,
+    pub rejected: AtomicU64,
+    last: Mutex<Last>,
+}
+
+#[derive(Debug, Default)]
+struct Last {
+    delivery: Option<Time>,
+    send: Option<Time>,
+    error: Option<String>,
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+impl SlotCounters {
+    /// Counters continuing from what the status already shows (across operator restarts).
+    pub fn seeded(up: &UpstreamStatus, down: &DownstreamStatus) -> Self {
+        let c = Self::default();
+        c.received.store(up.received, Ordering::Relaxed);
+        c.delivered.store(up.delivered, Ordering::Relaxed);
+        c.failed.store(up.failed, Ordering::Relaxed);
+        c.accepted.store(down.accepted, Ordering::Relaxed);
+        c.sent.store(down.sent, Ordering::Relaxed);
+        c.expired.store(down.expired, Ordering::Relaxed);
+        c.rejected.store(down.rejected, Ordering::Relaxed);
+        *c.last.lock().unwrap() = Last {
+            delivery: up.last_delivery_time.clone(),
+            send: down.last_send_time.clone(),
+            error: up.last_error.clone(),
+        };
+        c
+    }
+
+    pub fn delivered(&self) {
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        self.last.lock().unwrap().delivery = Some(now());
+    }
+
+    pub fn failed(&self, error: String) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        self.last.lock().unwrap().error = Some(error);
+    }
+
+    pub fn sent(&self) {
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        self.last.lock().unwrap().send = Some(now());
+    }
+
+    pub fn upstream(&self) -> UpstreamStatus {
+        let last = self.last.lock().unwrap();
+        UpstreamStatus {
+            received: self.received.load(Ordering::Relaxed),
+            delivered: self.delivered.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            last_delivery_time: last.delivery.clone(),
+            last_error: last.error.clone(),
+        }
+    }
+
+    pub fn downstream(&self) -> DownstreamStatus {
+        DownstreamStatus {
+            accepted: self.accepted.load(Ordering::Relaxed),
+            sent: self.sent.load(Ordering::Relaxed),
+            expired: self.expired.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+            last_send_time: self.last.lock().unwrap().send.clone(),
+        }
+    }
+}
+
+type Key = (String, String);
+
+struct Slot {
+    route: Arc<SlotRoute>,
+    counters: Arc<SlotCounters>,
+    deliveries: Option<upstream::Worker>,
+}
+
+/// The routes of every slot, by namespace and name and by namespace and capability.
+pub struct Routes {
+    fleet: Fleet,
+    http: reqwest::Client,
+    slots: RwLock<HashMap<Key, Slot>>,
+    by_capability: RwLock<HashMap<Key, Key>>,
+    /// Namespaces whose slots' counters moved since the status writer last looked.
+    changed: Mutex<HashSet<String>>,
+    /// Custom messages of capabilities no slot routes, refused.
+    pub unrouted: AtomicU64,
+    pub(crate) dispatches: dispatch::Store,
+}
+
+impl Routes {
+    pub fn new(fleet: Fleet) -> Arc<Self> {
+        Arc::new(Self {
+            fleet,
+            http: reqwest::Client::builder().build().expect("HTTP client builds"),
+            slots: RwLock::default(),
+            by_capability: RwLock::default(),
+            changed: Mutex::default(),
+            unrouted: AtomicU64::new(0),
+            dispatches: dispatch::Store::default(),
+        })
+    }
+
+    /// Replaces the routes of one namespace with `routes` (the slots that own their
+    /// capability), keeping counters and delivery queues of slots that stay.
+    pub fn publish(
+        self: &Arc<Self>,
+        namespace: &str,
+        routes: Vec<(SlotRoute, UpstreamStatus, DownstreamStatus)>,
+    ) {
+        let mut slots = self.slots.write().unwrap();
+        let mut by_cap = self.by_capability.write().unwrap();
+        let keep: HashSet<Key> =
+            routes.iter().map(|(r, _, _)| (r.namespace.clone(), r.name.clone())).collect();
+        slots.retain(|k, _| k.0 != namespace || keep.contains(k));
+        by_cap.retain(|k, _| k.0 != namespace);
+        for (route, up, down) in routes {
+            let key = (route.namespace.clone(), route.name.clone());
+            by_cap.insert((route.namespace.clone(), route.capability.clone()), key.clone());
+            let route = Arc::new(route);
+            match slots.get_mut(&key) {
+                Some(slot) => {
+                    if let Some(w) = &slot.deliveries {
+                        w.update(route.clone());
+                    } else if route.callback.is_some() {
+                        slot.deliveries =
+                            Some(upstream::Worker::start(self.clone(), route.clone(), slot.counters.clone()));
+                    }
+                    slot.route = route;
+                }
+                None => {
+                    let counters = Arc::new(SlotCounters::seeded(&up, &down));
+                    let deliveries = route
+                        .callback
+                        .is_some()
+                        .then(|| upstream::Worker::start(self.clone(), route.clone(), counters.clone()));
+                    slots.insert(key, Slot { route, counters, deliveries });
+                }
+            }
+        }
+    }
+
+    pub fn route(&self, namespace: &str, name: &str) -> Option<(Arc<SlotRoute>, Arc<SlotCounters>)> {
+        let slots = self.slots.read().unwrap();
+        slots.get(&(namespace.to_owned(), name.to_owned())).map(|s| (s.route.clone(), s.counters.clone()))
+    }
+
+    fn by_capability(
+        &self,
+        namespace: &str,
+        capability: &str,
+    ) -> Option<(Arc<SlotRoute>, Arc<SlotCounters>, Option<upstream::Sender>)> {
+        let key = self
+            .by_capability
+            .read()
+            .unwrap()
+            .get(&(namespace.to_owned(), capability.to_owned()))
+            .cloned()?;
+        let slots = self.slots.read().unwrap();
+        let s = slots.get(&key)?;
+        Some((s.route.clone(), s.counters.clone(), s.deliveries.as_ref().map(|w| w.sender())))
+    }
+
+    /// The counters of a slot, if it is routed.
+    pub fn counters(&self, namespace: &str, name: &str) -> Option<Arc<SlotCounters>> {
+        self.route(namespace, name).map(|(_, c)| c)
+    }
+
+    pub(crate) fn touch(&self, namespace: &str) {
+        self.changed.lock().unwrap().insert(namespace.to_owned());
+    }
+
+    /// Namespaces whose counters moved since the last call.
+    pub fn take_changed(&self) -> HashSet<String> {
+        std::mem::take(&mut *self.changed.lock().unwrap())
+    }
+
+    /// Expires overdue dispatched messages; run every second (see [`Routes::run_expiry`]).
+    pub async fn run_expiry(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                now = tick.tick() => self.dispatches.expire(now),
+            }
+        }
+    }
+}
