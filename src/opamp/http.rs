@@ -100,11 +100,14 @@ fn bad_request(message: String) -> ServerToAgent {
 }
 
 fn too_large(limit: usize, gzip_ok: bool) -> Response {
-    reply(
+    let mut resp = reply(
         StatusCode::PAYLOAD_TOO_LARGE,
         &bad_request(format!("message exceeds the limit of {limit} bytes")),
         gzip_ok,
-    )
+    );
+    // The rest of the body may be unread: the connection cannot be reused.
+    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 /// A protobuf response: every reply carries the protobuf content type, gzip when accepted.

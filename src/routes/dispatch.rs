@@ -211,7 +211,12 @@ async fn dispatch(
     };
     let dispatch = route.dispatch.clone().expect("checked by authorize");
     let Ok(body) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
-        return error(StatusCode::PAYLOAD_TOO_LARGE, format!("the body exceeds {MAX_BODY_BYTES} bytes"));
+        // The rest of the body is not read: the connection cannot be reused.
+        let mut resp =
+            error(StatusCode::PAYLOAD_TOO_LARGE, format!("the body exceeds {MAX_BODY_BYTES} bytes"));
+        resp.headers_mut()
+            .insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+        return resp;
     };
     let req: DispatchRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
