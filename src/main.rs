@@ -75,6 +75,9 @@ struct RunArgs {
     /// Admit agents without a token into this namespace (off by default).
     #[arg(long, env = "OPAMP_ANONYMOUS_AGENTS_NAMESPACE")]
     anonymous_agents_namespace: Option<String>,
+    /// Manage only these namespaces (comma-separated; default: all).
+    #[arg(long, env = "OPAMP_NAMESPACES", value_delimiter = ',')]
+    namespaces: Option<Vec<String>>,
 }
 
 /// The OpAMP endpoint's settings, shared by `run` and `serve`.
@@ -97,7 +100,9 @@ struct OpampArgs {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -181,6 +186,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         opamp_addr: args.opamp.opamp_addr,
         api_addr: args.api_addr,
         anonymous_namespace: args.anonymous_agents_namespace,
+        namespaces: args.namespaces,
         fleet: args.opamp.fleet_config(),
         server: args.opamp.server_config(),
     };

@@ -9,8 +9,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::controller::Controller;
 use crate::controller::auth::TokenAuthenticator;
+use crate::controller::{Controller, Scope};
 use crate::fleet::{Fleet, FleetConfig};
 use crate::opamp::{OpampServer, ServerConfig};
 use crate::routes::Routes;
@@ -23,6 +23,8 @@ pub struct OperatorConfig {
     pub api_addr: SocketAddr,
     /// Admit agents without a token into this namespace.
     pub anonymous_namespace: Option<String>,
+    /// Manage only these namespaces (default: all).
+    pub namespaces: Option<Vec<String>>,
     pub fleet: FleetConfig,
     pub server: ServerConfig,
 }
@@ -141,7 +143,8 @@ impl Operator {
         let routes = Routes::new(fleet.clone());
         fleet.set_custom_message_sink(routes.clone());
         tasks.spawn(routes.clone().run_expiry(shutdown.clone()));
-        let controller = Controller::new(client, fleet.clone(), auth.clone(), routes.clone());
+        let scope = config.namespaces.clone().map(Scope::only).unwrap_or_default();
+        let controller = Controller::new(client, fleet.clone(), auth.clone(), routes.clone(), scope);
         tasks.spawn(controller.run(shutdown.clone(), ready_tx));
 
         let ready = ready_rx.clone();

@@ -20,11 +20,13 @@ const T: Duration = Duration::from_secs(30);
 /// One operator at a time: each watches every namespace and writes status.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-async fn start_operator(client: kube::Client, opamp_addr: &str) -> Operator {
+/// An operator managing only `namespaces` (tests in other binaries run operators of their own).
+async fn start_operator(client: kube::Client, opamp_addr: &str, namespaces: &[&str]) -> Operator {
     let config = OperatorConfig {
         opamp_addr: opamp_addr.parse().unwrap(),
         api_addr: "127.0.0.1:0".parse().unwrap(),
         anonymous_namespace: None,
+        namespaces: Some(namespaces.iter().map(|s| s.to_string()).collect()),
         fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
         server: ServerConfig::default(),
     };
@@ -77,7 +79,7 @@ async fn apply_edit_fail_and_status() {
     let ns = TestNamespace::new("e2e-apply").await;
     install_crds(&ns.client).await;
     ns.apply_yaml(&token_secret("agents", "tok-apply")).await.unwrap();
-    let op = start_operator(ns.client.clone(), "127.0.0.1:0").await;
+    let op = start_operator(ns.client.clone(), "127.0.0.1:0", &[&ns.name]).await;
     let url = format!("ws://{}/v1/opamp", op.opamp_addr);
 
     // Two Rust agents and one opamp-go agent of service checkout, one agent of another service.
@@ -174,7 +176,7 @@ async fn missing_reference_conflicts_and_selector_release() {
     let ns = TestNamespace::new("e2e-refs").await;
     install_crds(&ns.client).await;
     ns.apply_yaml(&token_secret("agents", "tok-refs")).await.unwrap();
-    let op = start_operator(ns.client.clone(), "127.0.0.1:0").await;
+    let op = start_operator(ns.client.clone(), "127.0.0.1:0", &[&ns.name]).await;
     let url = format!("ws://{}/v1/opamp", op.opamp_addr);
     let mut s = spec("api");
     s.non_identifying.push(("deployment.environment".into(), "prod".into()));
@@ -255,7 +257,7 @@ async fn tenancy_tokens_and_restart() {
     install_crds(&a.client).await;
     a.apply_yaml(&token_secret("agents", "tok-team-a")).await.unwrap();
     b.apply_yaml(&token_secret("agents", "tok-team-b")).await.unwrap();
-    let op = start_operator(a.client.clone(), "127.0.0.1:0").await;
+    let op = start_operator(a.client.clone(), "127.0.0.1:0", &[&a.name, &b.name]).await;
     let addr = op.opamp_addr;
     let url = format!("ws://{addr}/v1/opamp");
 
@@ -277,7 +279,7 @@ async fn tenancy_tokens_and_restart() {
     // Operator restart: agents reconnect and are not sent the unchanged config again.
     let received = agent_a.configs_received();
     op.stop().await;
-    let op = start_operator(a.client.clone(), &addr.to_string()).await;
+    let op = start_operator(a.client.clone(), &addr.to_string(), &[&a.name, &b.name]).await;
     eventually(T, "agent back", || async {
         op.fleet.agent(agent_a.uid).filter(|x| x.connected && x.report.remote_config_status.is_some())
     })
@@ -306,7 +308,7 @@ async fn progressive_rollout_halts_at_max_failures_and_resumes_on_spec_change() 
     let ns = TestNamespace::new("e2e-progressive").await;
     install_crds(&ns.client).await;
     ns.apply_yaml(&token_secret("agents", "tok-prog")).await.unwrap();
-    let op = start_operator(ns.client.clone(), "127.0.0.1:0").await;
+    let op = start_operator(ns.client.clone(), "127.0.0.1:0", &[&ns.name]).await;
     let url = format!("ws://{}/v1/opamp", op.opamp_addr);
     let agents: Vec<RunningAgent> =
         (0..4).map(|_| RunningAgent::spawn(url.clone(), Some("tok-prog".into()), spec("edge"))).collect();
@@ -352,6 +354,7 @@ async fn an_unreachable_api_server_is_a_clear_error() {
         opamp_addr: "127.0.0.1:0".parse().unwrap(),
         api_addr: "127.0.0.1:0".parse().unwrap(),
         anonymous_namespace: None,
+        namespaces: None,
         fleet: FleetConfig::default(),
         server: ServerConfig::default(),
     };

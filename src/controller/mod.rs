@@ -112,10 +112,35 @@ pub struct Controller {
     agent_ns: HashMap<Uid, Arc<str>>,
     status_dirty: HashSet<String>,
     failure_since: HashMap<String, HashMap<(Uid, Bytes), Time>>,
+    scope: Scope,
+}
+
+/// The namespaces an operator manages (all by default).
+#[derive(Debug, Clone, Default)]
+pub struct Scope(Option<Arc<HashSet<String>>>);
+
+impl Scope {
+    pub fn only(namespaces: impl IntoIterator<Item = String>) -> Self {
+        Self(Some(Arc::new(namespaces.into_iter().collect())))
+    }
+
+    pub fn contains(&self, namespace: &str) -> bool {
+        self.0.as_ref().is_none_or(|set| set.contains(namespace))
+    }
+
+    fn secrets(&self, all: Vec<Arc<Secret>>) -> Vec<Arc<Secret>> {
+        all.into_iter().filter(|s| self.contains(s.namespace().as_deref().unwrap_or_default())).collect()
+    }
 }
 
 impl Controller {
-    pub fn new(client: Client, fleet: Fleet, auth: Arc<TokenAuthenticator>, routes: Arc<Routes>) -> Self {
+    pub fn new(
+        client: Client,
+        fleet: Fleet,
+        auth: Arc<TokenAuthenticator>,
+        routes: Arc<Routes>,
+        scope: Scope,
+    ) -> Self {
         let index: SharedIndex = Arc::default();
         let rollouts: Rollouts = Arc::default();
         fleet.set_desired_state_provider(Arc::new(Provider {
@@ -137,6 +162,7 @@ impl Controller {
             agent_ns: HashMap::new(),
             status_dirty: HashSet::new(),
             failure_since: HashMap::new(),
+            scope,
         }
     }
 
@@ -152,10 +178,10 @@ impl Controller {
         tasks.spawn(reflect(Api::<AgentConfig>::all(c.clone()), w1, self.dirty.clone(), None));
         tasks.spawn(reflect(Api::<CapabilitySlot>::all(c.clone()), w2, self.dirty.clone(), None));
         tasks.spawn(reflect(Api::<ConfigMap>::all(c.clone()), w3, self.dirty.clone(), None));
-        let (auth, secret_store) = (self.auth.clone(), stores.secrets.clone());
+        let (auth, secret_store, scope) = (self.auth.clone(), stores.secrets.clone(), self.scope.clone());
         let on_secret: TokenHook = Box::new(move |s: Option<&Secret>| {
             if s.is_none_or(|s| s.type_.as_deref() == Some(AGENT_TOKEN_SECRET_TYPE)) {
-                auth.rebuild(&secret_store.state());
+                auth.rebuild(&scope.secrets(secret_store.state()));
             }
         });
         tasks.spawn(reflect(Api::<Secret>::all(c.clone()), w4, self.dirty.clone(), Some(on_secret)));
@@ -172,7 +198,7 @@ impl Controller {
             _ = synced => {}
             _ = shutdown.cancelled() => return,
         }
-        self.auth.rebuild(&stores.secrets.state());
+        self.auth.rebuild(&self.scope.secrets(stores.secrets.state()));
         self.dirty.mark_all();
         tracing::info!(tokens = self.auth.len(), "caches synced");
         let _ = ready.send(true);
@@ -240,6 +266,7 @@ impl Controller {
             namespaces.extend(self.agents.keys().map(|k| k.to_string()));
             namespaces.extend(self.index.read().unwrap().keys().cloned());
         }
+        namespaces.retain(|ns| self.scope.contains(ns));
         for ns in namespaces {
             let in_ns = |o: &Option<String>| o.as_deref() == Some(ns.as_str());
             let configs: Vec<_> =
@@ -342,19 +369,27 @@ impl Controller {
         }
         let old = current.map(|s| s.conditions.as_slice()).unwrap_or_default();
         let mut events = transitions(old, &status.conditions);
-        if current.and_then(|c| c.config_hash.as_ref()) != status.config_hash.as_ref()
-            && status.config_hash.is_some()
-        {
-            let note = format!(
-                "rolling out {} to {} agents",
-                status.config_hash.as_deref().unwrap_or(""),
-                status.selected_agents
-            );
-            events.insert(0, (EventType::Normal, "RolloutStarted", note));
+        let hash = status.config_hash.as_deref().unwrap_or_default();
+        // Events are grouped by reason and action: the version in the action keeps each
+        // rollout's events apart.
+        let version = format!("Rollout-{}", hash.trim_start_matches("sha256:").get(..12).unwrap_or_default());
+        let old_hash = current.and_then(|c| c.config_hash.as_deref());
+        let new_version = old_hash != status.config_hash.as_deref() && status.config_hash.is_some();
+        if new_version {
+            let note = format!("rolling out {hash} to {} agents", status.selected_agents);
+            events.insert(0, (EventType::Normal, "RolloutStarted", note, version.clone()));
+        }
+        let complete = |s: Option<&AgentConfigStatus>| {
+            s.and_then(|s| s.rollout.as_ref()).is_some_and(|r| r.state == crate::api::RolloutState::Complete)
+        };
+        if complete(Some(&status)) && (new_version || !complete(current)) {
+            let note =
+                format!("{} of {} agents applied {hash}", status.applied_agents, status.selected_agents);
+            events.push((EventType::Normal, "RolloutComplete", note, version));
         }
         self.patch_status::<AgentConfig, _>(object, &status).await;
-        for (type_, reason, note) in events {
-            self.event(object, type_, reason, note).await;
+        for (type_, reason, note, action) in events {
+            self.event(object, type_, reason, note, action).await;
         }
     }
 
@@ -367,8 +402,8 @@ impl Controller {
         let old = current.map(|s| s.conditions.as_slice()).unwrap_or_default();
         let events = transitions(old, &status.conditions);
         self.patch_status::<CapabilitySlot, _>(object, &status).await;
-        for (type_, reason, note) in events {
-            self.event(object, type_, reason, note).await;
+        for (type_, reason, note, action) in events {
+            self.event(object, type_, reason, note, action).await;
         }
     }
 
@@ -398,22 +433,20 @@ impl Controller {
         type_: EventType,
         reason: &str,
         note: String,
+        action: String,
     ) {
-        let ev = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
+        let ev = Event { type_, reason: reason.into(), note: Some(note), action, secondary: None };
         if let Err(e) = self.recorder.publish(&ev, &object.object_ref(&())).await {
             tracing::debug!(error = %e, "event not recorded");
         }
     }
 }
 
-/// Events for condition transitions worth telling users about.
-fn transitions(old: &[Condition], new: &[Condition]) -> Vec<(EventType, &'static str, String)> {
+type Transition = (EventType, &'static str, String, String);
+
+/// Events for condition transitions worth telling users about (rollout completion is told by
+/// the rollout state, not by Ready).
+fn transitions(old: &[Condition], new: &[Condition]) -> Vec<Transition> {
     let status_of = |cs: &[Condition], t: &str| {
         cs.iter().find(|c| c.type_ == t).map(|c| (c.status.clone(), c.reason.clone()))
     };
@@ -424,13 +457,12 @@ fn transitions(old: &[Condition], new: &[Condition]) -> Vec<(EventType, &'static
         }
         let event = match (c.type_.as_str(), c.status.as_str(), c.reason.as_str()) {
             ("Ready", _, "ReferenceNotFound") => Some((EventType::Warning, "ReferenceNotFound")),
-            ("Ready", "True", _) => Some((EventType::Normal, "RolloutComplete")),
             ("Degraded", "True", _) => Some((EventType::Warning, "AgentsFailed")),
             ("Conflict", "True", _) => Some((EventType::Warning, "Conflict")),
             _ => None,
         };
         if let Some((t, reason)) = event {
-            out.push((t, reason, c.message.clone()));
+            out.push((t, reason, c.message.clone(), reason.to_owned()));
         }
     }
     out

@@ -263,7 +263,10 @@ fn config_conditions(
         let msg = format!("{} of {} agents failed to apply the config{first}", c.failed, c.selected);
         vec![
             Desired::new(READY, false, "AgentsFailed", msg.clone()),
-            Desired::new(PROGRESSING, state == RolloutState::Progressing, "RolloutInProgress", progress),
+            match state {
+                RolloutState::Progressing => Desired::new(PROGRESSING, true, "RolloutInProgress", progress),
+                _ => Desired::new(PROGRESSING, false, "RolloutComplete", progress),
+            },
             Desired::new(DEGRADED, true, "AgentsFailed", msg),
         ]
     } else if state == RolloutState::Complete {

@@ -59,7 +59,8 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
                     None => Step::Gone,
                     Some(Ok(Message::Binary(data))) => on_frame(&mut socket, &state, &mut conn, data).await,
                     Some(Ok(Message::Text(_))) => Step::Close(close_code::UNSUPPORTED, "text frames are not supported"),
-                    Some(Ok(Message::Close(_))) => Step::Gone,
+                    // Keep reading: tungstenite answers the close, and the stream then ends.
+                    Some(Ok(Message::Close(_))) => Step::Continue,
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => Step::Continue,
                     Some(Err(e)) => read_error(e),
                 }
