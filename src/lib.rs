@@ -8,6 +8,7 @@
 pub mod api;
 pub mod controller;
 pub mod fleet;
+pub mod metrics;
 pub mod opamp;
 pub mod operator;
 pub mod routes;

@@ -72,6 +72,9 @@ struct RunArgs {
     /// Address of the API endpoint (`/healthz`, `/readyz`, `/api/v1/agents`).
     #[arg(long, env = "OPAMP_API_ADDR", default_value = "0.0.0.0:8080")]
     api_addr: SocketAddr,
+    /// Address of the metrics endpoint (`/metrics`, Prometheus text format).
+    #[arg(long, env = "OPAMP_METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    metrics_addr: SocketAddr,
     /// Admit agents without a token into this namespace (off by default).
     #[arg(long, env = "OPAMP_ANONYMOUS_AGENTS_NAMESPACE")]
     anonymous_agents_namespace: Option<String>,
@@ -185,6 +188,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = OperatorConfig {
         opamp_addr: args.opamp.opamp_addr,
         api_addr: args.api_addr,
+        metrics_addr: Some(args.metrics_addr),
         anonymous_namespace: args.anonymous_agents_namespace,
         namespaces: args.namespaces,
         fleet: args.opamp.fleet_config(),

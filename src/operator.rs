@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::controller::auth::TokenAuthenticator;
 use crate::controller::{Controller, Scope};
 use crate::fleet::{Fleet, FleetConfig};
+use crate::metrics::Metrics;
 use crate::opamp::{OpampServer, ServerConfig};
 use crate::routes::Routes;
 
@@ -19,8 +20,10 @@ use crate::routes::Routes;
 pub struct OperatorConfig {
     /// The OpAMP endpoint (`/v1/opamp`).
     pub opamp_addr: SocketAddr,
-    /// The API endpoint (`/healthz`, `/readyz`, later the dispatch API).
+    /// The API endpoint (`/healthz`, `/readyz`, `/api/v1/agents`, the dispatch API).
     pub api_addr: SocketAddr,
+    /// The metrics endpoint (`/metrics`); `None` serves none.
+    pub metrics_addr: Option<SocketAddr>,
     /// Admit agents without a token into this namespace.
     pub anonymous_namespace: Option<String>,
     /// Manage only these namespaces (default: all).
@@ -57,6 +60,7 @@ pub struct Operator {
     pub fleet: Fleet,
     pub opamp_addr: SocketAddr,
     pub api_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -140,11 +144,13 @@ impl Operator {
         let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
         let mut tasks = JoinSet::new();
 
-        let routes = Routes::new(fleet.clone());
+        let metrics = Metrics::new();
+        let routes = Routes::new(fleet.clone(), metrics.clone());
         fleet.set_custom_message_sink(routes.clone());
         tasks.spawn(routes.clone().run_expiry(shutdown.clone()));
         let scope = config.namespaces.clone().map(Scope::only).unwrap_or_default();
-        let controller = Controller::new(client, fleet.clone(), auth.clone(), routes.clone(), scope);
+        let controller =
+            Controller::new(client, fleet.clone(), auth.clone(), routes.clone(), scope, metrics.clone());
         tasks.spawn(controller.run(shutdown.clone(), ready_tx));
 
         let ready = ready_rx.clone();
@@ -180,7 +186,39 @@ impl Operator {
             }
         });
 
-        let server = OpampServer::with_auth(fleet.clone(), config.server.clone(), auth);
+        let metrics_addr = match config.metrics_addr {
+            Some(addr) => {
+                let listener = listen(addr).await?;
+                let bound = listener.local_addr().map_err(|source| Error::Listen { addr, source })?;
+                let (m, f, stop) = (metrics.clone(), fleet.clone(), shutdown.clone());
+                let app = axum::Router::new().route(
+                    "/metrics",
+                    get(move || {
+                        m.observe_fleet(&f);
+                        let body = m.encode();
+                        async move {
+                            (
+                                [(
+                                    axum::http::header::CONTENT_TYPE,
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                )],
+                                body,
+                            )
+                        }
+                    }),
+                );
+                tasks.spawn(async move {
+                    let serve = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { stop.cancelled().await });
+                    if let Err(e) = serve.await {
+                        tracing::error!(error = %e, "metrics endpoint failed");
+                    }
+                });
+                Some(bound)
+            }
+            None => None,
+        };
+        let server = OpampServer::with_auth(fleet.clone(), config.server.clone(), auth).with_metrics(metrics);
         let server_shutdown = server.shutdown_token();
         let stop = shutdown.clone();
         tasks.spawn(async move {
@@ -197,7 +235,7 @@ impl Operator {
                 tracing::error!(error = %e, "OpAMP endpoint failed");
             }
         });
-        Ok(Self { fleet, opamp_addr, api_addr, shutdown, tasks })
+        Ok(Self { fleet, opamp_addr, api_addr, metrics_addr, shutdown, tasks })
     }
 
     /// Stops everything: WebSockets close with 1001 so agents reconnect elsewhere.

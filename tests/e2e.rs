@@ -25,6 +25,7 @@ async fn start_operator(client: kube::Client, opamp_addr: &str, namespaces: &[&s
     let config = OperatorConfig {
         opamp_addr: opamp_addr.parse().unwrap(),
         api_addr: "127.0.0.1:0".parse().unwrap(),
+        metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
         anonymous_namespace: None,
         namespaces: Some(namespaces.iter().map(|s| s.to_string()).collect()),
         fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
@@ -161,6 +162,18 @@ async fn apply_edit_fail_and_status() {
     })
     .await;
     assert!(reasons.iter().any(|x| x == "RolloutStarted"), "{reasons:?}");
+
+    // Metrics tell the same story.
+    let url = format!("http://{}/metrics", op.metrics_addr.unwrap());
+    let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    for line in [
+        "opamp_agents_connected{transport=\"websocket\"} 4",
+        "opamp_remote_config_statuses{status=\"failed\"} 3",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
+    }
+    assert!(text.contains("opamp_messages_received_total{kind=\"report\"}"), "{text}");
+    assert!(text.contains("opamp_status_patches_total{state=\"ok\"}"), "{text}");
 
     go.stop().await;
     for a in [a1, a2, other] {
@@ -353,6 +366,7 @@ async fn an_unreachable_api_server_is_a_clear_error() {
     let cfg = OperatorConfig {
         opamp_addr: "127.0.0.1:0".parse().unwrap(),
         api_addr: "127.0.0.1:0".parse().unwrap(),
+        metrics_addr: None,
         anonymous_namespace: None,
         namespaces: None,
         fleet: FleetConfig::default(),

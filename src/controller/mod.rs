@@ -39,6 +39,7 @@ use crate::api::{
     AGENT_TOKEN_SECRET_TYPE, AgentConfig, AgentConfigStatus, CapabilitySlot, CapabilitySlotStatus,
 };
 use crate::fleet::{Changes, DesiredState, DesiredStateProvider, Fleet};
+use crate::metrics::{Metrics, StateLabel};
 use crate::opamp::Uid;
 use crate::proto::AgentDescription;
 use crate::routes::Routes;
@@ -101,6 +102,7 @@ struct Stores {
 pub struct Controller {
     client: Client,
     fleet: Fleet,
+    metrics: Arc<Metrics>,
     routes: Arc<Routes>,
     auth: Arc<TokenAuthenticator>,
     index: SharedIndex,
@@ -140,6 +142,7 @@ impl Controller {
         auth: Arc<TokenAuthenticator>,
         routes: Arc<Routes>,
         scope: Scope,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let index: SharedIndex = Arc::default();
         let rollouts: Rollouts = Arc::default();
@@ -153,6 +156,7 @@ impl Controller {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             fleet,
+            metrics,
             routes,
             auth,
             index,
@@ -268,6 +272,7 @@ impl Controller {
         }
         namespaces.retain(|ns| self.scope.contains(ns));
         for ns in namespaces {
+            let started = std::time::Instant::now();
             let in_ns = |o: &Option<String>| o.as_deref() == Some(ns.as_str());
             let configs: Vec<_> =
                 stores.agent_configs.state().into_iter().filter(|o| in_ns(&o.namespace())).collect();
@@ -300,6 +305,7 @@ impl Controller {
                 }
             }
             self.status_dirty.insert(ns);
+            self.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
         }
     }
 
@@ -422,7 +428,10 @@ impl Controller {
             "status": status,
         });
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        if let Err(e) = api.patch_status(&object.name_any(), &params, &Patch::Apply(&patch)).await {
+        let result = api.patch_status(&object.name_any(), &params, &Patch::Apply(&patch)).await;
+        let state = if result.is_ok() { "ok" } else { "error" };
+        self.metrics.status_patches.get_or_create(&StateLabel { state }).inc();
+        if let Err(e) = result {
             tracing::warn!(name = %object.name_any(), namespace = ?object.namespace(), error = %e, "status patch failed");
         }
     }

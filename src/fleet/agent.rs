@@ -107,6 +107,18 @@ impl Agent {
         }
     }
 
+    pub(super) fn view(&self) -> super::AgentView<'_> {
+        super::AgentView {
+            namespace: &self.namespace,
+            transport: self.transport(),
+            report: &self.session.report,
+            connected: self.link.is_online(),
+            awaiting_full_state: self.session.awaiting_full_state(),
+            desired: &self.desired,
+            last_seen: self.last_seen_wall,
+        }
+    }
+
     pub(super) fn snapshot(&self, uid: Uid) -> AgentSnapshot {
         AgentSnapshot {
             uid,

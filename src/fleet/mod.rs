@@ -482,16 +482,15 @@ impl Fleet {
     /// Reads one agent under its shard's lock, without copying: keep the closure short.
     pub fn inspect<R>(&self, uid: Uid, f: impl FnOnce(&AgentView<'_>) -> R) -> Option<R> {
         let shard = self.shard(&uid);
-        let agent = shard.agents.get(&uid)?;
-        Some(f(&AgentView {
-            namespace: &agent.namespace,
-            transport: agent.transport(),
-            report: &agent.session.report,
-            connected: agent.link.is_online(),
-            awaiting_full_state: agent.session.awaiting_full_state(),
-            desired: &agent.desired,
-            last_seen: agent.last_seen_wall,
-        }))
+        Some(f(&shard.agents.get(&uid)?.view()))
+    }
+
+    /// Visits every agent's view under its shard's lock: keep the closure short.
+    pub fn for_each_view(&self, mut f: impl FnMut(&AgentView<'_>)) {
+        for shard in self.inner.shards.iter() {
+            let shard = shard.lock().unwrap();
+            shard.agents.values().for_each(|a| f(&a.view()));
+        }
     }
 
     /// Visits every agent under its shard's lock: keep the closure short.

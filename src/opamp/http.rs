@@ -13,6 +13,9 @@ use super::codec::{self, DecodeError};
 use super::server::State;
 use super::ws::error_reply;
 use crate::fleet::{Rejection, Transport};
+use crate::metrics::{KindLabel, TransportLabel};
+
+const HTTP: TransportLabel = TransportLabel { transport: "http" };
 use crate::proto::{ServerErrorResponseType, ServerToAgent};
 
 pub(super) const PROTOBUF: &str = "application/x-protobuf";
@@ -26,8 +29,12 @@ pub(super) async fn post(
     let gzip_ok = accepts_gzip(&headers);
     let tenant = match state.auth.authenticate(&headers) {
         Ok(t) => t,
-        Err(e) => return unauthorized(e),
+        Err(e) => {
+            state.metrics.rejected_agents.get_or_create(&KindLabel { kind: "unauthorized" }).inc();
+            return unauthorized(e);
+        }
     };
+    let decode_error = || state.metrics.decode_errors.get_or_create(&HTTP).inc();
     if !is_protobuf(&headers) {
         return reply(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -38,18 +45,32 @@ pub(super) async fn post(
     let limit = state.config.max_message_bytes;
     let raw = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
-        Err(_) => return too_large(limit, gzip_ok),
+        Err(_) => {
+            decode_error();
+            return too_large(limit, gzip_ok);
+        }
     };
     let msg = match decode_body(&headers, raw, limit) {
         Ok(msg) => msg,
-        Err(DecodeError::TooLarge { limit }) => return too_large(limit, gzip_ok),
-        Err(e) => return reply(StatusCode::BAD_REQUEST, &bad_request(e.to_string()), gzip_ok),
+        Err(DecodeError::TooLarge { limit }) => {
+            decode_error();
+            return too_large(limit, gzip_ok);
+        }
+        Err(e) => {
+            decode_error();
+            return reply(StatusCode::BAD_REQUEST, &bad_request(e.to_string()), gzip_ok);
+        }
     };
     let uid = msg.instance_uid.clone();
+    state.metrics.messages_in.get_or_create(&KindLabel { kind: super::server::kind(&msg) }).inc();
     let mut conn = state.fleet.connection(Transport::Http, tenant);
     match state.fleet.handle(&mut conn, msg) {
-        Ok(out) => reply(StatusCode::OK, &out, gzip_ok),
+        Ok(out) => {
+            state.metrics.messages_out.get_or_create(&KindLabel { kind: "reply" }).inc();
+            reply(StatusCode::OK, &out, gzip_ok)
+        }
         Err(rejection @ Rejection::AtCapacity { retry_after, .. }) => {
+            state.metrics.rejected_agents.get_or_create(&KindLabel { kind: "at_capacity" }).inc();
             let mut out =
                 error_reply(ServerErrorResponseType::Unavailable, rejection.to_string(), Some(retry_after));
             out.instance_uid = uid;

@@ -10,6 +10,28 @@ use tokio_util::sync::CancellationToken;
 
 use super::auth::{AdmitAll, Authenticator};
 use crate::fleet::{Fleet, Tenant};
+use crate::metrics::Metrics;
+use crate::proto::AgentToServer;
+
+/// The metrics label of an incoming message.
+pub(super) fn kind(msg: &AgentToServer) -> &'static str {
+    if msg.agent_disconnect.is_some() {
+        "disconnect"
+    } else if msg.custom_message.is_some() {
+        "custom_message"
+    } else if msg.agent_description.is_some()
+        || msg.health.is_some()
+        || msg.effective_config.is_some()
+        || msg.remote_config_status.is_some()
+        || msg.package_statuses.is_some()
+        || msg.custom_capabilities.is_some()
+        || msg.available_components.is_some()
+    {
+        "report"
+    } else {
+        "heartbeat"
+    }
+}
 
 pub const OPAMP_PATH: &str = "/v1/opamp";
 
@@ -39,6 +61,7 @@ impl Default for ServerConfig {
 
 pub(super) struct State {
     pub(super) fleet: Fleet,
+    pub(super) metrics: Arc<Metrics>,
     pub(super) auth: Arc<dyn Authenticator>,
     pub(super) config: ServerConfig,
     pub(super) shutdown: CancellationToken,
@@ -57,7 +80,14 @@ impl OpampServer {
     }
 
     pub fn with_auth(fleet: Fleet, config: ServerConfig, auth: Arc<dyn Authenticator>) -> Self {
-        Self { state: Arc::new(State { fleet, auth, config, shutdown: CancellationToken::new() }) }
+        let metrics = Arc::default();
+        Self { state: Arc::new(State { fleet, metrics, auth, config, shutdown: CancellationToken::new() }) }
+    }
+
+    /// Counts into these metrics (each server has its own otherwise).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        Arc::get_mut(&mut self.state).expect("set before the server is cloned or served").metrics = metrics;
+        self
     }
 
     pub fn fleet(&self) -> &Fleet {

@@ -13,6 +13,9 @@ use super::codec;
 use super::http::unauthorized;
 use super::server::State;
 use crate::fleet::{Connection, Rejection, Transport};
+use crate::metrics::{KindLabel, TransportLabel};
+
+const WS: TransportLabel = TransportLabel { transport: "websocket" };
 use crate::proto::{ServerErrorResponse, ServerErrorResponseType, ServerToAgent, server_error_response};
 
 /// `GET /v1/opamp` with an upgrade.
@@ -23,7 +26,10 @@ pub(super) async fn upgrade(
 ) -> Response {
     let tenant = match state.auth.authenticate(&headers) {
         Ok(t) => t,
-        Err(e) => return unauthorized(e),
+        Err(e) => {
+            state.metrics.rejected_agents.get_or_create(&KindLabel { kind: "unauthorized" }).inc();
+            return unauthorized(e);
+        }
     };
     let limit = state.config.max_message_bytes;
     ws.read_buffer_size(state.config.ws_read_buffer_bytes)
@@ -62,11 +68,20 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
                     // Keep reading: tungstenite answers the close, and the stream then ends.
                     Some(Ok(Message::Close(_))) => Step::Continue,
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => Step::Continue,
-                    Some(Err(e)) => read_error(e),
+                    Some(Err(e)) => {
+                        let step = read_error(e);
+                        if let Step::Close(close_code::SIZE, _) = step {
+                            state.metrics.decode_errors.get_or_create(&WS).inc();
+                        }
+                        step
+                    }
                 }
             }
             _ = notify.notified() => match state.fleet.poll_push(&conn) {
-                Some(msg) => send(&mut socket, &state, &msg).await,
+                Some(msg) => {
+                    state.metrics.messages_out.get_or_create(&KindLabel { kind: "push" }).inc();
+                    send(&mut socket, &state, &msg).await
+                }
                 None => Step::Continue,
             },
             _ = sleep_until(last_heard + ping_every * if pinged { 3 } else { 1 }) => {
@@ -91,22 +106,26 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
 }
 
 async fn on_frame(socket: &mut WebSocket, state: &State, conn: &mut Connection, data: bytes::Bytes) -> Step {
+    let metrics = &state.metrics;
     let msg = match codec::decode_ws(data) {
         Ok(msg) => msg,
         Err(e) => {
             tracing::debug!(error = %e, "undecodable frame");
-            return send(
-                socket,
-                state,
-                &error_reply(ServerErrorResponseType::BadRequest, e.to_string(), None),
-            )
-            .await;
+            metrics.decode_errors.get_or_create(&WS).inc();
+            metrics.messages_out.get_or_create(&KindLabel { kind: "error" }).inc();
+            let reply = error_reply(ServerErrorResponseType::BadRequest, e.to_string(), None);
+            return send(socket, state, &reply).await;
         }
     };
     let uid = msg.instance_uid.clone();
+    metrics.messages_in.get_or_create(&KindLabel { kind: super::server::kind(&msg) }).inc();
     match state.fleet.handle(conn, msg) {
-        Ok(reply) => send(socket, state, &reply).await,
+        Ok(reply) => {
+            metrics.messages_out.get_or_create(&KindLabel { kind: "reply" }).inc();
+            send(socket, state, &reply).await
+        }
         Err(rejection @ Rejection::AtCapacity { retry_after, .. }) => {
+            metrics.rejected_agents.get_or_create(&KindLabel { kind: "at_capacity" }).inc();
             let mut reply =
                 error_reply(ServerErrorResponseType::Unavailable, rejection.to_string(), Some(retry_after));
             reply.instance_uid = uid;

@@ -27,6 +27,7 @@ use super::Routes;
 use crate::api::AgentSelector;
 use crate::controller::index::attribute;
 use crate::fleet::{EnqueueError, Ticket, TicketState, Transport};
+use crate::metrics::StateLabel;
 use crate::opamp::Uid;
 use crate::opamp::auth::bearer_token;
 use crate::proto::CustomMessage;
@@ -274,6 +275,10 @@ async fn dispatch(
                             TicketState::Sent => c.sent(),
                             TicketState::Expired => {
                                 c.expired.fetch_add(1, Ordering::Relaxed);
+                                r.metrics
+                                    .dispatch_results
+                                    .get_or_create(&StateLabel { state: "expired" })
+                                    .inc();
                             }
                             TicketState::Queued => {}
                         }
@@ -322,6 +327,10 @@ async fn dispatch(
     let accepted = results.iter().any(|t| t.ticket.is_some());
     if !accepted && full > 0 && full == results.len() {
         return error(StatusCode::TOO_MANY_REQUESTS, "every target agent's queue is full; retry later");
+    }
+    for t in &results {
+        let state = if t.ticket.is_some() { "accepted" } else { "rejected" };
+        routes.metrics.dispatch_results.get_or_create(&StateLabel { state }).inc();
     }
     let record = Arc::new(Record { id: id.clone(), targets: results });
     if !routes.dispatches.insert(key, record.clone()) {

@@ -15,6 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{AgentSelector, DownstreamStatus, UpstreamStatus};
 use crate::fleet::Fleet;
+use crate::metrics::{Metrics, StateLabel};
 
 /// A slot's settings, resolved (Secrets read).
 #[derive(Debug, Clone, PartialEq)]
@@ -142,6 +143,7 @@ struct Slot {
 /// The routes of every slot, by namespace and name and by namespace and capability.
 pub struct Routes {
     fleet: Fleet,
+    pub(crate) metrics: Arc<Metrics>,
     http: reqwest::Client,
     slots: RwLock<HashMap<Key, Slot>>,
     by_capability: RwLock<HashMap<Key, Key>>,
@@ -153,9 +155,10 @@ pub struct Routes {
 }
 
 impl Routes {
-    pub fn new(fleet: Fleet) -> Arc<Self> {
+    pub fn new(fleet: Fleet, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self {
             fleet,
+            metrics,
             http: reqwest::Client::builder().build().expect("HTTP client builds"),
             slots: RwLock::default(),
             by_capability: RwLock::default(),
@@ -228,6 +231,10 @@ impl Routes {
     /// The counters of a slot, if it is routed.
     pub fn counters(&self, namespace: &str, name: &str) -> Option<Arc<SlotCounters>> {
         self.route(namespace, name).map(|(_, c)| c)
+    }
+
+    pub(crate) fn count_upstream(&self, state: &'static str) {
+        self.metrics.custom_messages_upstream.get_or_create(&StateLabel { state }).inc();
     }
 
     pub(crate) fn touch(&self, namespace: &str) {

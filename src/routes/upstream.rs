@@ -82,7 +82,8 @@ async fn run(
             let (r, c, http, routes) =
                 (route.read().unwrap().clone(), counters.clone(), routes.http.clone(), routes.clone());
             in_flight.spawn(async move {
-                deliver(&http, &r, &c, d).await;
+                let outcome = deliver(&http, &r, &c, &routes, d).await;
+                routes.count_upstream(outcome);
                 routes.touch(&r.namespace);
                 agent
             });
@@ -124,17 +125,24 @@ pub fn signature(key: &[u8], body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-async fn deliver(http: &reqwest::Client, route: &SlotRoute, counters: &SlotCounters, mut d: Delivery) {
+/// Delivers one message with retries; returns the outcome's metrics label.
+async fn deliver(
+    http: &reqwest::Client,
+    route: &SlotRoute,
+    counters: &SlotCounters,
+    routes: &Routes,
+    mut d: Delivery,
+) -> &'static str {
     let Some(cb) = &route.callback else {
         counters.failed("the slot has no callback".into());
-        return;
+        return "failed";
     };
     let key = match &cb.signing_key {
         None => None,
         Some(Ok(k)) => Some(k.as_slice()),
         Some(Err(missing)) => {
             counters.failed(format!("cannot sign: {missing}"));
-            return;
+            return "failed";
         }
     };
     let mut last_error = String::new();
@@ -149,10 +157,13 @@ async fn deliver(http: &reqwest::Client, route: &SlotRoute, counters: &SlotCount
         if let Some(key) = key {
             req = req.header(SIGNATURE_HEADER, signature(key, &body));
         }
-        match req.body(body).send().await {
+        let started = std::time::Instant::now();
+        let result = req.body(body).send().await;
+        routes.metrics.callback_duration.observe(started.elapsed().as_secs_f64());
+        match result {
             Ok(resp) if resp.status().is_success() => {
                 counters.delivered();
-                return;
+                return "delivered";
             }
             Ok(resp) => last_error = format!("callback answered {}", resp.status()),
             Err(e) if e.is_timeout() => last_error = format!("callback timed out after {:?}", cb.timeout),
@@ -166,18 +177,21 @@ async fn deliver(http: &reqwest::Client, route: &SlotRoute, counters: &SlotCount
     tracing::info!(slot = %route.name, namespace = %route.namespace, id = %d.id, error = %last_error, "custom message not delivered");
     counters
         .failed(format!("message {} not delivered after {} attempts: {last_error}", d.id, cb.max_attempts));
+    "failed"
 }
 
 impl CustomMessageSink for Routes {
     fn on_custom_message(&self, uid: Uid, namespace: &Arc<str>, message: CustomMessage) {
         let Some((route, counters, sender)) = self.by_capability(namespace, &message.capability) else {
             self.unrouted.fetch_add(1, Ordering::Relaxed);
+            self.count_upstream("unrouted");
             tracing::debug!(agent = %uid, capability = %message.capability, "custom message of a capability no slot routes");
             return;
         };
         counters.received.fetch_add(1, Ordering::Relaxed);
         self.touch(namespace);
         if !route.allows(&message.r#type) {
+            self.count_upstream("refused");
             counters.failed(format!(
                 "message type {:?} is not in messageTypes of slot {}",
                 message.r#type, route.name
@@ -211,6 +225,7 @@ impl CustomMessageSink for Routes {
         });
         let serde_json::Value::Object(envelope) = envelope else { unreachable!("a JSON object") };
         if sender.try_send(Delivery { agent: uid, id, envelope }).is_err() {
+            self.count_upstream("queue_full");
             counters.failed(format!(
                 "the callback queue of slot {} is full ({QUEUE_LIMIT} messages)",
                 route.name
