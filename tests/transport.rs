@@ -340,3 +340,19 @@ async fn concurrent_agents_on_both_transports_all_apply_their_config() {
     assert_eq!(server.fleet.connected_count(), n * 2);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn http_bodies_up_to_the_configured_limit_are_accepted() {
+    // 3 MiB: above common framework defaults (2 MB), within our 4 MiB default.
+    let server = TestServer::start_default().await;
+    let http = HttpClient::new(&server.http_url(), None, false);
+    let mut agent = SimAgent::new(AgentSpec::new("big"));
+    let mut msg = agent.full_state();
+    let files = &mut msg.effective_config.as_mut().unwrap().config_map.as_mut().unwrap().config_map;
+    files.get_mut("agent.yaml").unwrap().body = Bytes::from(vec![b'x'; 3 << 20]);
+    let reply = http.send(&msg).await.unwrap();
+    assert_eq!(reply.status, 200);
+    let stored = server.fleet.agent(agent.uid()).unwrap().report.effective_config.unwrap();
+    assert_eq!(stored.config_map.unwrap().config_map["agent.yaml"].body.len(), 3 << 20);
+    server.stop().await;
+}

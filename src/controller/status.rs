@@ -192,6 +192,15 @@ impl<'a> NamespaceStatus<'a> {
             .map(|(i, slot)| {
                 let current = slot.status.clone().unwrap_or_default();
                 let owner = self.index.slots.conflicting.get(&slot.name_any());
+                let route = routes.route(&slot.namespace().unwrap_or_default(), &slot.name_any());
+                let missing: Vec<String> = route
+                    .iter()
+                    .flat_map(|(r, _)| {
+                        let signing = r.callback.as_ref().and_then(|c| c.signing_key.as_ref());
+                        let token = r.dispatch.as_ref().map(|d| &d.token);
+                        signing.into_iter().chain(token).filter_map(|k| k.as_ref().err().cloned())
+                    })
+                    .collect();
                 let desired = match owner {
                     Some(owner) => vec![
                         Desired::new(
@@ -210,6 +219,10 @@ impl<'a> NamespaceStatus<'a> {
                             format!("CapabilitySlot {owner} owns capability {}", slot.spec.capability),
                         ),
                     ],
+                    None if !missing.is_empty() => vec![
+                        Desired::new(CONFLICT, false, "NoConflict", ""),
+                        Desired::new(READY, false, "ReferenceNotFound", missing.join("; ")),
+                    ],
                     None => vec![
                         Desired::new(CONFLICT, false, "NoConflict", ""),
                         Desired::new(
@@ -221,7 +234,7 @@ impl<'a> NamespaceStatus<'a> {
                     ],
                 };
                 let generation = slot.metadata.generation;
-                let counters = routes.counters(&slot.namespace().unwrap_or_default(), &slot.name_any());
+                let counters = route.map(|(_, c)| c);
                 CapabilitySlotStatus {
                     observed_generation: generation,
                     supporting_agents: self.supporting[i],

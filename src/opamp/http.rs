@@ -43,11 +43,13 @@ pub(super) async fn post(
         );
     }
     let limit = state.config.max_message_bytes;
-    let raw = match axum::body::to_bytes(body, limit).await {
+    let raw = match read_body(body, limit).await {
         Ok(b) => b,
-        Err(_) => {
+        Err(e) => {
             decode_error();
-            return too_large(limit, gzip_ok);
+            let mut resp = too_large(limit, gzip_ok);
+            e.close_if_undrained(&mut resp);
+            return resp;
         }
     };
     let msg = match decode_body(&headers, raw, limit) {
@@ -80,6 +82,40 @@ pub(super) async fn post(
             resp
         }
     }
+}
+
+/// A body over the limit.
+pub(crate) struct TooLarge {
+    /// Whether the whole body was read (and dropped): then the connection can be reused.
+    pub(crate) drained: bool,
+}
+
+impl TooLarge {
+    /// Marks a reply to an undrained body: the connection cannot carry another request.
+    pub(crate) fn close_if_undrained(&self, resp: &mut Response) {
+        if !self.drained {
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+}
+
+/// Reads a body of at most `limit` bytes. A larger one is read on (and dropped) up to eight
+/// times the limit, so that a client still writing gets to read the 413, not a broken pipe.
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, TooLarge> {
+    use futures_util::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut buf = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let Ok(chunk) = chunk else { return Err(TooLarge { drained: false }) };
+        seen += chunk.len();
+        if seen <= limit {
+            buf.extend_from_slice(&chunk);
+        } else if seen > limit.saturating_mul(8) {
+            return Err(TooLarge { drained: false });
+        }
+    }
+    if seen > limit { Err(TooLarge { drained: true }) } else { Ok(buf.freeze()) }
 }
 
 fn decode_body(
@@ -121,14 +157,11 @@ fn bad_request(message: String) -> ServerToAgent {
 }
 
 fn too_large(limit: usize, gzip_ok: bool) -> Response {
-    let mut resp = reply(
+    reply(
         StatusCode::PAYLOAD_TOO_LARGE,
         &bad_request(format!("message exceeds the limit of {limit} bytes")),
         gzip_ok,
-    );
-    // The rest of the body may be unread: the connection cannot be reused.
-    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-    resp
+    )
 }
 
 /// A protobuf response: every reply carries the protobuf content type, gzip when accepted.

@@ -9,5 +9,6 @@ mod uid;
 mod ws;
 
 pub use auth::{AuthError, Authenticator};
+pub(crate) use http::read_body;
 pub use server::{OPAMP_PATH, OpampServer, ServerConfig};
 pub use uid::{ParseUidError, Uid};

@@ -103,6 +103,8 @@ impl OpampServer {
     pub fn router(&self) -> Router {
         Router::new()
             .route(OPAMP_PATH, get(super::ws::upgrade).post(super::http::post))
+            // max_message_bytes is enforced by hand (axum's default would cap bodies at 2 MB)
+            .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(self.state.clone())
     }
 

@@ -171,6 +171,7 @@ pub fn router(routes: Arc<Routes>) -> Router {
     Router::new()
         .route("/api/v1/namespaces/{ns}/capabilityslots/{name}/messages", post(dispatch))
         .route("/api/v1/namespaces/{ns}/capabilityslots/{name}/messages/{id}", get(status))
+        .layer(axum::extract::DefaultBodyLimit::disable()) // MAX_BODY_BYTES is enforced by hand
         .with_state(routes)
 }
 
@@ -211,13 +212,14 @@ async fn dispatch(
         Err(refusal) => return refusal.into_response(),
     };
     let dispatch = route.dispatch.clone().expect("checked by authorize");
-    let Ok(body) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
-        // The rest of the body is not read: the connection cannot be reused.
-        let mut resp =
-            error(StatusCode::PAYLOAD_TOO_LARGE, format!("the body exceeds {MAX_BODY_BYTES} bytes"));
-        resp.headers_mut()
-            .insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
-        return resp;
+    let body = match crate::opamp::read_body(body, MAX_BODY_BYTES).await {
+        Ok(body) => body,
+        Err(e) => {
+            let mut resp =
+                error(StatusCode::PAYLOAD_TOO_LARGE, format!("the body exceeds {MAX_BODY_BYTES} bytes"));
+            e.close_if_undrained(&mut resp);
+            return resp;
+        }
     };
     let req: DispatchRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,

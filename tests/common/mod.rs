@@ -2,6 +2,7 @@
 //! conditions with deadlines (never sleep-and-hope).
 #![allow(dead_code)]
 
+pub mod callback;
 pub mod cluster;
 pub mod goagent;
 pub mod simrun;
