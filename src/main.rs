@@ -99,6 +99,13 @@ struct OpampArgs {
     /// intervals count as disconnected).
     #[arg(long, env = "OPAMP_HEARTBEAT_SECONDS", default_value_t = 30)]
     heartbeat_seconds: u64,
+    /// PEM certificate (chain) for TLS on the OpAMP endpoint (wss://, https://); reloaded when
+    /// the file changes.
+    #[arg(long, env = "OPAMP_TLS_CERT_FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<std::path::PathBuf>,
+    /// PEM private key for --tls-cert-file.
+    #[arg(long, env = "OPAMP_TLS_KEY_FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<std::path::PathBuf>,
 }
 
 fn init_logging(format: LogFormat) {
@@ -191,6 +198,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics_addr: Some(args.metrics_addr),
         anonymous_namespace: args.anonymous_agents_namespace,
         namespaces: args.namespaces,
+        tls: args.opamp.tls(),
         fleet: args.opamp.fleet_config(),
         server: args.opamp.server_config(),
     };
@@ -201,6 +209,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 impl OpampArgs {
+    fn tls(&self) -> Option<opamp_operator::opamp::TlsFiles> {
+        Some(opamp_operator::opamp::TlsFiles {
+            cert: self.tls_cert_file.clone()?,
+            key: self.tls_key_file.clone()?,
+        })
+    }
+
     fn fleet_config(&self) -> FleetConfig {
         FleetConfig {
             max_agents: self.max_agents,
@@ -231,7 +246,10 @@ async fn serve(args: OpampArgs) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         shutdown.cancel();
     });
-    server.serve(listener).await?;
+    match args.tls() {
+        Some(files) => server.serve_tls(listener, files).await?,
+        None => server.serve(listener).await?,
+    }
     Ok(())
 }
 

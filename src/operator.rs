@@ -13,7 +13,8 @@ use crate::controller::auth::TokenAuthenticator;
 use crate::controller::{Controller, Scope};
 use crate::fleet::{Fleet, FleetConfig};
 use crate::metrics::Metrics;
-use crate::opamp::{OpampServer, ServerConfig};
+use crate::opamp::tls::TlsError;
+use crate::opamp::{OpampServer, ServerConfig, TlsFiles};
 use crate::routes::Routes;
 
 #[derive(Debug, Clone)]
@@ -28,6 +29,8 @@ pub struct OperatorConfig {
     pub anonymous_namespace: Option<String>,
     /// Manage only these namespaces (default: all).
     pub namespaces: Option<Vec<String>>,
+    /// Serve OpAMP over TLS with this certificate and key (reloaded when they change).
+    pub tls: Option<TlsFiles>,
     pub fleet: FleetConfig,
     pub server: ServerConfig,
 }
@@ -42,6 +45,8 @@ pub enum Error {
     CrdsMissing(&'static str),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 impl Error {
@@ -51,6 +56,7 @@ impl Error {
             Error::Unreachable(_) => "unreachable",
             Error::CrdsMissing(_) => "crds_missing",
             Error::Listen { .. } => "listen",
+            Error::Tls(_) => "tls",
         }
     }
 }
@@ -218,6 +224,10 @@ impl Operator {
             }
             None => None,
         };
+        if let Some(files) = &config.tls {
+            files.load().await?; // fail at start, clearly, on a bad certificate
+        }
+        let tls = config.tls.clone();
         let server = OpampServer::with_auth(fleet.clone(), config.server.clone(), auth).with_metrics(metrics);
         let server_shutdown = server.shutdown_token();
         let stop = shutdown.clone();
@@ -231,7 +241,11 @@ impl Operator {
                 stop.cancelled().await;
                 server_shutdown.cancel();
             });
-            if let Err(e) = server.serve(opamp_listener).await {
+            let result = match tls {
+                Some(files) => server.serve_tls(opamp_listener, files).await.map_err(|e| e.to_string()),
+                None => server.serve(opamp_listener).await.map_err(|e| e.to_string()),
+            };
+            if let Err(e) = result {
                 tracing::error!(error = %e, "OpAMP endpoint failed");
             }
         });

@@ -309,6 +309,7 @@ async fn start_operator(
         api_addr: "127.0.0.1:0".parse().unwrap(),
         metrics_addr: None,
         anonymous_namespace: None,
+        tls: None,
         namespaces: Some(namespaces.to_vec()),
         fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
         server: ServerConfig::default(),

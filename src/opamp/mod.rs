@@ -5,10 +5,12 @@ pub mod codec;
 mod http;
 pub mod server;
 pub mod session;
+pub mod tls;
 mod uid;
 mod ws;
 
 pub use auth::{AuthError, Authenticator};
 pub(crate) use http::read_body;
 pub use server::{OPAMP_PATH, OpampServer, ServerConfig};
+pub use tls::TlsFiles;
 pub use uid::{ParseUidError, Uid};

@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::{AdmitAll, Authenticator};
+use super::tls::{TlsError, TlsFiles};
 use crate::fleet::{Fleet, Tenant};
 use crate::metrics::Metrics;
 use crate::proto::AgentToServer;
@@ -117,5 +118,29 @@ impl OpampServer {
             .await;
         sweeper.abort();
         result
+    }
+
+    /// Serves over TLS (wss:// and https://), reloading the certificate when its files change.
+    pub async fn serve_tls(self, listener: TcpListener, tls: TlsFiles) -> Result<(), TlsError> {
+        let config = tls.load().await?;
+        let shutdown = self.state.shutdown.clone();
+        let sweeper = tokio::spawn(self.state.fleet.clone().run_sweeper(shutdown.clone()));
+        let watcher =
+            tokio::spawn(tls.clone().watch(config.clone(), Duration::from_secs(2), shutdown.clone()));
+        let handle = axum_server::Handle::new();
+        let h = handle.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            h.graceful_shutdown(Some(Duration::from_secs(10)));
+        });
+        let listener = listener.into_std().map_err(|e| tls.io_error(e))?;
+        let result = axum_server::from_tcp_rustls(listener, config)
+            .map_err(|e| tls.io_error(e))?
+            .handle(handle)
+            .serve(self.router().into_make_service())
+            .await;
+        sweeper.abort();
+        watcher.abort();
+        result.map_err(|e| tls.io_error(e))
     }
 }
