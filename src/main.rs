@@ -81,6 +81,15 @@ struct RunArgs {
     /// Manage only these namespaces (comma-separated; default: all).
     #[arg(long, env = "OPAMP_NAMESPACES", value_delimiter = ',')]
     namespaces: Option<Vec<String>>,
+    /// Elect a leader among replicas through a Lease (only the leader writes status).
+    #[arg(long, env = "OPAMP_LEADER_ELECTION")]
+    leader_election: bool,
+    /// Namespace of the Lease (default: the pod's namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    leader_election_namespace: String,
+    /// This replica's identity in the Lease (default: the pod name, else the host name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
 }
 
 /// The OpAMP endpoint's settings, shared by `run` and `serve`.
@@ -199,6 +208,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         anonymous_namespace: args.anonymous_agents_namespace,
         namespaces: args.namespaces,
         tls: args.opamp.tls(),
+        leader_election: args.leader_election.then(|| {
+            let identity = args.identity.clone().unwrap_or_else(|| {
+                let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+                format!("{}-{}", host.trim(), uuid::Uuid::new_v4().simple())
+            });
+            opamp_operator::controller::leader::LeaderElectionConfig::new(
+                &args.leader_election_namespace,
+                &identity,
+            )
+        }),
         fleet: args.opamp.fleet_config(),
         server: args.opamp.server_config(),
     };

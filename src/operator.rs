@@ -10,6 +10,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::controller::auth::TokenAuthenticator;
+use crate::controller::leader::{self, LeaderElectionConfig};
 use crate::controller::{Controller, Scope};
 use crate::fleet::{Fleet, FleetConfig};
 use crate::metrics::Metrics;
@@ -31,6 +32,8 @@ pub struct OperatorConfig {
     pub namespaces: Option<Vec<String>>,
     /// Serve OpAMP over TLS with this certificate and key (reloaded when they change).
     pub tls: Option<TlsFiles>,
+    /// Elect a leader among replicas (only the leader writes status); `None`: always lead.
+    pub leader_election: Option<LeaderElectionConfig>,
     pub fleet: FleetConfig,
     pub server: ServerConfig,
 }
@@ -155,8 +158,19 @@ impl Operator {
         fleet.set_custom_message_sink(routes.clone());
         tasks.spawn(routes.clone().run_expiry(shutdown.clone()));
         let scope = config.namespaces.clone().map(Scope::only).unwrap_or_default();
-        let controller =
-            Controller::new(client, fleet.clone(), auth.clone(), routes.clone(), scope, metrics.clone());
+        let mut controller = Controller::new(
+            client.clone(),
+            fleet.clone(),
+            auth.clone(),
+            routes.clone(),
+            scope,
+            metrics.clone(),
+        );
+        if let Some(election) = config.leader_election.clone() {
+            let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
+            controller = controller.with_leadership(leader_rx);
+            tasks.spawn(leader::run(client, election, leader_tx, shutdown.clone()));
+        }
         tasks.spawn(controller.run(shutdown.clone(), ready_tx));
 
         let ready = ready_rx.clone();
@@ -256,6 +270,12 @@ impl Operator {
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Stops at once without any cleanup, as a crash would (the Lease is not released).
+    pub fn kill(mut self) {
+        self.tasks.abort_all();
+        self.shutdown.cancel();
     }
 
     /// Runs until `signal` resolves, then stops.

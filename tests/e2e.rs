@@ -28,6 +28,7 @@ async fn start_operator(client: kube::Client, opamp_addr: &str, namespaces: &[&s
         metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
         anonymous_namespace: None,
         tls: None,
+        leader_election: None,
         namespaces: Some(namespaces.iter().map(|s| s.to_string()).collect()),
         fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
         server: ServerConfig::default(),
@@ -370,6 +371,7 @@ async fn an_unreachable_api_server_is_a_clear_error() {
         metrics_addr: None,
         anonymous_namespace: None,
         tls: None,
+        leader_election: None,
         namespaces: None,
         fleet: FleetConfig::default(),
         server: ServerConfig::default(),
@@ -377,4 +379,78 @@ async fn an_unreachable_api_server_is_a_clear_error() {
     let err = within(T, "start fails", Operator::start(client, cfg)).await.err().expect("refused");
     assert_eq!(err.category(), "unreachable");
     assert!(err.to_string().starts_with("cannot reach the Kubernetes API"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_writes_status_and_a_follower_takes_over() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use opamp_operator::controller::leader::LeaderElectionConfig;
+    let _serial = SERIAL.lock().await;
+    let ns = TestNamespace::new("e2e-leader").await;
+    install_crds(&ns.client).await;
+    ns.apply_yaml(&token_secret("agents", "tok-leader")).await.unwrap();
+    let replica = |identity: &str| {
+        let mut election = LeaderElectionConfig::new(&ns.name, identity);
+        election.lease_duration = Duration::from_secs(3);
+        election.renew_every = Duration::from_millis(500);
+        OperatorConfig {
+            opamp_addr: "127.0.0.1:0".parse().unwrap(),
+            api_addr: "127.0.0.1:0".parse().unwrap(),
+            metrics_addr: None,
+            anonymous_namespace: None,
+            tls: None,
+            leader_election: Some(election),
+            namespaces: Some(vec![ns.name.clone()]),
+            fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
+            server: ServerConfig::default(),
+        }
+    };
+    let leases: kube::Api<Lease> = ns.api();
+    let holder = |name: &'static str| {
+        let leases = leases.clone();
+        async move {
+            eventually(T, &format!("{name} holds the Lease"), || async {
+                let lease = leases.get("opamp-operator").await.ok()?;
+                (lease.spec?.holder_identity.as_deref() == Some(name)).then_some(())
+            })
+            .await
+        }
+    };
+    let first =
+        within(T, "first replica", Operator::start(ns.client.clone(), replica("replica-1"))).await.unwrap();
+    holder("replica-1").await;
+    let second =
+        within(T, "second replica", Operator::start(ns.client.clone(), replica("replica-2"))).await.unwrap();
+
+    // Every replica serves OpAMP: the agent talks to the follower, which gives it its config.
+    let url = format!("ws://{}/v1/opamp", second.opamp_addr);
+    let agent = RunningAgent::spawn(url, Some("tok-leader".into()), spec("edge"));
+    ns.apply_yaml(&agent_config("edge", "{}", &inline("edge.yaml", "leader: test"), "")).await.unwrap();
+    eventually(T, "the follower serves the config", || async {
+        (agent.effective("edge.yaml").as_deref() == Some("leader: test\n")).then_some(())
+    })
+    .await;
+    // Only the leader writes status, and it does not hold the agent.
+    let s = status_where(&ns, "edge", "written by the leader", |s| s.observed_generation == Some(1)).await;
+    assert_eq!(s.selected_agents, 0, "the follower wrote status: {s:?}");
+    eventually(T, "the agent reported APPLIED to the follower", || async {
+        let a = second.fleet.agent(agent.uid)?;
+        (a.report.remote_config_status?.status == opamp_operator::proto::RemoteConfigStatuses::Applied as i32)
+            .then_some(())
+    })
+    .await;
+    let again = ns.api::<AgentConfig>().get("edge").await.unwrap().status.unwrap();
+    assert_eq!(again.selected_agents, 0, "the follower wrote status: {again:?}");
+
+    // The leader crashes (the Lease is not released): the follower takes over once the Lease
+    // expires, and writes what it sees.
+    let crashed = std::time::Instant::now();
+    first.kill();
+    holder("replica-2").await;
+    eprintln!("failover after a crash took {:?} (lease duration 3 s)", crashed.elapsed());
+    let s = status_where(&ns, "edge", "written by the new leader", |s| s.applied_agents == 1).await;
+    assert_eq!(s.selected_agents, 1);
+    agent.stop().await;
+    second.stop().await;
+    ns.cleanup().await;
 }

@@ -310,6 +310,7 @@ async fn start_operator(
         metrics_addr: None,
         anonymous_namespace: None,
         tls: None,
+        leader_election: None,
         namespaces: Some(namespaces.to_vec()),
         fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
         server: ServerConfig::default(),

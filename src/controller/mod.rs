@@ -8,6 +8,7 @@
 //! Status is recomputed for namespaces whose agents or objects changed, at most once a second.
 pub mod auth;
 pub mod index;
+pub mod leader;
 pub mod merge;
 pub mod rollout;
 pub mod status;
@@ -115,6 +116,8 @@ pub struct Controller {
     status_dirty: HashSet<String>,
     failure_since: HashMap<String, HashMap<(Uid, Bytes), Time>>,
     scope: Scope,
+    /// Only the leader writes status and events (always true without leader election).
+    leader: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The namespaces an operator manages (all by default).
@@ -167,7 +170,14 @@ impl Controller {
             status_dirty: HashSet::new(),
             failure_since: HashMap::new(),
             scope,
+            leader: tokio::sync::watch::channel(true).1,
         }
+    }
+
+    /// Writes status only while `leader` says so (see [`leader::run`]).
+    pub fn with_leadership(mut self, leader: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.leader = leader;
+        self
     }
 
     /// Runs until `shutdown`; `ready` flips to true once every cache is synced.
@@ -218,6 +228,14 @@ impl Controller {
                 _ = fleet.changed() => {}
                 _ = tick.tick() => {
                     self.status_dirty.extend(self.routes.take_changed());
+                    if !*self.leader.borrow() {
+                        continue; // followers keep their caches and fleet, and write nothing
+                    }
+                    if self.leader.has_changed().unwrap_or(false) {
+                        // Just became the leader: everything may be stale.
+                        self.leader.mark_unchanged();
+                        self.status_dirty.extend(self.index.read().unwrap().keys().cloned());
+                    }
                     self.write_statuses().await;
                     continue;
                 }
