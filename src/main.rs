@@ -90,6 +90,9 @@ struct RunArgs {
     /// This replica's identity in the Lease (default: the pod name, else the host name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// On SIGTERM, how long to wait for callbacks in flight before exiting.
+    #[arg(long, env = "OPAMP_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
+    shutdown_grace_seconds: u64,
 }
 
 /// The OpAMP endpoint's settings, shared by `run` and `serve`.
@@ -208,6 +211,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         anonymous_namespace: args.anonymous_agents_namespace,
         namespaces: args.namespaces,
         tls: args.opamp.tls(),
+        shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
         leader_election: args.leader_election.then(|| {
             let identity = args.identity.clone().unwrap_or_else(|| {
                 let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();

@@ -1,6 +1,8 @@
 //! Wires the pieces into a running operator: the controller over the Kubernetes API, the
 //! fleet, the OpAMP endpoint, and the API endpoint (health, readiness).
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -34,8 +36,28 @@ pub struct OperatorConfig {
     pub tls: Option<TlsFiles>,
     /// Elect a leader among replicas (only the leader writes status); `None`: always lead.
     pub leader_election: Option<LeaderElectionConfig>,
+    /// How long stopping waits for callbacks in flight.
+    pub shutdown_grace: Duration,
     pub fleet: FleetConfig,
     pub server: ServerConfig,
+}
+
+impl Default for OperatorConfig {
+    /// The defaults of `opamp-operator run`, without a metrics endpoint.
+    fn default() -> Self {
+        Self {
+            opamp_addr: ([0, 0, 0, 0], 4320).into(),
+            api_addr: ([0, 0, 0, 0], 8080).into(),
+            metrics_addr: None,
+            anonymous_namespace: None,
+            namespaces: None,
+            tls: None,
+            leader_election: None,
+            shutdown_grace: Duration::from_secs(10),
+            fleet: FleetConfig::default(),
+            server: ServerConfig::default(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +92,8 @@ pub struct Operator {
     pub opamp_addr: SocketAddr,
     pub api_addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
+    routes: Arc<Routes>,
+    grace: Duration,
     shutdown: CancellationToken,
     tasks: JoinSet<()>,
 }
@@ -175,7 +199,7 @@ impl Operator {
 
         let ready = ready_rx.clone();
         let listing = fleet.clone();
-        let api = crate::routes::dispatch::router(routes)
+        let api = crate::routes::dispatch::router(routes.clone())
             .route(
                 "/api/v1/agents",
                 get(move || {
@@ -263,12 +287,26 @@ impl Operator {
                 tracing::error!(error = %e, "OpAMP endpoint failed");
             }
         });
-        Ok(Self { fleet, opamp_addr, api_addr, metrics_addr, shutdown, tasks })
+        Ok(Self {
+            fleet,
+            opamp_addr,
+            api_addr,
+            metrics_addr,
+            routes,
+            grace: config.shutdown_grace,
+            shutdown,
+            tasks,
+        })
     }
 
-    /// Stops everything: WebSockets close with 1001 so agents reconnect elsewhere.
+    /// Stops everything: no new connections, WebSockets close with 1001 so agents reconnect
+    /// to another replica, callbacks in flight or queued get up to the grace period to finish.
     pub async fn stop(mut self) {
         self.shutdown.cancel();
+        let pending = self.routes.drain(self.grace).await;
+        if pending > 0 {
+            tracing::warn!(pending, grace = ?self.grace, "callbacks not delivered before shutdown");
+        }
         while self.tasks.join_next().await.is_some() {}
     }
 

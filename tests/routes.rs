@@ -311,6 +311,7 @@ async fn start_operator(
         anonymous_namespace: None,
         tls: None,
         leader_election: None,
+        shutdown_grace: Duration::from_secs(10),
         namespaces: Some(namespaces.to_vec()),
         fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
         server: ServerConfig::default(),
@@ -1583,4 +1584,32 @@ async fn the_older_slot_wins_a_conflict() {
 
     agent.stop().await;
     env.stop().await;
+}
+
+/// Stopping the operator (SIGTERM) lets the callbacks in flight and queued finish within the
+/// grace period: a slow delivery and the one queued behind it (same agent, so in order) both
+/// reach the callback before `stop` returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_callbacks_in_flight() {
+    let env = Env::new("routes-shutdown").await;
+    let cb = CallbackServer::start().await;
+    env.apply(&slot_yaml("pprof", &format!("  capability: {CAP}\n{}", callback_spec(&cb.url("/hook"), ""))))
+        .await;
+    let mut agent = env.agent(spec_with("checkout", &[CAP]));
+    agent.connect();
+    agent.wait_advertised(CAP).await;
+    env.slot_status_where("pprof", "Ready", |s| {
+        s.supporting_agents == 1 && has_condition(s, "Ready", "True")
+    })
+    .await;
+    cb.hang_next(1, Duration::from_millis(1500)); // within the default 5 s timeout: delivered late
+    agent.send_custom(CAP, "profile", b"first");
+    agent.send_custom(CAP, "profile", b"second");
+    cb.wait_for(1, T, "the first message reaching the slow callback").await;
+    assert_eq!(cb.count(), 1, "the second waits behind the first");
+    agent.stop().await;
+    env.stop().await;
+    let got = cb.requests();
+    assert_eq!(got.len(), 2, "both messages were delivered before the operator stopped");
+    assert_eq!(got[1].data(), b"second");
 }

@@ -151,6 +151,8 @@ pub struct Routes {
     changed: Mutex<HashSet<String>>,
     /// Custom messages of capabilities no slot routes, refused.
     pub unrouted: AtomicU64,
+    /// Messages accepted for delivery and not yet delivered or failed.
+    pending: AtomicU64,
     pub(crate) dispatches: dispatch::Store,
 }
 
@@ -164,6 +166,7 @@ impl Routes {
             by_capability: RwLock::default(),
             changed: Mutex::default(),
             unrouted: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
             dispatches: dispatch::Store::default(),
         })
     }
@@ -244,6 +247,27 @@ impl Routes {
     /// Namespaces whose counters moved since the last call.
     pub fn take_changed(&self) -> HashSet<String> {
         std::mem::take(&mut *self.changed.lock().unwrap())
+    }
+
+    pub(crate) fn delivery_started(&self) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn delivery_ended(&self) {
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Waits until every accepted message was delivered or failed, at most `grace`; returns
+    /// how many were still pending.
+    pub async fn drain(&self, grace: Duration) -> u64 {
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let pending = self.pending.load(Ordering::Acquire);
+            if pending == 0 || tokio::time::Instant::now() >= deadline {
+                return pending;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Expires overdue dispatched messages; run every second (see [`Routes::run_expiry`]).

@@ -84,6 +84,7 @@ async fn run(
             in_flight.spawn(async move {
                 let outcome = deliver(&http, &r, &c, &routes, d).await;
                 routes.count_upstream(outcome);
+                routes.delivery_ended();
                 routes.touch(&r.namespace);
                 agent
             });
@@ -224,7 +225,9 @@ impl CustomMessageSink for Routes {
             "receivedTime": k8s_openapi::jiff::Timestamp::now().to_string(),
         });
         let serde_json::Value::Object(envelope) = envelope else { unreachable!("a JSON object") };
+        self.delivery_started();
         if sender.try_send(Delivery { agent: uid, id, envelope }).is_err() {
+            self.delivery_ended();
             self.count_upstream("queue_full");
             counters.failed(format!(
                 "the callback queue of slot {} is full ({QUEUE_LIMIT} messages)",
