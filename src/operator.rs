@@ -121,7 +121,7 @@ pub async fn preflight(client: &Client) -> Result<(), Error> {
 
 /// The fleet as JSON (`GET /api/v1/agents`): what users see of each agent.
 pub fn agents_json(fleet: &Fleet) -> serde_json::Value {
-    use crate::controller::index::attribute;
+    use crate::controller::index::attributes_json;
     use crate::proto::RemoteConfigStatuses;
     let mut agents = fleet.agents();
     agents.sort_by(|a, b| (&a.namespace, a.uid).cmp(&(&b.namespace, b.uid)));
@@ -129,11 +129,7 @@ pub fn agents_json(fleet: &Fleet) -> serde_json::Value {
         .iter()
         .map(|a| {
             let desc = a.report.description.as_ref();
-            let attrs: serde_json::Map<String, serde_json::Value> = desc
-                .into_iter()
-                .flat_map(|d| d.identifying_attributes.iter().chain(&d.non_identifying_attributes))
-                .filter_map(|kv| Some((kv.key.clone(), attribute(desc, &kv.key)?.into_owned().into())))
-                .collect();
+            let attrs = attributes_json(desc);
             let status = a.report.remote_config_status.as_ref();
             serde_json::json!({
                 "instanceUid": a.uid,

@@ -34,6 +34,15 @@ pub fn attribute<'a>(desc: Option<&'a AgentDescription>, key: &str) -> Option<Co
     })
 }
 
+/// Every attribute of an agent's description (identifying and not) as a JSON object of
+/// strings, as users see them in APIs and callbacks.
+pub fn attributes_json(desc: Option<&AgentDescription>) -> serde_json::Map<String, serde_json::Value> {
+    desc.into_iter()
+        .flat_map(|d| d.identifying_attributes.iter().chain(&d.non_identifying_attributes))
+        .filter_map(|kv| Some((kv.key.clone(), attribute(desc, &kv.key)?.into_owned().into())))
+        .collect()
+}
+
 /// One AgentConfig as the controller sees it.
 #[derive(Debug)]
 pub struct ResolvedConfig {

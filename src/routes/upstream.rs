@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::{Routes, SlotCounters, SlotRoute};
-use crate::controller::index::attribute;
+use crate::controller::index::attributes_json;
 use crate::fleet::CustomMessageSink;
 use crate::opamp::Uid;
 use crate::proto::CustomMessage;
@@ -203,16 +203,8 @@ impl CustomMessageSink for Routes {
             counters.failed(format!("slot {} has no callback", route.name));
             return;
         };
-        let attributes: serde_json::Map<String, serde_json::Value> = self
-            .fleet
-            .inspect(uid, |a| {
-                let desc = a.report.description.as_ref();
-                desc.into_iter()
-                    .flat_map(|d| d.identifying_attributes.iter().chain(&d.non_identifying_attributes))
-                    .filter_map(|kv| Some((kv.key.clone(), attribute(desc, &kv.key)?.into_owned().into())))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let attributes: serde_json::Map<String, serde_json::Value> =
+            self.fleet.inspect(uid, |a| attributes_json(a.report.description.as_ref())).unwrap_or_default();
         let id = uuid::Uuid::now_v7().to_string();
         let envelope = serde_json::json!({
             "id": id,
