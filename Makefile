@@ -30,9 +30,11 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-## crds: regenerate crds/ from src/api (a test fails when they drift).
+## crds: regenerate crds/ from src/api, and the chart's copy (tests fail when either drifts).
 crds:
 	$(CARGO) run -q -- crds --out-dir crds
+	rm -f charts/opamp-operator/crds/*.yaml
+	cp crds/*.yaml charts/opamp-operator/crds/
 
 ## test: lints, then every test (unit, transport, interop with the opamp-go agent, e2e against a
 ## local kube-apiserver + etcd). The cluster is brought up once for the whole run and always taken

@@ -1,0 +1,852 @@
+//! The Helm chart (`charts/opamp-operator`): it lints, renders what its values promise, carries
+//! the same CRDs as `crds/`, installs and upgrades on a real kube-apiserver — and its RBAC is
+//! enough: the operator runs as a user holding nothing but the chart's roles.
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use common::cluster::{TestNamespace, apply_yaml, cluster, install_crds, tool};
+use common::eventually;
+use common::simrun::RunningAgent;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::events::v1::Event as KubeEvent;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use kube::api::{Api, PostParams};
+use kube::{Client, ResourceExt};
+use opamp_operator::api::{AgentConfig, AgentConfigStatus, CapabilitySlot, CapabilitySlotStatus};
+use opamp_operator::controller::leader::LeaderElectionConfig;
+use opamp_operator::fleet::FleetConfig;
+use opamp_operator::opamp::ServerConfig;
+use opamp_operator::operator::{Operator, OperatorConfig};
+use opamp_operator::sim::AgentSpec;
+use serde_yaml::Value;
+
+const T: Duration = Duration::from_secs(30);
+
+/// The values the chart is rendered with besides its defaults.
+const SET: &str = "serviceMonitor.enabled=true,tls.secretName=x,anonymousAgentsNamespace=public,replicas=2";
+
+/// Every permission the ClusterRole grants: (API group, resource, verb, resource name or "" for
+/// any).
+const CLUSTER_RULES: &[Grant] = &[
+    ("opamp.dev", "agentconfigs", "list", ""),
+    ("opamp.dev", "agentconfigs", "watch", ""),
+    ("opamp.dev", "capabilityslots", "list", ""),
+    ("opamp.dev", "capabilityslots", "watch", ""),
+    ("opamp.dev", "agentconfigs/status", "patch", ""),
+    ("opamp.dev", "capabilityslots/status", "patch", ""),
+    ("", "configmaps", "list", ""),
+    ("", "configmaps", "watch", ""),
+    ("", "secrets", "list", ""),
+    ("", "secrets", "watch", ""),
+    ("events.k8s.io", "events", "create", ""),
+    ("events.k8s.io", "events", "patch", ""),
+];
+
+/// Every permission the Role grants in the release namespace (leader election on the Lease
+/// `opamp-operator`).
+const NAMESPACE_RULES: &[Grant] = &[
+    ("coordination.k8s.io", "leases", "create", ""),
+    ("coordination.k8s.io", "leases", "get", LEASE),
+    ("coordination.k8s.io", "leases", "update", LEASE),
+];
+
+/// The operator's leader-election Lease.
+const LEASE: &str = "opamp-operator";
+
+type Grant = (&'static str, &'static str, &'static str, &'static str);
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn chart_dir() -> PathBuf {
+    repo().join("charts/opamp-operator")
+}
+
+// ---- helm -------------------------------------------------------------------------------------
+
+/// `helm <args>` with its cache, config and data homes under target/ (never the user's) and no
+/// ambient KUBECONFIG (commands that need a cluster pass `--kubeconfig`).
+fn helm_command(args: &[&str]) -> Command {
+    let home = Path::new(env!("CARGO_TARGET_TMPDIR")).join("helm");
+    let mut cmd = Command::new(tool("helm"));
+    cmd.args(args)
+        .env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"))
+        .env_remove("KUBECONFIG")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs helm; panics with its output unless it exits 0. Returns stdout.
+fn helm(args: &[&str]) -> String {
+    let out = helm_command(args).output().unwrap_or_else(|e| panic!("cannot run helm: {e}"));
+    assert!(
+        out.status.success(),
+        "helm {} failed ({}):\n{}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("helm prints UTF-8")
+}
+
+/// [`helm`] off the async runtime's threads.
+async fn helm_async(args: Vec<String>) -> String {
+    tokio::task::spawn_blocking(move || helm(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
+
+/// The documents of a rendered chart.
+struct Manifests(Vec<Value>);
+
+impl Manifests {
+    /// `helm template <release> <chart> --namespace <namespace> [--set <set>] [extra…]`.
+    fn render(release: &str, namespace: &str, set: Option<&str>, extra: &[&str]) -> Self {
+        let chart = chart_dir();
+        let mut args = vec!["template", release, chart.to_str().unwrap(), "--namespace", namespace];
+        if let Some(set) = set {
+            args.extend(["--set", set]);
+        }
+        args.extend(extra);
+        Self::parse(&helm(&args))
+    }
+
+    fn parse(yaml: &str) -> Self {
+        let docs = serde_yaml::Deserializer::from_str(yaml)
+            .map(|d| <Value as serde::Deserialize>::deserialize(d).expect("helm renders valid YAML"))
+            .filter(|v| !v.is_null())
+            .collect();
+        Self(docs)
+    }
+
+    /// (kind, name) of every document.
+    fn objects(&self) -> BTreeSet<(String, String)> {
+        self.0
+            .iter()
+            .map(|d| (text(&d["kind"]).to_owned(), text(&d["metadata"]["name"]).to_owned()))
+            .collect()
+    }
+
+    fn find(&self, kind: &str, name: &str) -> Option<&Value> {
+        self.0.iter().find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+    }
+
+    fn get(&self, kind: &str, name: &str) -> &Value {
+        self.find(kind, name).unwrap_or_else(|| panic!("no {kind} {name} among {:?}", self.objects()))
+    }
+
+    fn of_kind<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+        self.0.iter().filter(move |d| d["kind"] == kind)
+    }
+}
+
+fn text(v: &Value) -> &str {
+    v.as_str().unwrap_or_else(|| panic!("not a string: {v:?}"))
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_sequence().into_iter().flatten().map(|s| text(s).to_owned()).collect()
+}
+
+fn named<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_sequence()
+        .and_then(|items| items.iter().find(|i| i["name"] == name))
+        .unwrap_or_else(|| panic!("no item named {name} in {list:?}"))
+}
+
+/// (group, resource, verb, resource name or "") of every rule, after checking that no rule is
+/// wider than that.
+fn rules(role: &Value) -> BTreeSet<(String, String, String, String)> {
+    let mut out = BTreeSet::new();
+    for rule in role["rules"].as_sequence().expect("rules") {
+        assert!(rule["nonResourceURLs"].is_null(), "{rule:?}");
+        let names = if rule["resourceNames"].is_null() {
+            vec![String::new()]
+        } else {
+            strings(&rule["resourceNames"])
+        };
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                for verb in strings(&rule["verbs"]) {
+                    for name in &names {
+                        assert!(![&group, &resource, &verb].contains(&&"*".to_owned()), "wildcard: {rule:?}");
+                        out.insert((group.clone(), resource.clone(), verb.clone(), name.clone()));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn expected(grants: &[Grant]) -> BTreeSet<(String, String, String, String)> {
+    grants.iter().map(|(g, r, v, n)| (g.to_string(), r.to_string(), v.to_string(), n.to_string())).collect()
+}
+
+/// Checks the rendered arguments with the operator binary itself: clap refuses an unknown flag
+/// or a bad value before it gets to `--help`.
+fn assert_binary_accepts(args: &[String]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_opamp-operator"))
+        .arg("run")
+        .args(args)
+        .arg("--help")
+        .output()
+        .expect("run the operator binary");
+    assert!(
+        out.status.success(),
+        "`opamp-operator run {}` is refused:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---- offline: lint, render, CRDs --------------------------------------------------------------
+
+#[test]
+fn chart_lints() {
+    let chart = chart_dir();
+    let chart = chart.to_str().unwrap();
+    let out = helm(&["lint", chart]);
+    assert!(out.contains("0 chart(s) failed"), "{out}");
+    helm(&["lint", "--strict", chart]);
+    helm(&["lint", "--strict", chart, "--set", SET]);
+}
+
+#[test]
+fn chart_version_follows_the_crate() {
+    let meta: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap()).unwrap();
+    assert_eq!(meta["apiVersion"], "v2");
+    assert_eq!(meta["name"], "opamp-operator");
+    assert_eq!(text(&meta["appVersion"]), env!("CARGO_PKG_VERSION"), "Chart.yaml appVersion vs Cargo.toml");
+}
+
+#[test]
+fn chart_crds_are_the_generated_ones() {
+    let read = |dir: &Path| -> BTreeMap<String, String> {
+        std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
+            .map(|e| e.expect("dir entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .map(|p| {
+                (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read_to_string(&p).unwrap())
+            })
+            .collect()
+    };
+    let top = read(&repo().join("crds"));
+    let chart = read(&chart_dir().join("crds"));
+    assert!(!top.is_empty());
+    assert_eq!(
+        top.keys().collect::<Vec<_>>(),
+        chart.keys().collect::<Vec<_>>(),
+        "charts/opamp-operator/crds/ lists other files than crds/: run `make crds`"
+    );
+    for (file, yaml) in &top {
+        assert!(
+            chart[file] == *yaml,
+            "charts/opamp-operator/crds/{file} differs from crds/{file}: run `make crds`"
+        );
+    }
+}
+
+#[test]
+fn renders_defaults() {
+    let m = Manifests::render("rel", "ops", None, &[]);
+    let full = "rel-opamp-operator";
+    let want: BTreeSet<(String, String)> = [
+        ("ServiceAccount", full.to_owned()),
+        ("ClusterRole", full.to_owned()),
+        ("ClusterRoleBinding", full.to_owned()),
+        ("Role", full.to_owned()),
+        ("RoleBinding", full.to_owned()),
+        ("Service", full.to_owned()),
+        ("Service", format!("{full}-api")),
+        ("Service", format!("{full}-peers")),
+        ("Service", format!("{full}-metrics")),
+        ("Deployment", full.to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, n)| (k.to_owned(), n))
+    .collect();
+    assert_eq!(m.objects(), want, "no ServiceMonitor unless enabled");
+    for d in &m.0 {
+        let cluster_scoped = matches!(text(&d["kind"]), "ClusterRole" | "ClusterRoleBinding");
+        assert_eq!(d["metadata"]["namespace"].as_str(), (!cluster_scoped).then_some("ops"), "{d:?}");
+        assert_eq!(d["metadata"]["labels"]["app.kubernetes.io/instance"], "rel");
+    }
+
+    // The Deployment.
+    let deploy = m.get("Deployment", full);
+    assert_eq!(deploy["spec"]["replicas"], 1);
+    let pod = &deploy["spec"]["template"];
+    let selector = deploy["spec"]["selector"]["matchLabels"].as_mapping().unwrap();
+    for (k, v) in selector {
+        assert_eq!(&pod["metadata"]["labels"][k.as_str().unwrap()], v, "pod labels match the selector");
+    }
+    assert_eq!(pod["spec"]["serviceAccountName"], full);
+    assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(pod["spec"]["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+    assert!(pod["spec"]["volumes"].is_null(), "no volumes without TLS");
+    let c = named(&pod["spec"]["containers"], "operator");
+    assert_eq!(
+        text(&c["image"]),
+        format!("ghcr.io/opamp-operator/opamp-operator:{}", env!("CARGO_PKG_VERSION"))
+    );
+    let args = strings(&c["args"]);
+    for arg in ["--opamp-addr=0.0.0.0:4320", "--api-addr=0.0.0.0:8080", "--metrics-addr=0.0.0.0:9090"] {
+        assert!(args.iter().any(|a| a == arg), "{arg} not in {args:?}");
+    }
+    assert!(args.contains(&"--leader-election".to_owned()), "{args:?}");
+    for flag in ["--tls-", "--anonymous-agents-namespace", "--namespaces", "--max-agents"] {
+        assert!(!args.iter().any(|a| a.starts_with(flag)), "{flag} in {args:?}");
+    }
+    assert_binary_accepts(&args);
+    assert_eq!(named(&c["env"], "POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
+    assert_eq!(named(&c["env"], "POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace");
+    assert_eq!(named(&c["env"], "RUST_LOG")["value"], "info");
+    for (port, number) in [("opamp", 4320), ("api", 8080), ("metrics", 9090)] {
+        assert_eq!(named(&c["ports"], port)["containerPort"], number);
+    }
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["livenessProbe"]["httpGet"]["port"], "api");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["port"], "api");
+    let sc = &c["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
+
+    // The Services select the pods and target the named container ports.
+    let pod_labels = &pod["metadata"]["labels"];
+    for (name, port, number) in [
+        (full.to_owned(), "opamp", 4320),
+        (format!("{full}-api"), "api", 8080),
+        (format!("{full}-peers"), "api", 8080),
+        (format!("{full}-metrics"), "metrics", 9090),
+    ] {
+        let svc = m.get("Service", &name);
+        for (k, v) in svc["spec"]["selector"].as_mapping().unwrap() {
+            assert_eq!(&pod_labels[k.as_str().unwrap()], v, "Service {name} selects the pods");
+        }
+        let p = named(&svc["spec"]["ports"], port);
+        assert_eq!((&p["port"], &p["targetPort"]), (&Value::from(number), &Value::from(port)), "{name}");
+    }
+    assert_eq!(m.get("Service", full)["spec"]["type"], "ClusterIP");
+    assert_eq!(m.get("Service", &format!("{full}-api"))["spec"]["type"], "ClusterIP");
+    assert_eq!(m.get("Service", &format!("{full}-peers"))["spec"]["clusterIP"], "None");
+
+    // RBAC: exactly the permissions the operator needs, bound to its ServiceAccount.
+    assert_eq!(rules(m.get("ClusterRole", full)), expected(CLUSTER_RULES));
+    assert_eq!(rules(m.get("Role", full)), expected(NAMESPACE_RULES));
+    for (kind, role) in [("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")] {
+        let b = m.get(kind, full);
+        assert_eq!((text(&b["roleRef"]["kind"]), text(&b["roleRef"]["name"])), (role, full));
+        let s = &b["subjects"][0];
+        assert_eq!(
+            (text(&s["kind"]), text(&s["name"]), text(&s["namespace"])),
+            ("ServiceAccount", full, "ops")
+        );
+        assert_eq!(b["subjects"].as_sequence().unwrap().len(), 1);
+    }
+
+    // Without RBAC and ServiceAccount: only the workload and its Services.
+    let bare = Manifests::render("rel", "ops", Some("rbac.create=false,serviceAccount.create=false"), &[]);
+    let kinds: BTreeSet<String> = bare.objects().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(kinds, ["Deployment".to_owned(), "Service".to_owned()].into());
+    assert_eq!(bare.get("Deployment", full)["spec"]["template"]["spec"]["serviceAccountName"], "default");
+}
+
+#[test]
+fn renders_what_the_values_promise() {
+    let m = Manifests::render(
+        "rel",
+        "ops",
+        Some(SET),
+        &[
+            "--set",
+            "namespaces={a,b}",
+            "--set",
+            "log.level=debug",
+            "--set",
+            "serviceMonitor.labels.release=prom",
+        ],
+    );
+    let full = "rel-opamp-operator";
+    let deploy = m.get("Deployment", full);
+    assert_eq!(deploy["spec"]["replicas"], 2);
+    let pod = &deploy["spec"]["template"]["spec"];
+    let c = named(&pod["containers"], "operator");
+    let args = strings(&c["args"]);
+    let pos =
+        |flag: &str| args.iter().position(|a| a == flag).unwrap_or_else(|| panic!("{flag} not in {args:?}"));
+    assert_eq!(args[pos("--tls-cert-file") + 1], "/etc/opamp/tls/tls.crt");
+    assert_eq!(args[pos("--tls-key-file") + 1], "/etc/opamp/tls/tls.key");
+    pos("--anonymous-agents-namespace=public");
+    pos("--namespaces=a,b");
+    assert_binary_accepts(&args);
+    assert_eq!(named(&c["env"], "RUST_LOG")["value"], "debug");
+    let mount = named(&c["volumeMounts"], "tls");
+    assert_eq!(
+        (&mount["mountPath"], &mount["readOnly"]),
+        (&Value::from("/etc/opamp/tls"), &Value::from(true))
+    );
+    assert_eq!(named(&pod["volumes"], "tls")["secret"]["secretName"], "x");
+
+    // The ServiceMonitor scrapes the metrics Service (and only it) on its named port.
+    let sm = m.get("ServiceMonitor", full);
+    assert_eq!(sm["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(sm["metadata"]["labels"]["release"], "prom");
+    assert_eq!(strings(&sm["spec"]["namespaceSelector"]["matchNames"]), ["ops"]);
+    let endpoint = &sm["spec"]["endpoints"][0];
+    assert_eq!((text(&endpoint["port"]), text(&endpoint["path"])), ("metrics", "/metrics"));
+    assert_eq!(endpoint["interval"], "30s");
+    let selected: Vec<&str> = m
+        .of_kind("Service")
+        .filter(|svc| {
+            sm["spec"]["selector"]["matchLabels"]
+                .as_mapping()
+                .unwrap()
+                .iter()
+                .all(|(k, v)| &svc["metadata"]["labels"][k.as_str().unwrap()] == v)
+        })
+        .map(|svc| text(&svc["metadata"]["name"]))
+        .collect();
+    assert_eq!(selected, [format!("{full}-metrics")]);
+    // TLS: the OpAMP Service says so to meshes and ingress controllers.
+    assert_eq!(named(&m.get("Service", full)["spec"]["ports"], "opamp")["appProtocol"], "https");
+}
+
+// ---- on the local cluster ---------------------------------------------------------------------
+
+/// Runs a closure when dropped — also while a failing test unwinds: cluster-scoped objects
+/// outlive the test's namespace, and a leftover binding would grant rights to later tests.
+struct OnDrop(Option<Box<dyn FnOnce() + Send>>);
+
+impl OnDrop {
+    fn new(f: impl FnOnce() + Send + 'static) -> Self {
+        Self(Some(Box::new(f)))
+    }
+}
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
+}
+
+/// `kubectl delete` of cluster-scoped objects (`clusterrole/<name>` …), when dropped.
+fn delete_on_drop(kubeconfig: PathBuf, objects: Vec<String>) -> OnDrop {
+    let kubectl = tool("kubectl");
+    OnDrop::new(move || {
+        let status = Command::new(kubectl)
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(["delete", "--ignore-not-found", "--wait=false"])
+            .args(&objects)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status();
+        if !status.as_ref().is_ok_and(|s| s.success()) {
+            eprintln!("could not delete {objects:?}: {status:?}");
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installs_and_upgrades_on_a_cluster() {
+    let cluster = cluster().await;
+    let ns = TestNamespace::new("chart-install").await;
+    install_crds(&ns.client).await;
+    let release = ns.name.clone();
+    let full = format!("{release}-opamp-operator");
+    let kubeconfig = cluster.kubeconfig_path.to_string_lossy().into_owned();
+    let chart = chart_dir().to_string_lossy().into_owned();
+    let helm_args = |verb: &str, extra: &[&str]| {
+        let mut args: Vec<String> = vec![verb.into(), release.clone()];
+        if verb != "uninstall" {
+            args.push(chart.clone());
+        }
+        args.extend(
+            ["--namespace", &ns.name, "--kubeconfig", &kubeconfig, "--kube-context", "admin"]
+                .map(String::from),
+        );
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let uninstall_args = helm_args("uninstall", &[]);
+    let mut uninstall = OnDrop::new(move || {
+        let args: Vec<&str> = uninstall_args.iter().map(String::as_str).collect();
+        let _ = helm_command(&args).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    });
+
+    let started = std::time::Instant::now();
+    let out = helm_async(helm_args("install", &[])).await;
+    assert!(out.contains("STATUS: deployed"), "{out}");
+    assert!(out.contains(&format!("ws://{full}.{}.svc:4320/v1/opamp", ns.name)), "NOTES:\n{out}");
+    eprintln!("helm install: {:?}", started.elapsed());
+
+    let deployments: Api<Deployment> = ns.api();
+    let d = deployments.get(&full).await.expect("the Deployment exists");
+    assert_eq!(d.spec.as_ref().unwrap().replicas, Some(1));
+    let services: Api<Service> = ns.api();
+    for name in [full.clone(), format!("{full}-api"), format!("{full}-peers"), format!("{full}-metrics")] {
+        services.get(&name).await.unwrap_or_else(|e| panic!("Service {name}: {e}"));
+    }
+    ns.api::<ServiceAccount>().get(&full).await.expect("the ServiceAccount exists");
+    ns.api::<Role>().get(&full).await.expect("the Role exists");
+    ns.api::<RoleBinding>().get(&full).await.expect("the RoleBinding exists");
+    let cluster_roles: Api<ClusterRole> = Api::all(ns.client.clone());
+    let role = cluster_roles.get(&full).await.expect("the ClusterRole exists");
+    assert_eq!(role.rules.as_ref().map(Vec::len), Some(4));
+    Api::<ClusterRoleBinding>::all(ns.client.clone())
+        .get(&full)
+        .await
+        .expect("the ClusterRoleBinding exists");
+
+    // An upgrade with changed values reaches the objects.
+    let started = std::time::Instant::now();
+    let out = helm_async(helm_args(
+        "upgrade",
+        &[
+            "--set",
+            "replicas=3",
+            "--set",
+            "anonymousAgentsNamespace=public",
+            "--set",
+            "service.type=NodePort",
+        ],
+    ))
+    .await;
+    assert!(out.contains("REVISION: 2") && out.contains("STATUS: deployed"), "{out}");
+    eprintln!("helm upgrade: {:?}", started.elapsed());
+    let d = deployments.get(&full).await.unwrap();
+    let spec = d.spec.unwrap();
+    assert_eq!(spec.replicas, Some(3));
+    let args = spec.template.spec.unwrap().containers[0].args.clone().unwrap_or_default();
+    assert!(args.contains(&"--anonymous-agents-namespace=public".to_owned()), "{args:?}");
+    assert_eq!(services.get(&full).await.unwrap().spec.unwrap().type_.as_deref(), Some("NodePort"));
+
+    // Uninstall takes the cluster-scoped objects along.
+    helm_async(helm_args("uninstall", &[])).await;
+    uninstall.0 = None;
+    let gone = cluster_roles.get_opt(&full).await.expect("get ClusterRole");
+    assert!(gone.is_none(), "the ClusterRole outlives the release");
+    ns.cleanup().await;
+}
+
+// ---- the RBAC proof ---------------------------------------------------------------------------
+
+/// The operator's log lines, captured for the RBAC test (a denied request is only logged).
+static LOG: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOG.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("opamp_operator=debug"))
+        .with_writer(|| LogWriter)
+        .with_ansi(false)
+        .try_init();
+}
+
+/// The captured log lines that tell of a request the API server refused (the operator logs
+/// and retries: a missing permission shows here first, or only here).
+fn denials() -> Vec<String> {
+    String::from_utf8_lossy(&LOG.lock().unwrap())
+        .lines()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            ["forbidden", "watch error", "status patch failed", "event not recorded"]
+                .iter()
+                .any(|p| l.contains(p))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// [`common::eventually`] that also fails as soon as the operator was refused something.
+async fn wait_for<R, F, Fut>(what: &str, mut check: F) -> R
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<R>>,
+{
+    let end = tokio::time::Instant::now() + T;
+    loop {
+        let denied = denials();
+        assert!(
+            denied.is_empty(),
+            "while waiting for {what}, the operator was refused:\n{}",
+            denied.join("\n")
+        );
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < end, "timed out after {T:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether the client's user may `verb` the resource (`resource` or `resource/subresource`; the
+/// object `name`, "" for any), in `namespace` or cluster-wide.
+async fn allowed(client: &Client, (group, resource, verb, name): Grant, namespace: Option<&str>) -> bool {
+    let (resource, subresource) = match resource.split_once('/') {
+        Some((r, s)) => (r, Some(s.to_owned())),
+        None => (resource, None),
+    };
+    let review = SelfSubjectAccessReview {
+        spec: SelfSubjectAccessReviewSpec {
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(verb.into()),
+                group: Some(group.into()),
+                resource: Some(resource.into()),
+                subresource,
+                namespace: namespace.map(Into::into),
+                name: (!name.is_empty()).then(|| name.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let answer = Api::<SelfSubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .expect("SelfSubjectAccessReview");
+    answer.status.is_some_and(|s| s.allowed)
+}
+
+/// The in-process operator's identity in the Lease.
+const IDENTITY: &str = "chart-rbac-test";
+
+fn agent_config(name: &str, inline: &str) -> String {
+    format!(
+        "apiVersion: opamp.dev/v1alpha1\nkind: AgentConfig\nmetadata: {{name: {name}}}\nspec:\n  \
+         selector: {{matchAttributes: {{service.name: rbac}}}}\n  files:\n    \
+         collector.yaml: {{configMapKeyRef: {{name: otel, key: collector.yaml}}}}\n    \
+         extra.yaml: {{contentType: text/yaml, inline: \"{inline}\"}}\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_runs_with_the_charts_rbac() {
+    capture_logs();
+    let cluster = cluster().await;
+    let ns = TestNamespace::new("chart-rbac").await;
+    install_crds(&ns.client).await;
+    let release = ns.name.clone();
+    let full = format!("{release}-opamp-operator");
+    let operator = cluster.client_as_operator().await;
+    assert!(
+        !allowed(&operator, ("", "secrets", "list", ""), None).await,
+        "the `operator` user may list Secrets before the chart's roles are bound: something else grants it \
+         rights, and this test would prove nothing"
+    );
+
+    // The chart's RBAC, bound to the `operator` user instead of the ServiceAccount.
+    let chart = chart_dir();
+    let rendered = helm_async(
+        [
+            "template",
+            release.as_str(),
+            chart.to_str().unwrap(),
+            "--namespace",
+            ns.name.as_str(),
+            "--show-only",
+            "templates/clusterrole.yaml",
+            "--show-only",
+            "templates/clusterrolebinding.yaml",
+            "--show-only",
+            "templates/role.yaml",
+            "--show-only",
+            "templates/rolebinding.yaml",
+        ]
+        .map(String::from)
+        .to_vec(),
+    )
+    .await;
+    let mut rbac = Manifests::parse(&rendered);
+    assert_eq!(rbac.0.len(), 4, "{:?}", rbac.objects());
+    let _delete = delete_on_drop(
+        cluster.kubeconfig_path.clone(),
+        vec![format!("clusterrole/{full}"), format!("clusterrolebinding/{full}")],
+    );
+    for doc in &mut rbac.0 {
+        if text(&doc["kind"]).ends_with("Binding") {
+            doc["subjects"] =
+                serde_yaml::from_str("[{kind: User, name: operator, apiGroup: rbac.authorization.k8s.io}]")
+                    .unwrap();
+        }
+        apply_yaml(&ns.client, Some(&ns.name), &serde_yaml::to_string(doc).unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("cannot apply {doc:?}: {e}"));
+    }
+    // The authorizer's caches follow within moments; then the grants are exactly the chart's.
+    eventually(T, "the chart's roles to take effect", || async {
+        for grant in CLUSTER_RULES {
+            if !allowed(&operator, *grant, None).await {
+                return None;
+            }
+        }
+        for grant in NAMESPACE_RULES {
+            if !allowed(&operator, *grant, Some(&ns.name)).await {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    // … and nothing beyond them.
+    for (grant, namespace) in [
+        (("", "secrets", "get", ""), Some(ns.name.as_str())),
+        (("", "secrets", "create", ""), None),
+        (("", "configmaps", "update", ""), None),
+        (("opamp.dev", "agentconfigs", "update", ""), None),
+        (("opamp.dev", "agentconfigs/status", "update", ""), None),
+        (("events.k8s.io", "events", "delete", ""), None),
+        (("", "events", "create", ""), None),
+        (("coordination.k8s.io", "leases", "create", ""), Some("default")),
+        (("coordination.k8s.io", "leases", "list", ""), Some(ns.name.as_str())),
+        (("coordination.k8s.io", "leases", "update", "another-lease"), Some(ns.name.as_str())),
+    ] {
+        assert!(!allowed(&operator, grant, namespace).await, "{grant:?} in {namespace:?} is granted");
+    }
+
+    // What the operator works with: a token, a ConfigMap, an AgentConfig, a CapabilitySlot.
+    let token = format!("tok-{}", ns.name);
+    ns.apply_yaml(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: agents}}\ntype: opamp.dev/agent-token\n\
+         stringData: {{token: {token}}}\n---\n\
+         apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: otel}}\ndata: {{collector.yaml: 'receivers: {{}}'}}\n---\n\
+         apiVersion: opamp.dev/v1alpha1\nkind: CapabilitySlot\nmetadata: {{name: rbac}}\nspec:\n  \
+         capability: com.example.rbac\n  callback: {{url: 'http://127.0.0.1:9/never'}}\n"
+    ))
+    .await
+    .unwrap();
+    ns.apply_yaml(&agent_config("rbac", "a")).await.unwrap();
+
+    // The operator, as the `operator` user.
+    let config = OperatorConfig {
+        opamp_addr: "127.0.0.1:0".parse().unwrap(),
+        api_addr: "127.0.0.1:0".parse().unwrap(),
+        metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
+        anonymous_namespace: None,
+        namespaces: Some(vec![ns.name.clone()]),
+        tls: None,
+        // Leader election too: its Lease is what the Role is for.
+        leader_election: Some(LeaderElectionConfig::new(&ns.name, IDENTITY)),
+        shutdown_grace: Duration::from_secs(10),
+        fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
+        server: ServerConfig::default(),
+    };
+    let started = std::time::Instant::now();
+    let op = tokio::time::timeout(T, Operator::start(operator.clone(), config))
+        .await
+        .expect("operator starts in time")
+        .expect("operator starts as the `operator` user");
+    let readyz = format!("http://{}/readyz", op.api_addr);
+    // Ready = every cache listed (agentconfigs, capabilityslots, configmaps, secrets).
+    wait_for("operator ready (caches synced as `operator`)", || async {
+        reqwest::get(&readyz).await.ok().filter(|r| r.status() == 200)
+    })
+    .await;
+    eprintln!("operator ready as `operator` in {:?}", started.elapsed());
+    let leases: Api<Lease> = ns.api();
+    let holder = |lease: Option<Lease>| lease?.spec?.holder_identity;
+    wait_for("the operator to hold the Lease", || async {
+        (holder(leases.get_opt(LEASE).await.ok()?).as_deref() == Some(IDENTITY)).then_some(())
+    })
+    .await;
+
+    let mut spec = AgentSpec::new("rbac");
+    spec.custom_capabilities = vec!["com.example.rbac".into()];
+    let agent = RunningAgent::spawn(format!("ws://{}/v1/opamp", op.opamp_addr), Some(token), spec);
+
+    // Status written (agentconfigs/status, capabilityslots/status: patch).
+    let configs: Api<AgentConfig> = ns.api();
+    let ready = |s: &AgentConfigStatus| {
+        s.applied_agents == 1 && s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+    };
+    let wait_applied = |what: &'static str, not: Option<String>| {
+        let configs = configs.clone();
+        async move {
+            wait_for(what, || async {
+                let s = configs.get("rbac").await.ok()?.status?;
+                (ready(&s) && s.config_hash != not).then_some(s)
+            })
+            .await
+        }
+    };
+    let first = wait_applied("AgentConfig applied and Ready", None).await;
+    assert_eq!(agent.effective("collector.yaml").as_deref(), Some("receivers: {}"));
+    let slots: Api<CapabilitySlot> = ns.api();
+    let slot_ready = |s: &CapabilitySlotStatus| {
+        s.supporting_agents == 1 && s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+    };
+    wait_for("CapabilitySlot Ready with its agent", || async {
+        slots.get("rbac").await.ok()?.status.filter(slot_ready)
+    })
+    .await;
+
+    // Events (events.k8s.io: create) …
+    let events: Api<KubeEvent> = ns.api();
+    let ours = |e: &KubeEvent| {
+        e.reporting_controller.as_deref() == Some("opamp-operator")
+            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("rbac")
+    };
+    wait_for("RolloutStarted and RolloutComplete events", || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        let reasons: BTreeSet<String> =
+            list.items.iter().filter(|e| ours(e)).filter_map(|e| e.reason.clone()).collect();
+        (reasons.contains("RolloutStarted") && reasons.contains("RolloutComplete")).then_some(())
+    })
+    .await;
+    // … and patch: the recorder patches an event that repeats (the same rollout again: A, B, A).
+    ns.apply_yaml(&agent_config("rbac", "b")).await.unwrap();
+    let second = wait_applied("the edit applied", first.config_hash.clone()).await;
+    ns.apply_yaml(&agent_config("rbac", "a")).await.unwrap();
+    let third = wait_applied("the first version again", second.config_hash.clone()).await;
+    assert_eq!(third.config_hash, first.config_hash);
+    let repeated = wait_for("a repeated event (patched series)", || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items.into_iter().find(|e| ours(e) && e.series.as_ref().is_some_and(|s| s.count >= 2))
+    })
+    .await;
+    eprintln!("repeated event: {} {:?}", repeated.name_any(), repeated.reason);
+
+    agent.stop().await;
+    op.stop().await;
+    // A replica that stops hands the Lease back.
+    assert_eq!(holder(leases.get_opt(LEASE).await.unwrap()), None, "the Lease is released");
+    // Anything the API server refused shows up in the operator's log.
+    let denied = denials();
+    assert!(denied.is_empty(), "the operator was refused something:\n{}", denied.join("\n"));
+    ns.cleanup().await;
+}
