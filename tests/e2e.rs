@@ -21,7 +21,7 @@ const T: Duration = Duration::from_secs(30);
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// An operator managing only `namespaces` (tests in other binaries run operators of their own).
-async fn start_operator(client: kube::Client, opamp_addr: &str, namespaces: &[&str]) -> Operator {
+async fn start_operator(_admin: kube::Client, opamp_addr: &str, namespaces: &[&str]) -> Operator {
     let config = OperatorConfig {
         opamp_addr: opamp_addr.parse().unwrap(),
         api_addr: "127.0.0.1:0".parse().unwrap(),
@@ -34,6 +34,8 @@ async fn start_operator(client: kube::Client, opamp_addr: &str, namespaces: &[&s
         fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
         server: ServerConfig::default(),
     };
+    // As the Helm chart's RBAC identity, never as admin.
+    let client = common::cluster::cluster().await.client_as_chart_identity(namespaces[0]).await;
     let op = within(T, "operator start", Operator::start(client, config)).await.expect("operator starts");
     // Ready once the caches synced and the OpAMP endpoint is open.
     let url = format!("http://{}/readyz", op.api_addr);
@@ -408,6 +410,7 @@ async fn only_the_leader_writes_status_and_a_follower_takes_over() {
             server: ServerConfig::default(),
         }
     };
+    let chart_identity = common::cluster::cluster().await.client_as_chart_identity(&ns.name).await;
     let leases: kube::Api<Lease> = ns.api();
     let holder = |name: &'static str| {
         let leases = leases.clone();
@@ -419,11 +422,12 @@ async fn only_the_leader_writes_status_and_a_follower_takes_over() {
             .await
         }
     };
-    let first =
-        within(T, "first replica", Operator::start(ns.client.clone(), replica("replica-1"))).await.unwrap();
+    let first = within(T, "first replica", Operator::start(chart_identity.clone(), replica("replica-1")))
+        .await
+        .unwrap();
     holder("replica-1").await;
     let second =
-        within(T, "second replica", Operator::start(ns.client.clone(), replica("replica-2"))).await.unwrap();
+        within(T, "second replica", Operator::start(chart_identity, replica("replica-2"))).await.unwrap();
 
     // Every replica serves OpAMP: the agent talks to the follower, which gives it its config.
     let url = format!("ws://{}/v1/opamp", second.opamp_addr);

@@ -299,11 +299,13 @@ impl Env {
     }
 }
 
+/// An operator running as the Helm chart's RBAC identity (`_admin` only sets things up).
 async fn start_operator(
-    client: kube::Client,
+    _admin: kube::Client,
     opamp_addr: std::net::SocketAddr,
     namespaces: &[String],
 ) -> Operator {
+    let client = common::cluster::cluster().await.client_as_chart_identity(&namespaces[0]).await;
     let config = OperatorConfig {
         opamp_addr,
         api_addr: "127.0.0.1:0".parse().unwrap(),

@@ -144,6 +144,54 @@ impl ClusterInfo {
         self.client_for("operator").await
     }
 
+    /// A new client as `e2e-operator`, bound to exactly the Helm chart's RBAC (cluster role,
+    /// and the leader-election Role in `namespace`): the e2e suite runs the operator as the
+    /// chart's identity, so a missing permission fails a test. (`operator` stays for the chart
+    /// test, which checks it starts without any rights.)
+    pub async fn client_as_chart_identity(&self, namespace: &str) -> Client {
+        let admin = self.client().await;
+        let rendered = tokio::process::Command::new(tool("helm"))
+            .args(["template", "e2e", "charts/opamp-operator", "--namespace", namespace])
+            .args([
+                "--show-only",
+                "templates/clusterrole.yaml",
+                "--show-only",
+                "templates/clusterrolebinding.yaml",
+            ])
+            .args(["--show-only", "templates/role.yaml", "--show-only", "templates/rolebinding.yaml"])
+            .current_dir(repo_root())
+            .output()
+            .await
+            .expect("helm runs");
+        assert!(rendered.status.success(), "helm template: {}", String::from_utf8_lossy(&rendered.stderr));
+        let text = String::from_utf8(rendered.stdout).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let mut value = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).unwrap();
+            if value.is_null() {
+                continue;
+            }
+            if value["kind"].as_str().is_some_and(|k| k.ends_with("Binding")) {
+                value["subjects"] = serde_yaml::from_str(
+                    "[{kind: User, name: e2e-operator, apiGroup: rbac.authorization.k8s.io}]",
+                )
+                .unwrap();
+            }
+            apply_yaml(&admin, Some(namespace), &serde_yaml::to_string(&value).unwrap())
+                .await
+                .unwrap_or_else(|e| panic!("cannot bind the chart's RBAC: {e}"));
+        }
+        let client = self.client_for("e2e-operator").await;
+        // The authorizer follows within moments.
+        let probe: Api<k8s_openapi::api::core::v1::Secret> = Api::all(client.clone());
+        within(Duration::from_secs(30), "the chart's RBAC to take effect", async {
+            while probe.list(&Default::default()).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        client
+    }
+
     /// The kube Config of a kubeconfig context (`admin` or `operator`), e.g. to start the
     /// operator in-process.
     pub async fn config_for(&self, context: &str) -> Config {
