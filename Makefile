@@ -4,7 +4,7 @@ SHELL := bash
 CARGO ?= cargo
 export OPAMP_TOOLS_BIN := $(CURDIR)/target/tools/bin
 
-.PHONY: all build test unit lint fmt crds tools tools-interop tools-k8s demo bench
+.PHONY: all build test unit lint fmt crds tools tools-interop tools-k8s tools-bench demo bench
 
 all: build
 
@@ -13,11 +13,13 @@ build:
 
 ## tools: every external binary the tests and the demo use, built from registries and cached
 ## outside the clone (~/.cache/opamp-operator/tools), linked into target/tools/bin.
-tools: tools-interop tools-k8s
+tools: tools-interop tools-k8s tools-bench
 
 tools-interop:
 	bash tests/tools/build-interop-agent.sh
 	bash tests/tools/build-protodump.sh
+
+tools-bench: tools-bench
 
 tools-k8s:
 	bash tests/tools/build-k8s.sh
@@ -52,5 +54,10 @@ unit:
 demo:
 	CARGO="$(CARGO)" tests/tools/demo
 
-bench:
-	@echo "benchmarks arrive with the fleet simulator"
+## bench: opamp-operator and an opamp-go server (tests/bench/server) side by side under the same
+## fleet simulator: RSS per agent, CPU per heartbeat, time to push a config to every agent.
+## N = 1000 10000 by default (BENCH_SIZES="1000 10000 50000" for more; see tests/bench/run).
+## Prints one table and writes it into docs/benchmarks.md.
+bench: tools-bench
+	nice -n 10 $(CARGO) build --release
+	BENCH_COMMAND="make bench" tests/bench/run

@@ -29,7 +29,7 @@ enum Command {
     /// Run the operator: watch the custom resources, serve OpAMP, write status.
     Run(RunArgs),
     /// Serve the OpAMP endpoint alone, without Kubernetes (every agent in namespace `default`).
-    Serve(OpampArgs),
+    Serve(ServeArgs),
     /// Print the CustomResourceDefinitions (or write one file per kind into a directory).
     Crds {
         /// Write `<plural>.<group>.yaml` files here instead of printing.
@@ -63,6 +63,18 @@ struct FleetSimArgs {
     /// Seconds to keep the fleet connected once all are in (default: until Ctrl-C).
     #[arg(long)]
     hold_seconds: Option<f64>,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    opamp: OpampArgs,
+    /// Serve the benchmark admin endpoint here (off by default; see `make bench`):
+    /// `POST /admin/config` makes its body the remote config of every agent (one file
+    /// `bench.yaml`, hash = sha256 of the body) and `GET /admin/stats` returns
+    /// `{"connected", "applied", "messages"}`. Unauthenticated: bind it to loopback.
+    #[arg(long, env = "OPAMP_ADMIN_ADDR")]
+    admin_addr: Option<SocketAddr>,
 }
 
 #[derive(clap::Args)]
@@ -256,14 +268,30 @@ impl OpampArgs {
     }
 }
 
-async fn serve(args: OpampArgs) -> anyhow::Result<()> {
-    let server = OpampServer::new(Fleet::new(args.fleet_config()), args.server_config());
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let ServeArgs { opamp: args, admin_addr } = args;
+    let fleet = Fleet::new(args.fleet_config());
+    let metrics = opamp_operator::metrics::Metrics::new();
+    let server = OpampServer::new(fleet.clone(), args.server_config()).with_metrics(metrics.clone());
     opamp_operator::sim::fleet::raise_fd_limit();
     let listener = tokio::net::TcpListener::bind(args.opamp_addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.opamp_addr))?;
     tracing::info!(addr = %listener.local_addr()?, "serving OpAMP on /v1/opamp");
     let shutdown = server.shutdown_token();
+    if let Some(addr) = admin_addr {
+        let admin =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        tracing::info!(addr = %admin.local_addr()?, "serving /admin/config and /admin/stats");
+        let router = bench_admin::router(fleet, metrics);
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(admin, router).with_graceful_shutdown(stop.cancelled_owned()).await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "admin endpoint failed");
+            }
+        });
+    }
     tokio::spawn(async move {
         shutdown_signal().await;
         tracing::info!("shutting down");
@@ -274,6 +302,99 @@ async fn serve(args: OpampArgs) -> anyhow::Result<()> {
         None => server.serve(listener).await?,
     }
     Ok(())
+}
+
+/// `serve --admin-addr`: the admin endpoint of the side-by-side benchmark (`make bench`,
+/// tests/bench/run), the same one the opamp-go baseline (tests/bench/server) serves.
+mod bench_admin {
+    use std::sync::{Arc, RwLock};
+
+    use axum::Json;
+    use axum::extract::State;
+    use axum::routing::{get, post};
+    use bytes::Bytes;
+    use opamp_operator::fleet::{DesiredState, DesiredStateProvider, Fleet};
+    use opamp_operator::metrics::{KindLabel, Metrics};
+    use opamp_operator::opamp::Uid;
+    use opamp_operator::proto::{
+        AgentConfigFile, AgentConfigMap, AgentDescription, AgentRemoteConfig, RemoteConfigStatuses,
+    };
+    use sha2::{Digest, Sha256};
+
+    /// The one remote config every agent gets (none until the first `POST /admin/config`).
+    #[derive(Default)]
+    struct Everyone(RwLock<Option<Arc<AgentRemoteConfig>>>);
+
+    impl DesiredStateProvider for Everyone {
+        fn desired_state(
+            &self,
+            _: Uid,
+            _: &str,
+            _: Option<&AgentDescription>,
+            _: bool,
+        ) -> Option<DesiredState> {
+            let config = self.0.read().unwrap().clone()?;
+            Some(DesiredState { remote_config: Some(config), custom_capabilities: None })
+        }
+    }
+
+    struct Admin {
+        fleet: Fleet,
+        metrics: Arc<Metrics>,
+        config: Arc<Everyone>,
+    }
+
+    pub(super) fn router(fleet: Fleet, metrics: Arc<Metrics>) -> axum::Router {
+        let config = Arc::new(Everyone::default());
+        fleet.set_desired_state_provider(config.clone());
+        axum::Router::new()
+            .route("/admin/config", post(set_config))
+            .route("/admin/stats", get(stats))
+            .with_state(Arc::new(Admin { fleet, metrics, config }))
+    }
+
+    /// Agents connecting from now on get the config from the provider; known agents get it
+    /// here (connected WebSocket agents at once, HTTP agents on their next poll).
+    async fn set_config(State(admin): State<Arc<Admin>>, body: Bytes) -> Json<serde_json::Value> {
+        let hash = Sha256::digest(&body);
+        let mut files = AgentConfigMap::default();
+        files
+            .config_map
+            .insert("bench.yaml".into(), AgentConfigFile { body, content_type: "text/yaml".into() });
+        let config =
+            Arc::new(AgentRemoteConfig { config: Some(files), config_hash: Bytes::copy_from_slice(&hash) });
+        *admin.config.0.write().unwrap() = Some(config.clone());
+        let mut uids = Vec::with_capacity(admin.fleet.known_count());
+        admin.fleet.for_each(|uid, _, _| uids.push(uid));
+        let desired = DesiredState { remote_config: Some(config), custom_capabilities: None };
+        let pushed =
+            uids.into_iter().filter(|uid| admin.fleet.set_desired_state(*uid, desired.clone())).count();
+        Json(serde_json::json!({ "hash": hex::encode(hash), "pushed": pushed }))
+    }
+
+    async fn stats(State(admin): State<Arc<Admin>>) -> Json<serde_json::Value> {
+        let current = admin.config.0.read().unwrap().as_ref().map(|c| c.config_hash.clone());
+        let mut applied = 0usize;
+        if let Some(hash) = &current {
+            admin.fleet.for_each_view(|view| {
+                let status = view.report.remote_config_status.as_ref();
+                if status.is_some_and(|s| {
+                    s.status == RemoteConfigStatuses::Applied as i32 && s.last_remote_config_hash == *hash
+                }) {
+                    applied += 1;
+                }
+            });
+        }
+        let messages: u64 = ["heartbeat", "report", "custom_message", "disconnect"]
+            .into_iter()
+            .map(|kind| admin.metrics.messages_in.get_or_create(&KindLabel { kind }).get())
+            .sum();
+        Json(serde_json::json!({
+            "connected": admin.fleet.connected_count(),
+            "applied": applied,
+            "messages": messages,
+        }))
+    }
 }
 
 async fn shutdown_signal() {

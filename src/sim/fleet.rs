@@ -29,9 +29,15 @@ pub struct FleetSimConfig {
     pub hold: Option<Duration>,
 }
 
+/// How often the simulator prints a progress line on stderr.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
 #[derive(Default)]
 struct Stats {
+    /// Agents that got their first reply (ever; see `disconnected`).
     connected: AtomicUsize,
+    /// Agents whose connection ended after they connected.
+    disconnected: AtomicUsize,
     errors: AtomicUsize,
     messages_sent: AtomicU64,
     configs_applied: AtomicU64,
@@ -39,6 +45,22 @@ struct Stats {
     first_reply: Mutex<Option<Histogram<u64>>>,
     reply: Mutex<Option<Histogram<u64>>>,
     last_error: std::sync::Mutex<Option<String>>,
+}
+
+impl Stats {
+    /// One progress line: `t=12.3s connected 9000/10000 errors 0 messages 123 applied 0 failed 0`.
+    fn progress(&self, agents: usize, started: Instant) -> String {
+        format!(
+            "t={:.1}s connected {}/{} errors {} messages {} applied {} failed {}",
+            started.elapsed().as_secs_f64(),
+            self.connected.load(Ordering::Relaxed).saturating_sub(self.disconnected.load(Ordering::Relaxed)),
+            agents,
+            self.errors.load(Ordering::Relaxed),
+            self.messages_sent.load(Ordering::Relaxed),
+            self.configs_applied.load(Ordering::Relaxed),
+            self.configs_failed.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// What a run measured.
@@ -128,18 +150,61 @@ pub async fn run(config: FleetSimConfig, shutdown: tokio_util::sync::Cancellatio
         });
     }
     // Wait until everyone connected (or failed), then hold.
+    let mut progress = Instant::now() + PROGRESS_EVERY;
     while stats.connected.load(Ordering::Relaxed) + stats.errors.load(Ordering::Relaxed) < config.agents
         && !shutdown.is_cancelled()
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
+        if Instant::now() >= progress {
+            progress += PROGRESS_EVERY;
+            eprintln!("{}", stats.progress(config.agents, started));
+        }
     }
     let ramp = started.elapsed();
-    eprintln!("{} agents connected in {:.2} s", stats.connected.load(Ordering::Relaxed), ramp.as_secs_f64());
-    match config.hold {
-        Some(hold) => {
-            tokio::select! { _ = tokio::time::sleep(hold) => {}, _ = shutdown.cancelled() => {} }
+    // The line to wait for in scripts.
+    eprintln!(
+        "ready: {} agents connected in {:.2} s ({} errors)",
+        stats.connected.load(Ordering::Relaxed),
+        ramp.as_secs_f64(),
+        stats.errors.load(Ordering::Relaxed)
+    );
+    let hold = async {
+        match config.hold {
+            Some(hold) => tokio::time::sleep(hold).await,
+            None => std::future::pending().await,
         }
-        None => shutdown.cancelled().await,
+    };
+    let report_progress = async {
+        // While holding: a line whenever agents drop or configs are applied, else once a minute.
+        let mut last = (usize::MAX, u64::MAX, u64::MAX);
+        let mut quiet = Duration::ZERO;
+        loop {
+            tokio::time::sleep(PROGRESS_EVERY).await;
+            quiet += PROGRESS_EVERY;
+            let now = (
+                stats
+                    .connected
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(stats.disconnected.load(Ordering::Relaxed)),
+                stats.configs_applied.load(Ordering::Relaxed),
+                stats.configs_failed.load(Ordering::Relaxed),
+            );
+            if now != last || quiet >= Duration::from_secs(60) {
+                eprintln!("{}", stats.progress(config.agents, started));
+                (last, quiet) = (now, Duration::ZERO);
+            }
+        }
+    };
+    // Agents end early only on errors (the server went away, ...): then there is nothing to hold.
+    let all_ended = async {
+        while tasks.join_next().await.is_some() {}
+        eprintln!("every agent ended: {}", stats.progress(config.agents, started));
+    };
+    tokio::select! {
+        _ = hold => {},
+        _ = shutdown.cancelled() => {},
+        _ = report_progress => {},
+        _ = all_ended => {},
     }
     let connected = stats.connected.load(Ordering::Relaxed);
     shutdown.cancel();
@@ -173,11 +238,13 @@ fn count_status(agent: &SimAgent, stats: &Stats) {
     };
 }
 
-/// Spreads connections over 127.0.0.0/8 source addresses so one machine can open more than
-/// one address's worth of ephemeral ports.
+/// Spreads connections over 250 loopback source addresses (127.0.1.1-250, round robin) so one
+/// machine can open more than one address's worth of ephemeral ports, and so the ports a
+/// previous run left in TIME_WAIT do not run an address out of them (each holds at most
+/// agents/250 of this run's).
 fn source_addr(i: usize) -> SocketAddr {
-    let n = (i / 20_000) as u8;
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 1, n.wrapping_add(1))), 0)
+    let n = (i % 250) as u8;
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 1, n + 1)), 0)
 }
 
 async fn ws_agent(
@@ -226,6 +293,7 @@ async fn ws_agent(
             },
         }
     };
+    stats.disconnected.fetch_add(1, Ordering::Relaxed);
     ws.close().await;
     result
 }
