@@ -19,7 +19,8 @@ tools-interop:
 	bash tests/tools/build-interop-agent.sh
 	bash tests/tools/build-protodump.sh
 
-tools-bench: tools-bench
+tools-bench:
+	bash tests/tools/build-bench.sh
 
 tools-k8s:
 	bash tests/tools/build-k8s.sh
