@@ -53,7 +53,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             max_message_bytes: 4 << 20,
-            ws_read_buffer_bytes: 4 << 10,
+            ws_read_buffer_bytes: 1 << 10,
             ws_ping_interval: Duration::from_secs(30),
             write_timeout: Duration::from_secs(30),
         }

@@ -63,7 +63,9 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
                 pinged = false;
                 match frame {
                     None => Step::Gone,
-                    Some(Ok(Message::Binary(data))) => on_frame(&mut socket, &state, &mut conn, data).await,
+                    // Boxed: the handling futures live only while a message is handled, so the
+                    // connection's task (one per agent) stays small.
+                    Some(Ok(Message::Binary(data))) => Box::pin(on_frame(&mut socket, &state, &mut conn, data)).await,
                     Some(Ok(Message::Text(_))) => Step::Close(close_code::UNSUPPORTED, "text frames are not supported"),
                     // Keep reading: tungstenite answers the close, and the stream then ends.
                     Some(Ok(Message::Close(_))) => Step::Continue,
@@ -80,7 +82,7 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
             _ = notify.notified() => match state.fleet.poll_push(&conn) {
                 Some(msg) => {
                     state.metrics.messages_out.get_or_create(&KindLabel { kind: "push" }).inc();
-                    send(&mut socket, &state, &msg).await
+                    Box::pin(send(&mut socket, &state, &msg)).await
                 }
                 None => Step::Continue,
             },
@@ -89,7 +91,7 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
                     Step::Close(close_code::AWAY, "no traffic from the agent")
                 } else {
                     pinged = true;
-                    write(&mut socket, &state, Message::Ping(Default::default())).await
+                    Box::pin(write(&mut socket, &state, Message::Ping(Default::default()))).await
                 }
             }
         };
@@ -100,7 +102,7 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
     state.fleet.connection_closed(&conn);
     if let Step::Close(code, reason) = step {
         let frame = CloseFrame { code, reason: reason.into() };
-        let _ = timeout(state.config.write_timeout, socket.send(Message::Close(Some(frame)))).await;
+        let _ = Box::pin(timeout(state.config.write_timeout, socket.send(Message::Close(Some(frame))))).await;
     }
     tracing::debug!(agent = ?conn.agent(), "websocket closed");
 }
