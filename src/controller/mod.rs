@@ -311,12 +311,7 @@ impl Controller {
             let rollouts = self.rollouts.lock().unwrap().clone();
             for uid in self.agents.get(ns.as_str()).into_iter().flatten() {
                 let desired = self.fleet.inspect(*uid, |a| {
-                    let has_rc = a
-                        .report
-                        .remote_config_status
-                        .as_ref()
-                        .is_some_and(|s| !s.last_remote_config_hash.is_empty());
-                    idx.desired(uid, a.report.description.as_ref(), has_rc, &rollouts)
+                    idx.desired(uid, a.report.description.as_ref(), a.report.has_remote_config(), &rollouts)
                 });
                 if let Some(Some(d)) = desired {
                     self.fleet.set_desired_state(*uid, d);

@@ -57,9 +57,11 @@ impl<'a> NamespaceStatus<'a> {
         let reported = agent.report.remote_config_status.as_ref();
         let mut selecting = Vec::new();
         let ungated_hash = || {
-            let has_rc = reported.is_some_and(|r| !r.last_remote_config_hash.is_empty());
             let selected = self.index.selecting(desc);
-            self.index.desired_ungated(selected, desc, has_rc).remote_config.map(|c| c.config_hash.clone())
+            self.index
+                .desired_ungated(selected, desc, agent.report.has_remote_config())
+                .remote_config
+                .map(|c| c.config_hash.clone())
         };
         for (i, config) in self.index.configs.iter().enumerate() {
             if !config.selects(desc) {

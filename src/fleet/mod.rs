@@ -291,11 +291,7 @@ impl Fleet {
             let needs_desired = ingested.changes.intersects(Changes::CONNECTED | Changes::DESCRIPTION);
             let input = needs_desired.then(|| {
                 let report = &agent.session.report;
-                let has_rc = report
-                    .remote_config_status
-                    .as_ref()
-                    .is_some_and(|s| !s.last_remote_config_hash.is_empty());
-                (agent.namespace.clone(), report.description.clone(), has_rc)
+                (agent.namespace.clone(), report.description.clone(), report.has_remote_config())
             });
             (ingested, input)
         };

@@ -133,14 +133,14 @@ impl OpampServer {
             shutdown.cancelled().await;
             h.graceful_shutdown(Some(Duration::from_secs(10)));
         });
-        let listener = listener.into_std().map_err(|e| tls.io_error(e))?;
+        let listener = listener.into_std().map_err(|e| tls.error(e))?;
         let result = axum_server::from_tcp_rustls(listener, config)
-            .map_err(|e| tls.io_error(e))?
+            .map_err(|e| tls.error(e))?
             .handle(handle)
             .serve(self.router().into_make_service())
             .await;
         sweeper.abort();
         watcher.abort();
-        result.map_err(|e| tls.io_error(e))
+        result.map_err(|e| tls.error(e))
     }
 }

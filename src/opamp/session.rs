@@ -60,6 +60,11 @@ impl AgentReport {
         self.capabilities & cap as u64 != 0
     }
 
+    /// Whether the agent reports running a remote config (a non-empty hash).
+    pub fn has_remote_config(&self) -> bool {
+        self.remote_config_status.as_ref().is_some_and(|s| !s.last_remote_config_hash.is_empty())
+    }
+
     /// Whether the agent declared a custom capability in `AgentToServer.custom_capabilities`.
     pub fn supports_custom_capability(&self, capability: &str) -> bool {
         self.custom_capabilities.as_ref().is_some_and(|c| c.capabilities.iter().any(|c| c == capability))

@@ -33,11 +33,7 @@ impl TlsFiles {
         Some((m(&self.cert)?, m(&self.key)?))
     }
 
-    pub(super) fn io_error(&self, source: std::io::Error) -> TlsError {
-        self.error(source)
-    }
-
-    fn error(&self, source: std::io::Error) -> TlsError {
+    pub(super) fn error(&self, source: std::io::Error) -> TlsError {
         TlsError { cert: self.cert.display().to_string(), key: self.key.display().to_string(), source }
     }
 
