@@ -123,6 +123,10 @@ struct OpampArgs {
     /// intervals count as disconnected).
     #[arg(long, env = "OPAMP_HEARTBEAT_SECONDS", default_value_t = 30)]
     heartbeat_seconds: u64,
+    /// Threads serving the OpAMP endpoint, each a single-threaded event loop that owns the
+    /// connections it accepts (default: one per CPU).
+    #[arg(long, env = "OPAMP_THREADS")]
+    opamp_threads: Option<usize>,
     /// PEM certificate (chain) for TLS on the OpAMP endpoint (wss://, https://); reloaded when
     /// the file changes.
     #[arg(long, env = "OPAMP_TLS_CERT_FILE", requires = "tls_key_file")]
@@ -263,6 +267,7 @@ impl OpampArgs {
         ServerConfig {
             max_message_bytes: self.max_message_bytes,
             ws_ping_interval: Duration::from_secs(self.heartbeat_seconds),
+            event_loops: self.opamp_threads.unwrap_or(ServerConfig::default().event_loops),
             ..Default::default()
         }
     }

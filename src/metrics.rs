@@ -9,7 +9,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::fleet::{Fleet, Transport};
-use crate::proto::RemoteConfigStatuses;
+use crate::proto::{AgentToServer, RemoteConfigStatuses};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransportLabel {
@@ -46,17 +46,69 @@ pub struct Metrics {
     pub dispatch_results: Family<StateLabel, Counter>,
     pub reconcile_duration: Histogram,
     pub status_patches: Family<StateLabel, Counter>,
+    /// The counters every message touches, resolved once.
+    pub hot: MessageCounters,
+}
+
+/// Children of `messages_received` and `messages_sent` resolved up front: counting a message is
+/// one atomic increment, not a label lookup.
+pub struct MessageCounters {
+    heartbeat: Counter,
+    report: Counter,
+    disconnect: Counter,
+    custom_message: Counter,
+    pub reply: Counter,
+    pub push: Counter,
+    pub error: Counter,
+}
+
+impl MessageCounters {
+    fn new(received: &Family<KindLabel, Counter>, sent: &Family<KindLabel, Counter>) -> Self {
+        let child =
+            |family: &Family<KindLabel, Counter>, kind| family.get_or_create(&KindLabel { kind }).clone();
+        Self {
+            heartbeat: child(received, "heartbeat"),
+            report: child(received, "report"),
+            disconnect: child(received, "disconnect"),
+            custom_message: child(received, "custom_message"),
+            reply: child(sent, "reply"),
+            push: child(sent, "push"),
+            error: child(sent, "error"),
+        }
+    }
+
+    /// The `messages_received` child counting this message's kind.
+    pub fn received(&self, msg: &AgentToServer) -> &Counter {
+        if msg.agent_disconnect.is_some() {
+            &self.disconnect
+        } else if msg.custom_message.is_some() {
+            &self.custom_message
+        } else if msg.agent_description.is_some()
+            || msg.health.is_some()
+            || msg.effective_config.is_some()
+            || msg.remote_config_status.is_some()
+            || msg.package_statuses.is_some()
+            || msg.custom_capabilities.is_some()
+            || msg.available_components.is_some()
+        {
+            &self.report
+        } else {
+            &self.heartbeat
+        }
+    }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("opamp");
+        let (messages_in, messages_out) = (Family::default(), Family::default());
         let m = Self {
             agents_connected: Family::default(),
             agents_known: Gauge::default(),
             remote_config_statuses: Family::default(),
-            messages_in: Family::default(),
-            messages_out: Family::default(),
+            hot: MessageCounters::new(&messages_in, &messages_out),
+            messages_in,
+            messages_out,
             decode_errors: Family::default(),
             rejected_agents: Family::default(),
             custom_messages_upstream: Family::default(),

@@ -356,3 +356,37 @@ async fn http_bodies_up_to_the_configured_limit_are_accepted() {
     assert_eq!(stored.config_map.unwrap().config_map["agent.yaml"].body.len(), 3 << 20);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn silent_websocket_is_pinged_then_closed_while_a_listening_one_stays() {
+    let ping = Duration::from_millis(200);
+    let server = TestServer::start(
+        FleetConfig::default(),
+        ServerConfig { ws_ping_interval: ping, ..Default::default() },
+    )
+    .await;
+    let (mut live, mut silent) =
+        (SimAgent::new(AgentSpec::new("live")), SimAgent::new(AgentSpec::new("silent")));
+    let mut live_ws = WsClient::connect(&server.ws_url(), None).await.unwrap();
+    let mut silent_ws = WsClient::connect(&server.ws_url(), None).await.unwrap();
+    live_ws.send(&live.full_state()).await.unwrap();
+    silent_ws.send(&silent.full_state()).await.unwrap();
+    within(T, "first reply", live_ws.recv()).await.unwrap();
+    // The live agent sends nothing more but keeps reading, so it answers the server's pings.
+    let reader = tokio::spawn(async move { close_code(&mut live_ws).await });
+
+    // The silent one reads nothing: pinged after one interval, closed after three.
+    eventually(T, "the silent agent disconnected", || async {
+        server.fleet.agent(silent.uid()).is_some_and(|a| a.transport.is_none()).then_some(())
+    })
+    .await;
+    assert_eq!(close_code(&mut silent_ws).await, Some(CloseCode::Away));
+    let live_view = server.fleet.agent(live.uid()).unwrap();
+    assert_eq!(live_view.transport, Some(Transport::WebSocket), "an agent answering pings stays connected");
+    assert!(
+        live_view.last_seen.elapsed().unwrap() > ping * 3,
+        "and it was silent for longer than the close timeout"
+    );
+    assert!(!reader.is_finished());
+    reader.abort();
+}

@@ -257,7 +257,7 @@ impl Fleet {
         let (uid, issued) = self.resolve_uid(conn, &msg);
         let now = Instant::now();
 
-        let (ingested, provider_input) = {
+        let (ingested, outcome) = {
             let mut shard = self.shard(&uid);
             let (agent, admitted) = match shard.agents.entry(uid) {
                 Entry::Occupied(e) => (e.into_mut(), false),
@@ -288,43 +288,34 @@ impl Fleet {
             agent.touch(now);
             let mut ingested = agent.session.ingest(&mut msg);
             ingested.changes |= changes;
-            let needs_desired = ingested.changes.intersects(Changes::CONNECTED | Changes::DESCRIPTION);
-            let input = needs_desired.then(|| {
+            conn.bound = Some(uid);
+            // Most messages (heartbeats, status reports) are answered in this one critical section;
+            // a new connection or description first asks the provider for the desired state.
+            let outcome = if ingested.changes.intersects(Changes::CONNECTED | Changes::DESCRIPTION) {
                 let report = &agent.session.report;
-                (agent.namespace.clone(), report.description.clone(), report.has_remote_config())
-            });
-            (ingested, input)
-        };
-        conn.bound = Some(uid);
-
-        // Recompute the desired state outside the lock; a concurrent update wins either way.
-        let provider = self.inner.provider.read().unwrap().clone();
-        let desired = match (provider, provider_input) {
-            (Some(p), Some((ns, desc, has_rc))) => p.desired_state(uid, &ns, desc.as_ref(), has_rc),
-            _ => None,
-        };
-
-        let mut reply = {
-            let mut shard = self.shard(&uid);
-            let Some(agent) = shard.agents.get_mut(&uid) else {
-                // Forgotten in between (a sweep): answer without offers.
-                return Ok(server_message(reply_uid));
-            };
-            if let Some(d) = desired {
-                agent.desired = d;
-            }
-            let mut reply = agent.session.reply(reply_uid, &ingested, agent.desired.as_desired());
-            if ingested.disconnect {
-                agent.go_offline(now);
-                self.inner.connected.fetch_sub(1, Ordering::Relaxed);
-                conn.bound = None;
+                Err((agent.namespace.clone(), report.description.clone(), report.has_remote_config()))
             } else {
-                reply.custom_message = agent.outbox.pop();
-                if !agent.outbox.is_empty() {
-                    agent.wake(); // WebSocket agents get the rest pushed, one per message
+                Ok(self.respond(agent, conn, reply_uid.clone(), &ingested, now))
+            };
+            (ingested, outcome)
+        };
+
+        let mut reply = match outcome {
+            Ok(reply) => reply,
+            Err((ns, desc, has_rc)) => {
+                // Recompute the desired state outside the lock; a concurrent update wins either way.
+                let provider = self.inner.provider.read().unwrap().clone();
+                let desired = provider.and_then(|p| p.desired_state(uid, &ns, desc.as_ref(), has_rc));
+                let mut shard = self.shard(&uid);
+                let Some(agent) = shard.agents.get_mut(&uid) else {
+                    // Forgotten in between (a sweep): answer without offers.
+                    return Ok(server_message(reply_uid));
+                };
+                if let Some(d) = desired {
+                    agent.desired = d;
                 }
+                self.respond(agent, conn, reply_uid, &ingested, now)
             }
-            reply
         };
         if let Some(new_uid) = issued {
             reply.agent_identification = Some(AgentIdentification { new_instance_uid: new_uid.to_wire() });
@@ -335,6 +326,29 @@ impl Fleet {
     }
 
     /// The uid to file a message under, and the uid to announce if the server issued one.
+    /// The reply to an ingested message, with the next queued custom message.
+    fn respond(
+        &self,
+        agent: &mut Agent,
+        conn: &mut Connection,
+        reply_uid: Bytes,
+        ingested: &Ingested,
+        now: Instant,
+    ) -> ServerToAgent {
+        let mut reply = agent.session.reply(reply_uid, ingested, agent.desired.as_desired());
+        if ingested.disconnect {
+            agent.go_offline(now);
+            self.inner.connected.fetch_sub(1, Ordering::Relaxed);
+            conn.bound = None;
+        } else {
+            reply.custom_message = agent.outbox.pop();
+            if !agent.outbox.is_empty() {
+                agent.wake(); // WebSocket agents get the rest pushed, one per message
+            }
+        }
+        reply
+    }
+
     fn resolve_uid(&self, conn: &mut Connection, msg: &AgentToServer) -> (Uid, Option<Uid>) {
         let wants_new = msg.flags & AgentToServerFlags::RequestInstanceUid as u64 != 0;
         if let (Some(uid), false) = (Uid::from_wire(&msg.instance_uid), wants_new) {

@@ -64,11 +64,11 @@ pub(super) async fn post(
         }
     };
     let uid = msg.instance_uid.clone();
-    state.metrics.messages_in.get_or_create(&KindLabel { kind: super::server::kind(&msg) }).inc();
+    state.metrics.hot.received(&msg).inc();
     let mut conn = state.fleet.connection(Transport::Http, tenant);
     match state.fleet.handle(&mut conn, msg) {
         Ok(out) => {
-            state.metrics.messages_out.get_or_create(&KindLabel { kind: "reply" }).inc();
+            state.metrics.hot.reply.inc();
             reply(StatusCode::OK, &out, gzip_ok)
         }
         Err(rejection @ Rejection::AtCapacity { retry_after, .. }) => {

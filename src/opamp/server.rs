@@ -12,27 +12,6 @@ use super::auth::{AdmitAll, Authenticator};
 use super::tls::{TlsError, TlsFiles};
 use crate::fleet::{Fleet, Tenant};
 use crate::metrics::Metrics;
-use crate::proto::AgentToServer;
-
-/// The metrics label of an incoming message.
-pub(super) fn kind(msg: &AgentToServer) -> &'static str {
-    if msg.agent_disconnect.is_some() {
-        "disconnect"
-    } else if msg.custom_message.is_some() {
-        "custom_message"
-    } else if msg.agent_description.is_some()
-        || msg.health.is_some()
-        || msg.effective_config.is_some()
-        || msg.remote_config_status.is_some()
-        || msg.package_statuses.is_some()
-        || msg.custom_capabilities.is_some()
-        || msg.available_components.is_some()
-    {
-        "report"
-    } else {
-        "heartbeat"
-    }
-}
 
 pub const OPAMP_PATH: &str = "/v1/opamp";
 
@@ -47,6 +26,8 @@ pub struct ServerConfig {
     pub ws_ping_interval: Duration,
     /// A write that cannot complete in this time closes the connection.
     pub write_timeout: Duration,
+    /// Threads serving the endpoint, each an event loop of its own (see `--opamp-threads`).
+    pub event_loops: usize,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +37,7 @@ impl Default for ServerConfig {
             ws_read_buffer_bytes: 1 << 10,
             ws_ping_interval: Duration::from_secs(30),
             write_timeout: Duration::from_secs(30),
+            event_loops: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
@@ -113,8 +95,16 @@ impl OpampServer {
     pub async fn serve(self, listener: TcpListener) -> std::io::Result<()> {
         let shutdown = self.state.shutdown.clone();
         let sweeper = tokio::spawn(self.state.fleet.clone().run_sweeper(shutdown.clone()));
-        let result = axum::serve(listener, self.router())
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        let router = self.router();
+        let result = self
+            .on_event_loops(listener.into_std()?, move |listener| {
+                let (router, shutdown) = (router.clone(), shutdown.clone());
+                async move {
+                    axum::serve(TcpListener::from_std(listener)?, router)
+                        .with_graceful_shutdown(shutdown.cancelled_owned())
+                        .await
+                }
+            })
             .await;
         sweeper.abort();
         result
@@ -127,20 +117,67 @@ impl OpampServer {
         let sweeper = tokio::spawn(self.state.fleet.clone().run_sweeper(shutdown.clone()));
         let watcher =
             tokio::spawn(tls.clone().watch(config.clone(), Duration::from_secs(2), shutdown.clone()));
-        let handle = axum_server::Handle::new();
-        let h = handle.clone();
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            h.graceful_shutdown(Some(Duration::from_secs(10)));
-        });
+        let router = self.router();
         let listener = listener.into_std().map_err(|e| tls.error(e))?;
-        let result = axum_server::from_tcp_rustls(listener, config)
-            .map_err(|e| tls.error(e))?
-            .handle(handle)
-            .serve(self.router().into_make_service())
+        let result = self
+            .on_event_loops(listener, move |listener| {
+                let (router, shutdown, config) = (router.clone(), shutdown.clone(), config.clone());
+                async move {
+                    let handle = axum_server::Handle::new();
+                    let h = handle.clone();
+                    tokio::spawn(async move {
+                        shutdown.cancelled().await;
+                        h.graceful_shutdown(Some(Duration::from_secs(10)));
+                    });
+                    axum_server::from_tcp_rustls(listener, config)?
+                        .handle(handle)
+                        .serve(router.into_make_service())
+                        .await
+                }
+            })
             .await;
         sweeper.abort();
         watcher.abort();
         result.map_err(|e| tls.error(e))
+    }
+
+    /// Runs `serve` on [`ServerConfig::event_loops`] threads, each a single-threaded runtime
+    /// accepting from its own handle of the listener. A connection then lives on one thread,
+    /// and handling a message wakes no other: on a multi-threaded runtime the wake-ups of idle
+    /// workers cost more CPU than the message itself.
+    async fn on_event_loops<F, Fut>(&self, listener: std::net::TcpListener, serve: F) -> std::io::Result<()>
+    where
+        F: Fn(std::net::TcpListener) -> Fut + Send + Clone + 'static,
+        Fut: Future<Output = std::io::Result<()>>,
+    {
+        // Dropping this future (the server's task aborted, its runtime shut down) stops the loops.
+        let abort = CancellationToken::new();
+        let _abort_on_drop = abort.clone().drop_guard();
+        let mut loops = Vec::new();
+        for i in 0..self.state.config.event_loops.max(1) {
+            let (listener, serve, abort) = (listener.try_clone()?, serve.clone(), abort.clone());
+            let (done, finished) = tokio::sync::oneshot::channel();
+            std::thread::Builder::new().name(format!("opamp-{i}")).spawn(move || {
+                let served =
+                    tokio::runtime::Builder::new_current_thread().enable_all().build().and_then(|rt| {
+                        rt.block_on(async move {
+                            tokio::select! {
+                                served = serve(listener) => served,
+                                _ = abort.cancelled() => Ok(()),
+                            }
+                        })
+                    });
+                let _ = done.send(served);
+            })?;
+            loops.push(finished);
+        }
+        drop(listener);
+        let mut result = Ok(());
+        for finished in loops {
+            let served =
+                finished.await.unwrap_or_else(|_| Err(std::io::Error::other("an OpAMP event loop panicked")));
+            result = result.and(served);
+        }
+        result
     }
 }

@@ -52,12 +52,19 @@ enum Step {
 async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
     let notify = conn.notified().cloned().expect("WebSocket connections are notifiable");
     let ping_every = state.config.ws_ping_interval;
+    // The futures that outlive a message stay pinned across loop turns, so a message costs no
+    // timer or waiter-list registration: the ping timer is reset only when it fires early.
+    let shutdown = std::pin::pin!(state.shutdown.cancelled());
+    let mut shutdown = shutdown;
+    let mut notified = Box::pin(notify.notified());
     let mut last_heard = Instant::now();
     let mut pinged = false;
+    let ping = std::pin::pin!(sleep_until(last_heard + ping_every));
+    let mut ping = ping;
     let step = loop {
         let step = tokio::select! {
             biased;
-            _ = state.shutdown.cancelled() => Step::Close(close_code::AWAY, "server shutting down"),
+            _ = &mut shutdown => Step::Close(close_code::AWAY, "server shutting down"),
             frame = socket.recv() => {
                 last_heard = Instant::now();
                 pinged = false;
@@ -79,18 +86,26 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
                     }
                 }
             }
-            _ = notify.notified() => match state.fleet.poll_push(&conn) {
-                Some(msg) => {
-                    state.metrics.messages_out.get_or_create(&KindLabel { kind: "push" }).inc();
-                    Box::pin(send(&mut socket, &state, &msg)).await
+            _ = &mut notified => {
+                notified.set(notify.notified());
+                match state.fleet.poll_push(&conn) {
+                    Some(msg) => {
+                        state.metrics.hot.push.inc();
+                        Box::pin(send(&mut socket, &state, &msg)).await
+                    }
+                    None => Step::Continue,
                 }
-                None => Step::Continue,
             },
-            _ = sleep_until(last_heard + ping_every * if pinged { 3 } else { 1 }) => {
-                if pinged {
+            _ = &mut ping => {
+                let due = last_heard + ping_every * if pinged { 3 } else { 1 };
+                if Instant::now() < due {
+                    ping.as_mut().reset(due); // heard from the agent since: not due yet
+                    Step::Continue
+                } else if pinged {
                     Step::Close(close_code::AWAY, "no traffic from the agent")
                 } else {
                     pinged = true;
+                    ping.as_mut().reset(last_heard + ping_every * 3);
                     Box::pin(write(&mut socket, &state, Message::Ping(Default::default()))).await
                 }
             }
@@ -114,16 +129,16 @@ async fn on_frame(socket: &mut WebSocket, state: &State, conn: &mut Connection, 
         Err(e) => {
             tracing::debug!(error = %e, "undecodable frame");
             metrics.decode_errors.get_or_create(&WS).inc();
-            metrics.messages_out.get_or_create(&KindLabel { kind: "error" }).inc();
+            metrics.hot.error.inc();
             let reply = error_reply(ServerErrorResponseType::BadRequest, e.to_string(), None);
             return send(socket, state, &reply).await;
         }
     };
     let uid = msg.instance_uid.clone();
-    metrics.messages_in.get_or_create(&KindLabel { kind: super::server::kind(&msg) }).inc();
+    metrics.hot.received(&msg).inc();
     match state.fleet.handle(conn, msg) {
         Ok(reply) => {
-            metrics.messages_out.get_or_create(&KindLabel { kind: "reply" }).inc();
+            metrics.hot.reply.inc();
             send(socket, state, &reply).await
         }
         Err(rejection @ Rejection::AtCapacity { retry_after, .. }) => {
