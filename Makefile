@@ -4,7 +4,7 @@ SHELL := bash
 CARGO ?= cargo
 export OPAMP_TOOLS_BIN := $(CURDIR)/target/tools/bin
 
-.PHONY: all build test unit lint fmt crds tools tools-interop tools-k8s tools-bench demo bench
+.PHONY: all build test unit lint fmt crds tools tools-interop tools-k8s tools-otel tools-bench demo bench
 
 all: build
 
@@ -13,11 +13,14 @@ build:
 
 ## tools: every external binary the tests and the demo use, built from registries and cached
 ## outside the clone (~/.cache/opamp-operator/tools), linked into target/tools/bin.
-tools: tools-interop tools-k8s tools-bench
+tools: tools-interop tools-k8s tools-otel tools-bench
 
 tools-interop:
 	bash tests/tools/build-interop-agent.sh
 	bash tests/tools/build-protodump.sh
+
+tools-otel:
+	bash tests/tools/build-otel.sh
 
 tools-bench:
 	bash tests/tools/build-bench.sh
@@ -42,7 +45,7 @@ crds:
 ## test: lints, then every test (unit, transport, interop with the opamp-go agent, e2e against a
 ## local kube-apiserver + etcd). The cluster is brought up once for the whole run and always taken
 ## down afterwards, whether the tests pass, fail or are interrupted.
-test: tools-interop tools-k8s lint
+test: tools-interop tools-k8s tools-otel lint
 	trap 'tests/tools/local-cluster down' EXIT; \
 	tests/tools/local-cluster up; \
 	$(CARGO) test --all-targets --no-fail-fast
