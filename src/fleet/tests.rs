@@ -543,3 +543,31 @@ fn agents_move_to_the_namespace_of_their_latest_credentials() {
     fleet.handle(&mut b, msg(UID, 1)).unwrap();
     assert_eq!(fleet.agent(UID).unwrap().namespace, "team-b");
 }
+
+#[test]
+fn a_components_hash_without_components_is_answered_with_report_available_components() {
+    const REPORT_COMPONENTS: u64 = ServerToAgentFlags::ReportAvailableComponents as u64;
+    let fleet = Fleet::default();
+    let mut conn = ws(&fleet);
+    let hash_only = AvailableComponents { hash: Bytes::from_static(b"c1"), ..Default::default() };
+    let mut full = hash_only.clone();
+    full.components.insert("receivers".into(), Default::default());
+    let with = |components: &AvailableComponents, m: AgentToServer| AgentToServer {
+        available_components: Some(components.clone()),
+        ..m
+    };
+
+    let reply = fleet.handle(&mut conn, with(&hash_only, first(UID))).unwrap();
+    assert_eq!(reply.flags, REPORT_COMPONENTS, "the server has no components for this hash");
+    let reply = fleet.handle(&mut conn, with(&full, msg(UID, 1))).unwrap();
+    assert_eq!(reply.flags, 0);
+    assert_eq!(fleet.agent(UID).unwrap().report.available_components, Some(full.clone()));
+    // From now on the hash alone is enough, and does not erase the components.
+    let reply = fleet.handle(&mut conn, with(&hash_only, msg(UID, 2))).unwrap();
+    assert_eq!(reply.flags, 0);
+    assert_eq!(fleet.agent(UID).unwrap().report.available_components, Some(full));
+    // A new hash without components is asked for again.
+    let changed = AvailableComponents { hash: Bytes::from_static(b"c2"), ..Default::default() };
+    let reply = fleet.handle(&mut conn, with(&changed, msg(UID, 3))).unwrap();
+    assert_eq!(reply.flags, REPORT_COMPONENTS);
+}

@@ -88,6 +88,8 @@ pub struct Ingested {
     pub disconnect: bool,
     /// The server lost track of the agent's state and asks for all of it.
     pub request_full_state: bool,
+    /// The agent reported a components hash the server has no components for.
+    pub request_available_components: bool,
 }
 
 #[derive(Debug, Default)]
@@ -169,12 +171,25 @@ impl Session {
             Changes::CUSTOM_CAPABILITIES,
             &mut out.changes,
         );
-        keep_latest(
-            &mut r.available_components,
-            msg.available_components.take(),
-            Changes::AVAILABLE_COMPONENTS,
-            &mut out.changes,
-        );
+        if let Some(components) = msg.available_components.take() {
+            // Agents send only the hash while it is unchanged; for a hash the server holds no
+            // components of (a new agent, a restarted server), it asks for them in the reply.
+            if components.components.is_empty() && !components.hash.is_empty() {
+                let same_hash = r.available_components.as_ref().filter(|c| c.hash == components.hash);
+                out.request_available_components = same_hash.is_none_or(|c| c.components.is_empty());
+                if same_hash.is_none() {
+                    r.available_components = Some(components);
+                    out.changes |= Changes::AVAILABLE_COMPONENTS;
+                }
+            } else {
+                keep_latest(
+                    &mut r.available_components,
+                    Some(components),
+                    Changes::AVAILABLE_COMPONENTS,
+                    &mut out.changes,
+                );
+            }
+        }
 
         out.custom_message = msg.custom_message.take();
         if msg.agent_disconnect.is_some() {
@@ -189,6 +204,9 @@ impl Session {
         let mut msg = server_message(instance_uid);
         if ingested.request_full_state {
             msg.flags |= ServerToAgentFlags::ReportFullState as u64;
+        }
+        if ingested.request_available_components {
+            msg.flags |= ServerToAgentFlags::ReportAvailableComponents as u64;
         }
         if !ingested.disconnect {
             self.add_offers(&mut msg, desired);
