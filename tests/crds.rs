@@ -216,7 +216,7 @@ async fn crds_install_and_reject_invalid_objects() {
     let crd = crds.get("agentconfigs.opamp.dev").await.expect("the AgentConfig CRD");
     let columns: Vec<String> =
         crd.spec.versions[0].additional_printer_columns.iter().flatten().map(|c| c.name.clone()).collect();
-    assert_eq!(columns, ["Selected", "Applied", "Failed", "Ready", "Age"]);
+    assert_eq!(columns, ["Selected", "Applied", "Failed", "Unhealthy", "Ready", "Age"]);
 
     // kubectl resolves the category and the short names, and prints the columns.
     let info = cluster().await;
@@ -234,7 +234,11 @@ async fn crds_install_and_reject_invalid_objects() {
         assert!(stdout.contains("checkout-collectors"), "kubectl {}:\n{stdout}", args.join(" "));
         if args[1] == "agentconfigs" {
             let header: Vec<&str> = stdout.lines().next().unwrap_or_default().split_whitespace().collect();
-            assert_eq!(header, ["NAME", "SELECTED", "APPLIED", "FAILED", "READY", "AGE"], "\n{stdout}");
+            assert_eq!(
+                header,
+                ["NAME", "SELECTED", "APPLIED", "FAILED", "UNHEALTHY", "READY", "AGE"],
+                "\n{stdout}"
+            );
         } else {
             assert!(stdout.contains("pprof"), "kubectl {}:\n{stdout}", args.join(" "));
         }

@@ -21,6 +21,7 @@ use super::{AgentSelector, KeyRef};
     printcolumn = r#"{"name":"Selected","type":"integer","jsonPath":".status.selectedAgents"}"#,
     printcolumn = r#"{"name":"Applied","type":"integer","jsonPath":".status.appliedAgents"}"#,
     printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.failedAgents"}"#,
+    printcolumn = r#"{"name":"Unhealthy","type":"integer","jsonPath":".status.unhealthyAgents"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -128,6 +129,9 @@ pub struct AgentConfigStatus {
     /// resource's failure).
     #[serde(default)]
     pub pending_agents: u32,
+    /// Selected agents, connected, whose last health report says they are not healthy.
+    #[serde(default)]
+    pub unhealthy_agents: u32,
     /// Progress of the rollout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutStatus>,

@@ -24,6 +24,7 @@ struct Counts {
     applying: u32,
     failed: u32,
     pending: u32,
+    unhealthy: u32,
     failures: Vec<(Uid, String, Bytes)>,
 }
 
@@ -87,6 +88,9 @@ impl<'a> NamespaceStatus<'a> {
             }
             let c = &mut self.configs[i];
             c.selected += 1;
+            if agent.connected && agent.report.health.as_ref().is_some_and(|h| !h.healthy) {
+                c.unhealthy += 1;
+            }
             let gated = !config.admits(&uid, self.rollouts);
             if config.source.is_none() || !agent.connected || desired_hash.is_none() || gated {
                 c.pending += 1;
@@ -173,6 +177,7 @@ impl<'a> NamespaceStatus<'a> {
                     applying_agents: c.applying,
                     failed_agents: c.failed,
                     pending_agents: c.pending,
+                    unhealthy_agents: c.unhealthy,
                     rollout: config.source.as_ref().map(|_| RolloutStatus { step, state }),
                     failures,
                     conditions: conditions::merge(&current.conditions, desired, generation, now),
