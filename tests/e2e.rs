@@ -22,26 +22,8 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// An operator managing only `namespaces` (tests in other binaries run operators of their own).
 async fn start_operator(_admin: kube::Client, opamp_addr: &str, namespaces: &[&str]) -> Operator {
-    let config = OperatorConfig {
-        opamp_addr: opamp_addr.parse().unwrap(),
-        api_addr: "127.0.0.1:0".parse().unwrap(),
-        metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
-        anonymous_namespace: None,
-        tls: None,
-        leader_election: None,
-        shutdown_grace: Duration::from_secs(10),
-        namespaces: Some(namespaces.iter().map(|s| s.to_string()).collect()),
-        fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
-        server: ServerConfig::default(),
-    };
-    // As the Helm chart's RBAC identity, never as admin.
-    let client = common::cluster::cluster().await.client_as_chart_identity(namespaces[0]).await;
-    let op = within(T, "operator start", Operator::start(client, config)).await.expect("operator starts");
-    // Ready once the caches synced and the OpAMP endpoint is open.
-    let url = format!("http://{}/readyz", op.api_addr);
-    eventually(T, "operator ready", || async { reqwest::get(&url).await.ok().filter(|r| r.status() == 200) })
-        .await;
-    op
+    let namespaces: Vec<String> = namespaces.iter().map(|s| s.to_string()).collect();
+    common::operator::start(opamp_addr.parse().unwrap(), &namespaces).await
 }
 
 fn token_secret(name: &str, token: &str) -> String {

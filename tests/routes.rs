@@ -17,9 +17,8 @@ use common::{eventually, within};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use opamp_operator::api::{CapabilitySlot, CapabilitySlotStatus};
-use opamp_operator::fleet::FleetConfig;
-use opamp_operator::opamp::{ServerConfig, Uid};
-use opamp_operator::operator::{Operator, OperatorConfig};
+use opamp_operator::opamp::Uid;
+use opamp_operator::operator::Operator;
 use opamp_operator::proto::{CustomMessage, ServerToAgent};
 use opamp_operator::sim::{AgentSpec, HttpClient, SimAgent, WsClient};
 use serde_json::{Value, json};
@@ -69,7 +68,7 @@ impl Env {
         .unwrap();
         let scope: Vec<String> =
             std::iter::once(ns.name.clone()).chain(also.iter().map(|n| n.to_string())).collect();
-        let op = start_operator(ns.client.clone(), "127.0.0.1:0".parse().unwrap(), &scope).await;
+        let op = common::operator::start("127.0.0.1:0".parse().unwrap(), &scope).await;
         let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
         Env { ns, op, agent_token, http, scope, _serial: serial }
     }
@@ -79,7 +78,7 @@ impl Env {
         let Env { ns, op, agent_token, http, scope, _serial } = self;
         let addr = op.opamp_addr;
         op.stop().await;
-        let op = start_operator(ns.client.clone(), addr, &scope).await;
+        let op = common::operator::start(addr, &scope).await;
         Env { ns, op, agent_token, http, scope, _serial }
     }
 
@@ -297,34 +296,6 @@ impl Env {
         ns.cleanup().await;
         drop(_serial);
     }
-}
-
-/// An operator running as the Helm chart's RBAC identity (`_admin` only sets things up).
-async fn start_operator(
-    _admin: kube::Client,
-    opamp_addr: std::net::SocketAddr,
-    namespaces: &[String],
-) -> Operator {
-    let client = common::cluster::cluster().await.client_as_chart_identity(&namespaces[0]).await;
-    let config = OperatorConfig {
-        opamp_addr,
-        api_addr: "127.0.0.1:0".parse().unwrap(),
-        metrics_addr: None,
-        anonymous_namespace: None,
-        tls: None,
-        leader_election: None,
-        shutdown_grace: Duration::from_secs(10),
-        namespaces: Some(namespaces.to_vec()),
-        fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
-        server: ServerConfig::default(),
-    };
-    let op = within(T, "operator start", Operator::start(client, config)).await.expect("operator starts");
-    let ready = format!("http://{}/readyz", op.api_addr);
-    eventually(T, "operator ready", || async {
-        reqwest::get(&ready).await.ok().filter(|r| r.status() == 200)
-    })
-    .await;
-    op
 }
 
 fn opaque_secret(name: &str, key: &str, value: &str) -> String {

@@ -5,7 +5,9 @@
 pub mod callback;
 pub mod cluster;
 pub mod goagent;
+pub mod operator;
 pub mod simrun;
+pub mod supervisor;
 
 use std::future::Future;
 use std::net::SocketAddr;

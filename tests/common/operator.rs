@@ -1,0 +1,37 @@
+//! An operator for the suites that run it against the local control plane: as the Helm chart's
+//! RBAC identity (a missing permission fails the test), managing only the given namespaces.
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use opamp_operator::fleet::FleetConfig;
+use opamp_operator::opamp::ServerConfig;
+use opamp_operator::operator::{Operator, OperatorConfig};
+
+use super::{eventually, within};
+
+const T: Duration = Duration::from_secs(30);
+
+/// Starts an operator serving OpAMP on `opamp_addr` (port 0: any) and waits until it is ready.
+/// `namespaces[0]` is where the chart's identity is bound.
+pub async fn start(opamp_addr: SocketAddr, namespaces: &[String]) -> Operator {
+    let client = super::cluster::cluster().await.client_as_chart_identity(&namespaces[0]).await;
+    let config = OperatorConfig {
+        opamp_addr,
+        api_addr: "127.0.0.1:0".parse().unwrap(),
+        metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
+        anonymous_namespace: None,
+        tls: None,
+        leader_election: None,
+        shutdown_grace: Duration::from_secs(10),
+        namespaces: Some(namespaces.to_vec()),
+        fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
+        server: ServerConfig::default(),
+    };
+    let op = within(T, "operator start", Operator::start(client, config)).await.expect("operator starts");
+    let ready = format!("http://{}/readyz", op.api_addr);
+    eventually(T, "operator ready", || async {
+        reqwest::get(&ready).await.ok().filter(|r| r.status() == 200)
+    })
+    .await;
+    op
+}
