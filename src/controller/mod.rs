@@ -248,6 +248,7 @@ impl Controller {
 
     /// Folds the fleet's changes into the agents-by-namespace index.
     fn track_agents(&mut self) {
+        let mut arrived = Vec::new();
         for (uid, changes) in self.fleet.take_changes() {
             let previous = self.agent_ns.get(&uid).cloned();
             let current = if changes.contains(Changes::REMOVED) {
@@ -266,6 +267,7 @@ impl Controller {
                     Some(ns) => {
                         self.agents.entry(ns.clone()).or_default().insert(uid);
                         self.agent_ns.insert(uid, ns.clone());
+                        arrived.push((uid, ns.clone()));
                     }
                     None => {
                         self.agent_ns.remove(&uid);
@@ -275,6 +277,28 @@ impl Controller {
             if let Some(ns) = current {
                 self.status_dirty.insert(ns.to_string());
             }
+        }
+        // An agent's desired state was computed when it connected, from the index of that moment.
+        // A re-plan that ran since then did not know the agent yet: compute it again, now that
+        // every later re-plan will include it.
+        if arrived.is_empty() {
+            return;
+        }
+        let rollouts = self.rollouts.lock().unwrap().clone();
+        let index = self.index.read().unwrap().clone();
+        for (uid, ns) in arrived {
+            let Some(idx) = index.get(&*ns) else { continue };
+            self.refresh_desired(uid, idx, &rollouts);
+        }
+    }
+
+    /// Gives one agent the desired state `idx` plans for it.
+    fn refresh_desired(&self, uid: Uid, idx: &NamespaceIndex, rollouts: &HashMap<String, Tracker>) {
+        let desired = self.fleet.inspect(uid, |a| {
+            idx.desired(&uid, a.report.description.as_ref(), a.report.has_remote_config(), rollouts)
+        });
+        if let Some(Some(d)) = desired {
+            self.fleet.set_desired_state(uid, d);
         }
     }
 
@@ -310,12 +334,7 @@ impl Controller {
             self.routes.publish(&ns, slot_routes);
             let rollouts = self.rollouts.lock().unwrap().clone();
             for uid in self.agents.get(ns.as_str()).into_iter().flatten() {
-                let desired = self.fleet.inspect(*uid, |a| {
-                    idx.desired(uid, a.report.description.as_ref(), a.report.has_remote_config(), &rollouts)
-                });
-                if let Some(Some(d)) = desired {
-                    self.fleet.set_desired_state(*uid, d);
-                }
+                self.refresh_desired(*uid, &idx, &rollouts);
             }
             self.status_dirty.insert(ns);
             self.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
