@@ -62,6 +62,6 @@ demo:
 ## fleet simulator: RSS per agent, CPU per heartbeat, time to push a config to every agent.
 ## N = 1000 10000 by default (BENCH_SIZES="1000 10000 50000" for more; see tests/bench/run).
 ## Prints one table and writes it into docs/benchmarks.md.
-bench: tools-bench
+bench: tools-bench tools-k8s
 	nice -n 10 $(CARGO) build --release
 	BENCH_COMMAND="make bench" tests/bench/run
