@@ -124,7 +124,7 @@ struct OpampArgs {
     #[arg(long, env = "OPAMP_HEARTBEAT_SECONDS", default_value_t = 30)]
     heartbeat_seconds: u64,
     /// Threads serving the OpAMP endpoint, each a single-threaded event loop that owns the
-    /// connections it accepts (default: one per CPU).
+    /// connections it accepts (default: half the CPUs, at least one).
     #[arg(long, env = "OPAMP_THREADS")]
     opamp_threads: Option<usize>,
     /// PEM certificate (chain) for TLS on the OpAMP endpoint (wss://, https://); reloaded when

@@ -161,7 +161,7 @@ impl Session {
         );
         keep_latest(
             &mut r.package_statuses,
-            msg.package_statuses.take(),
+            msg.package_statuses.take().map(|p| *p),
             Changes::PACKAGE_STATUSES,
             &mut out.changes,
         );

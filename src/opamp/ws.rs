@@ -70,9 +70,16 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
                 pinged = false;
                 match frame {
                     None => Step::Gone,
-                    // Boxed: the handling futures live only while a message is handled, so the
-                    // connection's task (one per agent) stays small.
-                    Some(Ok(Message::Binary(data))) => Box::pin(on_frame(&mut socket, &state, &mut conn, data)).await,
+                    // The message is handled and its reply encoded before anything is awaited;
+                    // only the write is a future, boxed so the connection's task (one per
+                    // agent) stays small.
+                    Some(Ok(Message::Binary(data))) => {
+                        let (reply, then) = on_frame(&state, &mut conn, data);
+                        match Box::pin(write(&mut socket, &state, Message::Binary(reply))).await {
+                            Step::Continue => then,
+                            failed => failed,
+                        }
+                    }
                     Some(Ok(Message::Text(_))) => Step::Close(close_code::UNSUPPORTED, "text frames are not supported"),
                     // Keep reading: tungstenite answers the close, and the stream then ends.
                     Some(Ok(Message::Close(_))) => Step::Continue,
@@ -91,7 +98,9 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
                 match state.fleet.poll_push(&conn) {
                     Some(msg) => {
                         state.metrics.hot.push.inc();
-                        Box::pin(send(&mut socket, &state, &msg)).await
+                        let frame = codec::encode_ws(&msg);
+                        drop(msg);
+                        Box::pin(write(&mut socket, &state, Message::Binary(frame))).await
                     }
                     None => Step::Continue,
                 }
@@ -122,7 +131,8 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
     tracing::debug!(agent = ?conn.agent(), "websocket closed");
 }
 
-async fn on_frame(socket: &mut WebSocket, state: &State, conn: &mut Connection, data: bytes::Bytes) -> Step {
+/// Decodes and handles one frame: the encoded reply, and what to do once it is written.
+fn on_frame(state: &State, conn: &mut Connection, data: bytes::Bytes) -> (bytes::Bytes, Step) {
     let metrics = &state.metrics;
     let msg = match codec::decode_ws(data) {
         Ok(msg) => msg,
@@ -131,7 +141,7 @@ async fn on_frame(socket: &mut WebSocket, state: &State, conn: &mut Connection, 
             metrics.decode_errors.get_or_create(&WS).inc();
             metrics.hot.error.inc();
             let reply = error_reply(ServerErrorResponseType::BadRequest, e.to_string(), None);
-            return send(socket, state, &reply).await;
+            return (codec::encode_ws(&reply), Step::Continue);
         }
     };
     let uid = msg.instance_uid.clone();
@@ -139,17 +149,14 @@ async fn on_frame(socket: &mut WebSocket, state: &State, conn: &mut Connection, 
     match state.fleet.handle(conn, msg) {
         Ok(reply) => {
             metrics.hot.reply.inc();
-            send(socket, state, &reply).await
+            (codec::encode_ws(&reply), Step::Continue)
         }
         Err(rejection @ Rejection::AtCapacity { retry_after, .. }) => {
             metrics.rejected_agents.get_or_create(&KindLabel { kind: "at_capacity" }).inc();
             let mut reply =
                 error_reply(ServerErrorResponseType::Unavailable, rejection.to_string(), Some(retry_after));
             reply.instance_uid = uid;
-            match send(socket, state, &reply).await {
-                Step::Continue => Step::Close(close_code::AGAIN, "server at capacity, retry later"),
-                other => other,
-            }
+            (codec::encode_ws(&reply), Step::Close(close_code::AGAIN, "server at capacity, retry later"))
         }
     }
 }
@@ -171,10 +178,6 @@ pub(super) fn error_reply(
         }),
         ..Default::default()
     }
-}
-
-async fn send(socket: &mut WebSocket, state: &State, msg: &ServerToAgent) -> Step {
-    write(socket, state, Message::Binary(codec::encode_ws(msg))).await
 }
 
 async fn write(socket: &mut WebSocket, state: &State, msg: Message) -> Step {
