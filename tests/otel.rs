@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::callback::{CallbackServer, b64encode};
 use common::cluster::{TestNamespace, install_crds};
 use common::supervisor::Supervisor;
-use common::{eventually, within};
+use common::{eventually, poll_until, within};
 use opamp_operator::api::{AgentConfig, AgentConfigStatus};
 use opamp_operator::fleet::{AgentSnapshot, Transport};
 use opamp_operator::operator::Operator;
@@ -64,7 +64,7 @@ impl Env {
         self.ns.apply_yaml(yaml).await.unwrap_or_else(|e| panic!("apply failed: {e}\n{yaml}"));
     }
 
-    /// Waits until the namespace's one agent satisfies `pred`; on timeout shows the agent and
+    /// Waits until the namespace's one agent satisfies `pred`; on timeout shows the agents and
     /// the supervisor's and collector's logs.
     async fn agent_where(
         &self,
@@ -72,23 +72,21 @@ impl Env {
         what: &str,
         pred: impl Fn(&AgentSnapshot) -> bool,
     ) -> AgentSnapshot {
-        let end = tokio::time::Instant::now() + T;
-        loop {
-            let agents: Vec<_> =
+        poll_until(T, || async {
+            let mut agents: Vec<_> =
                 self.op.fleet.agents().into_iter().filter(|a| a.namespace == self.ns.name).collect();
-            if let [agent] = agents.as_slice() {
-                if pred(agent) {
-                    return agent.clone();
-                }
+            match agents.as_slice() {
+                [agent] if pred(agent) => Ok(agents.remove(0)),
+                _ => Err(agents),
             }
-            if tokio::time::Instant::now() > end {
-                panic!(
-                    "timed out after {T:?} waiting for the collector: {what}; agents: {agents:#?}\n{}",
-                    sup.logs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await
+        .unwrap_or_else(|agents| {
+            panic!(
+                "timed out after {T:?} waiting for the collector: {what}; agents: {agents:#?}\n{}",
+                sup.logs()
+            )
+        })
     }
 
     /// Waits until the AgentConfig's status satisfies `pred`.
@@ -100,23 +98,20 @@ impl Env {
         pred: impl Fn(&AgentConfigStatus) -> bool,
     ) -> AgentConfigStatus {
         let api = self.ns.api::<AgentConfig>();
-        let end = tokio::time::Instant::now() + T;
-        let mut last = None;
-        loop {
-            if let Some(s) = api.get(name).await.ok().and_then(|c| c.status) {
-                if pred(&s) {
-                    return s;
-                }
-                last = Some(s);
+        poll_until(T, || async {
+            let status = api.get(name).await.ok().and_then(|c| c.status);
+            match status {
+                Some(s) if pred(&s) => Ok(s),
+                last => Err(last),
             }
-            if tokio::time::Instant::now() > end {
-                panic!(
-                    "timed out after {T:?} waiting for AgentConfig {name}: {what}; last status: {last:#?}\n{}",
-                    sup.logs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await
+        .unwrap_or_else(|last| {
+            panic!(
+                "timed out after {T:?} waiting for AgentConfig {name}: {what}; last status: {last:#?}\n{}",
+                sup.logs()
+            )
+        })
     }
 
     async fn stop(self) {
@@ -361,15 +356,15 @@ async fn wait_callback(
     what: &str,
     pred: impl Fn(&Value) -> bool,
 ) -> Value {
-    let end = tokio::time::Instant::now() + T;
-    loop {
-        if let Some(r) = callback.requests().into_iter().find(|r| r.json.as_ref().is_some_and(&pred)) {
-            return r.body_json().clone();
+    poll_until(T, || async {
+        let requests = callback.requests();
+        match requests.iter().find(|r| r.json.as_ref().is_some_and(&pred)) {
+            Some(r) => Ok(r.body_json().clone()),
+            None => Err(requests.into_iter().map(|r| r.json).collect::<Vec<_>>()),
         }
-        if tokio::time::Instant::now() > end {
-            let seen: Vec<_> = callback.requests().iter().map(|r| r.json.clone()).collect();
-            panic!("timed out after {T:?} waiting for {what}; callbacks so far: {seen:#?}\n{}", sup.logs());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
+    .unwrap_or_else(|seen| {
+        panic!("timed out after {T:?} waiting for {what}; callbacks so far: {seen:#?}\n{}", sup.logs())
+    })
 }

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use common::callback::{CallbackServer, Recorded, b64decode, b64encode, dead_url, hmac_sha256, signature};
 use common::cluster::{TestNamespace, install_crds};
 use common::goagent::GoAgent;
-use common::{eventually, within};
+use common::{eventually, poll_until, within};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use opamp_operator::api::{CapabilitySlot, CapabilitySlotStatus};
@@ -270,24 +270,17 @@ impl Env {
         pred: impl Fn(&CapabilitySlotStatus) -> bool,
     ) -> CapabilitySlotStatus {
         let api = self.ns.api::<CapabilitySlot>();
-        let end = tokio::time::Instant::now() + T;
-        let mut last = None;
-        loop {
-            if let Ok(slot) = api.get(name).await {
-                if let Some(s) = slot.status {
-                    if pred(&s) {
-                        return s;
-                    }
-                    last = Some(s);
-                }
+        poll_until(T, || async {
+            let status = api.get(name).await.ok().and_then(|s| s.status);
+            match status {
+                Some(s) if pred(&s) => Ok(s),
+                last => Err(last),
             }
-            if tokio::time::Instant::now() > end {
-                panic!(
-                    "timed out after {T:?} waiting for CapabilitySlot {name}: {what}; last status: {last:#?}"
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        })
+        .await
+        .unwrap_or_else(|last| {
+            panic!("timed out after {T:?} waiting for CapabilitySlot {name}: {what}; last status: {last:#?}")
+        })
     }
 
     async fn stop(self) {

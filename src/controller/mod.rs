@@ -285,10 +285,11 @@ impl Controller {
             return;
         }
         let rollouts = self.rollouts.lock().unwrap().clone();
-        let index = self.index.read().unwrap().clone();
         for (uid, ns) in arrived {
-            let Some(idx) = index.get(&*ns) else { continue };
-            self.refresh_desired(uid, idx, &rollouts);
+            let idx = self.index.read().unwrap().get(&*ns).cloned();
+            if let Some(idx) = idx {
+                self.refresh_desired(uid, &idx, &rollouts);
+            }
         }
     }
 

@@ -103,27 +103,22 @@ impl OpampServer {
     /// Serves until the shutdown token is cancelled, then closes every connection.
     pub async fn serve(self, listener: TcpListener) -> std::io::Result<()> {
         let shutdown = self.state.shutdown.clone();
-        let sweeper = tokio::spawn(self.state.fleet.clone().run_sweeper(shutdown.clone()));
         let router = self.router();
-        let result = self
-            .on_event_loops(listener.into_std()?, move |listener| {
-                let (router, shutdown) = (router.clone(), shutdown.clone());
-                async move {
-                    axum::serve(TcpListener::from_std(listener)?, router)
-                        .with_graceful_shutdown(shutdown.cancelled_owned())
-                        .await
-                }
-            })
-            .await;
-        sweeper.abort();
-        result
+        self.on_event_loops(listener.into_std()?, move |listener| {
+            let (router, shutdown) = (router.clone(), shutdown.clone());
+            async move {
+                axum::serve(TcpListener::from_std(listener)?, router)
+                    .with_graceful_shutdown(shutdown.cancelled_owned())
+                    .await
+            }
+        })
+        .await
     }
 
     /// Serves over TLS (wss:// and https://), reloading the certificate when its files change.
     pub async fn serve_tls(self, listener: TcpListener, tls: TlsFiles) -> Result<(), TlsError> {
         let config = tls.load().await?;
         let shutdown = self.state.shutdown.clone();
-        let sweeper = tokio::spawn(self.state.fleet.clone().run_sweeper(shutdown.clone()));
         let watcher =
             tokio::spawn(tls.clone().watch(config.clone(), Duration::from_secs(2), shutdown.clone()));
         let router = self.router();
@@ -145,15 +140,14 @@ impl OpampServer {
                 }
             })
             .await;
-        sweeper.abort();
         watcher.abort();
         result.map_err(|e| tls.error(e))
     }
 
     /// Runs `serve` on [`ServerConfig::event_loops`] threads, each a single-threaded runtime
-    /// accepting from its own handle of the listener. A connection then lives on one thread,
-    /// and handling a message wakes no other: on a multi-threaded runtime the wake-ups of idle
-    /// workers cost more CPU than the message itself.
+    /// accepting from its own handle of the listener, and the fleet's sweeper meanwhile. A
+    /// connection then lives on one thread, and handling a message wakes no other: on a
+    /// multi-threaded runtime the wake-ups of idle workers cost more CPU than the message itself.
     async fn on_event_loops<F, Fut>(&self, listener: std::net::TcpListener, serve: F) -> std::io::Result<()>
     where
         F: Fn(std::net::TcpListener) -> Fut + Send + Clone + 'static,
@@ -162,6 +156,7 @@ impl OpampServer {
         // Dropping this future (the server's task aborted, its runtime shut down) stops the loops.
         let abort = CancellationToken::new();
         let _abort_on_drop = abort.clone().drop_guard();
+        let sweeper = tokio::spawn(self.state.fleet.clone().run_sweeper(abort.clone()));
         let mut loops = Vec::new();
         for i in 0..self.state.config.event_loops.max(1) {
             let (listener, serve, abort) = (listener.try_clone()?, serve.clone(), abort.clone());
@@ -187,6 +182,7 @@ impl OpampServer {
                 finished.await.unwrap_or_else(|_| Err(std::io::Error::other("an OpAMP event loop panicked")));
             result = result.and(served);
         }
+        sweeper.abort();
         result
     }
 }

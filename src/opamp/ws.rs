@@ -1,5 +1,6 @@
 //! The WebSocket transport: one task per connection, woken by the socket, by the fleet when
 //! there is something to push, by the ping timer, and by shutdown.
+use std::pin::pin;
 use std::sync::Arc;
 
 use axum::extract::State as AxumState;
@@ -54,13 +55,11 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
     let ping_every = state.config.ws_ping_interval;
     // The futures that outlive a message stay pinned across loop turns, so a message costs no
     // timer or waiter-list registration: the ping timer is reset only when it fires early.
-    let shutdown = std::pin::pin!(state.shutdown.cancelled());
-    let mut shutdown = shutdown;
-    let mut notified = Box::pin(notify.notified());
+    let mut shutdown = pin!(state.shutdown.cancelled());
+    let mut notified = pin!(notify.notified());
     let mut last_heard = Instant::now();
     let mut pinged = false;
-    let ping = std::pin::pin!(sleep_until(last_heard + ping_every));
-    let mut ping = ping;
+    let mut ping = pin!(sleep_until(last_heard + ping_every));
     let step = loop {
         let step = tokio::select! {
             biased;
@@ -95,11 +94,9 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
             }
             _ = &mut notified => {
                 notified.set(notify.notified());
-                match state.fleet.poll_push(&conn) {
-                    Some(msg) => {
+                match state.fleet.poll_push(&conn).map(|msg| codec::encode_ws(&msg)) {
+                    Some(frame) => {
                         state.metrics.hot.push.inc();
-                        let frame = codec::encode_ws(&msg);
-                        drop(msg);
                         Box::pin(write(&mut socket, &state, Message::Binary(frame))).await
                     }
                     None => Step::Continue,

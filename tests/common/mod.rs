@@ -88,15 +88,28 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
+    poll_until(deadline, || {
+        let checked = check();
+        async move { checked.await.ok_or(()) }
+    })
+    .await
+    .unwrap_or_else(|()| panic!("timed out after {deadline:?} waiting for {what}"))
+}
+
+/// Polls `probe` until it returns `Ok`; after `deadline`, returns its last `Err` (what it saw
+/// last, for the caller's failure message).
+pub async fn poll_until<T, L, F, Fut>(deadline: Duration, mut probe: F) -> Result<T, L>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, L>>,
+{
     let end = tokio::time::Instant::now() + deadline;
     loop {
-        if let Some(v) = check().await {
-            return v;
+        match probe().await {
+            Ok(v) => return Ok(v),
+            Err(last) if tokio::time::Instant::now() > end => return Err(last),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
         }
-        if tokio::time::Instant::now() > end {
-            panic!("timed out after {deadline:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
