@@ -7,6 +7,7 @@ use axum::Router;
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::auth::{AdmitAll, Authenticator};
 use super::tls::{TlsError, TlsFiles};
@@ -57,6 +58,9 @@ pub(super) struct State {
     pub(super) auth: Arc<dyn Authenticator>,
     pub(super) config: ServerConfig,
     pub(super) shutdown: CancellationToken,
+    /// The WebSocket connections: upgraded connections are tasks of their own that the HTTP
+    /// server's graceful shutdown does not wait for, so the event loops wait for these.
+    pub(super) websockets: TaskTracker,
 }
 
 /// The OpAMP endpoint over a fleet.
@@ -73,7 +77,8 @@ impl OpampServer {
 
     pub fn with_auth(fleet: Fleet, config: ServerConfig, auth: Arc<dyn Authenticator>) -> Self {
         let metrics = Arc::default();
-        Self { state: Arc::new(State { fleet, metrics, auth, config, shutdown: CancellationToken::new() }) }
+        let (shutdown, websockets) = (CancellationToken::new(), TaskTracker::new());
+        Self { state: Arc::new(State { fleet, metrics, auth, config, shutdown, websockets }) }
     }
 
     /// Counts into these metrics (each server has its own otherwise).
@@ -160,13 +165,21 @@ impl OpampServer {
         let mut loops = Vec::new();
         for i in 0..self.state.config.event_loops.max(1) {
             let (listener, serve, abort) = (listener.try_clone()?, serve.clone(), abort.clone());
+            let websockets = self.state.websockets.clone();
             let (done, finished) = tokio::sync::oneshot::channel();
             std::thread::Builder::new().name(format!("opamp-{i}")).spawn(move || {
                 let served =
                     tokio::runtime::Builder::new_current_thread().enable_all().build().and_then(|rt| {
                         rt.block_on(async move {
                             tokio::select! {
-                                served = serve(listener) => served,
+                                served = async {
+                                    let served = serve(listener).await;
+                                    // Each WebSocket closes with 1001 (bounded by the write timeout)
+                                    // before the runtime, and its tasks with it, goes away.
+                                    websockets.close();
+                                    websockets.wait().await;
+                                    served
+                                } => served,
                                 _ = abort.cancelled() => Ok(()),
                             }
                         })

@@ -33,11 +33,14 @@ pub(super) async fn upgrade(
         }
     };
     let limit = state.config.max_message_bytes;
+    // Counted from here, while the upgrade is still the HTTP server's, until the socket closes.
+    let open = state.websockets.token();
     ws.read_buffer_size(state.config.ws_read_buffer_bytes)
         .write_buffer_size(0)
         .max_message_size(limit)
         .max_frame_size(limit)
         .on_upgrade(move |socket| async move {
+            let _open = open;
             let conn = state.fleet.connection(Transport::WebSocket, tenant);
             serve(socket, state, conn).await
         })
