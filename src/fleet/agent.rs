@@ -50,6 +50,9 @@ pub(super) struct Agent {
     pub(super) last_seen: Instant,
     pub(super) last_seen_wall: SystemTime,
     pub(super) desired: DesiredState,
+    /// Counts the writes of `desired`: a desired state computed outside the shard lock is
+    /// written only if no other write came in between (that one is newer).
+    pub(super) desired_writes: u32,
     pub(super) outbox: Outbox,
 }
 
@@ -63,6 +66,7 @@ impl Agent {
             last_seen: now,
             last_seen_wall: SystemTime::now(),
             desired: DesiredState::default(),
+            desired_writes: 0,
             outbox: Outbox::default(),
         }
     }

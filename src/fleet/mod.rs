@@ -293,7 +293,8 @@ impl Fleet {
             // a new connection or description first asks the provider for the desired state.
             let outcome = if ingested.changes.intersects(Changes::CONNECTED | Changes::DESCRIPTION) {
                 let report = &agent.session.report;
-                Err((agent.namespace.clone(), report.description.clone(), report.has_remote_config()))
+                let writes = agent.desired_writes;
+                Err((agent.namespace.clone(), report.description.clone(), report.has_remote_config(), writes))
             } else {
                 Ok(self.respond(agent, conn, reply_uid.clone(), &ingested, now))
             };
@@ -302,8 +303,9 @@ impl Fleet {
 
         let mut reply = match outcome {
             Ok(reply) => reply,
-            Err((ns, desc, has_rc)) => {
-                // Recompute the desired state outside the lock; a concurrent update wins either way.
+            Err((ns, desc, has_rc, writes)) => {
+                // The desired state is computed outside the lock. A write that came in meanwhile
+                // (set_desired_state from a newer plan) wins over this one.
                 let provider = self.inner.provider.read().unwrap().clone();
                 let desired = provider.and_then(|p| p.desired_state(uid, &ns, desc.as_ref(), has_rc));
                 let mut shard = self.shard(&uid);
@@ -311,8 +313,9 @@ impl Fleet {
                     // Forgotten in between (a sweep): answer without offers.
                     return Ok(server_message(reply_uid));
                 };
-                if let Some(d) = desired {
+                if let Some(d) = desired.filter(|_| agent.desired_writes == writes) {
                     agent.desired = d;
+                    agent.desired_writes = agent.desired_writes.wrapping_add(1);
                 }
                 self.respond(agent, conn, reply_uid, &ingested, now)
             }
@@ -430,6 +433,7 @@ impl Fleet {
     pub fn set_desired_state(&self, uid: Uid, desired: DesiredState) -> bool {
         let mut shard = self.shard(&uid);
         let Some(agent) = shard.agents.get_mut(&uid) else { return false };
+        agent.desired_writes = agent.desired_writes.wrapping_add(1);
         if agent.desired == desired {
             return false;
         }

@@ -571,3 +571,33 @@ fn a_components_hash_without_components_is_answered_with_report_available_compon
     let reply = fleet.handle(&mut conn, with(&changed, msg(UID, 3))).unwrap();
     assert_eq!(reply.flags, REPORT_COMPONENTS);
 }
+
+#[test]
+fn a_desired_state_set_while_the_provider_computes_wins_over_the_providers() {
+    // The provider computes from the plan of that moment, outside the shard lock; a newer plan
+    // written meanwhile (the controller's set_desired_state) must not be overwritten by it.
+    struct Racing {
+        fleet: Fleet,
+        newer: Arc<AgentRemoteConfig>,
+        stale: Arc<AgentRemoteConfig>,
+    }
+    impl DesiredStateProvider for Racing {
+        fn desired_state(
+            &self,
+            uid: Uid,
+            _: &str,
+            _: Option<&AgentDescription>,
+            _: bool,
+        ) -> Option<DesiredState> {
+            let newer = DesiredState { remote_config: Some(self.newer.clone()), custom_capabilities: None };
+            self.fleet.set_desired_state(uid, newer);
+            Some(DesiredState { remote_config: Some(self.stale.clone()), custom_capabilities: None })
+        }
+    }
+    let fleet = Fleet::default();
+    let (newer, stale) = (config("newer"), config("stale"));
+    fleet.set_desired_state_provider(Arc::new(Racing { fleet: fleet.clone(), newer: newer.clone(), stale }));
+    let reply = fleet.handle(&mut ws(&fleet), first(UID)).unwrap();
+    assert_eq!(reply.remote_config.as_ref(), Some(&*newer));
+    assert_eq!(fleet.desired_state(UID).unwrap().remote_config, Some(newer));
+}
