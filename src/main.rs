@@ -318,9 +318,8 @@ mod bench_admin {
     use axum::extract::State;
     use axum::routing::{get, post};
     use bytes::Bytes;
-    use opamp_operator::fleet::{DesiredState, DesiredStateProvider, Fleet};
+    use opamp_operator::fleet::{AgentKey, DesiredState, DesiredStateProvider, Fleet};
     use opamp_operator::metrics::{KindLabel, Metrics};
-    use opamp_operator::opamp::Uid;
     use opamp_operator::proto::{
         AgentConfigFile, AgentConfigMap, AgentDescription, AgentRemoteConfig, RemoteConfigStatuses,
     };
@@ -331,13 +330,7 @@ mod bench_admin {
     struct Everyone(RwLock<Option<Arc<AgentRemoteConfig>>>);
 
     impl DesiredStateProvider for Everyone {
-        fn desired_state(
-            &self,
-            _: Uid,
-            _: &str,
-            _: Option<&AgentDescription>,
-            _: bool,
-        ) -> Option<DesiredState> {
+        fn desired_state(&self, _: &AgentKey, _: Option<&AgentDescription>, _: bool) -> Option<DesiredState> {
             let config = self.0.read().unwrap().clone()?;
             Some(DesiredState { remote_config: Some(config), custom_capabilities: None })
         }
@@ -369,11 +362,10 @@ mod bench_admin {
         let config =
             Arc::new(AgentRemoteConfig { config: Some(files), config_hash: Bytes::copy_from_slice(&hash) });
         *admin.config.0.write().unwrap() = Some(config.clone());
-        let mut uids = Vec::with_capacity(admin.fleet.known_count());
-        admin.fleet.for_each(|uid, _, _| uids.push(uid));
+        let mut keys = Vec::with_capacity(admin.fleet.known_count());
+        admin.fleet.for_each(|key, _| keys.push(key.clone()));
         let desired = DesiredState { remote_config: Some(config), custom_capabilities: None };
-        let pushed =
-            uids.into_iter().filter(|uid| admin.fleet.set_desired_state(*uid, desired.clone())).count();
+        let pushed = keys.iter().filter(|key| admin.fleet.set_desired_state(key, desired.clone())).count();
         Json(serde_json::json!({ "hash": hex::encode(hash), "pushed": pushed }))
     }
 

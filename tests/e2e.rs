@@ -10,7 +10,7 @@ use common::simrun::RunningAgent;
 use common::{eventually, within};
 use k8s_openapi::api::core::v1::Event as KubeEvent;
 use opamp_operator::api::{AgentConfig, AgentConfigStatus};
-use opamp_operator::fleet::FleetConfig;
+use opamp_operator::fleet::{AgentKey, FleetConfig};
 use opamp_operator::opamp::{ServerConfig, Uid};
 use opamp_operator::operator::{Operator, OperatorConfig};
 use opamp_operator::sim::AgentSpec;
@@ -281,14 +281,16 @@ async fn tenancy_tokens_and_restart() {
     op.stop().await;
     let op = start_operator(a.client.clone(), &addr.to_string(), &[&a.name, &b.name]).await;
     eventually(T, "agent back", || async {
-        op.fleet.agent(agent_a.uid).filter(|x| x.connected && x.report.remote_config_status.is_some())
+        op.fleet
+            .agent(&AgentKey::new(a.name.as_str(), agent_a.uid))
+            .filter(|x| x.connected && x.report.remote_config_status.is_some())
     })
     .await;
     status_where(&a, "all", "still applied after restart", |x| x.applied_agents == 1).await;
     // A few heartbeats later, still nothing re-sent.
-    let seen = op.fleet.agent(agent_a.uid).unwrap().last_seen;
+    let seen = op.fleet.agent(&AgentKey::new(a.name.as_str(), agent_a.uid)).unwrap().last_seen;
     eventually(T, "two more heartbeats", || async {
-        let later = op.fleet.agent(agent_a.uid)?.last_seen;
+        let later = op.fleet.agent(&AgentKey::new(a.name.as_str(), agent_a.uid))?.last_seen;
         (later.duration_since(seen).unwrap_or_default() >= Duration::from_secs(2)).then_some(())
     })
     .await;
@@ -423,7 +425,7 @@ async fn only_the_leader_writes_status_and_a_follower_takes_over() {
     let s = status_where(&ns, "edge", "written by the leader", |s| s.observed_generation == Some(1)).await;
     assert_eq!(s.selected_agents, 0, "the follower wrote status: {s:?}");
     eventually(T, "the agent reported APPLIED to the follower", || async {
-        let a = second.fleet.agent(agent.uid)?;
+        let a = second.fleet.agent(&AgentKey::new(ns.name.as_str(), agent.uid))?;
         (a.report.remote_config_status?.status == opamp_operator::proto::RemoteConfigStatuses::Applied as i32)
             .then_some(())
     })

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use common::goagent::GoAgent;
 use common::{TestServer, eventually, remote_config};
-use opamp_operator::fleet::{DesiredState, DesiredStateProvider, Fleet, FleetConfig};
+use opamp_operator::fleet::{AgentKey, DesiredState, DesiredStateProvider, Fleet, FleetConfig};
 use opamp_operator::opamp::{ServerConfig, Uid};
 use opamp_operator::proto::{AgentDescription, AgentRemoteConfig, RemoteConfigStatuses, any_value};
 
@@ -22,7 +22,7 @@ fn hex(b: &[u8]) -> String {
 /// Gives every agent the same config, as the controller does for a matching AgentConfig.
 struct Everyone(Arc<AgentRemoteConfig>);
 impl DesiredStateProvider for Everyone {
-    fn desired_state(&self, _: Uid, _: &str, _: Option<&AgentDescription>, _: bool) -> Option<DesiredState> {
+    fn desired_state(&self, _: &AgentKey, _: Option<&AgentDescription>, _: bool) -> Option<DesiredState> {
         Some(DesiredState { remote_config: Some(self.0.clone()), custom_capabilities: None })
     }
 }
@@ -61,7 +61,10 @@ async fn lifecycle(scheme: &str) {
 
     // It reports its description, health and effective config.
     let snap = eventually(T, "agent state", || async {
-        server.fleet.agent(uid).filter(|a| a.report.effective_config.is_some() && a.report.health.is_some())
+        server
+            .fleet
+            .agent(&AgentKey::new("default", uid))
+            .filter(|a| a.report.effective_config.is_some() && a.report.health.is_some())
     })
     .await;
     assert!(snap.connected);
@@ -74,13 +77,13 @@ async fn lifecycle(scheme: &str) {
 
     // A config set by the server reaches it (pushed on WebSocket, on the next poll on HTTP)...
     let cfg = remote_config("receivers: {otlp: {}}");
-    assert!(server.fleet.set_remote_config(uid, Some(cfg.clone())));
+    assert!(server.fleet.set_remote_config(&AgentKey::new("default", uid), Some(cfg.clone())));
     let got = agent.wait_event(T, "remote_config").await;
     assert_eq!(got["hash"], hex(&cfg.config_hash));
     assert_eq!(got["files"]["collector.yaml"], "receivers: {otlp: {}}");
     // ...and it reports APPLIED with the hash, and the new effective config.
     eventually(T, "APPLIED reported", || async {
-        let a = server.fleet.agent(uid)?;
+        let a = server.fleet.agent(&AgentKey::new("default", uid))?;
         let s = a.report.remote_config_status?;
         let eff = a.report.effective_config?.config_map?;
         (s.status == RemoteConfigStatuses::Applied as i32
@@ -97,7 +100,7 @@ async fn lifecycle(scheme: &str) {
     restarted.set_desired_state_provider(Arc::new(Everyone(cfg.clone())));
     let server = TestServer::start_at(addr, restarted, ServerConfig::default(), None).await;
     let back = eventually(T, "agent back with its full state", || async {
-        let a = server.fleet.agent(uid)?;
+        let a = server.fleet.agent(&AgentKey::new("default", uid))?;
         let s = a.report.remote_config_status.as_ref()?;
         (a.connected
             && s.status == RemoteConfigStatuses::Applied as i32
@@ -109,7 +112,7 @@ async fn lifecycle(scheme: &str) {
     // A few more heartbeats go by: the agent is never sent the config again.
     let later = SystemTime::now() + Duration::from_millis(1600);
     eventually(T, "three more heartbeats", || async {
-        (server.fleet.agent(uid)?.last_seen > later).then_some(())
+        (server.fleet.agent(&AgentKey::new("default", uid))?.last_seen > later).then_some(())
     })
     .await;
     assert_eq!(agent.count("remote_config"), 1, "events: {:#?}", agent.events);
@@ -117,7 +120,7 @@ async fn lifecycle(scheme: &str) {
 
     // A changed config still gets through after the restart.
     let cfg2 = remote_config("receivers: {otlp: {protocols: {grpc: {}}}}");
-    server.fleet.set_remote_config(uid, Some(cfg2.clone()));
+    server.fleet.set_remote_config(&AgentKey::new("default", uid), Some(cfg2.clone()));
     let got = agent.wait_event(T, "remote_config").await;
     assert_eq!(got["hash"], hex(&cfg2.config_hash));
     agent
@@ -150,15 +153,15 @@ async fn opamp_go_agent_reports_a_failed_config_with_its_error() {
     let mut agent = GoAgent::spawn(&["-url", &server.ws_url(), "-uid", &uid.to_string(), "-heartbeat", "1s"]);
     agent.wait_event(T, "connected").await;
     eventually(T, "agent known", || async {
-        server.fleet.agent(uid).filter(|a| a.report.description.is_some())
+        server.fleet.agent(&AgentKey::new("default", uid)).filter(|a| a.report.description.is_some())
     })
     .await;
     let bad = remote_config("FAIL_ME");
-    server.fleet.set_remote_config(uid, Some(bad.clone()));
+    server.fleet.set_remote_config(&AgentKey::new("default", uid), Some(bad.clone()));
     let s = eventually(T, "FAILED reported", || async {
         server
             .fleet
-            .agent(uid)?
+            .agent(&AgentKey::new("default", uid))?
             .report
             .remote_config_status
             .filter(|s| s.status == RemoteConfigStatuses::Failed as i32)
@@ -168,7 +171,10 @@ async fn opamp_go_agent_reports_a_failed_config_with_its_error() {
     assert_eq!(s.error_message, "config rejected: contains FAIL_ME");
     agent.stop().await;
     // WebSocket agents say goodbye on stop.
-    eventually(T, "disconnected", || async { (!server.fleet.agent(uid)?.connected).then_some(()) }).await;
+    eventually(T, "disconnected", || async {
+        (!server.fleet.agent(&AgentKey::new("default", uid))?.connected).then_some(())
+    })
+    .await;
     server.stop().await;
 }
 
@@ -194,12 +200,15 @@ async fn opamp_go_agent_refused_at_capacity_gets_in_when_a_place_frees() {
     let refusal = agent.wait_event(T, "server_error").await;
     assert_eq!(refusal["type"], "UNAVAILABLE");
     assert_eq!(refusal["retry_after_ns"], 1_000_000_000u64);
-    assert!(server.fleet.agent(uid).is_none());
+    assert!(server.fleet.agent(&AgentKey::new("default", uid)).is_none());
 
     // The occupant leaves; the refused agent retries, gets in and reports its full state.
     ws.close().await;
     let admitted = eventually(T, "refused agent admitted", || async {
-        server.fleet.agent(uid).filter(|a| a.connected && a.report.description.is_some())
+        server
+            .fleet
+            .agent(&AgentKey::new("default", uid))
+            .filter(|a| a.connected && a.report.description.is_some())
     })
     .await;
     assert!(admitted.report.health.is_some());

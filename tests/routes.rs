@@ -94,17 +94,22 @@ impl Env {
         CapAgent::new(self.ws_url(), self.agent_token.clone(), spec)
     }
 
+    /// The agent with `uid`, in whichever namespace (test fleets are small).
+    fn find(&self, uid: Uid) -> Option<opamp_operator::fleet::AgentSnapshot> {
+        self.op.fleet.agents().into_iter().find(|a| a.uid == uid)
+    }
+
     /// Waits until the fleet knows `uid` declared `cap` (in AgentToServer.custom_capabilities).
     async fn wait_declared(&self, uid: Uid, cap: &str) {
         eventually(T, &format!("agent {uid} declared {cap}"), || async {
-            self.op.fleet.agent(uid).filter(|a| a.report.supports_custom_capability(cap)).map(|_| ())
+            self.find(uid).filter(|a| a.report.supports_custom_capability(cap)).map(|_| ())
         })
         .await;
     }
 
     async fn wait_connected(&self, uid: Uid, connected: bool) {
         eventually(T, &format!("agent {uid} connected={connected}"), || async {
-            self.op.fleet.agent(uid).filter(|a| a.connected == connected).map(|_| ())
+            self.find(uid).filter(|a| a.connected == connected).map(|_| ())
         })
         .await;
     }
@@ -943,7 +948,7 @@ async fn routes_never_cross_namespaces() {
     theirs.connect();
     mine.wait_advertised(CAP).await;
     env.wait_declared(theirs.uid, CAP).await;
-    assert_eq!(env.op.fleet.agent(theirs.uid).unwrap().namespace, other.name);
+    assert_eq!(env.find(theirs.uid).unwrap().namespace, other.name);
 
     let reply = env
         .first_dispatch_ok(
@@ -1006,7 +1011,7 @@ async fn dispatch_to_an_http_agent_rides_its_next_poll() {
         let m = poll(&mut sim).await;
         let advertised =
             m.custom_capabilities.as_ref().is_some_and(|c| c.capabilities.iter().any(|x| x == CAP));
-        let declared = env.op.fleet.agent(uid).is_some_and(|a| a.report.supports_custom_capability(CAP));
+        let declared = env.find(uid).is_some_and(|a| a.report.supports_custom_capability(CAP));
         if advertised && declared {
             break;
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::eventually;
 use common::goagent::GoAgent;
-use opamp_operator::fleet::{Fleet, Transport};
+use opamp_operator::fleet::{AgentKey, Fleet, Transport};
 use opamp_operator::opamp::{OpampServer, ServerConfig, TlsFiles, Uid};
 
 const T: Duration = Duration::from_secs(30);
@@ -57,7 +57,7 @@ async fn opamp_go_agents_connect_over_wss_and_https() {
             GoAgent::spawn(&["-url", &url, "-uid", &uid.to_string(), "-heartbeat", "500ms", "-ca", ca]);
         agent.wait_event(T, "connected").await;
         let snap = eventually(T, "agent reported over TLS", || async {
-            fleet.agent(uid).filter(|a| a.report.description.is_some())
+            fleet.agent(&AgentKey::new("default", uid)).filter(|a| a.report.description.is_some())
         })
         .await;
         assert_eq!(snap.transport, Some(transport));
@@ -92,7 +92,10 @@ async fn a_rotated_certificate_takes_effect_without_a_restart() {
     std::fs::copy(&key2, &key).unwrap();
     std::fs::copy(&cert2, &cert).unwrap();
     agent.wait_event(T, "connected").await;
-    eventually(T, "agent known", || async { fleet.agent(uid).filter(|a| a.connected) }).await;
+    eventually(T, "agent known", || async {
+        fleet.agent(&AgentKey::new("default", uid)).filter(|a| a.connected)
+    })
+    .await;
     agent.stop().await;
     stop.cancel();
     let _ = std::fs::remove_dir_all(dir);

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{TestServer, eventually, remote_config, within};
-use opamp_operator::fleet::{FleetConfig, Transport};
+use opamp_operator::fleet::{AgentKey, FleetConfig, Transport};
 use opamp_operator::opamp::session::SERVER_CAPABILITIES;
 use opamp_operator::opamp::{AuthError, Authenticator, ServerConfig, Uid};
 use opamp_operator::proto::{
@@ -39,19 +39,19 @@ async fn websocket_agent_reports_and_gets_config_pushed() {
     assert_eq!(reply.capabilities, SERVER_CAPABILITIES);
     assert_eq!(reply.instance_uid, agent.uid().to_wire());
 
-    let snap = server.fleet.agent(agent.uid()).unwrap();
+    let snap = server.fleet.agent(&AgentKey::new("default", agent.uid())).unwrap();
     assert_eq!(snap.transport, Some(Transport::WebSocket));
     assert!(snap.report.description.is_some() && snap.report.health.is_some());
 
     // The server pushes as soon as the desired state changes: the agent sends nothing first.
     let cfg = remote_config("receivers: {}");
-    server.fleet.set_remote_config(agent.uid(), Some(cfg.clone()));
+    server.fleet.set_remote_config(&AgentKey::new("default", agent.uid()), Some(cfg.clone()));
     let push = within(T, "pushed config", ws.recv()).await.unwrap();
     assert_eq!(push.remote_config.as_ref(), Some(&*cfg));
     let status = agent.on_message(&push).expect("agent reports the status");
     ws.send(&status).await.unwrap();
     within(T, "reply to status", ws.recv()).await.unwrap();
-    let snap = server.fleet.agent(agent.uid()).unwrap();
+    let snap = server.fleet.agent(&AgentKey::new("default", agent.uid())).unwrap();
     let rcs = snap.report.remote_config_status.unwrap();
     assert_eq!(
         (rcs.status, rcs.last_remote_config_hash),
@@ -61,7 +61,7 @@ async fn websocket_agent_reports_and_gets_config_pushed() {
     // Closing the socket disconnects the agent.
     ws.close().await;
     eventually(T, "agent disconnected", || async {
-        (!server.fleet.agent(agent.uid()).unwrap().connected).then_some(())
+        (!server.fleet.agent(&AgentKey::new("default", agent.uid())).unwrap().connected).then_some(())
     })
     .await;
     assert_eq!(server.fleet.connected_count(), 0);
@@ -166,16 +166,25 @@ async fn http_agent_polls_and_gets_config_on_next_poll() {
     assert!(reply.headers.get("content-encoding").is_none(), "no gzip unless accepted");
     let msg = reply.message.unwrap();
     assert_eq!((msg.capabilities, msg.remote_config), (SERVER_CAPABILITIES, None));
-    assert_eq!(server.fleet.agent(agent.uid()).unwrap().transport, Some(Transport::Http));
+    assert_eq!(
+        server.fleet.agent(&AgentKey::new("default", agent.uid())).unwrap().transport,
+        Some(Transport::Http)
+    );
 
     let cfg = remote_config("exporters: {}");
-    server.fleet.set_remote_config(agent.uid(), Some(cfg.clone()));
+    server.fleet.set_remote_config(&AgentKey::new("default", agent.uid()), Some(cfg.clone()));
     let msg = http.send(&agent.heartbeat()).await.unwrap().message.unwrap();
     assert_eq!(msg.remote_config.as_ref(), Some(&*cfg));
     let status = agent.on_message(&msg).unwrap();
     let msg = http.send(&status).await.unwrap().message.unwrap();
     assert_eq!(msg.remote_config, None, "applied: not offered again");
-    let rcs = server.fleet.agent(agent.uid()).unwrap().report.remote_config_status.unwrap();
+    let rcs = server
+        .fleet
+        .agent(&AgentKey::new("default", agent.uid()))
+        .unwrap()
+        .report
+        .remote_config_status
+        .unwrap();
     assert_eq!(rcs.status, RemoteConfigStatuses::Applied as i32);
     server.stop().await;
 }
@@ -190,7 +199,7 @@ async fn http_gzip_bodies_are_accepted_and_replies_gzipped_when_accepted() {
     assert_eq!(reply.headers["content-encoding"], "gzip");
     assert_eq!(&reply.raw[..2], &[0x1f, 0x8b], "the body on the wire is gzip");
     assert_eq!(reply.message.unwrap().instance_uid, agent.uid().to_wire());
-    assert!(server.fleet.agent(agent.uid()).unwrap().report.description.is_some());
+    assert!(server.fleet.agent(&AgentKey::new("default", agent.uid())).unwrap().report.description.is_some());
     server.stop().await;
 }
 
@@ -285,7 +294,7 @@ async fn unauthenticated_agents_get_401_on_both_transports() {
     let ok =
         HttpClient::new(&server.http_url(), Some("s3cret"), false).send(&agent.full_state()).await.unwrap();
     assert_eq!(ok.status, 200);
-    assert_eq!(server.fleet.agent(agent.uid()).unwrap().namespace, "team-a");
+    assert_eq!(server.fleet.agent(&AgentKey::new("default", agent.uid())).unwrap().namespace, "team-a");
     server.stop().await;
 }
 
@@ -306,7 +315,7 @@ async fn concurrent_agents_on_both_transports_all_apply_their_config() {
                 let mut ws = WsClient::connect(&ws_url, None).await.unwrap();
                 ws.send(&agent.full_state()).await.unwrap();
                 ws.recv().await.unwrap();
-                fleet.set_remote_config(agent.uid(), Some(cfg));
+                fleet.set_remote_config(&AgentKey::new("default", agent.uid()), Some(cfg));
                 let push = ws.recv().await.unwrap();
                 ws.send(&agent.on_message(&push).unwrap()).await.unwrap();
                 ws.recv().await.unwrap();
@@ -314,7 +323,7 @@ async fn concurrent_agents_on_both_transports_all_apply_their_config() {
             } else {
                 let http = HttpClient::new(&http_url, None, i % 4 == 1);
                 http.send(&agent.full_state()).await.unwrap();
-                fleet.set_remote_config(agent.uid(), Some(cfg));
+                fleet.set_remote_config(&AgentKey::new("default", agent.uid()), Some(cfg));
                 let reply = http.send(&agent.heartbeat()).await.unwrap().message.unwrap();
                 http.send(&agent.on_message(&reply).unwrap()).await.unwrap();
                 None
@@ -352,7 +361,8 @@ async fn http_bodies_up_to_the_configured_limit_are_accepted() {
     files.get_mut("agent.yaml").unwrap().body = Bytes::from(vec![b'x'; 3 << 20]);
     let reply = http.send(&msg).await.unwrap();
     assert_eq!(reply.status, 200);
-    let stored = server.fleet.agent(agent.uid()).unwrap().report.effective_config.unwrap();
+    let stored =
+        server.fleet.agent(&AgentKey::new("default", agent.uid())).unwrap().report.effective_config.unwrap();
     assert_eq!(stored.config_map.unwrap().config_map["agent.yaml"].body.len(), 3 << 20);
     server.stop().await;
 }
@@ -377,11 +387,15 @@ async fn silent_websocket_is_pinged_then_closed_while_a_listening_one_stays() {
 
     // The silent one reads nothing: pinged after one interval, closed after three.
     eventually(T, "the silent agent disconnected", || async {
-        server.fleet.agent(silent.uid()).is_some_and(|a| a.transport.is_none()).then_some(())
+        server
+            .fleet
+            .agent(&AgentKey::new("default", silent.uid()))
+            .is_some_and(|a| a.transport.is_none())
+            .then_some(())
     })
     .await;
     assert_eq!(close_code(&mut silent_ws).await, Some(CloseCode::Away));
-    let live_view = server.fleet.agent(live.uid()).unwrap();
+    let live_view = server.fleet.agent(&AgentKey::new("default", live.uid())).unwrap();
     assert_eq!(live_view.transport, Some(Transport::WebSocket), "an agent answering pings stays connected");
     assert!(
         live_view.last_seen.elapsed().unwrap() > ping * 3,

@@ -39,7 +39,7 @@ use self::status::NamespaceStatus;
 use crate::api::{
     AGENT_TOKEN_SECRET_TYPE, AgentConfig, AgentConfigStatus, CapabilitySlot, CapabilitySlotStatus,
 };
-use crate::fleet::{Changes, DesiredState, DesiredStateProvider, Fleet};
+use crate::fleet::{AgentKey, Changes, DesiredState, DesiredStateProvider, Fleet};
 use crate::metrics::{Metrics, StateLabel};
 use crate::opamp::Uid;
 use crate::proto::AgentDescription;
@@ -80,14 +80,13 @@ struct Provider {
 impl DesiredStateProvider for Provider {
     fn desired_state(
         &self,
-        uid: Uid,
-        ns: &str,
+        agent: &AgentKey,
         desc: Option<&AgentDescription>,
         has_rc: bool,
     ) -> Option<DesiredState> {
-        let idx = self.index.read().unwrap().get(ns).cloned()?;
+        let idx = self.index.read().unwrap().get(&*agent.namespace).cloned()?;
         let rollouts = self.rollouts.lock().unwrap();
-        idx.desired(&uid, desc, has_rc, &rollouts)
+        idx.desired(&agent.uid, desc, has_rc, &rollouts)
     }
 }
 
@@ -112,7 +111,6 @@ pub struct Controller {
     recorder: Recorder,
     /// Agents by namespace, maintained from the fleet's changes.
     agents: HashMap<Arc<str>, HashSet<Uid>>,
-    agent_ns: HashMap<Uid, Arc<str>>,
     status_dirty: HashSet<String>,
     failure_since: HashMap<String, HashMap<(Uid, Bytes), Time>>,
     scope: Scope,
@@ -166,7 +164,6 @@ impl Controller {
             rollouts,
             dirty: Arc::default(),
             agents: HashMap::new(),
-            agent_ns: HashMap::new(),
             status_dirty: HashSet::new(),
             failure_since: HashMap::new(),
             scope,
@@ -249,34 +246,21 @@ impl Controller {
     /// Folds the fleet's changes into the agents-by-namespace index.
     fn track_agents(&mut self) {
         let mut arrived = Vec::new();
-        for (uid, changes) in self.fleet.take_changes() {
-            let previous = self.agent_ns.get(&uid).cloned();
-            let current = if changes.contains(Changes::REMOVED) {
-                None
-            } else {
-                self.fleet.inspect(uid, |a| a.namespace.clone())
-            };
-            if previous != current {
-                if let Some(p) = &previous {
-                    if let Some(set) = self.agents.get_mut(p) {
-                        set.remove(&uid);
-                    }
-                    self.status_dirty.insert(p.to_string());
-                }
-                match &current {
-                    Some(ns) => {
-                        self.agents.entry(ns.clone()).or_default().insert(uid);
-                        self.agent_ns.insert(uid, ns.clone());
-                        arrived.push((uid, ns.clone()));
-                    }
-                    None => {
-                        self.agent_ns.remove(&uid);
+        for (key, changes) in self.fleet.take_changes() {
+            let known = self.agents.get(&key.namespace).is_some_and(|set| set.contains(&key.uid));
+            let present = !changes.contains(Changes::REMOVED) && self.fleet.inspect(&key, |_| ()).is_some();
+            if known && !present {
+                if let Some(set) = self.agents.get_mut(&key.namespace) {
+                    set.remove(&key.uid);
+                    if set.is_empty() {
+                        self.agents.remove(&key.namespace);
                     }
                 }
+            } else if !known && present {
+                self.agents.entry(key.namespace.clone()).or_default().insert(key.uid);
+                arrived.push(key.clone());
             }
-            if let Some(ns) = current {
-                self.status_dirty.insert(ns.to_string());
-            }
+            self.status_dirty.insert(key.namespace.to_string());
         }
         // An agent's desired state was computed when it connected, from the index of that moment.
         // A re-plan that ran since then did not know the agent yet: compute it again, now that
@@ -285,21 +269,21 @@ impl Controller {
             return;
         }
         let rollouts = self.rollouts.lock().unwrap().clone();
-        for (uid, ns) in arrived {
-            let idx = self.index.read().unwrap().get(&*ns).cloned();
+        for key in arrived {
+            let idx = self.index.read().unwrap().get(&*key.namespace).cloned();
             if let Some(idx) = idx {
-                self.refresh_desired(uid, &idx, &rollouts);
+                self.refresh_desired(&key, &idx, &rollouts);
             }
         }
     }
 
     /// Gives one agent the desired state `idx` plans for it.
-    fn refresh_desired(&self, uid: Uid, idx: &NamespaceIndex, rollouts: &HashMap<String, Tracker>) {
-        let desired = self.fleet.inspect(uid, |a| {
-            idx.desired(&uid, a.report.description.as_ref(), a.report.has_remote_config(), rollouts)
+    fn refresh_desired(&self, key: &AgentKey, idx: &NamespaceIndex, rollouts: &HashMap<String, Tracker>) {
+        let desired = self.fleet.inspect(key, |a| {
+            idx.desired(&key.uid, a.report.description.as_ref(), a.report.has_remote_config(), rollouts)
         });
         if let Some(Some(d)) = desired {
-            self.fleet.set_desired_state(uid, d);
+            self.fleet.set_desired_state(key, d);
         }
     }
 
@@ -334,8 +318,9 @@ impl Controller {
                 .collect();
             self.routes.publish(&ns, slot_routes);
             let rollouts = self.rollouts.lock().unwrap().clone();
+            let namespace: Arc<str> = ns.as_str().into();
             for uid in self.agents.get(ns.as_str()).into_iter().flatten() {
-                self.refresh_desired(*uid, &idx, &rollouts);
+                self.refresh_desired(&AgentKey::new(namespace.clone(), *uid), &idx, &rollouts);
             }
             self.status_dirty.insert(ns);
             self.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
@@ -350,8 +335,9 @@ impl Controller {
             let Some(idx) = self.index.read().unwrap().get(&ns).cloned() else { continue };
             let before = self.rollouts.lock().unwrap().clone();
             let mut st = NamespaceStatus::new(&idx, &before);
+            let namespace: Arc<str> = ns.as_str().into();
             for uid in self.agents.get(ns.as_str()).into_iter().flatten() {
-                self.fleet.inspect(*uid, |a| st.add(*uid, a));
+                self.fleet.inspect(&AgentKey::new(namespace.clone(), *uid), |a| st.add(*uid, a));
             }
             if self.advance_rollouts(&idx, &st.facts) {
                 self.dirty.mark(Some(ns.clone()));

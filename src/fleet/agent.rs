@@ -7,7 +7,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::outbox::Outbox;
-use super::{Connection, DesiredState};
+use super::{AgentKey, Connection, DesiredState};
 use crate::opamp::Uid;
 use crate::opamp::session::{AgentReport, Session};
 
@@ -44,7 +44,6 @@ impl Link {
 
 pub(super) struct Agent {
     pub(super) session: Session,
-    pub(super) namespace: Arc<str>,
     pub(super) link: Link,
     pub(super) connected_since: SystemTime,
     pub(super) last_seen: Instant,
@@ -54,13 +53,14 @@ pub(super) struct Agent {
     /// written only if no other write came in between (that one is newer).
     pub(super) desired_writes: u32,
     pub(super) outbox: Outbox,
+    /// The encoded size of the kept report, counted in its namespace's usage.
+    pub(super) reported_bytes: usize,
 }
 
 impl Agent {
-    pub(super) fn new(namespace: Arc<str>, now: Instant) -> Self {
+    pub(super) fn new(now: Instant) -> Self {
         Self {
             session: Session::new(),
-            namespace,
             link: Link::Offline { since: now },
             connected_since: SystemTime::now(),
             last_seen: now,
@@ -68,6 +68,7 @@ impl Agent {
             desired: DesiredState::default(),
             desired_writes: 0,
             outbox: Outbox::default(),
+            reported_bytes: 0,
         }
     }
 
@@ -111,9 +112,10 @@ impl Agent {
         }
     }
 
-    pub(super) fn view(&self) -> super::AgentView<'_> {
+    pub(super) fn view<'a>(&'a self, key: &'a AgentKey) -> super::AgentView<'a> {
         super::AgentView {
-            namespace: &self.namespace,
+            namespace: &key.namespace,
+            uid: key.uid,
             transport: self.transport(),
             report: &self.session.report,
             connected: self.link.is_online(),
@@ -123,10 +125,10 @@ impl Agent {
         }
     }
 
-    pub(super) fn snapshot(&self, uid: Uid) -> AgentSnapshot {
+    pub(super) fn snapshot(&self, key: &AgentKey) -> AgentSnapshot {
         AgentSnapshot {
-            uid,
-            namespace: self.namespace.to_string(),
+            uid: key.uid,
+            namespace: key.namespace.to_string(),
             transport: self.transport(),
             connected: self.link.is_online(),
             connected_since: self.connected_since,
@@ -135,6 +137,7 @@ impl Agent {
             awaiting_full_state: self.session.awaiting_full_state(),
             desired_config_hash: self.desired.remote_config.as_ref().map(|c| c.config_hash.clone()),
             queued_custom_messages: self.outbox.len(),
+            reported_bytes: self.reported_bytes,
         }
     }
 }
@@ -154,4 +157,6 @@ pub struct AgentSnapshot {
     pub awaiting_full_state: bool,
     pub desired_config_hash: Option<Bytes>,
     pub queued_custom_messages: usize,
+    /// The encoded size of the kept report (bounded; see `AgentReport::trimmed`).
+    pub reported_bytes: usize,
 }

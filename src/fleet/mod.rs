@@ -13,6 +13,7 @@ mod tests;
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime};
@@ -33,6 +34,27 @@ use crate::proto::{
     CustomCapabilities, CustomMessage, ServerToAgent,
 };
 
+/// An agent's identity: the namespace of the token it presented, and its instance uid. The same
+/// uid presented with another namespace's token is another agent, with a record of its own: no
+/// token can read, move or write an agent of another namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AgentKey {
+    pub namespace: Arc<str>,
+    pub uid: Uid,
+}
+
+impl AgentKey {
+    pub fn new(namespace: impl Into<Arc<str>>, uid: Uid) -> Self {
+        Self { namespace: namespace.into(), uid }
+    }
+}
+
+impl fmt::Display for AgentKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.uid)
+    }
+}
+
 /// The namespace an authenticated agent belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Tenant {
@@ -45,10 +67,29 @@ impl Tenant {
     }
 }
 
+/// Agents (connected, or offline and not yet forgotten) one namespace may have by default.
+pub const MAX_AGENTS_PER_NAMESPACE_DEFAULT: usize = 20_000;
+/// Bytes of reported state (description, health, effective config, statuses, capabilities,
+/// components) kept per agent by default.
+pub const MAX_REPORTED_BYTES_PER_AGENT_DEFAULT: usize = 512 << 10;
+/// Bytes of reported state kept per namespace by default.
+pub const MAX_REPORTED_BYTES_PER_NAMESPACE_DEFAULT: usize = 1 << 30;
+/// Uids issued to HTTP agents with an invalid uid, remembered per namespace so retries get the
+/// same one; wire uids longer than [`ISSUED_UID_KEY_MAX_BYTES`] are not remembered.
+pub const ISSUED_UIDS_PER_NAMESPACE: usize = 1024;
+pub const ISSUED_UID_KEY_MAX_BYTES: usize = 64;
+
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
     /// Connected agents beyond this are refused with "unavailable, retry later".
     pub max_agents: Option<usize>,
+    /// Agents one namespace may have, connected or remembered offline; new ones beyond it are
+    /// refused with "unavailable, retry later". `None`: no limit.
+    pub max_agents_per_namespace: Option<usize>,
+    /// Bytes of reported state kept per agent; larger parts are dropped and the agent flagged.
+    pub max_reported_bytes_per_agent: usize,
+    /// Bytes of reported state kept per namespace, all its agents together.
+    pub max_reported_bytes_per_namespace: usize,
     /// The heartbeat interval agents are expected to keep; HTTP agents silent for three of
     /// them count as disconnected.
     pub heartbeat_interval: Duration,
@@ -64,6 +105,9 @@ impl Default for FleetConfig {
     fn default() -> Self {
         Self {
             max_agents: None,
+            max_agents_per_namespace: Some(MAX_AGENTS_PER_NAMESPACE_DEFAULT),
+            max_reported_bytes_per_agent: MAX_REPORTED_BYTES_PER_AGENT_DEFAULT,
+            max_reported_bytes_per_namespace: MAX_REPORTED_BYTES_PER_NAMESPACE_DEFAULT,
             heartbeat_interval: Duration::from_secs(30),
             offline_retention: Duration::from_secs(600),
             retry_after: Duration::from_secs(30),
@@ -91,6 +135,7 @@ impl DesiredState {
 /// A borrowed view of one agent (see [`Fleet::inspect`]).
 pub struct AgentView<'a> {
     pub namespace: &'a Arc<str>,
+    pub uid: Uid,
     pub transport: Option<Transport>,
     pub report: &'a AgentReport,
     pub connected: bool,
@@ -106,8 +151,7 @@ pub trait DesiredStateProvider: Send + Sync {
     /// `None` leaves the agent's desired state as it is.
     fn desired_state(
         &self,
-        uid: Uid,
-        namespace: &str,
+        agent: &AgentKey,
         description: Option<&AgentDescription>,
         has_remote_config: bool,
     ) -> Option<DesiredState>;
@@ -115,7 +159,7 @@ pub trait DesiredStateProvider: Send + Sync {
 
 /// Receives the custom messages agents send. Must not block: queue and return.
 pub trait CustomMessageSink: Send + Sync {
-    fn on_custom_message(&self, uid: Uid, namespace: &Arc<str>, message: CustomMessage);
+    fn on_custom_message(&self, agent: &AgentKey, message: CustomMessage);
 }
 
 /// Why a message was refused.
@@ -123,6 +167,48 @@ pub trait CustomMessageSink: Send + Sync {
 pub enum Rejection {
     #[error("the server holds its maximum of {limit} agents")]
     AtCapacity { limit: usize, retry_after: Duration },
+    #[error("namespace {namespace} holds its maximum of {limit} agents")]
+    NamespaceFull { namespace: Arc<str>, limit: usize, retry_after: Duration },
+}
+
+impl Rejection {
+    /// What the agent is told to wait before retrying.
+    pub fn retry_after(&self) -> Duration {
+        match self {
+            Rejection::AtCapacity { retry_after, .. } | Rejection::NamespaceFull { retry_after, .. } => {
+                *retry_after
+            }
+        }
+    }
+
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Rejection::AtCapacity { .. } => "at_capacity",
+            Rejection::NamespaceFull { .. } => "namespace_limit",
+        }
+    }
+}
+
+/// What one namespace holds, for its bounds.
+#[derive(Debug, Default)]
+struct Usage {
+    /// Agents remembered (connected or not).
+    agents: AtomicUsize,
+    /// Bytes of reported state kept, all its agents together.
+    reported_bytes: AtomicUsize,
+    /// New agents refused at the namespace's limit since [`Fleet::take_refusals`] last looked.
+    refused: AtomicU64,
+    /// Uids issued to HTTP agents with an invalid uid, by the wire uid they sent.
+    issued: Mutex<HashMap<Bytes, Uid>>,
+}
+
+/// Agents refused at a namespace's limit (see [`Fleet::take_refusals`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusals {
+    pub namespace: Arc<str>,
+    pub count: u64,
+    pub limit: usize,
 }
 
 /// One transport connection as the fleet sees it. WebSocket connections live as long as the
@@ -132,6 +218,7 @@ pub struct Connection {
     id: u64,
     transport: Transport,
     tenant: Tenant,
+    usage: Arc<Usage>,
     notify: Option<Arc<Notify>>,
     /// The agent this connection speaks for, once it said so.
     bound: Option<Uid>,
@@ -160,12 +247,10 @@ impl Connection {
 }
 
 const SHARDS: usize = 64;
-/// Uids issued to HTTP agents with an invalid uid, remembered so retries get the same one.
-const ISSUED_UIDS_LIMIT: usize = 4096;
 
 #[derive(Default)]
 struct Shard {
-    agents: HashMap<Uid, Agent>,
+    agents: HashMap<AgentKey, Agent>,
 }
 
 struct Inner {
@@ -174,11 +259,18 @@ struct Inner {
     connected: AtomicUsize,
     known: AtomicUsize,
     next_conn: AtomicU64,
-    changes: Mutex<HashMap<Uid, Changes>>,
+    changes: Mutex<HashMap<AgentKey, Changes>>,
     changes_notify: Notify,
-    http_issued: Mutex<HashMap<Bytes, Uid>>,
+    tenants: RwLock<HashMap<Arc<str>, Arc<Usage>>>,
     provider: RwLock<Option<Arc<dyn DesiredStateProvider>>>,
     sink: RwLock<Option<Arc<dyn CustomMessageSink>>>,
+}
+
+/// Locks a shard. A panic under a shard lock leaves its map consistent (each operation on one
+/// agent either completed or is not visible), so a poisoned lock is taken over: one panic must
+/// not fail every later message of 1/64 of the fleet.
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The registry of agents. Cheap to clone; all clones share one fleet.
@@ -204,7 +296,7 @@ impl Fleet {
                 next_conn: AtomicU64::new(1),
                 changes: Mutex::default(),
                 changes_notify: Notify::new(),
-                http_issued: Mutex::default(),
+                tenants: RwLock::default(),
                 provider: RwLock::new(None),
                 sink: RwLock::new(None),
             }),
@@ -225,10 +317,12 @@ impl Fleet {
 
     /// A new connection for an authenticated agent.
     pub fn connection(&self, transport: Transport, tenant: Tenant) -> Connection {
+        let usage = self.usage(&tenant.namespace);
         Connection {
             id: self.inner.next_conn.fetch_add(1, Ordering::Relaxed),
             transport,
             tenant,
+            usage,
             notify: (transport == Transport::WebSocket).then(|| Arc::new(Notify::new())),
             bound: None,
             issued: None,
@@ -245,26 +339,65 @@ impl Fleet {
         self.inner.known.load(Ordering::Relaxed)
     }
 
+    fn usage(&self, namespace: &Arc<str>) -> Arc<Usage> {
+        if let Some(u) = self.inner.tenants.read().unwrap().get(namespace) {
+            return u.clone();
+        }
+        self.inner.tenants.write().unwrap().entry(namespace.clone()).or_default().clone()
+    }
+
+    /// Agents remembered in one namespace.
+    pub fn namespace_count(&self, namespace: &str) -> usize {
+        self.inner.tenants.read().unwrap().get(namespace).map_or(0, |u| u.agents.load(Ordering::Relaxed))
+    }
+
+    /// Bytes of reported state kept for one namespace's agents.
+    pub fn namespace_reported_bytes(&self, namespace: &str) -> usize {
+        let tenants = self.inner.tenants.read().unwrap();
+        tenants.get(namespace).map_or(0, |u| u.reported_bytes.load(Ordering::Relaxed))
+    }
+
+    /// The namespaces that refused new agents at their limit since the last call.
+    pub fn take_refusals(&self) -> Vec<Refusals> {
+        let limit = self.inner.config.max_agents_per_namespace.unwrap_or(usize::MAX);
+        let tenants = self.inner.tenants.read().unwrap();
+        let mut out: Vec<Refusals> = tenants
+            .iter()
+            .filter_map(|(ns, u)| {
+                let count = u.refused.swap(0, Ordering::Relaxed);
+                (count > 0).then(|| Refusals { namespace: ns.clone(), count, limit })
+            })
+            .collect();
+        out.sort_by(|a, b| a.namespace.cmp(&b.namespace));
+        out
+    }
+
     fn shard(&self, uid: &Uid) -> MutexGuard<'_, Shard> {
         // Uids are random (v4) or random after their timestamp (v7): the last byte spreads well.
-        let idx = uid.0[15] as usize % SHARDS;
-        self.inner.shards[idx].lock().unwrap()
+        lock(&self.inner.shards[uid.0[15] as usize % SHARDS])
     }
 
     /// Handles one message from an agent and returns the reply.
     pub fn handle(&self, conn: &mut Connection, mut msg: AgentToServer) -> Result<ServerToAgent, Rejection> {
         let reply_uid = msg.instance_uid.clone();
         let (uid, issued) = self.resolve_uid(conn, &msg);
+        let key = AgentKey { namespace: conn.tenant.namespace.clone(), uid };
+        // One WebSocket is one agent: when it speaks for another uid (one the server issued, or
+        // a new one it took), the previous uid goes offline, or it would stay "connected" with
+        // no connection left to close it.
+        if let Some(previous) = conn.bound.filter(|b| *b != uid) {
+            self.detach(conn, previous);
+        }
         let now = Instant::now();
 
         let (ingested, outcome) = {
             let mut shard = self.shard(&uid);
-            let (agent, admitted) = match shard.agents.entry(uid) {
+            let (agent, admitted) = match shard.agents.entry(key.clone()) {
                 Entry::Occupied(e) => (e.into_mut(), false),
                 Entry::Vacant(v) => {
-                    self.admit()?;
+                    self.admit_new(conn)?;
                     self.inner.known.fetch_add(1, Ordering::Relaxed);
-                    (v.insert(Agent::new(conn.tenant.namespace.clone(), now)), true)
+                    (v.insert(Agent::new(now)), true)
                 }
             };
             let mut changes = Changes::empty();
@@ -281,20 +414,19 @@ impl Fleet {
                 agent.session.on_connect();
                 changes |= Changes::CONNECTED;
             }
-            if agent.namespace != conn.tenant.namespace {
-                agent.namespace = conn.tenant.namespace.clone();
-                changes |= Changes::CONNECTED;
-            }
             agent.touch(now);
             let mut ingested = agent.session.ingest(&mut msg);
             ingested.changes |= changes;
+            if ingested.changes.intersects(Changes::REPORT_PARTS) {
+                self.bound_report(agent, &conn.usage);
+            }
             conn.bound = Some(uid);
             // Most messages (heartbeats, status reports) are answered in this one critical section;
             // a new connection or description first asks the provider for the desired state.
             let outcome = if ingested.changes.intersects(Changes::CONNECTED | Changes::DESCRIPTION) {
                 let report = &agent.session.report;
                 let writes = agent.desired_writes;
-                Err((agent.namespace.clone(), report.description.clone(), report.has_remote_config(), writes))
+                Err((report.description.clone(), report.has_remote_config(), writes))
             } else {
                 Ok(self.respond(agent, conn, reply_uid.clone(), &ingested, now))
             };
@@ -303,13 +435,13 @@ impl Fleet {
 
         let mut reply = match outcome {
             Ok(reply) => reply,
-            Err((ns, desc, has_rc, writes)) => {
+            Err((desc, has_rc, writes)) => {
                 // The desired state is computed outside the lock. A write that came in meanwhile
                 // (set_desired_state from a newer plan) wins over this one.
                 let provider = self.inner.provider.read().unwrap().clone();
-                let desired = provider.and_then(|p| p.desired_state(uid, &ns, desc.as_ref(), has_rc));
+                let desired = provider.and_then(|p| p.desired_state(&key, desc.as_ref(), has_rc));
                 let mut shard = self.shard(&uid);
-                let Some(agent) = shard.agents.get_mut(&uid) else {
+                let Some(agent) = shard.agents.get_mut(&key) else {
                     // Forgotten in between (a sweep): answer without offers.
                     return Ok(server_message(reply_uid));
                 };
@@ -323,12 +455,33 @@ impl Fleet {
         if let Some(new_uid) = issued {
             reply.agent_identification = Some(AgentIdentification { new_instance_uid: new_uid.to_wire() });
         }
-        self.record(uid, ingested.changes);
-        self.route(uid, &conn.tenant.namespace, ingested);
+        let custom = ingested.custom_message;
+        self.record(&key, ingested.changes);
+        if let Some(message) = custom {
+            self.route(&key, message);
+        }
         Ok(reply)
     }
 
-    /// The uid to file a message under, and the uid to announce if the server issued one.
+    /// Keeps an agent's report within its bound and its namespace's: parts beyond are dropped
+    /// (largest first) and the agent is flagged (`AgentReport::trimmed`).
+    fn bound_report(&self, agent: &mut Agent, usage: &Usage) {
+        let config = &self.inner.config;
+        let before = agent.reported_bytes;
+        let others = usage.reported_bytes.load(Ordering::Relaxed).saturating_sub(before);
+        let room = config.max_reported_bytes_per_namespace.saturating_sub(others);
+        let (size, dropped) = agent.session.report.fit(config.max_reported_bytes_per_agent.min(room));
+        if !dropped.is_empty() {
+            tracing::debug!(parts = ?dropped.part_names(), size, "agent report over its bound: parts dropped");
+        }
+        agent.reported_bytes = size;
+        if size >= before {
+            usage.reported_bytes.fetch_add(size - before, Ordering::Relaxed);
+        } else {
+            usage.reported_bytes.fetch_sub(before - size, Ordering::Relaxed);
+        }
+    }
+
     /// The reply to an ingested message, with the next queued custom message.
     fn respond(
         &self,
@@ -352,6 +505,7 @@ impl Fleet {
         reply
     }
 
+    /// The uid to file a message under, and the uid to announce if the server issued one.
     fn resolve_uid(&self, conn: &mut Connection, msg: &AgentToServer) -> (Uid, Option<Uid>) {
         let wants_new = msg.flags & AgentToServerFlags::RequestInstanceUid as u64 != 0;
         if let (Some(uid), false) = (Uid::from_wire(&msg.instance_uid), wants_new) {
@@ -364,17 +518,40 @@ impl Fleet {
                 return (*uid, Some(*uid));
             }
         }
-        let uid = if conn.transport == Transport::Http {
-            let mut issued = self.inner.http_issued.lock().unwrap();
-            if issued.len() >= ISSUED_UIDS_LIMIT {
+        // HTTP agents retry on new connections: remember what was issued, per namespace and
+        // bounded (a wire uid longer than any real one is not remembered).
+        let uid = if conn.transport == Transport::Http && msg.instance_uid.len() <= ISSUED_UID_KEY_MAX_BYTES {
+            let mut issued = conn.usage.issued.lock().unwrap_or_else(|p| p.into_inner());
+            if issued.len() >= ISSUED_UIDS_PER_NAMESPACE {
                 issued.clear();
             }
             *issued.entry(msg.instance_uid.clone()).or_insert_with(Uid::new_v7)
         } else {
             Uid::new_v7()
         };
-        conn.issued = Some((msg.instance_uid.clone(), uid));
+        if msg.instance_uid.len() <= ISSUED_UID_KEY_MAX_BYTES {
+            conn.issued = Some((msg.instance_uid.clone(), uid));
+        }
         (uid, Some(uid))
+    }
+
+    /// Admits a new agent record: within its namespace's limit, then the server's.
+    fn admit_new(&self, conn: &Connection) -> Result<(), Rejection> {
+        let usage = &conn.usage;
+        let count = usage.agents.fetch_add(1, Ordering::Relaxed);
+        if let Some(limit) = self.inner.config.max_agents_per_namespace.filter(|l| count >= *l) {
+            usage.agents.fetch_sub(1, Ordering::Relaxed);
+            usage.refused.fetch_add(1, Ordering::Relaxed);
+            let namespace = conn.tenant.namespace.clone();
+            return Err(Rejection::NamespaceFull {
+                namespace,
+                limit,
+                retry_after: self.inner.config.retry_after,
+            });
+        }
+        self.admit().inspect_err(|_| {
+            usage.agents.fetch_sub(1, Ordering::Relaxed);
+        })
     }
 
     fn admit(&self) -> Result<(), Rejection> {
@@ -388,24 +565,23 @@ impl Fleet {
         }
     }
 
-    fn route(&self, uid: Uid, namespace: &Arc<str>, ingested: Ingested) {
-        let Some(message) = ingested.custom_message else { return };
+    fn route(&self, key: &AgentKey, message: CustomMessage) {
         match self.inner.sink.read().unwrap().clone() {
-            Some(sink) => sink.on_custom_message(uid, namespace, message),
+            Some(sink) => sink.on_custom_message(key, message),
             None => {
-                tracing::debug!(agent = %uid, capability = %message.capability, "custom message with no route")
+                tracing::debug!(agent = %key, capability = %message.capability, "custom message with no route")
             }
         }
     }
 
     /// What to push to a WebSocket agent after its connection was notified, if anything.
     pub fn poll_push(&self, conn: &Connection) -> Option<ServerToAgent> {
-        let uid = conn.bound?;
-        let mut shard = self.shard(&uid);
-        let agent = shard.agents.get_mut(&uid).filter(|a| a.is_on(conn))?;
-        let mut msg = agent.session.push(uid.to_wire(), agent.desired.as_desired());
+        let key = AgentKey { namespace: conn.tenant.namespace.clone(), uid: conn.bound? };
+        let mut shard = self.shard(&key.uid);
+        let agent = shard.agents.get_mut(&key).filter(|a| a.is_on(conn))?;
+        let mut msg = agent.session.push(key.uid.to_wire(), agent.desired.as_desired());
         if let Some(custom) = agent.outbox.pop() {
-            let msg = msg.get_or_insert_with(|| server_message(uid.to_wire()));
+            let msg = msg.get_or_insert_with(|| server_message(key.uid.to_wire()));
             msg.custom_message = Some(custom);
             if !agent.outbox.is_empty() {
                 // One custom message per frame; come back for the next.
@@ -419,20 +595,27 @@ impl Fleet {
 
     /// The transport closed this connection.
     pub fn connection_closed(&self, conn: &Connection) {
-        let Some(uid) = conn.bound else { return };
+        if let Some(uid) = conn.bound {
+            self.detach(conn, uid);
+        }
+    }
+
+    /// Takes `uid` of the connection's namespace offline if it is reached through `conn`.
+    fn detach(&self, conn: &Connection, uid: Uid) {
+        let key = AgentKey { namespace: conn.tenant.namespace.clone(), uid };
         let mut shard = self.shard(&uid);
-        let Some(agent) = shard.agents.get_mut(&uid).filter(|a| a.is_on(conn)) else { return };
+        let Some(agent) = shard.agents.get_mut(&key).filter(|a| a.is_on(conn)) else { return };
         agent.go_offline(Instant::now());
         drop(shard);
         self.inner.connected.fetch_sub(1, Ordering::Relaxed);
-        self.record(uid, Changes::DISCONNECTED);
+        self.record(&key, Changes::DISCONNECTED);
     }
 
     /// Sets what one agent should have. Connected WebSocket agents get it pushed at once,
     /// HTTP agents on their next poll. Returns whether anything changed.
-    pub fn set_desired_state(&self, uid: Uid, desired: DesiredState) -> bool {
-        let mut shard = self.shard(&uid);
-        let Some(agent) = shard.agents.get_mut(&uid) else { return false };
+    pub fn set_desired_state(&self, key: &AgentKey, desired: DesiredState) -> bool {
+        let mut shard = self.shard(&key.uid);
+        let Some(agent) = shard.agents.get_mut(key) else { return false };
         agent.desired_writes = agent.desired_writes.wrapping_add(1);
         if agent.desired == desired {
             return false;
@@ -443,36 +626,35 @@ impl Fleet {
     }
 
     /// Sets only the remote config of one agent (see [`Fleet::set_desired_state`]).
-    pub fn set_remote_config(&self, uid: Uid, config: Option<Arc<AgentRemoteConfig>>) -> bool {
-        let custom_capabilities = self.desired_state(uid).and_then(|d| d.custom_capabilities);
-        self.set_desired_state(uid, DesiredState { remote_config: config, custom_capabilities })
+    pub fn set_remote_config(&self, key: &AgentKey, config: Option<Arc<AgentRemoteConfig>>) -> bool {
+        let custom_capabilities = self.desired_state(key).and_then(|d| d.custom_capabilities);
+        self.set_desired_state(key, DesiredState { remote_config: config, custom_capabilities })
     }
 
-    pub fn desired_state(&self, uid: Uid) -> Option<DesiredState> {
-        self.shard(&uid).agents.get(&uid).map(|a| a.desired.clone())
+    pub fn desired_state(&self, key: &AgentKey) -> Option<DesiredState> {
+        self.shard(&key.uid).agents.get(key).map(|a| a.desired.clone())
     }
 
     /// Queues a custom message for an agent; it goes out one per message, in order.
-    pub fn enqueue_custom_message(&self, uid: Uid, message: CustomMessage) -> Result<usize, EnqueueError> {
-        self.enqueue_tracked(uid, None, message, None, self.inner.config.outbox_limit)
+    pub fn enqueue_custom_message(
+        &self,
+        key: &AgentKey,
+        message: CustomMessage,
+    ) -> Result<usize, EnqueueError> {
+        self.enqueue_tracked(key, message, None, self.inner.config.outbox_limit)
     }
 
-    /// Queues a custom message for an agent of `namespace` (agents of other namespaces are
-    /// unknown here), followed through `ticket`, holding at most `limit` messages.
+    /// Queues a custom message for an agent, followed through `ticket`, holding at most
+    /// `limit` messages.
     pub fn enqueue_tracked(
         &self,
-        uid: Uid,
-        namespace: Option<&str>,
+        key: &AgentKey,
         message: CustomMessage,
         ticket: Option<Arc<Ticket>>,
         limit: usize,
     ) -> Result<usize, EnqueueError> {
-        let mut shard = self.shard(&uid);
-        let agent = shard
-            .agents
-            .get_mut(&uid)
-            .filter(|a| namespace.is_none_or(|ns| *a.namespace == *ns))
-            .ok_or(EnqueueError::UnknownAgent)?;
+        let mut shard = self.shard(&key.uid);
+        let agent = shard.agents.get_mut(key).ok_or(EnqueueError::UnknownAgent)?;
         if !agent.session.report.supports_custom_capability(&message.capability) {
             return Err(EnqueueError::CapabilityNotSupported);
         }
@@ -482,37 +664,39 @@ impl Fleet {
     }
 
     /// A copy of what the server knows of one agent.
-    pub fn agent(&self, uid: Uid) -> Option<AgentSnapshot> {
-        self.shard(&uid).agents.get(&uid).map(|a| a.snapshot(uid))
+    pub fn agent(&self, key: &AgentKey) -> Option<AgentSnapshot> {
+        self.shard(&key.uid).agents.get(key).map(|a| a.snapshot(key))
     }
 
-    /// Copies of every agent (for APIs and tests; the controller uses [`Fleet::for_each`]).
+    /// Copies of every agent (for tests and small fleets; the controller uses [`Fleet::for_each`]).
     pub fn agents(&self) -> Vec<AgentSnapshot> {
         let mut out = Vec::with_capacity(self.known_count());
-        self.for_each(|uid, _, _| out.push(uid));
-        out.into_iter().filter_map(|uid| self.agent(uid)).collect()
+        for shard in self.inner.shards.iter() {
+            out.extend(lock(shard).agents.iter().map(|(key, a)| a.snapshot(key)));
+        }
+        out
     }
 
     /// Reads one agent under its shard's lock, without copying: keep the closure short.
-    pub fn inspect<R>(&self, uid: Uid, f: impl FnOnce(&AgentView<'_>) -> R) -> Option<R> {
-        let shard = self.shard(&uid);
-        Some(f(&shard.agents.get(&uid)?.view()))
+    pub fn inspect<R>(&self, key: &AgentKey, f: impl FnOnce(&AgentView<'_>) -> R) -> Option<R> {
+        let shard = self.shard(&key.uid);
+        Some(f(&shard.agents.get(key)?.view(key)))
     }
 
     /// Visits every agent's view under its shard's lock: keep the closure short.
     pub fn for_each_view(&self, mut f: impl FnMut(&AgentView<'_>)) {
         for shard in self.inner.shards.iter() {
-            let shard = shard.lock().unwrap();
-            shard.agents.values().for_each(|a| f(&a.view()));
+            let shard = lock(shard);
+            shard.agents.iter().for_each(|(key, a)| f(&a.view(key)));
         }
     }
 
     /// Visits every agent under its shard's lock: keep the closure short.
-    pub fn for_each(&self, mut f: impl FnMut(Uid, &str, &AgentReport)) {
+    pub fn for_each(&self, mut f: impl FnMut(&AgentKey, &AgentReport)) {
         for shard in self.inner.shards.iter() {
-            let shard = shard.lock().unwrap();
-            for (uid, agent) in &shard.agents {
-                f(*uid, &agent.namespace, &agent.session.report);
+            let shard = lock(shard);
+            for (key, agent) in &shard.agents {
+                f(key, &agent.session.report);
             }
         }
     }
@@ -523,18 +707,20 @@ impl Fleet {
         let http_deadline = self.inner.config.heartbeat_interval * 3;
         let retention = self.inner.config.offline_retention;
         let mut changed = Vec::new();
+        let mut forgotten = Vec::new();
         for shard in self.inner.shards.iter() {
-            let mut shard = shard.lock().unwrap();
-            shard.agents.retain(|uid, agent| {
+            let mut shard = lock(shard);
+            shard.agents.retain(|key, agent| {
                 match agent.link {
                     Link::Http if now.saturating_duration_since(agent.last_seen) > http_deadline => {
                         agent.go_offline(now);
                         self.inner.connected.fetch_sub(1, Ordering::Relaxed);
-                        changed.push((*uid, Changes::DISCONNECTED));
+                        changed.push((key.clone(), Changes::DISCONNECTED));
                     }
                     Link::Offline { since } if now.saturating_duration_since(since) > retention => {
                         self.inner.known.fetch_sub(1, Ordering::Relaxed);
-                        changed.push((*uid, Changes::REMOVED));
+                        forgotten.push((key.namespace.clone(), agent.reported_bytes));
+                        changed.push((key.clone(), Changes::REMOVED));
                         return false;
                     }
                     _ => {}
@@ -542,8 +728,17 @@ impl Fleet {
                 true
             });
         }
-        for (uid, c) in changed {
-            self.record(uid, c);
+        if !forgotten.is_empty() {
+            let tenants = self.inner.tenants.read().unwrap();
+            for (ns, bytes) in forgotten {
+                if let Some(u) = tenants.get(&ns) {
+                    u.agents.fetch_sub(1, Ordering::Relaxed);
+                    u.reported_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                }
+            }
+        }
+        for (key, c) in changed {
+            self.record(&key, c);
         }
     }
 
@@ -559,18 +754,25 @@ impl Fleet {
         }
     }
 
-    fn record(&self, uid: Uid, changes: Changes) {
+    fn record(&self, key: &AgentKey, changes: Changes) {
         if changes.is_empty() {
             return;
         }
-        *self.inner.changes.lock().unwrap().entry(uid).or_default() |= changes;
+        let mut pending = self.inner.changes.lock().unwrap_or_else(|p| p.into_inner());
+        match pending.get_mut(key) {
+            Some(c) => *c |= changes,
+            None => {
+                pending.insert(key.clone(), changes);
+            }
+        }
+        drop(pending);
         self.inner.changes_notify.notify_one();
     }
 
     /// Takes the agents that changed since the last call, with what changed (coalesced:
     /// memory is bounded by the fleet size, however fast agents change).
-    pub fn take_changes(&self) -> HashMap<Uid, Changes> {
-        std::mem::take(&mut *self.inner.changes.lock().unwrap())
+    pub fn take_changes(&self) -> HashMap<AgentKey, Changes> {
+        std::mem::take(&mut *self.inner.changes.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Resolves when changes may be waiting in [`Fleet::take_changes`].

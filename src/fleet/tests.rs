@@ -20,6 +20,10 @@ const ACCEPTS_CONFIG: u64 = AgentCapabilities::ReportsStatus as u64
     | AgentCapabilities::ReportsRemoteConfig as u64;
 const FULL_STATE: u64 = ServerToAgentFlags::ReportFullState as u64;
 
+fn key(uid: Uid) -> AgentKey {
+    AgentKey::new("team-a", uid)
+}
+
 fn ws(fleet: &Fleet) -> Connection {
     fleet.connection(Transport::WebSocket, Tenant::new("team-a"))
 }
@@ -93,7 +97,7 @@ fn every_message_gets_a_reply_including_heartbeats() {
     for seq in 1..4 {
         assert_eq!(fleet.handle(&mut conn, msg(UID, seq)).unwrap(), plain(&UID.0));
     }
-    assert!(fleet.agent(UID).unwrap().connected);
+    assert!(fleet.agent(&key(UID)).unwrap().connected);
 }
 
 #[test]
@@ -117,7 +121,7 @@ fn uid_of_wrong_length_gets_a_new_instance_uid() {
             "the reply must echo the uid the agent sent"
         );
         // The agent is filed under the issued uid, and a retry with the bad uid gets the same one.
-        assert!(fleet.agent(new_uid).is_some());
+        assert!(fleet.agent(&key(new_uid)).is_some());
         m.sequence_num = 1;
         m.agent_description = None;
         let again = fleet.handle(&mut conn, m).unwrap();
@@ -157,13 +161,13 @@ fn unknown_agent_mid_sequence_is_asked_for_full_state() {
     // E.g. the server restarted: the agent continues its sequence.
     let reply = fleet.handle(&mut conn, msg(UID, 41)).unwrap();
     assert_eq!(reply, ServerToAgent { flags: FULL_STATE, ..plain(&UID.0) });
-    assert!(fleet.agent(UID).unwrap().awaiting_full_state);
+    assert!(fleet.agent(&key(UID)).unwrap().awaiting_full_state);
     // The full state arrives in sequence: the flag is not repeated.
     let reply = fleet
         .handle(&mut conn, AgentToServer { agent_description: Some(description("x")), ..msg(UID, 42) })
         .unwrap();
     assert_eq!(reply, plain(&UID.0));
-    assert!(!fleet.agent(UID).unwrap().awaiting_full_state);
+    assert!(!fleet.agent(&key(UID)).unwrap().awaiting_full_state);
 }
 
 #[test]
@@ -186,7 +190,7 @@ fn no_config_is_offered_while_waiting_for_full_state() {
     let mut conn = ws(&fleet);
     fleet.handle(&mut conn, msg(UID, 7)).unwrap();
     let cfg = config("a");
-    fleet.set_remote_config(UID, Some(cfg.clone()));
+    fleet.set_remote_config(&key(UID), Some(cfg.clone()));
     // A heartbeat in between carries no description: still waiting, still no offer.
     let reply = fleet.handle(&mut conn, msg(UID, 8)).unwrap();
     assert_eq!(reply.remote_config, None);
@@ -218,7 +222,7 @@ fn omitted_sub_messages_keep_their_last_value() {
     fleet.handle(&mut conn, full).unwrap();
     fleet.take_changes();
     fleet.handle(&mut conn, msg(UID, 1)).unwrap();
-    let r = fleet.agent(UID).unwrap().report;
+    let r = fleet.agent(&key(UID)).unwrap().report;
     assert_eq!(r.description, Some(description("checkout")));
     assert_eq!(r.health, Some(health));
     assert_eq!(r.effective_config, Some(effective));
@@ -233,7 +237,10 @@ fn changes_are_reported_once_and_only_when_something_changed() {
     let fleet = Fleet::default();
     let mut conn = ws(&fleet);
     fleet.handle(&mut conn, first(UID)).unwrap();
-    assert_eq!(fleet.take_changes()[&UID], Changes::CONNECTED | Changes::CAPABILITIES | Changes::DESCRIPTION);
+    assert_eq!(
+        fleet.take_changes()[&key(UID)],
+        Changes::CONNECTED | Changes::CAPABILITIES | Changes::DESCRIPTION
+    );
     // The same description again is no change; new health is.
     let m = AgentToServer {
         agent_description: Some(description("checkout")),
@@ -241,7 +248,7 @@ fn changes_are_reported_once_and_only_when_something_changed() {
         ..msg(UID, 1)
     };
     fleet.handle(&mut conn, m).unwrap();
-    assert_eq!(fleet.take_changes()[&UID], Changes::HEALTH);
+    assert_eq!(fleet.take_changes()[&key(UID)], Changes::HEALTH);
 }
 
 #[test]
@@ -250,7 +257,7 @@ fn remote_config_is_offered_once_and_not_again_once_reported() {
     let mut conn = ws(&fleet);
     fleet.handle(&mut conn, first(UID)).unwrap();
     let cfg = config("a");
-    fleet.set_remote_config(UID, Some(cfg.clone()));
+    fleet.set_remote_config(&key(UID), Some(cfg.clone()));
     let reply = fleet.handle(&mut conn, msg(UID, 1)).unwrap();
     assert_eq!(reply, ServerToAgent { remote_config: Some((*cfg).clone()), ..plain(&UID.0) });
     // Offered already on this connection: not repeated while the agent works on it.
@@ -261,7 +268,7 @@ fn remote_config_is_offered_once_and_not_again_once_reported() {
     };
     assert_eq!(fleet.handle(&mut conn, applied).unwrap(), plain(&UID.0));
     assert_eq!(
-        fleet.agent(UID).unwrap().report.remote_config_status.unwrap().status,
+        fleet.agent(&key(UID)).unwrap().report.remote_config_status.unwrap().status,
         RemoteConfigStatuses::Applied as i32
     );
 }
@@ -276,10 +283,10 @@ fn a_failed_config_is_not_resent_but_a_new_one_is_offered() {
         ..status(&bad, RemoteConfigStatuses::Failed)
     };
     fleet.handle(&mut conn, AgentToServer { remote_config_status: Some(failed), ..first(UID) }).unwrap();
-    fleet.set_remote_config(UID, Some(bad));
+    fleet.set_remote_config(&key(UID), Some(bad));
     assert_eq!(fleet.poll_push(&conn), None);
     let good = config("good");
-    fleet.set_remote_config(UID, Some(good.clone()));
+    fleet.set_remote_config(&key(UID), Some(good.clone()));
     assert_eq!(fleet.poll_push(&conn).unwrap().remote_config, Some((*good).clone()));
 }
 
@@ -289,7 +296,7 @@ fn agents_that_do_not_accept_remote_config_are_never_offered_one() {
     let mut conn = ws(&fleet);
     let status_only = AgentCapabilities::ReportsStatus as u64;
     fleet.handle(&mut conn, AgentToServer { capabilities: status_only, ..first(UID) }).unwrap();
-    fleet.set_remote_config(UID, Some(config("a")));
+    fleet.set_remote_config(&key(UID), Some(config("a")));
     assert_eq!(fleet.poll_push(&conn), None);
     let heartbeat = AgentToServer { capabilities: status_only, ..msg(UID, 1) };
     assert_eq!(fleet.handle(&mut conn, heartbeat).unwrap().remote_config, None);
@@ -303,7 +310,7 @@ fn reconnecting_agent_that_has_the_config_is_not_sent_it_again() {
     let mut conn = ws(&fleet);
     let reply = fleet.handle(&mut conn, msg(UID, 12)).unwrap();
     assert_eq!(reply.flags, FULL_STATE);
-    fleet.set_remote_config(UID, Some(cfg.clone()));
+    fleet.set_remote_config(&key(UID), Some(cfg.clone()));
     let full = AgentToServer {
         agent_description: Some(description("x")),
         remote_config_status: Some(status(&cfg, RemoteConfigStatuses::Applied)),
@@ -319,7 +326,7 @@ fn a_new_connection_re_offers_a_config_the_agent_never_reported() {
     let mut conn = ws(&fleet);
     fleet.handle(&mut conn, first(UID)).unwrap();
     let cfg = config("a");
-    fleet.set_remote_config(UID, Some(cfg.clone()));
+    fleet.set_remote_config(&key(UID), Some(cfg.clone()));
     assert!(fleet.poll_push(&conn).unwrap().remote_config.is_some());
     // The connection dropped before the agent got it; it reconnects.
     fleet.connection_closed(&conn);
@@ -338,8 +345,8 @@ fn agent_disconnect_ends_the_session() {
     let bye = AgentToServer { agent_disconnect: Some(AgentDisconnect {}), ..msg(UID, 1) };
     assert_eq!(fleet.handle(&mut conn, bye).unwrap(), plain(&UID.0));
     assert_eq!(fleet.connected_count(), 0);
-    assert!(!fleet.agent(UID).unwrap().connected);
-    assert_eq!(fleet.take_changes()[&UID], Changes::DISCONNECTED);
+    assert!(!fleet.agent(&key(UID)).unwrap().connected);
+    assert_eq!(fleet.take_changes()[&key(UID)], Changes::DISCONNECTED);
     // The transport closing afterwards changes nothing more.
     fleet.connection_closed(&conn);
     assert_eq!(fleet.connected_count(), 0);
@@ -357,7 +364,7 @@ fn agents_beyond_the_limit_are_refused_with_retry_after() {
     let other = Uid([9; 16]);
     let err = fleet.handle(&mut ws(&fleet), first(other)).unwrap_err();
     assert_eq!(err, Rejection::AtCapacity { limit: 1, retry_after: Duration::from_secs(7) });
-    assert!(fleet.agent(other).is_none(), "a refused agent is not registered");
+    assert!(fleet.agent(&key(other)).is_none(), "a refused agent is not registered");
     // Agents already in keep working.
     assert_eq!(fleet.handle(&mut a, msg(UID, 1)).unwrap(), plain(&UID.0));
     // Once one leaves, the next gets in.
@@ -375,9 +382,9 @@ fn same_agent_on_a_new_connection_replaces_the_old_one() {
     fleet.handle(&mut new, msg(UID, 1)).expect("not counted twice against the limit");
     // The stale connection closing does not take the agent offline.
     fleet.connection_closed(&old);
-    assert!(fleet.agent(UID).unwrap().connected);
+    assert!(fleet.agent(&key(UID)).unwrap().connected);
     assert_eq!(fleet.connected_count(), 1);
-    fleet.set_remote_config(UID, Some(config("a")));
+    fleet.set_remote_config(&key(UID), Some(config("a")));
     assert_eq!(fleet.poll_push(&old), None);
     assert!(fleet.poll_push(&new).is_some());
 }
@@ -389,8 +396,8 @@ fn desired_changes_wake_websocket_agents_and_wait_for_http_polls() {
     fleet.handle(&mut conn, first(UID)).unwrap();
     let notified = conn.notified().unwrap().clone();
     let cfg = config("a");
-    assert!(fleet.set_remote_config(UID, Some(cfg.clone())));
-    assert!(!fleet.set_remote_config(UID, Some(cfg.clone())), "unchanged desired state is no change");
+    assert!(fleet.set_remote_config(&key(UID), Some(cfg.clone())));
+    assert!(!fleet.set_remote_config(&key(UID), Some(cfg.clone())), "unchanged desired state is no change");
     // The permit is stored: the connection task wakes even if it was busy.
     futures_util::FutureExt::now_or_never(notified.notified()).expect("woken");
     assert_eq!(
@@ -400,7 +407,7 @@ fn desired_changes_wake_websocket_agents_and_wait_for_http_polls() {
 
     let h = Uid([5; 16]);
     fleet.handle(&mut http(&fleet), first(h)).unwrap();
-    fleet.set_remote_config(h, Some(cfg.clone()));
+    fleet.set_remote_config(&key(h), Some(cfg.clone()));
     assert_eq!(fleet.poll_push(&http(&fleet)), None, "nothing is pushed to HTTP agents");
     assert_eq!(fleet.handle(&mut http(&fleet), msg(h, 1)).unwrap().remote_config, Some((*cfg).clone()));
 }
@@ -415,14 +422,14 @@ fn http_agents_missing_three_heartbeats_are_disconnected_then_forgotten() {
     fleet.handle(&mut http(&fleet), first(UID)).unwrap();
     let start = Instant::now();
     fleet.sweep(start + Duration::from_secs(29));
-    assert!(fleet.agent(UID).unwrap().connected);
+    assert!(fleet.agent(&key(UID)).unwrap().connected);
     fleet.sweep(start + Duration::from_secs(31));
-    assert!(!fleet.agent(UID).unwrap().connected);
+    assert!(!fleet.agent(&key(UID)).unwrap().connected);
     assert_eq!(fleet.connected_count(), 0);
     fleet.sweep(start + Duration::from_secs(31 + 61));
-    assert!(fleet.agent(UID).is_none());
+    assert!(fleet.agent(&key(UID)).is_none());
     assert_eq!(fleet.known_count(), 0);
-    assert!(fleet.take_changes()[&UID].contains(Changes::REMOVED));
+    assert!(fleet.take_changes()[&key(UID)].contains(Changes::REMOVED));
 }
 
 #[test]
@@ -430,7 +437,7 @@ fn websocket_agents_are_not_swept_while_connected() {
     let fleet = Fleet::new(FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() });
     fleet.handle(&mut ws(&fleet), first(UID)).unwrap();
     fleet.sweep(Instant::now() + Duration::from_secs(3600));
-    assert!(fleet.agent(UID).unwrap().connected);
+    assert!(fleet.agent(&key(UID)).unwrap().connected);
 }
 
 #[test]
@@ -440,17 +447,20 @@ fn custom_messages_go_out_one_per_message_in_order() {
     let cap = "com.example.pprof";
     let m =
         |t: &str| CustomMessage { capability: cap.into(), r#type: t.into(), data: Bytes::from_static(b"x") };
-    assert_eq!(fleet.enqueue_custom_message(UID, m("start")), Err(EnqueueError::UnknownAgent));
+    assert_eq!(fleet.enqueue_custom_message(&key(UID), m("start")), Err(EnqueueError::UnknownAgent));
     fleet.handle(&mut conn, first(UID)).unwrap();
-    assert_eq!(fleet.enqueue_custom_message(UID, m("start")), Err(EnqueueError::CapabilityNotSupported));
+    assert_eq!(
+        fleet.enqueue_custom_message(&key(UID), m("start")),
+        Err(EnqueueError::CapabilityNotSupported)
+    );
     let declare = AgentToServer {
         custom_capabilities: Some(CustomCapabilities { capabilities: vec![cap.into()] }),
         ..msg(UID, 1)
     };
     fleet.handle(&mut conn, declare).unwrap();
-    assert_eq!(fleet.enqueue_custom_message(UID, m("start")), Ok(1));
-    assert_eq!(fleet.enqueue_custom_message(UID, m("stop")), Ok(2));
-    assert_eq!(fleet.enqueue_custom_message(UID, m("more")), Err(EnqueueError::QueueFull(2)));
+    assert_eq!(fleet.enqueue_custom_message(&key(UID), m("start")), Ok(1));
+    assert_eq!(fleet.enqueue_custom_message(&key(UID), m("stop")), Ok(2));
+    assert_eq!(fleet.enqueue_custom_message(&key(UID), m("more")), Err(EnqueueError::QueueFull(2)));
     assert_eq!(
         fleet.poll_push(&conn).unwrap(),
         ServerToAgent { custom_message: Some(m("start")), ..plain(&UID.0) }
@@ -464,8 +474,8 @@ fn custom_messages_from_agents_reach_the_sink() {
     #[derive(Default)]
     struct Sink(Mutex<Vec<(Uid, String, CustomMessage)>>);
     impl CustomMessageSink for Sink {
-        fn on_custom_message(&self, uid: Uid, ns: &Arc<str>, m: CustomMessage) {
-            self.0.lock().unwrap().push((uid, ns.to_string(), m));
+        fn on_custom_message(&self, agent: &AgentKey, m: CustomMessage) {
+            self.0.lock().unwrap().push((agent.uid, agent.namespace.to_string(), m));
         }
     }
     let fleet = Fleet::default();
@@ -489,12 +499,11 @@ fn the_provider_computes_desired_state_before_the_first_reply() {
     impl DesiredStateProvider for ByService {
         fn desired_state(
             &self,
-            _: Uid,
-            ns: &str,
+            agent: &AgentKey,
             d: Option<&AgentDescription>,
             _: bool,
         ) -> Option<DesiredState> {
-            let selected = ns == "team-a" && d == Some(&description("checkout"));
+            let selected = &*agent.namespace == "team-a" && d == Some(&description("checkout"));
             Some(DesiredState { remote_config: selected.then(|| self.0.clone()), custom_capabilities: None })
         }
     }
@@ -512,7 +521,7 @@ fn the_provider_computes_desired_state_before_the_first_reply() {
             AgentToServer { agent_description: Some(description("payments")), ..msg(other, 0) },
         )
         .unwrap();
-    assert_eq!(fleet.desired_state(other).unwrap().remote_config, None);
+    assert_eq!(fleet.desired_state(&key(other)).unwrap().remote_config, None);
 }
 
 #[test]
@@ -522,7 +531,7 @@ fn custom_capabilities_are_advertised_when_they_change() {
     fleet.handle(&mut conn, first(UID)).unwrap();
     let caps = Arc::new(CustomCapabilities { capabilities: vec!["com.example.pprof".into()] });
     fleet.set_desired_state(
-        UID,
+        &key(UID),
         DesiredState { remote_config: None, custom_capabilities: Some(caps.clone()) },
     );
     assert_eq!(
@@ -531,17 +540,213 @@ fn custom_capabilities_are_advertised_when_they_change() {
     );
     assert_eq!(fleet.poll_push(&conn), None);
     // Withdrawn: an empty list tells the agent.
-    fleet.set_desired_state(UID, DesiredState::default());
+    fleet.set_desired_state(&key(UID), DesiredState::default());
     assert_eq!(fleet.poll_push(&conn).unwrap().custom_capabilities, Some(CustomCapabilities::default()));
 }
 
 #[test]
-fn agents_move_to_the_namespace_of_their_latest_credentials() {
+fn the_same_uid_from_another_namespace_is_another_agent() {
+    // Attack: team-b learns the uid of a team-a agent and speaks for it with team-b's token.
+    let fleet = Fleet::default();
+    let cap = "com.example.jobs";
+    let declared = |m: AgentToServer| AgentToServer {
+        custom_capabilities: Some(CustomCapabilities { capabilities: vec![cap.into()] }),
+        ..m
+    };
+    fleet.handle(&mut http(&fleet), declared(first(UID))).unwrap();
+    let secret =
+        CustomMessage { capability: cap.into(), r#type: "job".into(), data: Bytes::from_static(b"a") };
+    fleet.enqueue_custom_message(&key(UID), secret.clone()).unwrap();
+
+    let mut b = fleet.connection(Transport::Http, Tenant::new("team-b"));
+    let reply = fleet.handle(&mut b, declared(first(UID))).unwrap();
+    assert_eq!(reply.custom_message, None, "team-b got team-a's queued message");
+    let team_b = AgentKey::new("team-b", UID);
+    assert_eq!(fleet.agent(&team_b).unwrap().namespace, "team-b");
+    assert_eq!(fleet.agent(&key(UID)).unwrap().namespace, "team-a");
+    assert_eq!(fleet.known_count(), 2);
+
+    // team-b's dispatches reach its own record only; team-a's agent gets exactly its own message.
+    let planted = CustomMessage { data: Bytes::from_static(b"planted"), ..secret.clone() };
+    fleet.enqueue_custom_message(&team_b, planted.clone()).unwrap();
+    assert_eq!(fleet.handle(&mut http(&fleet), msg(UID, 1)).unwrap().custom_message, Some(secret));
+    assert_eq!(fleet.handle(&mut http(&fleet), msg(UID, 2)).unwrap().custom_message, None);
+    assert_eq!(fleet.handle(&mut b, msg(UID, 1)).unwrap().custom_message, Some(planted));
+}
+
+#[test]
+fn issued_uids_are_per_namespace() {
+    let fleet = Fleet::default();
+    let ulid =
+        || AgentToServer { instance_uid: Bytes::from_static(b"01ARZ3NDEKTSV4RRFFQ69G5FAV"), ..first(UID) };
+    let issued = |conn: &mut Connection| {
+        let reply = fleet.handle(conn, ulid()).unwrap();
+        reply.agent_identification.unwrap().new_instance_uid
+    };
+    let a = issued(&mut http(&fleet));
+    let mut b = fleet.connection(Transport::Http, Tenant::new("team-b"));
+    assert_ne!(issued(&mut b), a, "team-b was handed the uid issued to team-a");
+    assert_eq!(issued(&mut http(&fleet)), a, "a retry from team-a keeps its issued uid");
+    // A wire uid longer than any real one is not remembered (nothing of it is kept).
+    let huge = || AgentToServer { instance_uid: Bytes::from(vec![7u8; 1 << 20]), ..first(UID) };
+    let one = fleet.handle(&mut http(&fleet), huge()).unwrap().agent_identification.unwrap();
+    let two = fleet.handle(&mut http(&fleet), huge()).unwrap().agent_identification.unwrap();
+    assert_ne!(one, two);
+}
+
+#[test]
+fn a_websocket_speaks_for_one_agent_and_closing_it_leaves_no_ghosts() {
+    // Attack: one socket claims 501 uids; before, every uid but the last stayed "connected".
+    let fleet = Fleet::default();
+    let mut conn = ws(&fleet);
+    for i in 0..=500u16 {
+        let mut uid = UID;
+        uid.0[..2].copy_from_slice(&i.to_be_bytes());
+        fleet.handle(&mut conn, first(uid)).unwrap();
+        assert_eq!(fleet.connected_count(), 1, "uid #{i}");
+    }
+    fleet.connection_closed(&conn);
+    assert_eq!(fleet.connected_count(), 0);
+    let mut online = 0;
+    fleet.for_each_view(|v| online += usize::from(v.connected));
+    assert_eq!(online, 0);
+}
+
+#[test]
+fn agents_beyond_a_namespaces_limit_are_told_to_retry() {
+    let retry_after = Duration::from_secs(7);
+    let config = FleetConfig { max_agents_per_namespace: Some(3), retry_after, ..Default::default() };
+    let fleet = Fleet::new(config);
+    let uid = |i: u8| Uid([i; 16]);
+    for i in 0..3 {
+        fleet.handle(&mut http(&fleet), first(uid(i))).unwrap();
+    }
+    let refused = fleet.handle(&mut http(&fleet), first(uid(3))).unwrap_err();
+    assert_eq!(refused, Rejection::NamespaceFull { namespace: "team-a".into(), limit: 3, retry_after });
+    assert_eq!(refused.retry_after(), retry_after);
+    // Known agents keep being served; another namespace is not affected.
+    fleet.handle(&mut http(&fleet), msg(uid(0), 1)).unwrap();
+    fleet.handle(&mut fleet.connection(Transport::Http, Tenant::new("team-b")), first(uid(3))).unwrap();
+    assert_eq!(fleet.namespace_count("team-a"), 3);
+    assert_eq!(fleet.known_count(), 4);
+    assert_eq!(fleet.take_refusals(), vec![Refusals { namespace: "team-a".into(), count: 1, limit: 3 }]);
+    assert_eq!(fleet.take_refusals(), vec![]);
+    // Forgotten agents make room again.
+    let config = FleetConfig {
+        max_agents_per_namespace: Some(1),
+        offline_retention: Duration::ZERO,
+        ..Default::default()
+    };
+    let fleet = Fleet::new(config);
+    let mut conn = ws(&fleet);
+    fleet.handle(&mut conn, first(uid(0))).unwrap();
+    fleet.connection_closed(&conn);
+    assert!(fleet.handle(&mut http(&fleet), first(uid(1))).is_err());
+    fleet.sweep(Instant::now() + Duration::from_millis(1));
+    assert_eq!(fleet.namespace_count("team-a"), 0);
+    fleet.handle(&mut http(&fleet), first(uid(1))).unwrap();
+}
+
+#[test]
+fn reported_state_beyond_its_bound_is_dropped_and_flagged() {
+    let config = FleetConfig {
+        max_reported_bytes_per_agent: 64 << 10,
+        max_reported_bytes_per_namespace: 100 << 10,
+        ..Default::default()
+    };
+    let fleet = Fleet::new(config);
+    let effective = |bytes: usize| EffectiveConfig {
+        config_map: Some(AgentConfigMap {
+            config_map: [(
+                "big.yaml".into(),
+                AgentConfigFile { body: vec![b'x'; bytes].into(), content_type: String::new() },
+            )]
+            .into(),
+        }),
+    };
+    let uid = |i: u8| Uid([i; 16]);
+    // 4 MB of effective config: dropped, the rest (description) kept, the agent flagged.
+    let m = AgentToServer { effective_config: Some(effective(4 << 20)), ..first(uid(1)) };
+    fleet.handle(&mut http(&fleet), m).unwrap();
+    let a = fleet.agent(&key(uid(1))).unwrap();
+    assert_eq!(a.report.effective_config, None);
+    assert_eq!(a.report.trimmed, Changes::EFFECTIVE_CONFIG);
+    assert_eq!(a.report.trimmed.part_names(), vec!["effectiveConfig"]);
+    assert_eq!(a.report.description, Some(description("checkout")));
+    assert!(a.reported_bytes < 1024, "{}", a.reported_bytes);
+    // Within the agent's bound: kept, until the namespace's bound is reached.
+    for i in 2..5 {
+        let m = AgentToServer { effective_config: Some(effective(40 << 10)), ..first(uid(i)) };
+        fleet.handle(&mut http(&fleet), m).unwrap();
+    }
+    let kept: Vec<bool> =
+        (2..5).map(|i| fleet.agent(&key(uid(i))).unwrap().report.effective_config.is_some()).collect();
+    assert_eq!(kept, vec![true, true, false]);
+    assert!(fleet.namespace_reported_bytes("team-a") <= 100 << 10);
+    // A smaller config that fits is kept again, and the flag cleared.
+    let m = AgentToServer { effective_config: Some(effective(1 << 10)), ..msg(uid(1), 1) };
+    fleet.handle(&mut http(&fleet), m).unwrap();
+    let a = fleet.agent(&key(uid(1))).unwrap();
+    assert!(a.report.effective_config.is_some());
+    assert_eq!(a.report.trimmed, Changes::empty());
+}
+
+#[test]
+fn components_dropped_for_size_are_not_asked_for_again() {
+    let config = FleetConfig { max_reported_bytes_per_agent: 1 << 10, ..Default::default() };
+    let fleet = Fleet::new(config);
+    let details = crate::proto::ComponentDetails { metadata: vec![], sub_component_map: Default::default() };
+    let components: std::collections::BTreeMap<String, _> =
+        (0..200).map(|i| (format!("receiver-{i:04}"), details.clone())).collect();
+    let hash = Bytes::from_static(b"h1");
+    let full = AvailableComponents { components, hash: hash.clone() };
+    let m = AgentToServer { available_components: Some(full), ..first(UID) };
+    fleet.handle(&mut http(&fleet), m).unwrap();
+    let r = fleet.agent(&key(UID)).unwrap().report;
+    assert!(r.trimmed.contains(Changes::AVAILABLE_COMPONENTS));
+    assert_eq!(
+        r.available_components.as_ref().map(|c| (c.components.len(), c.hash.clone())),
+        Some((0, hash.clone()))
+    );
+    // The agent then sends the hash alone: the server must not ask for what it would drop again.
+    let m = AgentToServer {
+        available_components: Some(AvailableComponents { components: Default::default(), hash }),
+        ..msg(UID, 1)
+    };
+    let reply = fleet.handle(&mut http(&fleet), m).unwrap();
+    assert_eq!(reply.flags & ServerToAgentFlags::ReportAvailableComponents as u64, 0);
+}
+
+#[test]
+fn error_texts_agents_report_are_cut_to_their_bound() {
+    let fleet = Fleet::default();
+    let cfg = config("a");
+    let mut s = status(&cfg, RemoteConfigStatuses::Failed);
+    s.error_message = "é".repeat(10_000);
+    fleet.handle(&mut http(&fleet), AgentToServer { remote_config_status: Some(s), ..first(UID) }).unwrap();
+    let kept = fleet.agent(&key(UID)).unwrap().report.remote_config_status.unwrap().error_message;
+    assert!(
+        kept.len() <= crate::opamp::session::MAX_ERROR_MESSAGE_BYTES && kept.len() > 1000,
+        "{}",
+        kept.len()
+    );
+}
+
+#[test]
+fn a_panic_under_a_shard_lock_does_not_fail_the_shard() {
     let fleet = Fleet::default();
     fleet.handle(&mut ws(&fleet), first(UID)).unwrap();
-    let mut b = fleet.connection(Transport::WebSocket, Tenant::new("team-b"));
-    fleet.handle(&mut b, msg(UID, 1)).unwrap();
-    assert_eq!(fleet.agent(UID).unwrap().namespace, "team-b");
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        fleet.inspect(&key(UID), |_| panic!("a bug while the shard is locked"));
+    }));
+    assert!(panicked.is_err());
+    // Same shard (same last byte), later messages: served.
+    let mut other = Uid([9; 16]);
+    other.0[15] = UID.0[15];
+    fleet.handle(&mut ws(&fleet), first(other)).unwrap();
+    fleet.handle(&mut ws(&fleet), msg(UID, 1)).unwrap();
+    fleet.sweep(Instant::now());
+    assert_eq!(fleet.agents().len(), 2);
 }
 
 #[test]
@@ -561,11 +766,11 @@ fn a_components_hash_without_components_is_answered_with_report_available_compon
     assert_eq!(reply.flags, REPORT_COMPONENTS, "the server has no components for this hash");
     let reply = fleet.handle(&mut conn, with(&full, msg(UID, 1))).unwrap();
     assert_eq!(reply.flags, 0);
-    assert_eq!(fleet.agent(UID).unwrap().report.available_components, Some(full.clone()));
+    assert_eq!(fleet.agent(&key(UID)).unwrap().report.available_components, Some(full.clone()));
     // From now on the hash alone is enough, and does not erase the components.
     let reply = fleet.handle(&mut conn, with(&hash_only, msg(UID, 2))).unwrap();
     assert_eq!(reply.flags, 0);
-    assert_eq!(fleet.agent(UID).unwrap().report.available_components, Some(full));
+    assert_eq!(fleet.agent(&key(UID)).unwrap().report.available_components, Some(full));
     // A new hash without components is asked for again.
     let changed = AvailableComponents { hash: Bytes::from_static(b"c2"), ..Default::default() };
     let reply = fleet.handle(&mut conn, with(&changed, msg(UID, 3))).unwrap();
@@ -584,13 +789,12 @@ fn a_desired_state_set_while_the_provider_computes_wins_over_the_providers() {
     impl DesiredStateProvider for Racing {
         fn desired_state(
             &self,
-            uid: Uid,
-            _: &str,
+            agent: &AgentKey,
             _: Option<&AgentDescription>,
             _: bool,
         ) -> Option<DesiredState> {
             let newer = DesiredState { remote_config: Some(self.newer.clone()), custom_capabilities: None };
-            self.fleet.set_desired_state(uid, newer);
+            self.fleet.set_desired_state(agent, newer);
             Some(DesiredState { remote_config: Some(self.stale.clone()), custom_capabilities: None })
         }
     }
@@ -599,5 +803,5 @@ fn a_desired_state_set_while_the_provider_computes_wins_over_the_providers() {
     fleet.set_desired_state_provider(Arc::new(Racing { fleet: fleet.clone(), newer: newer.clone(), stale }));
     let reply = fleet.handle(&mut ws(&fleet), first(UID)).unwrap();
     assert_eq!(reply.remote_config.as_ref(), Some(&*newer));
-    assert_eq!(fleet.desired_state(UID).unwrap().remote_config, Some(newer));
+    assert_eq!(fleet.desired_state(&key(UID)).unwrap().remote_config, Some(newer));
 }

@@ -12,7 +12,7 @@ use super::auth::AuthError;
 use super::codec::{self, DecodeError};
 use super::server::State;
 use super::ws::error_reply;
-use crate::fleet::{Rejection, Transport};
+use crate::fleet::Transport;
 use crate::metrics::{KindLabel, TransportLabel};
 
 const HTTP: TransportLabel = TransportLabel { transport: "http" };
@@ -71,8 +71,9 @@ pub(super) async fn post(
             state.metrics.hot.reply.inc();
             reply(StatusCode::OK, &out, gzip_ok)
         }
-        Err(rejection @ Rejection::AtCapacity { retry_after, .. }) => {
-            state.metrics.rejected_agents.get_or_create(&KindLabel { kind: "at_capacity" }).inc();
+        Err(rejection) => {
+            let retry_after = rejection.retry_after();
+            state.metrics.rejected_agents.get_or_create(&KindLabel { kind: rejection.kind() }).inc();
             let mut out =
                 error_reply(ServerErrorResponseType::Unavailable, rejection.to_string(), Some(retry_after));
             out.instance_uid = uid;

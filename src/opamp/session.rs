@@ -41,6 +41,37 @@ bitflags::bitflags! {
     }
 }
 
+impl Changes {
+    /// The sub-messages of a report (what [`AgentReport::fit`] may drop).
+    pub const REPORT_PARTS: Changes = Changes::DESCRIPTION
+        .union(Changes::HEALTH)
+        .union(Changes::EFFECTIVE_CONFIG)
+        .union(Changes::REMOTE_CONFIG_STATUS)
+        .union(Changes::PACKAGE_STATUSES)
+        .union(Changes::CUSTOM_CAPABILITIES)
+        .union(Changes::AVAILABLE_COMPONENTS);
+
+    /// Names of the report parts in `self`, for users (`effectiveConfig`, …).
+    pub fn part_names(self) -> Vec<&'static str> {
+        SHED_ORDER.iter().filter(|(flag, _)| self.contains(*flag)).map(|(_, name)| *name).collect()
+    }
+}
+
+/// Error texts agents report (remote config status, health) are kept up to this many bytes:
+/// they end up in status objects and Events, which the API server bounds.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
+
+/// The parts [`AgentReport::fit`] drops first, in order: the largest and least needed go first;
+/// the description (what selectors match) last.
+const SHED_ORDER: [(Changes, &str); 6] = [
+    (Changes::EFFECTIVE_CONFIG, "effectiveConfig"),
+    (Changes::AVAILABLE_COMPONENTS, "availableComponents"),
+    (Changes::PACKAGE_STATUSES, "packageStatuses"),
+    (Changes::HEALTH, "health"),
+    (Changes::CUSTOM_CAPABILITIES, "customCapabilities"),
+    (Changes::DESCRIPTION, "description"),
+];
+
 /// The last state an agent reported. Agents omit sub-messages that did not change, so each
 /// field keeps its last value until the agent sends a new one.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -53,6 +84,9 @@ pub struct AgentReport {
     pub package_statuses: Option<PackageStatuses>,
     pub custom_capabilities: Option<CustomCapabilities>,
     pub available_components: Option<AvailableComponents>,
+    /// Parts dropped because the report exceeded its bound of bytes (see [`AgentReport::fit`]);
+    /// a part is kept again once the agent reports a new value that fits.
+    pub trimmed: Changes,
 }
 
 impl AgentReport {
@@ -63,6 +97,55 @@ impl AgentReport {
     /// Whether the agent reports running a remote config (a non-empty hash).
     pub fn has_remote_config(&self) -> bool {
         self.remote_config_status.as_ref().is_some_and(|s| !s.last_remote_config_hash.is_empty())
+    }
+
+    /// The encoded size of what is kept of the report, in bytes.
+    pub fn encoded_len(&self) -> usize {
+        use prost::Message;
+        fn len<M: Message>(m: &Option<M>) -> usize {
+            m.as_ref().map_or(0, Message::encoded_len)
+        }
+        len(&self.description)
+            + len(&self.health)
+            + len(&self.effective_config)
+            + len(&self.remote_config_status)
+            + len(&self.package_statuses)
+            + len(&self.custom_capabilities)
+            + len(&self.available_components)
+    }
+
+    /// Drops parts (largest and least needed first) until the report takes at most `limit`
+    /// bytes; returns its size and the parts dropped now (also added to `trimmed`). Of the
+    /// available components only the hash is kept, so the server does not ask for components
+    /// it would drop again.
+    pub fn fit(&mut self, limit: usize) -> (usize, Changes) {
+        let mut size = self.encoded_len();
+        let mut dropped = Changes::empty();
+        for (part, _) in SHED_ORDER {
+            if size <= limit {
+                break;
+            }
+            let present = if part == Changes::EFFECTIVE_CONFIG {
+                self.effective_config.take().is_some()
+            } else if part == Changes::AVAILABLE_COMPONENTS {
+                let c = self.available_components.as_mut().filter(|c| !c.components.is_empty());
+                c.map(|c| c.components.clear()).is_some()
+            } else if part == Changes::PACKAGE_STATUSES {
+                self.package_statuses.take().is_some()
+            } else if part == Changes::HEALTH {
+                self.health.take().is_some()
+            } else if part == Changes::CUSTOM_CAPABILITIES {
+                self.custom_capabilities.take().is_some()
+            } else {
+                self.description.take().is_some()
+            };
+            if present {
+                dropped |= part;
+                size = self.encoded_len();
+            }
+        }
+        self.trimmed |= dropped;
+        (size, dropped)
     }
 
     /// Whether the agent declared a custom capability in `AgentToServer.custom_capabilities`.
@@ -145,6 +228,24 @@ impl Session {
             out.changes |= Changes::CAPABILITIES;
         }
         let r = &mut self.report;
+        // A part that arrives anew is kept again if it fits (see `AgentReport::fit`).
+        for (part, present) in [
+            (Changes::DESCRIPTION, msg.agent_description.is_some()),
+            (Changes::HEALTH, msg.health.is_some()),
+            (Changes::EFFECTIVE_CONFIG, msg.effective_config.is_some()),
+            (Changes::PACKAGE_STATUSES, msg.package_statuses.is_some()),
+            (Changes::CUSTOM_CAPABILITIES, msg.custom_capabilities.is_some()),
+        ] {
+            if present {
+                r.trimmed.remove(part);
+            }
+        }
+        if let Some(s) = &mut msg.remote_config_status {
+            truncate_utf8(&mut s.error_message, MAX_ERROR_MESSAGE_BYTES);
+        }
+        if let Some(h) = &mut msg.health {
+            truncate_utf8(&mut h.last_error, MAX_ERROR_MESSAGE_BYTES);
+        }
         keep_latest(&mut r.description, msg.agent_description.take(), Changes::DESCRIPTION, &mut out.changes);
         keep_latest(&mut r.health, msg.health.take(), Changes::HEALTH, &mut out.changes);
         keep_latest(
@@ -174,9 +275,15 @@ impl Session {
         if let Some(components) = msg.available_components.take() {
             // Agents send only the hash while it is unchanged; for a hash the server holds no
             // components of (a new agent, a restarted server), it asks for them in the reply.
+            let same_hash = r.available_components.as_ref().is_some_and(|c| c.hash == components.hash);
+            if !same_hash {
+                r.trimmed.remove(Changes::AVAILABLE_COMPONENTS);
+            }
             if components.components.is_empty() && !components.hash.is_empty() {
                 let same_hash = r.available_components.as_ref().filter(|c| c.hash == components.hash);
-                out.request_available_components = same_hash.is_none_or(|c| c.components.is_empty());
+                // Components dropped for size are not asked for again (they would be dropped again).
+                out.request_available_components = same_hash.is_none_or(|c| c.components.is_empty())
+                    && !r.trimmed.contains(Changes::AVAILABLE_COMPONENTS);
                 if same_hash.is_none() {
                     r.available_components = Some(components);
                     out.changes |= Changes::AVAILABLE_COMPONENTS;
@@ -254,6 +361,14 @@ impl Session {
 /// A `ServerToAgent` for an agent, with the server's capabilities and nothing else yet.
 pub fn server_message(instance_uid: Bytes) -> ServerToAgent {
     ServerToAgent { instance_uid, capabilities: SERVER_CAPABILITIES, ..Default::default() }
+}
+
+/// Cuts `s` to at most `max` bytes, at a character boundary.
+pub fn truncate_utf8(s: &mut String, max: usize) {
+    if s.len() > max {
+        let cut = (0..=max).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+        s.truncate(cut);
+    }
 }
 
 fn keep_latest<T: PartialEq>(slot: &mut Option<T>, new: Option<T>, flag: Changes, changes: &mut Changes) {

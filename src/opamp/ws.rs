@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite;
 use super::codec;
 use super::http::unauthorized;
 use super::server::State;
-use crate::fleet::{Connection, Rejection, Transport};
+use crate::fleet::{Connection, Transport};
 use crate::metrics::{KindLabel, TransportLabel};
 
 const WS: TransportLabel = TransportLabel { transport: "websocket" };
@@ -151,8 +151,9 @@ fn on_frame(state: &State, conn: &mut Connection, data: bytes::Bytes) -> (bytes:
             metrics.hot.reply.inc();
             (codec::encode_ws(&reply), Step::Continue)
         }
-        Err(rejection @ Rejection::AtCapacity { retry_after, .. }) => {
-            metrics.rejected_agents.get_or_create(&KindLabel { kind: "at_capacity" }).inc();
+        Err(rejection) => {
+            let retry_after = rejection.retry_after();
+            metrics.rejected_agents.get_or_create(&KindLabel { kind: rejection.kind() }).inc();
             let mut reply =
                 error_reply(ServerErrorResponseType::Unavailable, rejection.to_string(), Some(retry_after));
             reply.instance_uid = uid;

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use super::Routes;
 use crate::api::AgentSelector;
 use crate::controller::index::attribute;
-use crate::fleet::{EnqueueError, Ticket, TicketState, Transport};
+use crate::fleet::{AgentKey, EnqueueError, Ticket, TicketState, Transport};
 use crate::metrics::StateLabel;
 use crate::opamp::Uid;
 use crate::opamp::auth::bearer_token;
@@ -238,10 +238,10 @@ async fn dispatch(
         (Some(agents), None) if !agents.is_empty() => agents,
         (None, Some(selector)) => {
             let mut uids = Vec::new();
-            routes.fleet.for_each(|uid, agent_ns, report| {
+            routes.fleet.for_each(|agent, report| {
                 let desc = report.description.as_ref();
-                if agent_ns == ns && selector.matches(|k| attribute(desc, k)) {
-                    uids.push(uid.to_string());
+                if *agent.namespace == *ns && selector.matches(|k| attribute(desc, k)) {
+                    uids.push(agent.uid.to_string());
                 }
             });
             uids.sort();
@@ -287,15 +287,15 @@ async fn dispatch(
                         r.touch(&n);
                     })),
                 );
+                let key = AgentKey::new(ns.as_str(), uid);
                 match routes.fleet.enqueue_tracked(
-                    uid,
-                    Some(&ns),
+                    &key,
                     message.clone(),
                     Some(ticket.clone()),
                     dispatch.queue_limit,
                 ) {
                     Ok(_) => {
-                        if routes.fleet.inspect(uid, |a| a.transport == Some(Transport::WebSocket))
+                        if routes.fleet.inspect(&key, |a| a.transport == Some(Transport::WebSocket))
                             == Some(true)
                         {
                             wait_for.push(ticket.clone());

@@ -15,7 +15,7 @@ use tokio::task::JoinSet;
 
 use super::{Routes, SlotCounters, SlotRoute};
 use crate::controller::index::attributes_json;
-use crate::fleet::CustomMessageSink;
+use crate::fleet::{AgentKey, CustomMessageSink};
 use crate::opamp::Uid;
 use crate::proto::CustomMessage;
 
@@ -182,7 +182,8 @@ async fn deliver(
 }
 
 impl CustomMessageSink for Routes {
-    fn on_custom_message(&self, uid: Uid, namespace: &Arc<str>, message: CustomMessage) {
+    fn on_custom_message(&self, agent: &AgentKey, message: CustomMessage) {
+        let (uid, namespace) = (agent.uid, &agent.namespace);
         let Some((route, counters, sender)) = self.by_capability(namespace, &message.capability) else {
             self.unrouted.fetch_add(1, Ordering::Relaxed);
             self.count_upstream("unrouted");
@@ -204,7 +205,7 @@ impl CustomMessageSink for Routes {
             return;
         };
         let attributes: serde_json::Map<String, serde_json::Value> =
-            self.fleet.inspect(uid, |a| attributes_json(a.report.description.as_ref())).unwrap_or_default();
+            self.fleet.inspect(agent, |a| attributes_json(a.report.description.as_ref())).unwrap_or_default();
         let id = uuid::Uuid::now_v7().to_string();
         let envelope = serde_json::json!({
             "id": id,
