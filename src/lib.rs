@@ -5,6 +5,8 @@
 //! - [`sim`]: a small OpAMP agent of our own, for tests and load.
 #![forbid(unsafe_code)]
 
+pub mod access;
+pub mod agents_api;
 pub mod api;
 pub mod controller;
 pub mod fleet;

@@ -116,6 +116,17 @@ struct OpampArgs {
     /// Connected agents beyond this are told to retry later.
     #[arg(long, env = "OPAMP_MAX_AGENTS")]
     max_agents: Option<usize>,
+    /// Agents one namespace may have (connected, or offline and not yet forgotten); new ones
+    /// beyond it are told to retry later. 0: no limit.
+    #[arg(long, env = "OPAMP_MAX_AGENTS_PER_NAMESPACE", default_value_t = opamp_operator::fleet::MAX_AGENTS_PER_NAMESPACE_DEFAULT)]
+    max_agents_per_namespace: usize,
+    /// Bytes of reported state (description, health, effective config, statuses, components)
+    /// kept per agent; larger parts are dropped and the agent flagged.
+    #[arg(long, env = "OPAMP_MAX_REPORTED_BYTES_PER_AGENT", default_value_t = opamp_operator::fleet::MAX_REPORTED_BYTES_PER_AGENT_DEFAULT)]
+    max_reported_bytes_per_agent: usize,
+    /// Bytes of reported state kept per namespace, its agents together.
+    #[arg(long, env = "OPAMP_MAX_REPORTED_BYTES_PER_NAMESPACE", default_value_t = opamp_operator::fleet::MAX_REPORTED_BYTES_PER_NAMESPACE_DEFAULT)]
+    max_reported_bytes_per_namespace: usize,
     /// Largest accepted message, in bytes.
     #[arg(long, env = "OPAMP_MAX_MESSAGE_BYTES", default_value_t = 4 << 20)]
     max_message_bytes: usize,
@@ -241,6 +252,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         fleet: args.opamp.fleet_config(),
         server: args.opamp.server_config(),
     };
+    // An API server that is not there yet (a control plane starting, a network blip) is waited
+    // for, with one clear line per try, rather than exiting.
+    let mut wait = Duration::from_secs(1);
+    loop {
+        match opamp_operator::operator::preflight(&client).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?wait, "the Kubernetes API is not ready; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown_signal() => return Ok(()),
+                }
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
     let operator = Operator::start(client, config).await?;
     tracing::info!(opamp = %operator.opamp_addr, api = %operator.api_addr, "operator started");
     operator.run_until(shutdown_signal()).await;
@@ -258,6 +285,9 @@ impl OpampArgs {
     fn fleet_config(&self) -> FleetConfig {
         FleetConfig {
             max_agents: self.max_agents,
+            max_agents_per_namespace: Some(self.max_agents_per_namespace).filter(|n| *n > 0),
+            max_reported_bytes_per_agent: self.max_reported_bytes_per_agent,
+            max_reported_bytes_per_namespace: self.max_reported_bytes_per_namespace,
             heartbeat_interval: Duration::from_secs(self.heartbeat_seconds),
             ..Default::default()
         }

@@ -36,6 +36,8 @@ pub struct Metrics {
     registry: Registry,
     pub agents_connected: Family<TransportLabel, Gauge>,
     pub agents_known: Gauge,
+    /// Agents whose report lost parts to its bound of bytes (`AgentReport::trimmed`).
+    pub agents_report_trimmed: Gauge,
     pub remote_config_statuses: Family<StatusLabel, Gauge>,
     pub messages_in: Family<KindLabel, Counter>,
     pub messages_out: Family<KindLabel, Counter>,
@@ -105,6 +107,7 @@ impl Default for Metrics {
         let m = Self {
             agents_connected: Family::default(),
             agents_known: Gauge::default(),
+            agents_report_trimmed: Gauge::default(),
             remote_config_statuses: Family::default(),
             hot: MessageCounters::new(&messages_in, &messages_out),
             messages_in,
@@ -125,6 +128,11 @@ impl Default for Metrics {
         );
         registry.register("agents_known", "Agents remembered, connected or not", m.agents_known.clone());
         registry.register(
+            "agents_report_trimmed",
+            "Agents whose reported state exceeded its bound of bytes (parts dropped)",
+            m.agents_report_trimmed.clone(),
+        );
+        registry.register(
             "remote_config_statuses",
             "Agents by the status they last reported for their remote config",
             m.remote_config_statuses.clone(),
@@ -134,7 +142,7 @@ impl Default for Metrics {
         registry.register("decode_errors", "Undecodable or oversize agent messages", m.decode_errors.clone());
         registry.register(
             "agents_rejected",
-            "Agents refused (unauthorized, at capacity)",
+            "Agents refused (unauthorized, at_capacity, namespace_limit)",
             m.rejected_agents.clone(),
         );
         registry.register(
@@ -169,10 +177,11 @@ impl Metrics {
 
     /// Refreshes the fleet gauges (one pass over the fleet; call at scrape time).
     pub fn observe_fleet(&self, fleet: &Fleet) {
-        let (mut ws, mut http, mut known) = (0i64, 0i64, 0i64);
+        let (mut ws, mut http, mut known, mut trimmed) = (0i64, 0i64, 0i64, 0i64);
         let mut statuses = [0i64; 4];
         fleet.for_each_view(|view| {
             known += 1;
+            trimmed += i64::from(!view.report.trimmed.is_empty());
             match view.transport {
                 Some(Transport::WebSocket) => ws += 1,
                 Some(Transport::Http) => http += 1,
@@ -185,6 +194,7 @@ impl Metrics {
         self.agents_connected.get_or_create(&TransportLabel { transport: "websocket" }).set(ws);
         self.agents_connected.get_or_create(&TransportLabel { transport: "http" }).set(http);
         self.agents_known.set(known);
+        self.agents_report_trimmed.set(trimmed);
         for (i, s) in [
             RemoteConfigStatuses::Unset,
             RemoteConfigStatuses::Applied,

@@ -119,38 +119,6 @@ pub async fn preflight(client: &Client) -> Result<(), Error> {
     Ok(())
 }
 
-/// The fleet as JSON (`GET /api/v1/agents`): what users see of each agent.
-pub fn agents_json(fleet: &Fleet) -> serde_json::Value {
-    use crate::controller::index::attributes_json;
-    use crate::proto::RemoteConfigStatuses;
-    let mut agents = fleet.agents();
-    agents.sort_by(|a, b| (&a.namespace, a.uid).cmp(&(&b.namespace, b.uid)));
-    let items: Vec<serde_json::Value> = agents
-        .iter()
-        .map(|a| {
-            let desc = a.report.description.as_ref();
-            let attrs = attributes_json(desc);
-            let status = a.report.remote_config_status.as_ref();
-            serde_json::json!({
-                "instanceUid": a.uid,
-                "namespace": a.namespace,
-                "connected": a.connected,
-                "transport": a.transport.map(|t| t.as_str()),
-                "attributes": attrs,
-                "healthy": a.report.health.as_ref().map(|h| h.healthy),
-                "remoteConfig": status.map(|s| serde_json::json!({
-                    "status": RemoteConfigStatuses::try_from(s.status).map(|x| x.as_str_name().trim_start_matches("RemoteConfigStatuses_")).unwrap_or("UNKNOWN"),
-                    "hash": hex::encode(&s.last_remote_config_hash),
-                    "error": s.error_message,
-                })),
-                "desiredHash": a.desired_config_hash.as_ref().map(hex::encode),
-                "lastSeen": k8s_openapi::jiff::Timestamp::try_from(a.last_seen).map(|t| t.to_string()).unwrap_or_default(),
-            })
-        })
-        .collect();
-    serde_json::json!({ "agents": items })
-}
-
 impl Operator {
     /// Starts everything; the OpAMP endpoint opens once the caches are synced (so agents'
     /// tokens are known).
@@ -189,20 +157,14 @@ impl Operator {
         if let Some(election) = config.leader_election.clone() {
             let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
             controller = controller.with_leadership(leader_rx);
-            tasks.spawn(leader::run(client, election, leader_tx, shutdown.clone()));
+            tasks.spawn(leader::run(client.clone(), election, leader_tx, shutdown.clone()));
         }
         tasks.spawn(controller.run(shutdown.clone(), ready_tx));
 
         let ready = ready_rx.clone();
-        let listing = fleet.clone();
+        let access = Arc::new(crate::access::KubeAccess::new(client.clone()));
         let api = crate::routes::dispatch::router(routes.clone())
-            .route(
-                "/api/v1/agents",
-                get(move || {
-                    let fleet = listing.clone();
-                    async move { axum::Json(agents_json(&fleet)) }
-                }),
-            )
+            .merge(crate::agents_api::router(fleet.clone(), access))
             .route("/healthz", get(|| async { "ok" }))
             .route(
                 "/readyz",

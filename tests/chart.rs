@@ -51,6 +51,8 @@ const CLUSTER_RULES: &[Grant] = &[
     ("", "secrets", "watch", ""),
     ("events.k8s.io", "events", "create", ""),
     ("events.k8s.io", "events", "patch", ""),
+    ("authentication.k8s.io", "tokenreviews", "create", ""),
+    ("authorization.k8s.io", "subjectaccessreviews", "create", ""),
 ];
 
 /// Every permission the Role grants in the release namespace (leader election on the Lease
@@ -514,7 +516,7 @@ async fn installs_and_upgrades_on_a_cluster() {
     ns.api::<RoleBinding>().get(&full).await.expect("the RoleBinding exists");
     let cluster_roles: Api<ClusterRole> = Api::all(ns.client.clone());
     let role = cluster_roles.get(&full).await.expect("the ClusterRole exists");
-    assert_eq!(role.rules.as_ref().map(Vec::len), Some(4));
+    assert_eq!(role.rules.as_ref().map(Vec::len), Some(6));
     Api::<ClusterRoleBinding>::all(ns.client.clone())
         .get(&full)
         .await

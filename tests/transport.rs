@@ -294,7 +294,7 @@ async fn unauthenticated_agents_get_401_on_both_transports() {
     let ok =
         HttpClient::new(&server.http_url(), Some("s3cret"), false).send(&agent.full_state()).await.unwrap();
     assert_eq!(ok.status, 200);
-    assert_eq!(server.fleet.agent(&AgentKey::new("default", agent.uid())).unwrap().namespace, "team-a");
+    assert_eq!(server.fleet.agent(&AgentKey::new("team-a", agent.uid())).unwrap().namespace, "team-a");
     server.stop().await;
 }
 
@@ -352,8 +352,10 @@ async fn concurrent_agents_on_both_transports_all_apply_their_config() {
 
 #[tokio::test]
 async fn http_bodies_up_to_the_configured_limit_are_accepted() {
-    // 3 MiB: above common framework defaults (2 MB), within our 4 MiB default.
-    let server = TestServer::start_default().await;
+    // 3 MiB: above common framework defaults (2 MB), within our 4 MiB default (and kept: the
+    // bound of reported bytes per agent is raised for this test).
+    let fleet = FleetConfig { max_reported_bytes_per_agent: 4 << 20, ..Default::default() };
+    let server = TestServer::start(fleet, ServerConfig::default()).await;
     let http = HttpClient::new(&server.http_url(), None, false);
     let mut agent = SimAgent::new(AgentSpec::new("big"));
     let mut msg = agent.full_state();

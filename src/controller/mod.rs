@@ -46,6 +46,8 @@ use crate::proto::AgentDescription;
 use crate::routes::Routes;
 
 pub const FIELD_MANAGER: &str = "opamp-operator";
+/// How often a namespace at its agent limit is told so again (an Event).
+const REFUSALS_EVERY: Duration = Duration::from_secs(60);
 
 type SharedIndex = Arc<RwLock<HashMap<String, Arc<NamespaceIndex>>>>;
 
@@ -112,6 +114,8 @@ pub struct Controller {
     /// Agents by namespace, maintained from the fleet's changes.
     agents: HashMap<Arc<str>, HashSet<Uid>>,
     status_dirty: HashSet<String>,
+    /// When each namespace was last told (an Event) that it refused agents at its limit.
+    refusals_told: HashMap<Arc<str>, tokio::time::Instant>,
     failure_since: HashMap<String, HashMap<(Uid, Bytes), Time>>,
     scope: Scope,
     /// Only the leader writes status and events (always true without leader election).
@@ -165,6 +169,7 @@ impl Controller {
             dirty: Arc::default(),
             agents: HashMap::new(),
             status_dirty: HashSet::new(),
+            refusals_told: HashMap::new(),
             failure_since: HashMap::new(),
             scope,
             leader: tokio::sync::watch::channel(true).1,
@@ -233,6 +238,7 @@ impl Controller {
                         self.leader.mark_unchanged();
                         self.status_dirty.extend(self.index.read().unwrap().keys().cloned());
                     }
+                    self.report_refusals().await;
                     self.write_statuses().await;
                     continue;
                 }
@@ -384,6 +390,41 @@ impl Controller {
             admitted |= tracker.advance(&config.object.spec.rollout, facts.get(&i).unwrap_or(&empty), now);
         }
         admitted
+    }
+
+    /// A Warning Event in each namespace that refused new agents at its limit (at most one a
+    /// minute per namespace; the refusals are counted in `opamp_agents_rejected`).
+    async fn report_refusals(&mut self) {
+        let now = tokio::time::Instant::now();
+        for r in self.fleet.take_refusals() {
+            if self.refusals_told.get(&r.namespace).is_some_and(|at| now.duration_since(*at) < REFUSALS_EVERY)
+            {
+                continue;
+            }
+            self.refusals_told.insert(r.namespace.clone(), now);
+            let note = format!(
+                "{} new agents refused: the namespace holds its maximum of {} agents \
+                 (--max-agents-per-namespace); they were told to retry later",
+                r.count, r.limit
+            );
+            let reference = k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Namespace".into()),
+                name: Some(r.namespace.to_string()),
+                namespace: Some(r.namespace.to_string()),
+                ..Default::default()
+            };
+            let ev = Event {
+                type_: EventType::Warning,
+                reason: "AgentLimitReached".into(),
+                note: Some(note),
+                action: "AdmitAgent".into(),
+                secondary: None,
+            };
+            if let Err(e) = self.recorder.publish(&ev, &reference).await {
+                tracing::debug!(error = %e, "event not recorded");
+            }
+        }
     }
 
     async fn publish_config(&self, object: &AgentConfig, status: AgentConfigStatus) {

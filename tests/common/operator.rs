@@ -14,8 +14,17 @@ const T: Duration = Duration::from_secs(30);
 /// Starts an operator serving OpAMP on `opamp_addr` (port 0: any) and waits until it is ready.
 /// `namespaces[0]` is where the chart's identity is bound.
 pub async fn start(opamp_addr: SocketAddr, namespaces: &[String]) -> Operator {
+    start_with(opamp_addr, namespaces, |_| {}).await
+}
+
+/// [`start`], with the configuration changed by `tweak` first.
+pub async fn start_with(
+    opamp_addr: SocketAddr,
+    namespaces: &[String],
+    tweak: impl FnOnce(&mut OperatorConfig),
+) -> Operator {
     let client = super::cluster::cluster().await.client_as_chart_identity(&namespaces[0]).await;
-    let config = OperatorConfig {
+    let mut config = OperatorConfig {
         opamp_addr,
         api_addr: "127.0.0.1:0".parse().unwrap(),
         metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
@@ -27,6 +36,7 @@ pub async fn start(opamp_addr: SocketAddr, namespaces: &[String]) -> Operator {
         fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
         server: ServerConfig::default(),
     };
+    tweak(&mut config);
     let op = within(T, "operator start", Operator::start(client, config)).await.expect("operator starts");
     let ready = format!("http://{}/readyz", op.api_addr);
     eventually(T, "operator ready", || async {
