@@ -59,10 +59,13 @@ impl Denied {
     }
 }
 
+/// A decision and when it was made, by the hash of the token and request.
+type Decisions = HashMap<[u8; 32], (Instant, Result<(), Denied>)>;
+
 /// Checks callers against the Kubernetes API.
 pub struct KubeAccess {
     client: Client,
-    cache: Mutex<HashMap<[u8; 32], (Instant, Result<(), Denied>)>>,
+    cache: Mutex<Decisions>,
 }
 
 impl KubeAccess {
