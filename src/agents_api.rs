@@ -55,36 +55,75 @@ async fn list(l: &Listing, headers: &HeaderMap, namespace: Option<&str>) -> Resp
     let Ok(_turn) = l.turns.acquire().await else {
         return axum::http::StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
-    let mut items = Vec::new();
-    l.fleet.for_each_view(|a| {
-        if namespace.is_none_or(|ns| **a.namespace == *ns) {
-            items.push(agent_json(a));
+    // The keys first (small), sorted; then each agent written straight into the body under its
+    // shard's lock: a listing costs about its own size, not a tree of JSON values per agent.
+    let mut keys = Vec::new();
+    l.fleet.for_each(|key, _| {
+        if namespace.is_none_or(|ns| *key.namespace == *ns) {
+            keys.push(key.clone());
         }
     });
-    items.sort_by(|a, b| {
-        let key = |v: &serde_json::Value| (v["namespace"].to_string(), v["instanceUid"].to_string());
-        key(a).cmp(&key(b))
-    });
-    axum::Json(serde_json::json!({ "agents": items })).into_response()
+    keys.sort();
+    let mut body = Vec::with_capacity(64 + keys.len() * 320);
+    body.extend_from_slice(b"{\"agents\":[");
+    let mut first = true;
+    for key in &keys {
+        l.fleet.inspect(key, |a| {
+            if !std::mem::take(&mut first) {
+                body.push(b',');
+            }
+            serde_json::to_writer(&mut body, &AgentRow::of(a)).expect("JSON serializes into memory");
+        });
+    }
+    body.extend_from_slice(b"]}");
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 /// What users see of one agent.
-pub fn agent_json(a: &AgentView<'_>) -> serde_json::Value {
-    let status = a.report.remote_config_status.as_ref();
-    serde_json::json!({
-        "instanceUid": a.uid,
-        "namespace": &**a.namespace,
-        "connected": a.connected,
-        "transport": a.transport.map(|t| t.as_str()),
-        "attributes": attributes_json(a.report.description.as_ref()),
-        "healthy": a.report.health.as_ref().map(|h| h.healthy),
-        "remoteConfig": status.map(|s| serde_json::json!({
-            "status": RemoteConfigStatuses::try_from(s.status).map(|x| x.as_str_name().trim_start_matches("RemoteConfigStatuses_")).unwrap_or("UNKNOWN"),
-            "hash": hex::encode(&s.last_remote_config_hash),
-            "error": s.error_message,
-        })),
-        "desiredHash": a.desired.remote_config.as_ref().map(|c| hex::encode(&c.config_hash)),
-        "reportTrimmed": a.report.trimmed.part_names(),
-        "lastSeen": k8s_openapi::jiff::Timestamp::try_from(a.last_seen).map(|t| t.to_string()).unwrap_or_default(),
-    })
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentRow<'a> {
+    instance_uid: crate::opamp::Uid,
+    namespace: &'a str,
+    connected: bool,
+    transport: Option<&'static str>,
+    attributes: serde_json::Map<String, serde_json::Value>,
+    healthy: Option<bool>,
+    remote_config: Option<RemoteConfigRow<'a>>,
+    desired_hash: Option<String>,
+    report_trimmed: Vec<&'static str>,
+    last_seen: String,
+}
+
+#[derive(serde::Serialize)]
+pub struct RemoteConfigRow<'a> {
+    status: &'static str,
+    hash: String,
+    error: &'a str,
+}
+
+impl<'a> AgentRow<'a> {
+    pub fn of(a: &'a AgentView<'_>) -> Self {
+        let status = a.report.remote_config_status.as_ref();
+        Self {
+            instance_uid: a.uid,
+            namespace: a.namespace,
+            connected: a.connected,
+            transport: a.transport.map(|t| t.as_str()),
+            attributes: attributes_json(a.report.description.as_ref()),
+            healthy: a.report.health.as_ref().map(|h| h.healthy),
+            remote_config: status.map(|s| RemoteConfigRow {
+                status: RemoteConfigStatuses::try_from(s.status)
+                    .map(|x| x.as_str_name().trim_start_matches("RemoteConfigStatuses_"))
+                    .unwrap_or("UNKNOWN"),
+                hash: hex::encode(&s.last_remote_config_hash),
+                error: &s.error_message,
+            }),
+            desired_hash: a.desired.remote_config.as_ref().map(|c| hex::encode(&c.config_hash)),
+            report_trimmed: a.report.trimmed.part_names(),
+            last_seen: k8s_openapi::jiff::Timestamp::try_from(a.last_seen)
+                .map(|t| t.to_string())
+                .unwrap_or_default(),
+        }
+    }
 }

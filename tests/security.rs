@@ -311,3 +311,94 @@ impl WithToken for String {
         req
     }
 }
+
+/// Resident memory of this process, and its peak since the last [`reset_peak`], in MiB.
+fn rss_mib() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = |field: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+    };
+    (kib("VmRSS:").unwrap_or(0.0) / 1024.0, kib("VmHWM:").unwrap_or(0.0) / 1024.0)
+}
+
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The memory attacks of the hostile-tenant review, replayed against an in-process operator;
+/// prints the growth of this process's RSS under each (figures for the README and notes, not
+/// assertions). `cargo test --release --test security -- --ignored --nocapture measure`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: run by hand"]
+async fn measure_rss_under_the_memory_attacks() {
+    let _serial = SERIAL.lock().await;
+    let a = Tenant::new("sec-measure").await;
+    let op = operator(&[&a], |_| {}).await;
+    let report = |what: &str, before: (f64, f64)| {
+        let after = rss_mib();
+        println!(
+            "{what}: RSS {:.1} -> {:.1} MiB (+{:.1}), peak +{:.1}",
+            before.0,
+            after.0,
+            after.0 - before.0,
+            after.1 - before.0
+        );
+    };
+    // 60 agents reporting a 3.9 MB effective config each.
+    let before = rss_mib();
+    for _ in 0..60 {
+        let big = EffectiveConfig {
+            config_map: Some(AgentConfigMap {
+                config_map: [(
+                    "collector.yaml".to_owned(),
+                    AgentConfigFile { body: Bytes::from(vec![b'#'; 3_900_000]), content_type: String::new() },
+                )]
+                .into(),
+            }),
+        };
+        let m = AgentToServer { effective_config: Some(big), ..hello(Uid::new_v7(), 0) };
+        assert_eq!(post(&op, &a.token, &m).await.status, 200);
+    }
+    report("60 agents x 3.9 MB effective config", before);
+    // 40 invalid wire uids of 1 MiB each.
+    let before = rss_mib();
+    for _ in 0..40 {
+        let mut m = hello(Uid::new_v7(), 0);
+        m.instance_uid = Bytes::from(vec![b'u'; 1 << 20]);
+        assert_eq!(post(&op, &a.token, &m).await.status, 200);
+    }
+    report("40 invalid wire uids of 1 MiB", before);
+    // 25,000 invented uids from one token (the default limit is 20,000).
+    let before = rss_mib();
+    let mut refused = 0;
+    for _ in 0..25_000 {
+        refused += usize::from(post(&op, &a.token, &hello(Uid::new_v7(), 0)).await.status == 503);
+    }
+    report(&format!("25,000 invented uids ({refused} refused)"), before);
+    // 8 concurrent listings of the fleet (20k agents).
+    let admin = cluster().await.admin_token.clone();
+    reset_peak();
+    let before = rss_mib();
+    let url = format!("http://{}/api/v1/agents", op.api_addr);
+    let gets = (0..8).map(|_| {
+        let (url, admin) = (url.clone(), admin.clone());
+        async move {
+            reqwest::Client::new()
+                .get(url)
+                .bearer_auth(admin)
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap()
+                .len()
+        }
+    });
+    let sizes = futures_util::future::join_all(gets).await;
+    report(&format!("8 concurrent listings of {} bytes", sizes[0]), before);
+    op.stop().await;
+}
