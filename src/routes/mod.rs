@@ -4,6 +4,7 @@
 //! ([`dispatch`]). The controller publishes the slots' settings here ([`Routes::publish`]) and
 //! reads the counters back into the slots' status.
 pub mod dispatch;
+pub mod egress;
 pub mod upstream;
 
 use std::collections::{HashMap, HashSet};
