@@ -763,6 +763,7 @@ async fn operator_runs_with_the_charts_rbac() {
         // Leader election too: its Lease is what the Role is for.
         leader_election: Some(LeaderElectionConfig::new(&ns.name, IDENTITY)),
         shutdown_grace: Duration::from_secs(10),
+        callback_egress: Default::default(),
         fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
         server: ServerConfig::default(),
     };

@@ -6,6 +6,7 @@ use std::time::Duration;
 use opamp_operator::fleet::FleetConfig;
 use opamp_operator::opamp::ServerConfig;
 use opamp_operator::operator::{Operator, OperatorConfig};
+use opamp_operator::routes::egress::EgressPolicy;
 
 use super::{eventually, within};
 
@@ -23,6 +24,8 @@ pub async fn start(opamp_addr: SocketAddr, namespaces: &[String]) -> Operator {
         tls: None,
         leader_election: None,
         shutdown_grace: Duration::from_secs(10),
+        // The suites' callback servers listen on loopback, which is refused by default.
+        callback_egress: EgressPolicy::new(vec!["127.0.0.1/32".parse().expect("a CIDR")]),
         namespaces: Some(namespaces.to_vec()),
         fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
         server: ServerConfig::default(),
