@@ -13,8 +13,15 @@ use super::{eventually, within};
 const T: Duration = Duration::from_secs(30);
 
 /// Starts an operator serving OpAMP on `opamp_addr` (port 0: any) and waits until it is ready.
-/// `namespaces[0]` is where the chart's identity is bound.
+/// `namespaces[0]` is where the chart's identity is bound. Callbacks may go to 127.0.0.1, where
+/// the suites' callback servers listen (refused by default).
 pub async fn start(opamp_addr: SocketAddr, namespaces: &[String]) -> Operator {
+    let loopback = EgressPolicy::new(vec!["127.0.0.1/32".parse().expect("a CIDR")]);
+    start_with(opamp_addr, namespaces, loopback).await
+}
+
+/// [`start`] with the given callback egress policy.
+pub async fn start_with(opamp_addr: SocketAddr, namespaces: &[String], egress: EgressPolicy) -> Operator {
     let client = super::cluster::cluster().await.client_as_chart_identity(&namespaces[0]).await;
     let config = OperatorConfig {
         opamp_addr,
@@ -24,8 +31,7 @@ pub async fn start(opamp_addr: SocketAddr, namespaces: &[String]) -> Operator {
         tls: None,
         leader_election: None,
         shutdown_grace: Duration::from_secs(10),
-        // The suites' callback servers listen on loopback, which is refused by default.
-        callback_egress: EgressPolicy::new(vec!["127.0.0.1/32".parse().expect("a CIDR")]),
+        callback_egress: egress,
         namespaces: Some(namespaces.to_vec()),
         fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
         server: ServerConfig::default(),
