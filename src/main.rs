@@ -109,7 +109,7 @@ struct RunArgs {
     /// (loopback, link-local and metadata addresses, the API server): comma-separated CIDRs,
     /// addresses, host names or `*.domain`s.
     #[arg(long, env = "OPAMP_CALLBACK_ALLOW", value_delimiter = ',')]
-    callback_allow: Vec<opamp_operator::routes::egress::Allow>,
+    callback_allow: Vec<String>,
 }
 
 /// The OpAMP endpoint's settings, shared by `run` and `serve`.
@@ -222,11 +222,14 @@ async fn fleet_sim(args: FleetSimArgs) -> anyhow::Result<()> {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     use opamp_operator::operator::{Operator, OperatorConfig};
     opamp_operator::sim::fleet::raise_fd_limit();
+    // Empty entries (an empty OPAMP_CALLBACK_ALLOW) allow nothing.
+    let allow = args.callback_allow.iter().filter(|a| !a.trim().is_empty()).map(|a| a.parse());
+    let allow = allow.collect::<Result<Vec<_>, _>>().context("invalid --callback-allow")?;
     let kube_config = kube::Config::infer()
         .await
         .context("no Kubernetes configuration found (set KUBECONFIG, or run in a cluster)")?;
     // Callbacks must not reach the API server we talk to, whatever its address.
-    let callback_egress = opamp_operator::routes::egress::EgressPolicy::new(args.callback_allow)
+    let callback_egress = opamp_operator::routes::egress::EgressPolicy::new(allow)
         .with_api_server(kube_config.cluster_url.host().unwrap_or_default());
     let client = kube::Client::try_from(kube_config).context("cannot build the Kubernetes client")?;
     let config = OperatorConfig {
