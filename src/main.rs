@@ -105,6 +105,11 @@ struct RunArgs {
     /// On SIGTERM, how long to wait for callbacks in flight before exiting.
     #[arg(long, env = "OPAMP_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     shutdown_grace_seconds: u64,
+    /// Let CapabilitySlot callbacks reach these destinations, which are refused by default
+    /// (loopback, link-local and metadata addresses, the API server): comma-separated CIDRs,
+    /// addresses, host names or `*.domain`s.
+    #[arg(long, env = "OPAMP_CALLBACK_ALLOW", value_delimiter = ',')]
+    callback_allow: Vec<String>,
 }
 
 /// The OpAMP endpoint's settings, shared by `run` and `serve`.
@@ -228,9 +233,16 @@ async fn fleet_sim(args: FleetSimArgs) -> anyhow::Result<()> {
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     use opamp_operator::operator::{Operator, OperatorConfig};
     opamp_operator::sim::fleet::raise_fd_limit();
-    let client = kube::Client::try_default()
+    // Empty entries (an empty OPAMP_CALLBACK_ALLOW) allow nothing.
+    let allow = args.callback_allow.iter().filter(|a| !a.trim().is_empty()).map(|a| a.parse());
+    let allow = allow.collect::<Result<Vec<_>, _>>().context("invalid --callback-allow")?;
+    let kube_config = kube::Config::infer()
         .await
         .context("no Kubernetes configuration found (set KUBECONFIG, or run in a cluster)")?;
+    // Callbacks must not reach the API server we talk to, whatever its address.
+    let callback_egress = opamp_operator::routes::egress::EgressPolicy::new(allow)
+        .with_api_server(kube_config.cluster_url.host().unwrap_or_default());
+    let client = kube::Client::try_from(kube_config).context("cannot build the Kubernetes client")?;
     let config = OperatorConfig {
         opamp_addr: args.opamp.opamp_addr,
         api_addr: args.api_addr,
@@ -239,6 +251,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         namespaces: args.namespaces,
         tls: args.opamp.tls(),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
+        callback_egress,
         leader_election: args.leader_election.then(|| {
             let identity = args.identity.clone().unwrap_or_else(|| {
                 let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();

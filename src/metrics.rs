@@ -147,7 +147,7 @@ impl Default for Metrics {
         );
         registry.register(
             "custom_messages_upstream",
-            "Agents' custom messages by outcome (delivered, failed, refused, unrouted)",
+            "Agents' custom messages by outcome (delivered, failed, refused, callback_refused, queue_full, unrouted)",
             m.custom_messages_upstream.clone(),
         );
         registry.register(

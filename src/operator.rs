@@ -19,6 +19,7 @@ use crate::metrics::Metrics;
 use crate::opamp::tls::TlsError;
 use crate::opamp::{OpampServer, ServerConfig, TlsFiles};
 use crate::routes::Routes;
+use crate::routes::egress::EgressPolicy;
 
 #[derive(Debug, Clone)]
 pub struct OperatorConfig {
@@ -38,6 +39,9 @@ pub struct OperatorConfig {
     pub leader_election: Option<LeaderElectionConfig>,
     /// How long stopping waits for callbacks in flight.
     pub shutdown_grace: Duration,
+    /// Where CapabilitySlot callbacks may go (default: not to loopback, link-local, metadata
+    /// or the API server; see [`crate::routes::egress`]).
+    pub callback_egress: EgressPolicy,
     pub fleet: FleetConfig,
     pub server: ServerConfig,
 }
@@ -54,6 +58,7 @@ impl Default for OperatorConfig {
             tls: None,
             leader_election: None,
             shutdown_grace: Duration::from_secs(10),
+            callback_egress: EgressPolicy::default(),
             fleet: FleetConfig::default(),
             server: ServerConfig::default(),
         }
@@ -142,7 +147,8 @@ impl Operator {
         let mut tasks = JoinSet::new();
 
         let metrics = Metrics::new();
-        let routes = Routes::new(fleet.clone(), metrics.clone());
+        let egress = config.callback_egress.clone().resolve_api_server().await;
+        let routes = Routes::new(fleet.clone(), metrics.clone(), egress);
         fleet.set_custom_message_sink(routes.clone());
         tasks.spawn(routes.clone().run_expiry(shutdown.clone()));
         let scope = config.namespaces.clone().map(Scope::only).unwrap_or_default();

@@ -765,6 +765,10 @@ async fn operator_runs_with_the_charts_rbac() {
         // Leader election too: its Lease is what the Role is for.
         leader_election: Some(LeaderElectionConfig::new(&ns.name, IDENTITY)),
         shutdown_grace: Duration::from_secs(10),
+        // The slot's callback is on loopback, refused by default.
+        callback_egress: opamp_operator::routes::egress::EgressPolicy::new(vec![
+            "127.0.0.1/32".parse().expect("a CIDR"),
+        ]),
         fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
         server: ServerConfig::default(),
     };

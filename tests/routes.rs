@@ -20,6 +20,7 @@ use opamp_operator::api::{CapabilitySlot, CapabilitySlotStatus};
 use opamp_operator::opamp::Uid;
 use opamp_operator::operator::Operator;
 use opamp_operator::proto::{CustomMessage, ServerToAgent};
+use opamp_operator::routes::egress::EgressPolicy;
 use opamp_operator::sim::{AgentSpec, HttpClient, SimAgent, WsClient};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -55,8 +56,19 @@ impl Env {
         Self::scoped(prefix, &[]).await
     }
 
+    /// An operator managing the test's namespace, under the default callback egress policy
+    /// (loopback refused).
+    async fn strict(prefix: &str) -> Env {
+        Self::start(prefix, &[], EgressPolicy::default()).await
+    }
+
     /// An operator managing the test's namespace and `also`.
     async fn scoped(prefix: &str, also: &[&str]) -> Env {
+        let loopback = EgressPolicy::new(vec!["127.0.0.1/32".parse().unwrap()]);
+        Self::start(prefix, also, loopback).await
+    }
+
+    async fn start(prefix: &str, also: &[&str], egress: EgressPolicy) -> Env {
         let serial = SERIAL.lock().await;
         let ns = TestNamespace::new(prefix).await;
         install_crds(&ns.client).await;
@@ -68,7 +80,10 @@ impl Env {
         .unwrap();
         let scope: Vec<String> =
             std::iter::once(ns.name.clone()).chain(also.iter().map(|n| n.to_string())).collect();
-        let op = common::operator::start("127.0.0.1:0".parse().unwrap(), &scope).await;
+        let op = common::operator::start_with("127.0.0.1:0".parse().unwrap(), &scope, |c| {
+            c.callback_egress = egress
+        })
+        .await;
         let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
         Env { ns, op, agent_token, http, scope, _serial: serial }
     }
@@ -795,6 +810,42 @@ async fn a_dead_callback_ends_failed_after_max_attempts() {
     env.stop().await;
 }
 
+/// Under the default egress policy a callback on the operator's own host (loopback) is refused:
+/// the slot is not Ready (CallbackRefused, saying why), the agent's message is counted failed,
+/// and the callback server receives nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loopback_callback_is_refused_by_default() {
+    let env = Env::strict("routes-egress").await;
+    let cb = CallbackServer::start().await;
+    env.apply(&slot_yaml(
+        "local",
+        &format!(
+            "  capability: {CAP}
+{}",
+            callback_spec(&cb.url("/hook"), "")
+        ),
+    ))
+    .await;
+    let s = env
+        .slot_status_where("local", "Ready=False CallbackRefused", |s| {
+            condition(s, "Ready").is_some_and(|c| c.status == "False" && c.reason == "CallbackRefused")
+        })
+        .await;
+    let ready = condition(&s, "Ready").unwrap();
+    assert!(ready.message.contains("loopback"), "{ready:?}");
+    let mut agent = env.agent(spec_with("checkout", &[CAP]));
+    agent.connect();
+    agent.wait_advertised(CAP).await;
+    agent.send_custom(CAP, "profile", b"to the operator's own host");
+    let s = env.slot_status_where("local", "1 failed", |s| s.upstream.failed == 1).await;
+    let err = s.upstream.last_error.clone().unwrap_or_default();
+    assert!(err.contains("refused by the callback egress policy"), "{s:#?}");
+    cb.assert_no_more(0, QUIET, "a refused callback receives nothing").await;
+
+    agent.stop().await;
+    env.stop().await;
+}
+
 /// Messages of a type outside messageTypes, or of a capability no slot claims, never reach a
 /// callback; the valid message sent after them does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1114,7 +1165,8 @@ async fn a_queued_message_expires_after_ttl() {
     env.stop().await;
 }
 
-/// 7. The dispatch API's errors: 401, 403, 404, 400, 429, all JSON (413: see below).
+/// 7. The dispatch API's errors: 401, 403, 404, 400, 429, all JSON (413: see below). An
+/// unknown slot, a slot without dispatch settings and a wrong token answer the same 403.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dispatch_api_errors() {
     let env = Env::new("routes-errors").await;
@@ -1150,9 +1202,11 @@ async fn dispatch_api_errors() {
     expect_state(&reply, agent.uid, &["sent"], "the valid request");
 
     expect_error(env.dispatch("jobs", None, &good).await, 401, "no token");
-    expect_error(env.dispatch("jobs", Some("wrong-token"), &good).await, 403, "wrong token");
-    expect_error(env.dispatch("no-such-slot", Some(DISPATCH_TOKEN), &good).await, 404, "unknown slot");
-    expect_error(env.dispatch("nodispatch", Some(DISPATCH_TOKEN), &good).await, 404, "slot without dispatch");
+    expect_error(env.dispatch("no-such-slot", None, &good).await, 401, "no token, unknown slot");
+    let refused = json!({ "error": "no such CapabilitySlot or wrong token" });
+    assert_eq!(env.dispatch("jobs", Some("wrong-token"), &good).await, (403, refused.clone()), "wrong token");
+    assert_eq!(env.dispatch("no-such-slot", Some(DISPATCH_TOKEN), &good).await, (403, refused.clone()));
+    assert_eq!(env.dispatch("nodispatch", Some(DISPATCH_TOKEN), &good).await, (403, refused.clone()));
     let mut bad_type = good.clone();
     bad_type["type"] = "stop".into();
     expect_error(

@@ -208,6 +208,8 @@ impl<'a> NamespaceStatus<'a> {
                         signing.into_iter().chain(token).filter_map(|k| k.as_ref().err().cloned())
                     })
                     .collect();
+                let refused =
+                    routes.callback_refused(&slot.namespace().unwrap_or_default(), &slot.name_any());
                 let desired = match owner {
                     Some(owner) => vec![
                         Desired::new(
@@ -229,6 +231,10 @@ impl<'a> NamespaceStatus<'a> {
                     None if !missing.is_empty() => vec![
                         Desired::new(CONFLICT, false, "NoConflict", ""),
                         Desired::new(READY, false, "ReferenceNotFound", missing.join("; ")),
+                    ],
+                    None if refused.is_some() => vec![
+                        Desired::new(CONFLICT, false, "NoConflict", ""),
+                        Desired::new(READY, false, "CallbackRefused", refused.unwrap_or_default()),
                     ],
                     None => vec![
                         Desired::new(CONFLICT, false, "NoConflict", ""),

@@ -2,13 +2,15 @@
 //! user's service. Upstream, agents' CustomMessages are POSTed to the slot's callback
 //! ([`upstream`]); downstream, services dispatch messages to agents through the API
 //! ([`dispatch`]). The controller publishes the slots' settings here ([`Routes::publish`]) and
-//! reads the counters back into the slots' status.
+//! reads the counters back into the slots' status. Slots are written by tenants, so every
+//! route is bounded (queues, records) and callbacks only go where [`egress`] allows.
 pub mod dispatch;
+pub mod egress;
 pub mod upstream;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -16,6 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use crate::api::{AgentSelector, DownstreamStatus, UpstreamStatus};
 use crate::fleet::Fleet;
 use crate::metrics::{Metrics, StateLabel};
+use egress::{EgressPolicy, Refusal};
 
 /// A slot's settings, resolved (Secrets read).
 #[derive(Debug, Clone, PartialEq)]
@@ -138,12 +141,23 @@ struct Slot {
     route: Arc<SlotRoute>,
     counters: Arc<SlotCounters>,
     deliveries: Option<upstream::Worker>,
+    /// Why the egress policy refuses the callback's URL, if it does: nothing is sent.
+    refused: Option<Refusal>,
 }
+
+/// A routed slot, as a custom message needs it.
+type Routed = (Arc<SlotRoute>, Arc<SlotCounters>, Option<upstream::Sender>, Option<Refusal>);
 
 /// The routes of every slot, by namespace and name and by namespace and capability.
 pub struct Routes {
+    /// This, for what outlives a call (a queued message's permit).
+    me: Weak<Routes>,
     fleet: Fleet,
     pub(crate) metrics: Arc<Metrics>,
+    egress: Arc<EgressPolicy>,
+    /// The callbacks' client: resolves through the egress policy, follows no redirect (a
+    /// redirect would lead past the policy's static check) and uses no proxy (the proxy, not
+    /// the resolver, would pick the address).
     http: reqwest::Client,
     slots: RwLock<HashMap<Key, Slot>>,
     by_capability: RwLock<HashMap<Key, Key>>,
@@ -157,11 +171,20 @@ pub struct Routes {
 }
 
 impl Routes {
-    pub fn new(fleet: Fleet, metrics: Arc<Metrics>) -> Arc<Self> {
-        Arc::new(Self {
+    pub fn new(fleet: Fleet, metrics: Arc<Metrics>, egress: EgressPolicy) -> Arc<Self> {
+        let egress = Arc::new(egress);
+        let http = reqwest::Client::builder()
+            .dns_resolver(egress::Resolver(egress.clone()))
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .build()
+            .expect("HTTP client builds");
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             fleet,
             metrics,
-            http: reqwest::Client::builder().build().expect("HTTP client builds"),
+            egress,
+            http,
             slots: RwLock::default(),
             by_capability: RwLock::default(),
             changed: Mutex::default(),
@@ -186,6 +209,7 @@ impl Routes {
         by_cap.retain(|k, _| k.0 != namespace);
         for (route, up, down) in routes {
             let key = (route.namespace.clone(), route.name.clone());
+            let refused = route.callback.as_ref().and_then(|c| self.egress.check_url(&c.url).err());
             by_cap.insert((route.namespace.clone(), route.capability.clone()), key.clone());
             let route = Arc::new(route);
             match slots.get_mut(&key) {
@@ -197,6 +221,7 @@ impl Routes {
                             Some(upstream::Worker::start(self.clone(), route.clone(), slot.counters.clone()));
                     }
                     slot.route = route;
+                    slot.refused = refused;
                 }
                 None => {
                     let counters = Arc::new(SlotCounters::seeded(&up, &down));
@@ -204,7 +229,7 @@ impl Routes {
                         .callback
                         .is_some()
                         .then(|| upstream::Worker::start(self.clone(), route.clone(), counters.clone()));
-                    slots.insert(key, Slot { route, counters, deliveries });
+                    slots.insert(key, Slot { route, counters, deliveries, refused });
                 }
             }
         }
@@ -215,11 +240,7 @@ impl Routes {
         slots.get(&(namespace.to_owned(), name.to_owned())).map(|s| (s.route.clone(), s.counters.clone()))
     }
 
-    fn by_capability(
-        &self,
-        namespace: &str,
-        capability: &str,
-    ) -> Option<(Arc<SlotRoute>, Arc<SlotCounters>, Option<upstream::Sender>)> {
+    fn by_capability(&self, namespace: &str, capability: &str) -> Option<Routed> {
         let key = self
             .by_capability
             .read()
@@ -228,7 +249,29 @@ impl Routes {
             .cloned()?;
         let slots = self.slots.read().unwrap();
         let s = slots.get(&key)?;
-        Some((s.route.clone(), s.counters.clone(), s.deliveries.as_ref().map(|w| w.sender())))
+        Some((
+            s.route.clone(),
+            s.counters.clone(),
+            s.deliveries.as_ref().map(|w| w.sender()),
+            s.refused.clone(),
+        ))
+    }
+
+    /// Why the egress policy refuses a slot's callback, if it does (the slot is not Ready).
+    pub fn callback_refused(&self, namespace: &str, name: &str) -> Option<String> {
+        let slots = self.slots.read().unwrap();
+        let slot = slots.get(&(namespace.to_owned(), name.to_owned()))?;
+        let url = slot.route.callback.as_ref().map(|c| c.url.as_str()).unwrap_or_default();
+        slot.refused
+            .as_ref()
+            .map(|why| format!("callback {url} is refused by the callback egress policy: {why}"))
+    }
+
+    /// The messages and bytes a slot's callback queue holds (queued, waiting and in flight).
+    pub fn queued(&self, namespace: &str, name: &str) -> Option<(usize, usize)> {
+        let slots = self.slots.read().unwrap();
+        let slot = slots.get(&(namespace.to_owned(), name.to_owned()))?;
+        Some(slot.deliveries.as_ref().map_or((0, 0), |w| w.queue().held()))
     }
 
     /// The counters of a slot, if it is routed.

@@ -6,18 +6,27 @@ use std::time::Duration;
 use opamp_operator::fleet::FleetConfig;
 use opamp_operator::opamp::ServerConfig;
 use opamp_operator::operator::{Operator, OperatorConfig};
+use opamp_operator::routes::egress::EgressPolicy;
 
 use super::{eventually, within};
 
 const T: Duration = Duration::from_secs(30);
 
 /// Starts an operator serving OpAMP on `opamp_addr` (port 0: any) and waits until it is ready.
-/// `namespaces[0]` is where the chart's identity is bound.
+/// `namespaces[0]` is where the chart's identity is bound. Callbacks may go to 127.0.0.1, where
+/// the suites' callback servers listen (refused by default).
 pub async fn start(opamp_addr: SocketAddr, namespaces: &[String]) -> Operator {
-    start_with(opamp_addr, namespaces, |_| {}).await
+    start_with(opamp_addr, namespaces, |c| c.callback_egress = loopback_callbacks()).await
 }
 
-/// [`start`], with the configuration changed by `tweak` first.
+/// The callback egress policy of the suites: callbacks may go to 127.0.0.1, where the suites'
+/// callback servers listen (refused by default).
+pub fn loopback_callbacks() -> EgressPolicy {
+    EgressPolicy::new(vec!["127.0.0.1/32".parse().expect("a CIDR")])
+}
+
+/// [`start`] (with the default, strict callback egress policy), with the configuration changed
+/// by `tweak` first.
 pub async fn start_with(
     opamp_addr: SocketAddr,
     namespaces: &[String],
@@ -32,6 +41,7 @@ pub async fn start_with(
         tls: None,
         leader_election: None,
         shutdown_grace: Duration::from_secs(10),
+        callback_egress: EgressPolicy::default(),
         namespaces: Some(namespaces.to_vec()),
         fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
         server: ServerConfig::default(),
