@@ -314,7 +314,8 @@ fn renders_defaults() {
         assert!(args.iter().any(|a| a == arg), "{arg} not in {args:?}");
     }
     assert!(args.contains(&"--leader-election".to_owned()), "{args:?}");
-    for flag in ["--tls-", "--anonymous-agents-namespace", "--namespaces", "--max-agents"] {
+    for flag in ["--tls-", "--anonymous-agents-namespace", "--namespaces", "--max-agents", "--callback-allow"]
+    {
         assert!(!args.iter().any(|a| a.starts_with(flag)), "{flag} in {args:?}");
     }
     assert_binary_accepts(&args);
@@ -386,6 +387,10 @@ fn renders_what_the_values_promise() {
             "log.level=debug",
             "--set",
             "serviceMonitor.labels.release=prom",
+            "--set",
+            "maxAgentsPerNamespace=500",
+            "--set",
+            "callbackAllow={10.0.0.0/8,hooks.example.com}",
         ],
     );
     let full = "rel-opamp-operator";
@@ -400,6 +405,8 @@ fn renders_what_the_values_promise() {
     assert_eq!(args[pos("--tls-key-file") + 1], "/etc/opamp/tls/tls.key");
     pos("--anonymous-agents-namespace=public");
     pos("--namespaces=a,b");
+    pos("--max-agents-per-namespace=500");
+    pos("--callback-allow=10.0.0.0/8,hooks.example.com");
     assert_binary_accepts(&args);
     assert_eq!(named(&c["env"], "RUST_LOG")["value"], "debug");
     let mount = named(&c["volumeMounts"], "tls");
