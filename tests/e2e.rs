@@ -447,3 +447,81 @@ async fn only_the_leader_writes_status_and_a_follower_takes_over() {
     second.stop().await;
     ns.cleanup().await;
 }
+
+/// A free loopback port (bound, then let go).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn run_waits_for_an_api_server_that_is_not_up_yet_then_serves() {
+    let _serial = SERIAL.lock().await;
+    let cluster = common::cluster::cluster().await;
+    let ns = TestNamespace::new("e2e-late-api").await;
+    install_crds(&ns.client).await;
+    // The operator is pointed at a port where the API server is not (yet) reachable.
+    let (api_port, late_port) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("opamp-late-api-{}", ns.name));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: late, cluster: {{server: 'https://127.0.0.1:{late_port}', certificate-authority: '{}'}}}}]\nusers: [{{name: admin, user: {{token: '{}'}}}}]\ncontexts: [{{name: late, context: {{cluster: late, user: admin}}}}]\ncurrent-context: late\n",
+            cluster.ca_file.display(),
+            cluster.admin_token
+        ),
+    )
+    .unwrap();
+    let log = dir.join("operator.log");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_opamp-operator"))
+        .args([
+            "run",
+            "--opamp-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--namespaces",
+            &ns.name,
+        ])
+        .args(["--api-addr", &format!("127.0.0.1:{api_port}")])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the operator binary starts");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually(T, "a clear line saying it waits for the API server", || async {
+        read_log().contains("the Kubernetes API is not ready; retrying").then_some(())
+    })
+    .await;
+    assert!(child.try_wait().unwrap().is_none(), "the operator exited:\n{}", read_log());
+
+    // The API server "comes up" on that port: a forwarder to the real one.
+    let upstream = cluster.server.trim_start_matches("https://").to_owned();
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", late_port)).await.unwrap();
+    let forwarder = tokio::spawn(async move {
+        loop {
+            let Ok((mut inbound, _)) = listener.accept().await else { return };
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    let ready = format!("http://127.0.0.1:{api_port}/readyz");
+    eventually(Duration::from_secs(60), "the operator ready once the API server is there", || async {
+        reqwest::get(&ready).await.ok().filter(|r| r.status() == 200)
+    })
+    .await;
+    let text = read_log();
+    assert!(!text.contains("panicked") && !text.contains("stack backtrace"), "{text}");
+    child.kill().await.unwrap();
+    forwarder.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+    ns.cleanup().await;
+}
