@@ -14,8 +14,10 @@ mod tests;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -266,13 +268,6 @@ struct Inner {
     sink: RwLock<Option<Arc<dyn CustomMessageSink>>>,
 }
 
-/// Locks a shard. A panic under a shard lock leaves its map consistent (each operation on one
-/// agent either completed or is not visible), so a poisoned lock is taken over: one panic must
-/// not fail every later message of 1/64 of the fleet.
-fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
-    shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// The registry of agents. Cheap to clone; all clones share one fleet.
 #[derive(Clone)]
 pub struct Fleet {
@@ -308,11 +303,11 @@ impl Fleet {
     }
 
     pub fn set_desired_state_provider(&self, provider: Arc<dyn DesiredStateProvider>) {
-        *self.inner.provider.write().unwrap() = Some(provider);
+        *self.inner.provider.write() = Some(provider);
     }
 
     pub fn set_custom_message_sink(&self, sink: Arc<dyn CustomMessageSink>) {
-        *self.inner.sink.write().unwrap() = Some(sink);
+        *self.inner.sink.write() = Some(sink);
     }
 
     /// A new connection for an authenticated agent.
@@ -340,27 +335,27 @@ impl Fleet {
     }
 
     fn usage(&self, namespace: &Arc<str>) -> Arc<Usage> {
-        if let Some(u) = self.inner.tenants.read().unwrap().get(namespace) {
+        if let Some(u) = self.inner.tenants.read().get(namespace) {
             return u.clone();
         }
-        self.inner.tenants.write().unwrap().entry(namespace.clone()).or_default().clone()
+        self.inner.tenants.write().entry(namespace.clone()).or_default().clone()
     }
 
     /// Agents remembered in one namespace.
     pub fn namespace_count(&self, namespace: &str) -> usize {
-        self.inner.tenants.read().unwrap().get(namespace).map_or(0, |u| u.agents.load(Ordering::Relaxed))
+        self.inner.tenants.read().get(namespace).map_or(0, |u| u.agents.load(Ordering::Relaxed))
     }
 
     /// Bytes of reported state kept for one namespace's agents.
     pub fn namespace_reported_bytes(&self, namespace: &str) -> usize {
-        let tenants = self.inner.tenants.read().unwrap();
+        let tenants = self.inner.tenants.read();
         tenants.get(namespace).map_or(0, |u| u.reported_bytes.load(Ordering::Relaxed))
     }
 
     /// The namespaces that refused new agents at their limit since the last call.
     pub fn take_refusals(&self) -> Vec<Refusals> {
         let limit = self.inner.config.max_agents_per_namespace.unwrap_or(usize::MAX);
-        let tenants = self.inner.tenants.read().unwrap();
+        let tenants = self.inner.tenants.read();
         let mut out: Vec<Refusals> = tenants
             .iter()
             .filter_map(|(ns, u)| {
@@ -374,7 +369,9 @@ impl Fleet {
 
     fn shard(&self, uid: &Uid) -> MutexGuard<'_, Shard> {
         // Uids are random (v4) or random after their timestamp (v7): the last byte spreads well.
-        lock(&self.inner.shards[uid.0[15] as usize % SHARDS])
+        // parking_lot locks do not poison: a panic under one shard's lock (a bug) does not fail
+        // every later message of 1/64 of the fleet.
+        self.inner.shards[uid.0[15] as usize % SHARDS].lock()
     }
 
     /// Handles one message from an agent and returns the reply.
@@ -438,7 +435,7 @@ impl Fleet {
             Err((desc, has_rc, writes)) => {
                 // The desired state is computed outside the lock. A write that came in meanwhile
                 // (set_desired_state from a newer plan) wins over this one.
-                let provider = self.inner.provider.read().unwrap().clone();
+                let provider = self.inner.provider.read().clone();
                 let desired = provider.and_then(|p| p.desired_state(&key, desc.as_ref(), has_rc));
                 let mut shard = self.shard(&uid);
                 let Some(agent) = shard.agents.get_mut(&key) else {
@@ -521,7 +518,7 @@ impl Fleet {
         // HTTP agents retry on new connections: remember what was issued, per namespace and
         // bounded (a wire uid longer than any real one is not remembered).
         let uid = if conn.transport == Transport::Http && msg.instance_uid.len() <= ISSUED_UID_KEY_MAX_BYTES {
-            let mut issued = conn.usage.issued.lock().unwrap_or_else(|p| p.into_inner());
+            let mut issued = conn.usage.issued.lock();
             if issued.len() >= ISSUED_UIDS_PER_NAMESPACE {
                 issued.clear();
             }
@@ -566,7 +563,7 @@ impl Fleet {
     }
 
     fn route(&self, key: &AgentKey, message: CustomMessage) {
-        match self.inner.sink.read().unwrap().clone() {
+        match self.inner.sink.read().clone() {
             Some(sink) => sink.on_custom_message(key, message),
             None => {
                 tracing::debug!(agent = %key, capability = %message.capability, "custom message with no route")
@@ -672,7 +669,7 @@ impl Fleet {
     pub fn agents(&self) -> Vec<AgentSnapshot> {
         let mut out = Vec::with_capacity(self.known_count());
         for shard in self.inner.shards.iter() {
-            out.extend(lock(shard).agents.iter().map(|(key, a)| a.snapshot(key)));
+            out.extend(shard.lock().agents.iter().map(|(key, a)| a.snapshot(key)));
         }
         out
     }
@@ -686,7 +683,7 @@ impl Fleet {
     /// Visits every agent's view under its shard's lock: keep the closure short.
     pub fn for_each_view(&self, mut f: impl FnMut(&AgentView<'_>)) {
         for shard in self.inner.shards.iter() {
-            let shard = lock(shard);
+            let shard = shard.lock();
             shard.agents.iter().for_each(|(key, a)| f(&a.view(key)));
         }
     }
@@ -694,7 +691,7 @@ impl Fleet {
     /// Visits every agent under its shard's lock: keep the closure short.
     pub fn for_each(&self, mut f: impl FnMut(&AgentKey, &AgentReport)) {
         for shard in self.inner.shards.iter() {
-            let shard = lock(shard);
+            let shard = shard.lock();
             for (key, agent) in &shard.agents {
                 f(key, &agent.session.report);
             }
@@ -709,7 +706,7 @@ impl Fleet {
         let mut changed = Vec::new();
         let mut forgotten = Vec::new();
         for shard in self.inner.shards.iter() {
-            let mut shard = lock(shard);
+            let mut shard = shard.lock();
             shard.agents.retain(|key, agent| {
                 match agent.link {
                     Link::Http if now.saturating_duration_since(agent.last_seen) > http_deadline => {
@@ -729,7 +726,7 @@ impl Fleet {
             });
         }
         if !forgotten.is_empty() {
-            let tenants = self.inner.tenants.read().unwrap();
+            let tenants = self.inner.tenants.read();
             for (ns, bytes) in forgotten {
                 if let Some(u) = tenants.get(&ns) {
                     u.agents.fetch_sub(1, Ordering::Relaxed);
@@ -758,7 +755,7 @@ impl Fleet {
         if changes.is_empty() {
             return;
         }
-        let mut pending = self.inner.changes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pending = self.inner.changes.lock();
         match pending.get_mut(key) {
             Some(c) => *c |= changes,
             None => {
@@ -772,7 +769,7 @@ impl Fleet {
     /// Takes the agents that changed since the last call, with what changed (coalesced:
     /// memory is bounded by the fleet size, however fast agents change).
     pub fn take_changes(&self) -> HashMap<AgentKey, Changes> {
-        std::mem::take(&mut *self.inner.changes.lock().unwrap_or_else(|p| p.into_inner()))
+        std::mem::take(&mut *self.inner.changes.lock())
     }
 
     /// Resolves when changes may be waiting in [`Fleet::take_changes`].

@@ -14,7 +14,9 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use axum::Router;
@@ -215,7 +217,7 @@ impl Store {
     /// the limits (a record larger than a limit alone is kept alone); `false` if its key is
     /// taken.
     fn insert(&self, record: Arc<Record>) -> bool {
-        let mut r = self.records.lock().unwrap();
+        let mut r = self.records.lock();
         let key = record.key.clone();
         if r.by_key.contains_key(&*key) {
             return false;
@@ -239,35 +241,35 @@ impl Store {
     }
 
     fn get(&self, key: &Key) -> Option<Arc<Record>> {
-        self.records.lock().unwrap().by_key.get(key).map(|(_, r)| r.clone())
+        self.records.lock().by_key.get(key).map(|(_, r)| r.clone())
     }
 
     /// Records and targets held: in all, and in `namespace`.
     #[cfg(test)]
     fn held(&self, namespace: &str) -> ((usize, usize), (usize, usize)) {
-        let r = self.records.lock().unwrap();
+        let r = self.records.lock();
         let ns = r.namespaces.get(namespace).map_or((0, 0), |s| (s.order.len(), s.targets));
         ((r.by_key.len(), r.targets), ns)
     }
 
     fn track(&self, ticket: &Arc<Ticket>) {
         let id = Arc::as_ptr(ticket) as usize;
-        self.tickets.lock().unwrap().insert(id, Arc::downgrade(ticket));
-        self.deadlines.lock().unwrap().push(Reverse((ticket.expires_at, id)));
+        self.tickets.lock().insert(id, Arc::downgrade(ticket));
+        self.deadlines.lock().push(Reverse((ticket.expires_at, id)));
     }
 
     /// Expires every queued message past its deadline.
     pub(crate) fn expire(&self, now: Instant) {
         loop {
             let id = {
-                let mut heap = self.deadlines.lock().unwrap();
+                let mut heap = self.deadlines.lock();
                 match heap.peek() {
                     Some(Reverse((at, _))) if *at <= now => heap.pop().map(|Reverse((_, id))| id),
                     _ => None,
                 }
             };
             let Some(id) = id else { return };
-            if let Some(t) = self.tickets.lock().unwrap().remove(&id).and_then(|w| w.upgrade()) {
+            if let Some(t) = self.tickets.lock().remove(&id).and_then(|w| w.upgrade()) {
                 t.expire_if_due(now);
             }
         }

@@ -10,7 +10,9 @@ pub mod upstream;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::{Mutex, RwLock};
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -90,7 +92,7 @@ impl SlotCounters {
         c.sent.store(down.sent, Ordering::Relaxed);
         c.expired.store(down.expired, Ordering::Relaxed);
         c.rejected.store(down.rejected, Ordering::Relaxed);
-        *c.last.lock().unwrap() = Last {
+        *c.last.lock() = Last {
             delivery: up.last_delivery_time.clone(),
             send: down.last_send_time.clone(),
             error: up.last_error.clone(),
@@ -100,21 +102,21 @@ impl SlotCounters {
 
     pub fn delivered(&self) {
         self.delivered.fetch_add(1, Ordering::Relaxed);
-        self.last.lock().unwrap().delivery = Some(now());
+        self.last.lock().delivery = Some(now());
     }
 
     pub fn failed(&self, error: String) {
         self.failed.fetch_add(1, Ordering::Relaxed);
-        self.last.lock().unwrap().error = Some(error);
+        self.last.lock().error = Some(error);
     }
 
     pub fn sent(&self) {
         self.sent.fetch_add(1, Ordering::Relaxed);
-        self.last.lock().unwrap().send = Some(now());
+        self.last.lock().send = Some(now());
     }
 
     pub fn upstream(&self) -> UpstreamStatus {
-        let last = self.last.lock().unwrap();
+        let last = self.last.lock();
         UpstreamStatus {
             received: self.received.load(Ordering::Relaxed),
             delivered: self.delivered.load(Ordering::Relaxed),
@@ -130,7 +132,7 @@ impl SlotCounters {
             sent: self.sent.load(Ordering::Relaxed),
             expired: self.expired.load(Ordering::Relaxed),
             rejected: self.rejected.load(Ordering::Relaxed),
-            last_send_time: self.last.lock().unwrap().send.clone(),
+            last_send_time: self.last.lock().send.clone(),
         }
     }
 }
@@ -201,8 +203,8 @@ impl Routes {
         namespace: &str,
         routes: Vec<(SlotRoute, UpstreamStatus, DownstreamStatus)>,
     ) {
-        let mut slots = self.slots.write().unwrap();
-        let mut by_cap = self.by_capability.write().unwrap();
+        let mut slots = self.slots.write();
+        let mut by_cap = self.by_capability.write();
         let keep: HashSet<Key> =
             routes.iter().map(|(r, _, _)| (r.namespace.clone(), r.name.clone())).collect();
         slots.retain(|k, _| k.0 != namespace || keep.contains(k));
@@ -236,18 +238,13 @@ impl Routes {
     }
 
     pub fn route(&self, namespace: &str, name: &str) -> Option<(Arc<SlotRoute>, Arc<SlotCounters>)> {
-        let slots = self.slots.read().unwrap();
+        let slots = self.slots.read();
         slots.get(&(namespace.to_owned(), name.to_owned())).map(|s| (s.route.clone(), s.counters.clone()))
     }
 
     fn by_capability(&self, namespace: &str, capability: &str) -> Option<Routed> {
-        let key = self
-            .by_capability
-            .read()
-            .unwrap()
-            .get(&(namespace.to_owned(), capability.to_owned()))
-            .cloned()?;
-        let slots = self.slots.read().unwrap();
+        let key = self.by_capability.read().get(&(namespace.to_owned(), capability.to_owned())).cloned()?;
+        let slots = self.slots.read();
         let s = slots.get(&key)?;
         Some((
             s.route.clone(),
@@ -259,7 +256,7 @@ impl Routes {
 
     /// Why the egress policy refuses a slot's callback, if it does (the slot is not Ready).
     pub fn callback_refused(&self, namespace: &str, name: &str) -> Option<String> {
-        let slots = self.slots.read().unwrap();
+        let slots = self.slots.read();
         let slot = slots.get(&(namespace.to_owned(), name.to_owned()))?;
         let url = slot.route.callback.as_ref().map(|c| c.url.as_str()).unwrap_or_default();
         slot.refused
@@ -269,7 +266,7 @@ impl Routes {
 
     /// The messages and bytes a slot's callback queue holds (queued, waiting and in flight).
     pub fn queued(&self, namespace: &str, name: &str) -> Option<(usize, usize)> {
-        let slots = self.slots.read().unwrap();
+        let slots = self.slots.read();
         let slot = slots.get(&(namespace.to_owned(), name.to_owned()))?;
         Some(slot.deliveries.as_ref().map_or((0, 0), |w| w.queue().held()))
     }
@@ -284,12 +281,12 @@ impl Routes {
     }
 
     pub(crate) fn touch(&self, namespace: &str) {
-        self.changed.lock().unwrap().insert(namespace.to_owned());
+        self.changed.lock().insert(namespace.to_owned());
     }
 
     /// Namespaces whose counters moved since the last call.
     pub fn take_changed(&self) -> HashSet<String> {
-        std::mem::take(&mut *self.changed.lock().unwrap())
+        std::mem::take(&mut *self.changed.lock())
     }
 
     pub(crate) fn delivery_started(&self) {
@@ -322,5 +319,23 @@ impl Routes {
                 now = tick.tick() => self.dispatches.expire(now),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panic_under_the_routes_lock_does_not_fail_later_lookups() {
+        let routes = Routes::new(Fleet::default(), Metrics::new(), egress::EgressPolicy::default());
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _held = routes.slots.write();
+            panic!("a bug while the routes are locked");
+        }));
+        assert!(panicked.is_err());
+        assert!(routes.route("team-a", "pprof").is_none());
+        routes.publish("team-a", vec![]);
+        assert!(routes.take_changed().is_empty());
     }
 }

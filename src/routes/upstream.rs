@@ -7,7 +7,9 @@
 //! ([`QUEUE_BYTES_LIMIT`]).
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Weak};
+
+use parking_lot::{Mutex, RwLock};
 use std::time::Duration;
 
 use base64::Engine;
@@ -61,7 +63,7 @@ pub(crate) struct Queue {
 
 impl Queue {
     fn reserve(&self, bytes: usize) -> Result<(), QueueFull> {
-        let mut held = self.held.lock().unwrap();
+        let mut held = self.held.lock();
         if held.0 >= QUEUE_LIMIT {
             return Err(QueueFull::Messages);
         }
@@ -74,14 +76,14 @@ impl Queue {
     }
 
     fn release(&self, bytes: usize) {
-        let mut held = self.held.lock().unwrap();
+        let mut held = self.held.lock();
         held.0 -= 1;
         held.1 -= bytes;
     }
 
     /// Messages and bytes held.
     pub(crate) fn held(&self) -> (usize, usize) {
-        *self.held.lock().unwrap()
+        *self.held.lock()
     }
 }
 
@@ -148,7 +150,7 @@ impl Worker {
     }
 
     pub(crate) fn update(&self, route: Arc<SlotRoute>) {
-        *self.route.write().unwrap() = route;
+        *self.route.write() = route;
     }
 
     pub(crate) fn sender(&self) -> Sender {
@@ -176,7 +178,7 @@ async fn run(
             let Some(mut d) = waiting.get_mut(&agent).and_then(VecDeque::pop_front) else { continue };
             busy.insert(agent);
             let (r, c, http, routes) =
-                (route.read().unwrap().clone(), counters.clone(), routes.http.clone(), routes.clone());
+                (route.read().clone(), counters.clone(), routes.http.clone(), routes.clone());
             in_flight.spawn(async move {
                 let outcome = deliver(&http, &r, &c, &routes, &mut d).await;
                 routes.count_upstream(outcome);
