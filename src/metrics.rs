@@ -179,7 +179,7 @@ impl Default for Metrics {
         );
         registry.register(
             "connection_timeouts",
-            "OpAMP connections closed at a deadline, by kind (tls_handshake, header, body, write, idle)",
+            "OpAMP connections closed at a deadline, by kind (tls_handshake, header, body, write, idle, websocket_first_message, websocket_silent)",
             m.connection_timeouts.clone(),
         );
         Self { registry, ..m }

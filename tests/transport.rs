@@ -615,6 +615,89 @@ async fn hyper_header_read_timeout_also_closes_idle_keep_alive_connections() {
     assert!(idle < header + SLACK, "idle for {idle:?}: bounded by the header read timeout");
 }
 
+#[tokio::test]
+async fn a_websocket_that_never_sends_an_agent_to_server_is_closed() {
+    let first = Duration::from_secs(1);
+    let config = ServerConfig {
+        ws_first_message_timeout: first,
+        ws_ping_interval: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let server = Endpoint::start(config).await;
+    // It reads, so it answers every ping: only the first-message deadline closes it.
+    let mut ws = WsClient::connect(&format!("ws://{}/v1/opamp", server.addr), None).await.unwrap();
+    let upgraded = Instant::now();
+    let code = within(first + SLACK, "closed without a first message", async {
+        loop {
+            match ws.next_event().await {
+                Ok(WsEvent::Closed(frame)) => return frame.map(|f| f.code),
+                Ok(WsEvent::Message(_)) => continue,
+                Err(_) => return None,
+            }
+        }
+    })
+    .await;
+    assert_eq!(code, Some(CloseCode::Policy));
+    assert!(upgraded.elapsed() >= first - Duration::from_millis(200));
+    eventually(T, "counted", || async {
+        (server.timeouts("websocket_first_message") == 1 && server.open() == 0).then_some(())
+    })
+    .await;
+    server.stop().await;
+}
+
+/// A masked binary frame, as a client sends it.
+fn client_frame(payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x82];
+    match payload.len() {
+        n @ 0..126 => frame.push(0x80 | n as u8),
+        n => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&u16::try_from(n).unwrap().to_be_bytes());
+        }
+    }
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+#[tokio::test]
+async fn a_websocket_peer_that_never_answers_pings_is_closed() {
+    let ping = Duration::from_millis(200);
+    let server = Endpoint::start(ServerConfig { ws_ping_interval: ping, ..Default::default() }).await;
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(
+        b"GET /v1/opamp HTTP/1.1\r\nHost: opamp\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8];
+        within(T, "the upgrade", tcp.read_exact(&mut byte)).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    // One AgentToServer, then it neither reads nor writes: the server's pings go unanswered.
+    let mut agent = SimAgent::new(AgentSpec::new("deaf"));
+    let mut payload = vec![0u8];
+    payload.extend(agent.full_state().encode_to_vec());
+    tcp.write_all(&client_frame(&payload)).await.unwrap();
+    eventually(T, "the agent connected", || async {
+        server.fleet.agent(agent.uid()).filter(|a| a.connected).map(|_| ())
+    })
+    .await;
+    eventually(ping * 3 + SLACK, "the deaf agent disconnected", || async {
+        server.fleet.agent(agent.uid()).filter(|a| !a.connected).map(|_| ())
+    })
+    .await;
+    within(T, "its socket closed", closed_by_server(&mut tcp)).await;
+    eventually(T, "counted", || async { (server.timeouts("websocket_silent") == 1).then_some(()) }).await;
+    server.stop().await;
+}
+
 /// With the connection limit taken by idle attackers, a real agent waits in the backlog (the
 /// server does not accept beyond the limit) and gets in once the attackers' header deadline
 /// evicts them.

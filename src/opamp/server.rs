@@ -11,7 +11,7 @@
 //! | request body | [`ServerConfig::body_read_timeout`] from the head | stalled bodies (their buffered bytes are dropped with the request) |
 //! | response | [`ServerConfig::write_timeout`] until it is flushed | peers that do not read |
 //! | between requests | [`ServerConfig::idle_timeout`] | idle kept-alive connections |
-//! | WebSocket | pings (`ws.rs`) | dead peers |
+//! | WebSocket | [`ServerConfig::ws_first_message_timeout`], then pings (`ws.rs`) | upgraded peers that never speak OpAMP, dead peers |
 //!
 //! hyper's own `header_read_timeout` cannot do this: its timer runs from the end of one response
 //! to the end of the next request's head, so it also bounds the idle time between two requests
@@ -84,6 +84,10 @@ pub struct ServerConfig {
     /// does not retry a POST it already wrote when the server's close arrives, so a connection
     /// closed between two polls would fail the next one.
     pub idle_timeout: Duration,
+    /// A WebSocket whose first AgentToServer has not arrived this long after the upgrade is
+    /// closed with 1008 (`--ws-first-message-timeout-seconds`, default 30 s). Answering pings
+    /// does not count: only an agent's message does.
+    pub ws_first_message_timeout: Duration,
     /// Connections open at once, both transports and TLS handshakes included
     /// (`--max-connections`). At the limit the endpoint stops accepting until one closes. `None`:
     /// derived from the soft open-file limit when serving starts
@@ -103,6 +107,7 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(90),
+            ws_first_message_timeout: Duration::from_secs(30),
             max_connections: None,
         }
     }
