@@ -143,13 +143,14 @@ async fn stalled_handshakes_and_silent_tls_connections_are_closed_at_their_deadl
     let slack = Duration::from_secs(5);
 
     // Nothing, then the first bytes of a ClientHello's record header: no handshake either way.
+    // Lower bounds from before the connect: the server's deadlines start later (its accept).
+    let connecting = Instant::now();
     let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
     partial.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
-    let connected = Instant::now();
     within(handshake + slack, "a silent peer closed", closed_by_server(&mut silent)).await;
     within(handshake + slack, "a partial ClientHello closed", closed_by_server(&mut partial)).await;
-    assert!(connected.elapsed() >= handshake - Duration::from_millis(100));
+    assert!(connecting.elapsed() >= handshake - Duration::from_millis(10));
     let timeouts = |kind| metrics.connection_timeouts.get_or_create(&KindLabel { kind }).get();
     eventually(T, "two handshake timeouts counted", || async {
         (timeouts("tls_handshake") == 2).then_some(())
@@ -165,12 +166,12 @@ async fn stalled_handshakes_and_silent_tls_connections_are_closed_at_their_deadl
     }
     let client = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let connecting = Instant::now();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
     let mut tls = within(T, "handshake", connector.connect(name, tcp)).await.unwrap();
-    let handshaken = Instant::now();
     within(header + slack, "a silent TLS connection closed", closed_by_server(&mut tls)).await;
-    assert!(handshaken.elapsed() >= header - Duration::from_millis(100));
+    assert!(connecting.elapsed() >= header - Duration::from_millis(10));
     eventually(T, "a header timeout counted", || async { (timeouts("header") == 1).then_some(()) }).await;
     stop.cancel();
     let _ = std::fs::remove_dir_all(dir);

@@ -402,6 +402,9 @@ async fn silent_websocket_is_pinged_then_closed_while_a_listening_one_stays() {
 
 /// Scheduling slack on top of a deadline (the tests also run under CPU load).
 const SLACK: Duration = Duration::from_secs(5);
+/// The server keeps deadlines in whole milliseconds. Lower bounds are measured from an instant
+/// before the server's deadline started (before the connect, the request), so they hold under load.
+const ROUNDING: Duration = Duration::from_millis(10);
 
 /// A server with its own metrics, to read the connection counters.
 struct Endpoint {
@@ -488,17 +491,17 @@ async fn idle_connections_are_closed_at_the_header_deadline() {
     let server = Endpoint::start(ServerConfig { header_read_timeout: header, ..Default::default() }).await;
     let mut idle = tokio::task::JoinSet::new();
     for _ in 0..200 {
+        let connecting = Instant::now();
         let mut tcp = TcpStream::connect(server.addr).await.unwrap();
-        let connected = Instant::now();
         idle.spawn(async move {
             within(header + SLACK, "an idle connection closed by the server", closed_by_server(&mut tcp))
                 .await;
-            connected.elapsed()
+            connecting.elapsed()
         });
     }
     while let Some(lived) = idle.join_next().await {
         let lived = lived.unwrap();
-        assert!(lived >= header - Duration::from_millis(100), "closed after {lived:?}, before the deadline");
+        assert!(lived >= header - ROUNDING, "closed after {lived:?}, before the deadline");
     }
     eventually(T, "200 header timeouts counted, nothing open", || async {
         (server.timeouts("header") == 200 && server.open() == 0).then_some(())
@@ -511,8 +514,8 @@ async fn idle_connections_are_closed_at_the_header_deadline() {
 async fn partial_headers_are_closed_at_the_header_deadline_however_slowly_they_trickle() {
     let header = Duration::from_millis(500);
     let server = Endpoint::start(ServerConfig { header_read_timeout: header, ..Default::default() }).await;
+    let connecting = Instant::now();
     let (mut read, mut write) = TcpStream::connect(server.addr).await.unwrap().into_split();
-    let connected = Instant::now();
     write.write_all(b"POST /v1/opamp HTTP/1.1\r\nHost: opamp\r\nX-Slow: ").await.unwrap();
     // Slowloris: one more header byte every 50 ms, until the server closes.
     let trickle = tokio::spawn(async move {
@@ -521,7 +524,7 @@ async fn partial_headers_are_closed_at_the_header_deadline_however_slowly_they_t
         }
     });
     within(header + SLACK, "partial headers closed by the server", closed_by_server(&mut read)).await;
-    assert!(connected.elapsed() >= header);
+    assert!(connecting.elapsed() >= header - ROUNDING);
     within(T, "the trickle's writes fail", trickle).await.unwrap();
     eventually(T, "a header timeout counted", || async { (server.timeouts("header") == 1).then_some(()) })
         .await;
@@ -537,11 +540,11 @@ async fn a_stalled_body_is_closed_at_the_body_deadline() {
     // 4 MiB announced, 1 MiB sent, then nothing.
     let head = "POST /v1/opamp HTTP/1.1\r\nHost: opamp\r\nContent-Type: application/x-protobuf\r\n\
                 Content-Length: 4194304\r\n\r\n";
+    let sending = Instant::now();
     tcp.write_all(head.as_bytes()).await.unwrap();
     tcp.write_all(&vec![7u8; 1 << 20]).await.unwrap();
-    let sent = Instant::now();
     within(body + SLACK, "a stalled body closed by the server", closed_by_server(&mut tcp)).await;
-    assert!(sent.elapsed() >= body - Duration::from_millis(200), "the body deadline, not the header one");
+    assert!(sending.elapsed() >= body - ROUNDING, "the body deadline, not the header one");
     eventually(T, "a body timeout counted, nothing open", || async {
         (server.timeouts("body") == 1 && server.open() == 0).then_some(())
     })
@@ -555,10 +558,10 @@ async fn an_idle_kept_alive_connection_is_closed_at_the_idle_deadline() {
     let config = ServerConfig { header_read_timeout: header, idle_timeout: idle, ..Default::default() };
     let server = Endpoint::start(config).await;
     let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    let posting = Instant::now();
     assert_eq!(raw_post(&mut tcp, &heartbeat_body()).await.unwrap(), 200);
-    let replied = Instant::now();
     within(idle + SLACK, "an idle kept-alive connection closed", closed_by_server(&mut tcp)).await;
-    assert!(replied.elapsed() >= idle - Duration::from_millis(200), "the idle deadline, not the header one");
+    assert!(posting.elapsed() >= idle - ROUNDING, "the idle deadline, not the header one");
     eventually(T, "an idle timeout counted", || async { (server.timeouts("idle") == 1).then_some(()) }).await;
     server.stop().await;
 }
@@ -625,8 +628,8 @@ async fn a_websocket_that_never_sends_an_agent_to_server_is_closed() {
     };
     let server = Endpoint::start(config).await;
     // It reads, so it answers every ping: only the first-message deadline closes it.
+    let connecting = Instant::now();
     let mut ws = WsClient::connect(&format!("ws://{}/v1/opamp", server.addr), None).await.unwrap();
-    let upgraded = Instant::now();
     let code = within(first + SLACK, "closed without a first message", async {
         loop {
             match ws.next_event().await {
@@ -638,7 +641,7 @@ async fn a_websocket_that_never_sends_an_agent_to_server_is_closed() {
     })
     .await;
     assert_eq!(code, Some(CloseCode::Policy));
-    assert!(upgraded.elapsed() >= first - Duration::from_millis(200));
+    assert!(connecting.elapsed() >= first - ROUNDING);
     eventually(T, "counted", || async {
         (server.timeouts("websocket_first_message") == 1 && server.open() == 0).then_some(())
     })
