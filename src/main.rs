@@ -143,6 +143,28 @@ struct OpampArgs {
     /// connections it accepts (default: half the CPUs, at least one).
     #[arg(long, env = "OPAMP_THREADS")]
     opamp_threads: Option<usize>,
+    /// Connections open at once on the OpAMP endpoint; at the limit it stops accepting until one
+    /// closes (default: the soft open-file limit less a reserve of 10 %, at least 256, for the
+    /// rest of the process).
+    #[arg(long, env = "OPAMP_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: Option<u64>,
+    /// Seconds for a TLS handshake to finish.
+    #[arg(long, env = "OPAMP_TLS_HANDSHAKE_TIMEOUT_SECONDS", default_value_t = 10, value_parser = seconds())]
+    tls_handshake_timeout_seconds: u64,
+    /// Seconds for a request's head to arrive whole, from the accept or from its first byte on a
+    /// kept-alive connection.
+    #[arg(long, env = "OPAMP_HEADER_READ_TIMEOUT_SECONDS", default_value_t = 10, value_parser = seconds())]
+    header_read_timeout_seconds: u64,
+    /// Seconds for a request's body to arrive whole after its head.
+    #[arg(long, env = "OPAMP_BODY_READ_TIMEOUT_SECONDS", default_value_t = 30, value_parser = seconds())]
+    body_read_timeout_seconds: u64,
+    /// Seconds a kept-alive HTTP connection may wait for its next request; keep it above the
+    /// agents' poll interval.
+    #[arg(long, env = "OPAMP_IDLE_TIMEOUT_SECONDS", default_value_t = 90, value_parser = seconds())]
+    idle_timeout_seconds: u64,
+    /// Seconds after a WebSocket upgrade for the agent's first message.
+    #[arg(long, env = "OPAMP_WS_FIRST_MESSAGE_TIMEOUT_SECONDS", default_value_t = 30, value_parser = seconds())]
+    ws_first_message_timeout_seconds: u64,
     /// PEM certificate (chain) for TLS on the OpAMP endpoint (wss://, https://); reloaded when
     /// the file changes.
     #[arg(long, env = "OPAMP_TLS_CERT_FILE", requires = "tls_key_file")]
@@ -150,6 +172,11 @@ struct OpampArgs {
     /// PEM private key for --tls-cert-file.
     #[arg(long, env = "OPAMP_TLS_KEY_FILE", requires = "tls_cert_file")]
     tls_key_file: Option<std::path::PathBuf>,
+}
+
+/// A whole number of seconds, at least one (a zero deadline would close every connection).
+fn seconds() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(1..)
 }
 
 fn init_logging(format: LogFormat) {
@@ -307,10 +334,24 @@ impl OpampArgs {
     }
 
     fn server_config(&self) -> ServerConfig {
+        if self.idle_timeout_seconds <= self.heartbeat_seconds {
+            tracing::warn!(
+                idle_timeout_seconds = self.idle_timeout_seconds,
+                heartbeat_seconds = self.heartbeat_seconds,
+                "the idle timeout does not exceed the heartbeat interval: HTTP agents' kept-alive \
+                 connections may close between two polls and fail the next one"
+            );
+        }
         ServerConfig {
             max_message_bytes: self.max_message_bytes,
             ws_ping_interval: Duration::from_secs(self.heartbeat_seconds),
             event_loops: self.opamp_threads.unwrap_or(ServerConfig::default().event_loops),
+            tls_handshake_timeout: Duration::from_secs(self.tls_handshake_timeout_seconds),
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_seconds),
+            body_read_timeout: Duration::from_secs(self.body_read_timeout_seconds),
+            idle_timeout: Duration::from_secs(self.idle_timeout_seconds),
+            ws_first_message_timeout: Duration::from_secs(self.ws_first_message_timeout_seconds),
+            max_connections: self.max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
             ..Default::default()
         }
     }

@@ -48,6 +48,12 @@ pub struct Metrics {
     pub dispatch_results: Family<StateLabel, Counter>,
     pub reconcile_duration: Histogram,
     pub status_patches: Family<StateLabel, Counter>,
+    /// OpAMP connections open now (both transports, TLS handshakes included).
+    pub connections_open: Gauge,
+    /// Times the OpAMP endpoint stopped accepting at its connection limit.
+    pub connection_accepts_paused: Counter,
+    /// OpAMP connections closed at a deadline, by the phase they were in.
+    pub connection_timeouts: Family<KindLabel, Counter>,
     /// The counters every message touches, resolved once.
     pub hot: MessageCounters,
 }
@@ -119,6 +125,9 @@ impl Default for Metrics {
             dispatch_results: Family::default(),
             reconcile_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             status_patches: Family::default(),
+            connections_open: Gauge::default(),
+            connection_accepts_paused: Counter::default(),
+            connection_timeouts: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -166,6 +175,21 @@ impl Default for Metrics {
             m.reconcile_duration.clone(),
         );
         registry.register("status_patches", "Status patches, by outcome", m.status_patches.clone());
+        registry.register(
+            "connections_open",
+            "OpAMP connections open now (both transports, TLS handshakes included)",
+            m.connections_open.clone(),
+        );
+        registry.register(
+            "connection_accepts_paused",
+            "Times the OpAMP endpoint stopped accepting because max connections were open",
+            m.connection_accepts_paused.clone(),
+        );
+        registry.register(
+            "connection_timeouts",
+            "OpAMP connections closed at a deadline, by kind (tls_handshake, header, body, write, idle, websocket_first_message, websocket_silent)",
+            m.connection_timeouts.clone(),
+        );
         Self { registry, ..m }
     }
 }

@@ -3,21 +3,31 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::eventually;
 use common::goagent::GoAgent;
+use common::{eventually, within};
 use opamp_operator::fleet::{AgentKey, Fleet, Transport};
+use opamp_operator::metrics::{KindLabel, Metrics};
 use opamp_operator::opamp::{OpampServer, ServerConfig, TlsFiles, Uid};
+use rustls::pki_types::pem::PemObject;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
 
 const T: Duration = Duration::from_secs(30);
 
 /// A self-signed certificate for 127.0.0.1 (openssl, as on any machine with the tests).
 fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    self_signed_with(dir, name, &[])
+}
+
+fn self_signed_with(dir: &Path, name: &str, extra: &[&str]) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
     let out = std::process::Command::new("openssl")
         .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj"])
         .arg(format!("/CN={name}"))
+        .args(extra)
         .args(["-addext", "subjectAltName=IP:127.0.0.1", "-keyout"])
         .arg(&key)
         .arg("-out")
@@ -35,13 +45,21 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 async fn start(files: TlsFiles) -> (std::net::SocketAddr, Fleet, tokio_util::sync::CancellationToken) {
+    let (addr, fleet, stop, _) = start_with(files, ServerConfig::default()).await;
+    (addr, fleet, stop)
+}
+
+async fn start_with(
+    files: TlsFiles,
+    config: ServerConfig,
+) -> (std::net::SocketAddr, Fleet, tokio_util::sync::CancellationToken, Arc<Metrics>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let fleet = Fleet::default();
-    let server = OpampServer::new(fleet.clone(), ServerConfig::default());
+    let (fleet, metrics) = (Fleet::default(), Metrics::new());
+    let server = OpampServer::new(fleet.clone(), config).with_metrics(metrics.clone());
     let stop = server.shutdown_token();
     tokio::spawn(async move { server.serve_tls(listener, files).await.expect("serves TLS") });
-    (addr, fleet, stop)
+    (addr, fleet, stop, metrics)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,4 +124,58 @@ async fn a_missing_certificate_is_a_clear_error() {
     let files = TlsFiles { cert: "/nonexistent/tls.crt".into(), key: "/nonexistent/tls.key".into() };
     let Err(err) = files.load().await else { panic!("a missing certificate was accepted") };
     assert!(err.to_string().contains("/nonexistent/tls.crt"), "{err}");
+}
+
+/// Reads (and drops) whatever the server sends until it closes the connection (EOF or reset).
+async fn closed_by_server(tcp: &mut (impl AsyncRead + Unpin)) {
+    let mut buf = [0u8; 4096];
+    while let Ok(1..) = tcp.read(&mut buf).await {}
+}
+
+/// A handshake that never finishes, and a finished one followed by no request, are both closed
+/// at their deadlines.
+#[tokio::test]
+async fn stalled_handshakes_and_silent_tls_connections_are_closed_at_their_deadlines() {
+    let dir = temp_dir("deadlines");
+    // Not a CA: rustls, unlike Go, refuses a CA certificate as the server's own.
+    let (cert, key) = self_signed_with(&dir, "server", &["-addext", "basicConstraints=critical,CA:FALSE"]);
+    let (handshake, header) = (Duration::from_millis(500), Duration::from_millis(700));
+    let config =
+        ServerConfig { tls_handshake_timeout: handshake, header_read_timeout: header, ..Default::default() };
+    let (addr, _fleet, stop, metrics) = start_with(TlsFiles { cert: cert.clone(), key }, config).await;
+    let slack = Duration::from_secs(5);
+
+    // Nothing, then the first bytes of a ClientHello's record header: no handshake either way.
+    // Lower bounds from before the connect: the server's deadlines start later (its accept).
+    let connecting = Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
+    partial.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    within(handshake + slack, "a silent peer closed", closed_by_server(&mut silent)).await;
+    within(handshake + slack, "a partial ClientHello closed", closed_by_server(&mut partial)).await;
+    assert!(connecting.elapsed() >= handshake - Duration::from_millis(10));
+    let timeouts = |kind| metrics.connection_timeouts.get_or_create(&KindLabel { kind }).get();
+    eventually(T, "two handshake timeouts counted", || async {
+        (timeouts("tls_handshake") == 2).then_some(())
+    })
+    .await;
+
+    // A finished handshake and no request: the header deadline.
+    opamp_operator::opamp::tls::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(&cert).unwrap();
+    for der in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(der.unwrap()).unwrap();
+    }
+    let client = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let connecting = Instant::now();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = within(T, "handshake", connector.connect(name, tcp)).await.unwrap();
+    within(header + slack, "a silent TLS connection closed", closed_by_server(&mut tls)).await;
+    assert!(connecting.elapsed() >= header - Duration::from_millis(10));
+    eventually(T, "a header timeout counted", || async { (timeouts("header") == 1).then_some(()) }).await;
+    stop.cancel();
+    let _ = std::fs::remove_dir_all(dir);
 }

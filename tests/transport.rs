@@ -7,13 +7,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{TestServer, eventually, remote_config, within};
 use opamp_operator::fleet::{AgentKey, FleetConfig, Transport};
+use opamp_operator::metrics::{KindLabel, Metrics};
 use opamp_operator::opamp::session::SERVER_CAPABILITIES;
-use opamp_operator::opamp::{AuthError, Authenticator, ServerConfig, Uid};
+use opamp_operator::opamp::{AuthError, Authenticator, OpampServer, ServerConfig, Uid};
 use opamp_operator::proto::{
     AgentToServer, RemoteConfigStatuses, ServerErrorResponseType, server_error_response,
 };
 use opamp_operator::sim::{AgentSpec, HttpClient, SimAgent, WsClient, WsEvent};
 use prost::Message as _;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
@@ -405,4 +409,354 @@ async fn silent_websocket_is_pinged_then_closed_while_a_listening_one_stays() {
     );
     assert!(!reader.is_finished());
     reader.abort();
+}
+
+// --- Deadlines and the connection limit (hostile peers) ---------------------------------------
+//
+// Each attack is reproduced with short deadlines; tests wait on the condition they assert (the
+// server closing the socket) with a bound of the deadline plus SLACK, never on a fixed sleep.
+
+/// Scheduling slack on top of a deadline (the tests also run under CPU load).
+const SLACK: Duration = Duration::from_secs(5);
+/// The server keeps deadlines in whole milliseconds. Lower bounds are measured from an instant
+/// before the server's deadline started (before the connect, the request), so they hold under load.
+const ROUNDING: Duration = Duration::from_millis(10);
+
+/// A server with its own metrics, to read the connection counters.
+struct Endpoint {
+    addr: std::net::SocketAddr,
+    fleet: opamp_operator::fleet::Fleet,
+    metrics: Arc<Metrics>,
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Endpoint {
+    async fn start(config: ServerConfig) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (fleet, metrics) = (opamp_operator::fleet::Fleet::default(), Metrics::new());
+        let server = OpampServer::new(fleet.clone(), config).with_metrics(metrics.clone());
+        let shutdown = server.shutdown_token();
+        let task = tokio::spawn(server.serve(listener));
+        Self { addr, fleet, metrics, shutdown, task }
+    }
+
+    fn timeouts(&self, kind: &'static str) -> u64 {
+        self.metrics.connection_timeouts.get_or_create(&KindLabel { kind }).get()
+    }
+
+    fn open(&self) -> i64 {
+        self.metrics.connections_open.get()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        within(T, "server stops", self.task).await.unwrap().unwrap();
+    }
+}
+
+/// Reads (and drops) whatever the server sends until it closes the connection (EOF or reset).
+async fn closed_by_server(tcp: &mut (impl AsyncRead + Unpin)) {
+    let mut buf = [0u8; 4096];
+    while let Ok(1..) = tcp.read(&mut buf).await {}
+}
+
+/// One `POST /v1/opamp` on a kept-alive connection: the reply's status, its body read whole.
+async fn raw_post(tcp: &mut (impl AsyncRead + AsyncWrite + Unpin), body: &[u8]) -> std::io::Result<u16> {
+    let head = format!(
+        "POST /v1/opamp HTTP/1.1\r\nHost: opamp\r\nContent-Type: application/x-protobuf\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await?;
+    tcp.write_all(body).await?;
+    let mut buf = Vec::new();
+    let end = loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+        let mut chunk = [0u8; 1024];
+        match tcp.read(&mut chunk).await? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status line");
+    let length: usize =
+        head.lines().find_map(|l| l.strip_prefix("content-length:")).map_or(0, |v| v.trim().parse().unwrap());
+    let mut rest = buf.len() - end;
+    while rest < length {
+        let mut chunk = vec![0u8; length - rest];
+        match tcp.read(&mut chunk).await? {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => rest += n,
+        }
+    }
+    Ok(status)
+}
+
+fn heartbeat_body() -> Vec<u8> {
+    SimAgent::new(AgentSpec::new("raw")).full_state().encode_to_vec()
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_at_the_header_deadline() {
+    let header = Duration::from_millis(500);
+    let server = Endpoint::start(ServerConfig { header_read_timeout: header, ..Default::default() }).await;
+    let mut idle = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let connecting = Instant::now();
+        let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+        idle.spawn(async move {
+            within(header + SLACK, "an idle connection closed by the server", closed_by_server(&mut tcp))
+                .await;
+            connecting.elapsed()
+        });
+    }
+    while let Some(lived) = idle.join_next().await {
+        let lived = lived.unwrap();
+        assert!(lived >= header - ROUNDING, "closed after {lived:?}, before the deadline");
+    }
+    eventually(T, "200 header timeouts counted, nothing open", || async {
+        (server.timeouts("header") == 200 && server.open() == 0).then_some(())
+    })
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn partial_headers_are_closed_at_the_header_deadline_however_slowly_they_trickle() {
+    let header = Duration::from_millis(500);
+    let server = Endpoint::start(ServerConfig { header_read_timeout: header, ..Default::default() }).await;
+    let connecting = Instant::now();
+    let (mut read, mut write) = TcpStream::connect(server.addr).await.unwrap().into_split();
+    write.write_all(b"POST /v1/opamp HTTP/1.1\r\nHost: opamp\r\nX-Slow: ").await.unwrap();
+    // Slowloris: one more header byte every 50 ms, until the server closes.
+    let trickle = tokio::spawn(async move {
+        while write.write_all(b"a").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    within(header + SLACK, "partial headers closed by the server", closed_by_server(&mut read)).await;
+    assert!(connecting.elapsed() >= header - ROUNDING);
+    within(T, "the trickle's writes fail", trickle).await.unwrap();
+    eventually(T, "a header timeout counted", || async { (server.timeouts("header") == 1).then_some(()) })
+        .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_stalled_body_is_closed_at_the_body_deadline() {
+    let (header, body) = (Duration::from_millis(300), Duration::from_millis(1500));
+    let config = ServerConfig { header_read_timeout: header, body_read_timeout: body, ..Default::default() };
+    let server = Endpoint::start(config).await;
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    // 4 MiB announced, 1 MiB sent, then nothing.
+    let head = "POST /v1/opamp HTTP/1.1\r\nHost: opamp\r\nContent-Type: application/x-protobuf\r\n\
+                Content-Length: 4194304\r\n\r\n";
+    let sending = Instant::now();
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&vec![7u8; 1 << 20]).await.unwrap();
+    within(body + SLACK, "a stalled body closed by the server", closed_by_server(&mut tcp)).await;
+    assert!(sending.elapsed() >= body - ROUNDING, "the body deadline, not the header one");
+    eventually(T, "a body timeout counted, nothing open", || async {
+        (server.timeouts("body") == 1 && server.open() == 0).then_some(())
+    })
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_kept_alive_connection_is_closed_at_the_idle_deadline() {
+    let (header, idle) = (Duration::from_millis(300), Duration::from_millis(1500));
+    let config = ServerConfig { header_read_timeout: header, idle_timeout: idle, ..Default::default() };
+    let server = Endpoint::start(config).await;
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    let posting = Instant::now();
+    assert_eq!(raw_post(&mut tcp, &heartbeat_body()).await.unwrap(), 200);
+    within(idle + SLACK, "an idle kept-alive connection closed", closed_by_server(&mut tcp)).await;
+    assert!(posting.elapsed() >= idle - ROUNDING, "the idle deadline, not the header one");
+    eventually(T, "an idle timeout counted", || async { (server.timeouts("idle") == 1).then_some(()) }).await;
+    server.stop().await;
+}
+
+/// An HTTP agent polling over one kept-alive connection: the pause between two polls is longer
+/// than the header deadline but shorter than the idle one, and no poll is cut off.
+#[tokio::test]
+async fn an_http_agent_polling_every_second_keeps_its_connection() {
+    let (header, idle) = (Duration::from_millis(300), Duration::from_secs(4));
+    let config = ServerConfig { header_read_timeout: header, idle_timeout: idle, ..Default::default() };
+    let server = Endpoint::start(config).await;
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    let mut agent = SimAgent::new(AgentSpec::new("poller"));
+    assert_eq!(raw_post(&mut tcp, &agent.full_state().encode_to_vec()).await.unwrap(), 200);
+    for poll in 1..=4 {
+        tokio::time::sleep(Duration::from_secs(1)).await; // the agent's poll interval
+        let status = within(
+            T,
+            "a poll on the same connection",
+            raw_post(&mut tcp, &agent.heartbeat().encode_to_vec()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("poll {poll} failed on the kept-alive connection: {e}"));
+        assert_eq!(status, 200);
+    }
+    assert_eq!(server.timeouts("header") + server.timeouts("idle"), 0);
+    assert!(server.fleet.agent(&AgentKey::new("default", agent.uid())).is_some_and(|a| a.connected));
+    server.stop().await;
+}
+
+/// Why the server keeps its own deadlines: hyper's `header_read_timeout` runs from the end of a
+/// response to the end of the next request's head, so it also closes a kept-alive connection
+/// that is merely idle between two requests; a 10 s header deadline would cut agents polling
+/// every 30 s.
+#[tokio::test]
+async fn hyper_header_read_timeout_also_closes_idle_keep_alive_connections() {
+    let header = Duration::from_millis(300);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header);
+        let service = hyper::service::service_fn(|_| async {
+            Ok::<_, std::convert::Infallible>(hyper::Response::new(String::from("ok")))
+        });
+        let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), service).await;
+    });
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(raw_post(&mut tcp, b"").await.unwrap(), 200);
+    let replied = Instant::now();
+    within(header + SLACK, "hyper closes the idle connection", closed_by_server(&mut tcp)).await;
+    let idle = replied.elapsed();
+    assert!(idle < header + SLACK, "idle for {idle:?}: bounded by the header read timeout");
+}
+
+#[tokio::test]
+async fn a_websocket_that_never_sends_an_agent_to_server_is_closed() {
+    let first = Duration::from_secs(1);
+    let config = ServerConfig {
+        ws_first_message_timeout: first,
+        ws_ping_interval: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let server = Endpoint::start(config).await;
+    // It reads, so it answers every ping: only the first-message deadline closes it.
+    let connecting = Instant::now();
+    let mut ws = WsClient::connect(&format!("ws://{}/v1/opamp", server.addr), None).await.unwrap();
+    let code = within(first + SLACK, "closed without a first message", async {
+        loop {
+            match ws.next_event().await {
+                Ok(WsEvent::Closed(frame)) => return frame.map(|f| f.code),
+                Ok(WsEvent::Message(_)) => continue,
+                Err(_) => return None,
+            }
+        }
+    })
+    .await;
+    assert_eq!(code, Some(CloseCode::Policy));
+    assert!(connecting.elapsed() >= first - ROUNDING);
+    eventually(T, "counted", || async {
+        (server.timeouts("websocket_first_message") == 1 && server.open() == 0).then_some(())
+    })
+    .await;
+    server.stop().await;
+}
+
+/// A masked binary frame, as a client sends it.
+fn client_frame(payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x82];
+    match payload.len() {
+        n @ 0..126 => frame.push(0x80 | n as u8),
+        n => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&u16::try_from(n).unwrap().to_be_bytes());
+        }
+    }
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+#[tokio::test]
+async fn a_websocket_peer_that_never_answers_pings_is_closed() {
+    let ping = Duration::from_millis(200);
+    let server = Endpoint::start(ServerConfig { ws_ping_interval: ping, ..Default::default() }).await;
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(
+        b"GET /v1/opamp HTTP/1.1\r\nHost: opamp\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8];
+        within(T, "the upgrade", tcp.read_exact(&mut byte)).await.unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    // One AgentToServer, then it neither reads nor writes: the server's pings go unanswered.
+    let mut agent = SimAgent::new(AgentSpec::new("deaf"));
+    let mut payload = vec![0u8];
+    payload.extend(agent.full_state().encode_to_vec());
+    tcp.write_all(&client_frame(&payload)).await.unwrap();
+    eventually(T, "the agent connected", || async {
+        server.fleet.agent(&AgentKey::new("default", agent.uid())).filter(|a| a.connected).map(|_| ())
+    })
+    .await;
+    eventually(ping * 3 + SLACK, "the deaf agent disconnected", || async {
+        server.fleet.agent(&AgentKey::new("default", agent.uid())).filter(|a| !a.connected).map(|_| ())
+    })
+    .await;
+    within(T, "its socket closed", closed_by_server(&mut tcp)).await;
+    eventually(T, "counted", || async { (server.timeouts("websocket_silent") == 1).then_some(()) }).await;
+    server.stop().await;
+}
+
+/// With the connection limit taken by idle attackers, a real agent waits in the backlog (the
+/// server does not accept beyond the limit) and gets in once the attackers' header deadline
+/// evicts them.
+#[tokio::test]
+async fn at_the_connection_limit_an_agent_gets_in_once_idle_attackers_are_evicted() {
+    let (max, header) = (20, Duration::from_secs(1));
+    let config =
+        ServerConfig { max_connections: Some(max), header_read_timeout: header, ..Default::default() };
+    let server = Endpoint::start(config).await;
+    let mut attackers = Vec::new();
+    for _ in 0..max {
+        attackers.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    eventually(T, "the attackers hold every connection", || async {
+        (server.open() == max as i64).then_some(())
+    })
+    .await;
+    let highest = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let watch = {
+        let (metrics, highest) = (server.metrics.clone(), highest.clone());
+        tokio::spawn(async move {
+            loop {
+                highest.fetch_max(metrics.connections_open.get(), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let agent = HttpClient::new(&format!("http://{}/v1/opamp", server.addr), None, false);
+    let mut sim = SimAgent::new(AgentSpec::new("real"));
+    let reply = within(header + SLACK, "the agent's reply", agent.send(&sim.full_state())).await.unwrap();
+    assert_eq!(reply.status, 200);
+    for mut tcp in attackers {
+        within(header + SLACK, "an attacker evicted", closed_by_server(&mut tcp)).await;
+    }
+    watch.abort();
+    assert!(highest.load(std::sync::atomic::Ordering::Relaxed) <= max as i64, "never above the limit");
+    assert!(server.metrics.connection_accepts_paused.get() >= 1);
+    eventually(T, "the attackers' header timeouts counted", || async {
+        (server.timeouts("header") == max as u64).then_some(())
+    })
+    .await;
+    server.stop().await;
 }

@@ -1,9 +1,13 @@
-//! TLS for the OpAMP endpoint (rustls): certificate and key from PEM files, reloaded when
-//! either file changes, so a rotated Secret takes effect without a restart.
+//! TLS for the OpAMP endpoint (rustls through tokio-rustls): certificate and key from PEM files,
+//! reloaded when either file changes, so a rotated Secret takes effect without a restart. The
+//! handshake itself runs in the connection's task, under its deadline (`server.rs`).
 use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use axum_server::tls_rustls::RustlsConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 /// Where the serving certificate and key are.
@@ -27,6 +31,22 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// The current server configuration, swapped in place on reload: each new connection takes
+/// the one current when it was accepted.
+#[derive(Clone)]
+pub struct TlsConfig(Arc<RwLock<Arc<rustls::ServerConfig>>>);
+
+impl TlsConfig {
+    /// An acceptor for one new connection.
+    pub(super) fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.0.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    fn set(&self, config: rustls::ServerConfig) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+    }
+}
+
 impl TlsFiles {
     fn modified(&self) -> Option<(SystemTime, SystemTime)> {
         let m = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
@@ -38,15 +58,36 @@ impl TlsFiles {
     }
 
     /// Loads the files (a clear error when they are missing or invalid).
-    pub async fn load(&self) -> Result<RustlsConfig, TlsError> {
+    pub async fn load(&self) -> Result<TlsConfig, TlsError> {
+        let config = self.server_config().map_err(|e| self.error(e))?;
+        Ok(TlsConfig(Arc::new(RwLock::new(Arc::new(config)))))
+    }
+
+    /// Reads two small files: blocking the runtime for that is cheaper than a thread hop.
+    fn server_config(&self) -> std::io::Result<rustls::ServerConfig> {
         install_crypto_provider();
-        RustlsConfig::from_pem_file(&self.cert, &self.key).await.map_err(|e| self.error(e))
+        let invalid = |what: &str, e: &dyn std::fmt::Display| std::io::Error::other(format!("{what}: {e}"));
+        let (cert, key) = (std::fs::read(&self.cert)?, std::fs::read(&self.key)?);
+        let chain = CertificateDer::pem_slice_iter(&cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid("invalid certificate PEM", &e))?;
+        if chain.is_empty() {
+            return Err(std::io::Error::other("no certificate in the certificate file"));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| invalid("invalid private key PEM", &e))?;
+        let mut config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| invalid("certificate and key do not make a server identity", &e))?;
+        // HTTP/1.1 only: WebSocket upgrades need it, and the endpoint serves no HTTP/2.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
     }
 
     /// Reloads `config` whenever either file changes (checked every `every`), until cancelled.
     /// A change that does not load (e.g. the key written before the certificate) keeps the
     /// previous pair and is retried on the next change.
-    pub async fn watch(self, config: RustlsConfig, every: Duration, shutdown: CancellationToken) {
+    pub async fn watch(self, config: TlsConfig, every: Duration, shutdown: CancellationToken) {
         let mut seen = self.modified();
         loop {
             tokio::select! {
@@ -57,8 +98,9 @@ impl TlsFiles {
             if now == seen {
                 continue;
             }
-            match config.reload_from_pem_file(&self.cert, &self.key).await {
-                Ok(()) => {
+            match self.server_config() {
+                Ok(new) => {
+                    config.set(new);
                     tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
                     seen = now;
                 }

@@ -61,8 +61,11 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
     let mut shutdown = pin!(state.shutdown.cancelled());
     let mut notified = pin!(notify.notified());
     let mut last_heard = Instant::now();
+    // Until the agent's first message the timer also keeps this deadline: a peer that upgrades
+    // and answers pings, but never speaks OpAMP, would otherwise hold its socket for good.
+    let mut first_due = Some(last_heard + state.config.ws_first_message_timeout);
     let mut pinged = false;
-    let mut ping = pin!(sleep_until(last_heard + ping_every));
+    let mut ping = pin!(sleep_until(earliest(last_heard + ping_every, first_due)));
     let step = loop {
         let step = tokio::select! {
             biased;
@@ -77,6 +80,9 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
                     // agent) stays small.
                     Some(Ok(Message::Binary(data))) => {
                         let (reply, then) = on_frame(&state, &mut conn, data);
+                        if first_due.is_some() && conn.agent().is_some() {
+                            first_due = None;
+                        }
                         match Box::pin(write(&mut socket, &state, Message::Binary(reply))).await {
                             Step::Continue => then,
                             failed => failed,
@@ -106,15 +112,23 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
                 }
             },
             _ = &mut ping => {
+                // Silent for one interval: pinged; for three (the ping unanswered): closed. Only a
+                // peer that reads answers pings (tungstenite replies while it reads), so one that
+                // stopped reading or is gone is closed too.
+                let now = Instant::now();
                 let due = last_heard + ping_every * if pinged { 3 } else { 1 };
-                if Instant::now() < due {
-                    ping.as_mut().reset(due); // heard from the agent since: not due yet
+                if first_due.is_some_and(|first| now >= first) {
+                    timed_out(&state, "websocket_first_message");
+                    Step::Close(close_code::POLICY, "no AgentToServer message in time")
+                } else if now < due {
+                    ping.as_mut().reset(earliest(due, first_due)); // heard from the agent since: not due yet
                     Step::Continue
                 } else if pinged {
+                    timed_out(&state, "websocket_silent");
                     Step::Close(close_code::AWAY, "no traffic from the agent")
                 } else {
                     pinged = true;
-                    ping.as_mut().reset(last_heard + ping_every * 3);
+                    ping.as_mut().reset(earliest(last_heard + ping_every * 3, first_due));
                     Box::pin(write(&mut socket, &state, Message::Ping(Default::default()))).await
                 }
             }
@@ -129,6 +143,14 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
         let _ = Box::pin(timeout(state.config.write_timeout, socket.send(Message::Close(Some(frame))))).await;
     }
     tracing::debug!(agent = ?conn.agent(), "websocket closed");
+}
+
+fn earliest(at: Instant, first_due: Option<Instant>) -> Instant {
+    first_due.map_or(at, |first| first.min(at))
+}
+
+fn timed_out(state: &State, kind: &'static str) {
+    state.metrics.connection_timeouts.get_or_create(&KindLabel { kind }).inc();
 }
 
 /// Decodes and handles one frame: the encoded reply, and what to do once it is written.
