@@ -10,6 +10,7 @@ pub mod agents_api;
 pub mod api;
 pub mod controller;
 pub mod fleet;
+pub mod http_server;
 pub mod metrics;
 pub mod opamp;
 pub mod operator;

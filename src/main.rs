@@ -291,6 +291,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }),
         fleet: args.opamp.fleet_config(),
         server: args.opamp.server_config(),
+        api_limits: Default::default(),
     };
     // An API server that is not there yet (a control plane starting, a network blip) is waited
     // for, with one clear line per try, rather than exiting.

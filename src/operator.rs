@@ -44,6 +44,8 @@ pub struct OperatorConfig {
     pub callback_egress: EgressPolicy,
     pub fleet: FleetConfig,
     pub server: ServerConfig,
+    /// Deadlines and connection cap of the API and metrics addresses (each).
+    pub api_limits: crate::http_server::Limits,
 }
 
 impl Default for OperatorConfig {
@@ -61,6 +63,7 @@ impl Default for OperatorConfig {
             callback_egress: EgressPolicy::default(),
             fleet: FleetConfig::default(),
             server: ServerConfig::default(),
+            api_limits: Default::default(),
         }
     }
 }
@@ -185,14 +188,8 @@ impl Operator {
                     }
                 }),
             );
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            let serve =
-                axum::serve(api_listener, api).with_graceful_shutdown(async move { stop.cancelled().await });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "API endpoint failed");
-            }
-        });
+        let limits = config.api_limits.clone();
+        tasks.spawn(crate::http_server::serve(api_listener, api, limits.clone(), shutdown.clone()));
 
         let metrics_addr = match config.metrics_addr {
             Some(addr) => {
@@ -215,13 +212,7 @@ impl Operator {
                         }
                     }),
                 );
-                tasks.spawn(async move {
-                    let serve = axum::serve(listener, app)
-                        .with_graceful_shutdown(async move { stop.cancelled().await });
-                    if let Err(e) = serve.await {
-                        tracing::error!(error = %e, "metrics endpoint failed");
-                    }
-                });
+                tasks.spawn(crate::http_server::serve(listener, app, limits, stop));
                 Some(bound)
             }
             None => None,

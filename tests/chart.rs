@@ -778,6 +778,7 @@ async fn operator_runs_with_the_charts_rbac() {
         ]),
         fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
         server: ServerConfig::default(),
+        api_limits: Default::default(),
     };
     let started = std::time::Instant::now();
     let op = tokio::time::timeout(T, Operator::start(operator.clone(), config))

@@ -364,6 +364,7 @@ async fn an_unreachable_api_server_is_a_clear_error() {
         namespaces: None,
         fleet: FleetConfig::default(),
         server: ServerConfig::default(),
+        api_limits: Default::default(),
     };
     let err = within(T, "start fails", Operator::start(client, cfg)).await.err().expect("refused");
     assert_eq!(err.category(), "unreachable");
@@ -394,6 +395,7 @@ async fn only_the_leader_writes_status_and_a_follower_takes_over() {
             namespaces: Some(vec![ns.name.clone()]),
             fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
             server: ServerConfig::default(),
+            api_limits: Default::default(),
         }
     };
     let chart_identity = common::cluster::cluster().await.client_as_chart_identity(&ns.name).await;

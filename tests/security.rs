@@ -402,3 +402,34 @@ async fn measure_rss_under_the_memory_attacks() {
     report(&format!("8 concurrent listings of {} bytes", sizes[0]), before);
     op.stop().await;
 }
+
+#[tokio::test]
+async fn idle_connections_to_the_api_address_are_closed_and_callers_still_get_in() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _serial = SERIAL.lock().await;
+    let a = Tenant::new("sec-api-conns").await;
+    let limits = opamp_operator::http_server::Limits {
+        header_read_timeout: Duration::from_secs(1),
+        request_timeout: Duration::from_secs(2),
+        max_connections: 4,
+    };
+    let op = operator(&[&a], |c| c.api_limits = limits).await;
+    // Before: idle sockets and trickled headers were held for good, and with them open files.
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(tokio::net::TcpStream::connect(op.api_addr).await.unwrap());
+    }
+    let mut partial = tokio::net::TcpStream::connect(op.api_addr).await.unwrap();
+    partial.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    // Every connection slot is taken: a caller waits until the idle ones are evicted, then gets in.
+    let health = format!("http://{}/healthz", op.api_addr);
+    let answered =
+        within(T, "a caller gets in", async { reqwest::get(&health).await.unwrap().status() }).await;
+    assert_eq!(answered, 200);
+    for mut s in idle.into_iter().chain([partial]) {
+        let mut buf = [0u8; 256];
+        let read = within(T, "the server closes an idle connection", s.read(&mut buf)).await;
+        assert!(read.is_ok(), "{read:?}");
+    }
+    op.stop().await;
+}

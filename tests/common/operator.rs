@@ -45,6 +45,7 @@ pub async fn start_with(
         namespaces: Some(namespaces.to_vec()),
         fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
         server: ServerConfig::default(),
+        api_limits: Default::default(),
     };
     tweak(&mut config);
     let op = within(T, "operator start", Operator::start(client, config)).await.expect("operator starts");

@@ -1,0 +1,103 @@
+//! The HTTP server of the API address (dispatch API, fleet listing, health) and the metrics
+//! address: like the OpAMP endpoint, every connection is under deadlines and their number is
+//! capped, so idle sockets, trickled headers or stalled bodies cannot pile up and use the
+//! process's open files (which the OpAMP endpoint shares).
+//!
+//! Its callers are services and scrapers, not agents polling at long intervals, so hyper's own
+//! header timeout, which also closes a kept-alive connection idle for that long, is what is
+//! wanted here (they reconnect).
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::response::IntoResponse;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Deadlines and the connection cap of one address.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// A request's head must arrive within this, from the accept or the previous response
+    /// (an idle kept-alive connection is closed then too).
+    pub header_read_timeout: Duration,
+    /// A request (body read and answer) must complete within this; beyond, 408 and the request
+    /// is dropped with what it buffered.
+    pub request_timeout: Duration,
+    /// Open connections at most; beyond, accepting pauses until one closes. Small: its callers
+    /// are a few services and scrapers, and these files come out of the OpAMP endpoint's reserve
+    /// (`--max-connections`).
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 128,
+        }
+    }
+}
+
+/// Serves `router` until `shutdown`, then lets the requests in flight finish (each within its
+/// deadline) and closes idle connections.
+pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdown: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let connections = TaskTracker::new();
+    loop {
+        let slot = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+        };
+        let tcp = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            },
+        };
+        let (router, limits, shutdown) = (router.clone(), limits.clone(), shutdown.clone());
+        connections.spawn(async move {
+            let _slot = slot;
+            let timeout = limits.request_timeout;
+            let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                let response = tower_service::Service::call(&mut router.clone(), req);
+                async move {
+                    Ok::<_, Infallible>(match tokio::time::timeout(timeout, response).await {
+                        Ok(Ok(response)) => response,
+                        Err(_) => (http::StatusCode::REQUEST_TIMEOUT, "request timed out").into_response(),
+                    })
+                }
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+            let conn = builder.serve_connection(TokioIo::new(tcp), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                served = conn.as_mut() => {
+                    if let Err(e) = served {
+                        tracing::debug!(error = %e, "HTTP connection ended");
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(limits.request_timeout, conn).await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    connections.close();
+    connections.wait().await;
+}
