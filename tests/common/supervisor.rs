@@ -32,6 +32,9 @@ agent:
   # FAILED with the collector's own error, and the running collector keeps its last good one.
   validate_config: true
   config_apply_timeout: 2s
+  # The supervisor first runs the collector to learn its description; the default 3 s is not
+  # enough on two busy cores ("collector's OpAMP client never connected to the Supervisor").
+  bootstrap_timeout: 30s
 storage:
   directory: {storage}
 "#,
