@@ -313,8 +313,10 @@ async fn capability_slot_routes_the_collector_extensions_messages_both_ways() {
         callback.url("/echo")
     ))
     .await;
-    env.apply(&agent_config("collectors", &collector("127.0.0.1:0", "debug"))).await;
     let mut sup = env.supervisor(Transport::WebSocket);
+    // Once the supervisor runs its collector (see collector_health_changes_show_in_the_status).
+    env.agent_where(&sup, "the collector running", |a| a.report.effective_config.is_some()).await;
+    env.apply(&agent_config("collectors", &collector("127.0.0.1:0", "debug"))).await;
 
     // The extension registers its capability and says hello when the collector starts.
     let agent = env
