@@ -403,41 +403,42 @@ mod bench_admin {
     use axum::extract::State;
     use axum::routing::{get, post};
     use bytes::Bytes;
-    use opamp_operator::fleet::{AgentKey, DesiredState, DesiredStateProvider, Fleet};
+    use opamp_operator::fleet::{DesiredState, Fleet, Plan};
     use opamp_operator::metrics::{KindLabel, Metrics};
-    use opamp_operator::proto::{
-        AgentConfigFile, AgentConfigMap, AgentDescription, AgentRemoteConfig, RemoteConfigStatuses,
-    };
+    use opamp_operator::proto::{AgentConfigFile, AgentConfigMap, AgentRemoteConfig, RemoteConfigStatuses};
     use sha2::{Digest, Sha256};
 
-    /// The one remote config every agent gets (none until the first `POST /admin/config`).
-    #[derive(Default)]
-    struct Everyone(RwLock<Option<Arc<AgentRemoteConfig>>>);
+    /// The one remote config every agent gets: the plan of the namespace anonymous agents are
+    /// in, published on every `POST /admin/config`.
+    struct Everyone(Arc<AgentRemoteConfig>);
 
-    impl DesiredStateProvider for Everyone {
-        fn desired_state(&self, _: &AgentKey, _: Option<&AgentDescription>, _: bool) -> Option<DesiredState> {
-            let config = self.0.read().unwrap().clone()?;
-            Some(DesiredState { remote_config: Some(config), custom_capabilities: None })
+    impl Plan for Everyone {
+        fn desired(
+            &self,
+            _: &opamp_operator::opamp::Uid,
+            _: &opamp_operator::opamp::session::AgentReport,
+            _: &DesiredState,
+        ) -> DesiredState {
+            DesiredState { remote_config: Some(self.0.clone()), custom_capabilities: None }
         }
     }
 
     struct Admin {
         fleet: Fleet,
         metrics: Arc<Metrics>,
-        config: Arc<Everyone>,
+        config: RwLock<Option<Arc<AgentRemoteConfig>>>,
     }
 
     pub(super) fn router(fleet: Fleet, metrics: Arc<Metrics>) -> axum::Router {
-        let config = Arc::new(Everyone::default());
-        fleet.set_desired_state_provider(config.clone());
+        let config = RwLock::default();
         axum::Router::new()
             .route("/admin/config", post(set_config))
             .route("/admin/stats", get(stats))
             .with_state(Arc::new(Admin { fleet, metrics, config }))
     }
 
-    /// Agents connecting from now on get the config from the provider; known agents get it
-    /// here (connected WebSocket agents at once, HTTP agents on their next poll).
+    /// Agents connecting from now on get the config from the plan; known agents get it at once
+    /// (connected WebSocket agents pushed, HTTP agents on their next poll).
     async fn set_config(State(admin): State<Arc<Admin>>, body: Bytes) -> Json<serde_json::Value> {
         let hash = Sha256::digest(&body);
         let mut files = AgentConfigMap::default();
@@ -446,16 +447,14 @@ mod bench_admin {
             .insert("bench.yaml".into(), AgentConfigFile { body, content_type: "text/yaml".into() });
         let config =
             Arc::new(AgentRemoteConfig { config: Some(files), config_hash: Bytes::copy_from_slice(&hash) });
-        *admin.config.0.write().unwrap() = Some(config.clone());
-        let mut keys = Vec::with_capacity(admin.fleet.known_count());
-        admin.fleet.for_each(|key, _| keys.push(key.clone()));
-        let desired = DesiredState { remote_config: Some(config), custom_capabilities: None };
-        let pushed = keys.iter().filter(|key| admin.fleet.set_desired_state(key, desired.clone())).count();
+        *admin.config.write().unwrap() = Some(config.clone());
+        admin.fleet.publish_plan("default", Arc::new(Everyone(config)));
+        let pushed = admin.fleet.known_count();
         Json(serde_json::json!({ "hash": hex::encode(hash), "pushed": pushed }))
     }
 
     async fn stats(State(admin): State<Arc<Admin>>) -> Json<serde_json::Value> {
-        let current = admin.config.0.read().unwrap().as_ref().map(|c| c.config_hash.clone());
+        let current = admin.config.read().unwrap().as_ref().map(|c| c.config_hash.clone());
         let mut applied = 0usize;
         if let Some(hash) = &current {
             admin.fleet.for_each_view(|view| {

@@ -48,6 +48,9 @@ pub struct Metrics {
     pub dispatch_results: Family<StateLabel, Counter>,
     pub reconcile_duration: Histogram,
     pub status_patches: Family<StateLabel, Counter>,
+    /// Status updates and Events dropped because the writer's queue was full.
+    pub status_updates_dropped: Counter,
+    pub status_queue_depth: Gauge,
     /// OpAMP connections open now (both transports, TLS handshakes included).
     pub connections_open: Gauge,
     /// Times the OpAMP endpoint stopped accepting at its connection limit.
@@ -125,6 +128,8 @@ impl Default for Metrics {
             dispatch_results: Family::default(),
             reconcile_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             status_patches: Family::default(),
+            status_updates_dropped: Counter::default(),
+            status_queue_depth: Gauge::default(),
             connections_open: Gauge::default(),
             connection_accepts_paused: Counter::default(),
             connection_timeouts: Family::default(),
@@ -174,7 +179,21 @@ impl Default for Metrics {
             "Duration of re-planning one namespace",
             m.reconcile_duration.clone(),
         );
-        registry.register("status_patches", "Status patches, by outcome", m.status_patches.clone());
+        registry.register(
+            "status_patches",
+            "Status patches, by outcome (ok, error, timeout)",
+            m.status_patches.clone(),
+        );
+        registry.register(
+            "status_updates_dropped",
+            "Status updates and Events dropped because the status writer's queue was full (recomputed later)",
+            m.status_updates_dropped.clone(),
+        );
+        registry.register(
+            "status_queue_depth",
+            "Status updates and Events waiting for the status writer",
+            m.status_queue_depth.clone(),
+        );
         registry.register(
             "connections_open",
             "OpAMP connections open now (both transports, TLS handshakes included)",

@@ -7,16 +7,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{TestServer, eventually};
-use opamp_operator::fleet::{AgentKey, DesiredState, DesiredStateProvider, Fleet, FleetConfig, Transport};
-use opamp_operator::opamp::ServerConfig;
-use opamp_operator::proto::{AgentDescription, AgentRemoteConfig, RemoteConfigStatuses};
+use opamp_operator::fleet::{DesiredState, Fleet, FleetConfig, Plan, Transport};
+use opamp_operator::opamp::session::AgentReport;
+use opamp_operator::opamp::{ServerConfig, Uid};
+use opamp_operator::proto::{AgentRemoteConfig, RemoteConfigStatuses};
 use opamp_operator::sim::fleet::{FleetSimConfig, run};
 use tokio_util::sync::CancellationToken;
 
 struct Everyone(Arc<AgentRemoteConfig>);
-impl DesiredStateProvider for Everyone {
-    fn desired_state(&self, _: &AgentKey, _: Option<&AgentDescription>, _: bool) -> Option<DesiredState> {
-        Some(DesiredState { remote_config: Some(self.0.clone()), custom_capabilities: None })
+impl Plan for Everyone {
+    fn desired(&self, _: &Uid, _: &AgentReport, _: &DesiredState) -> DesiredState {
+        DesiredState { remote_config: Some(self.0.clone()), custom_capabilities: None }
     }
 }
 
@@ -26,7 +27,7 @@ async fn simulate(transport: Transport) {
         config: Some(Default::default()),
         config_hash: Bytes::from_static(b"h1"),
     });
-    fleet.set_desired_state_provider(Arc::new(Everyone(cfg)));
+    fleet.publish_plan("default", Arc::new(Everyone(cfg)));
     let server =
         TestServer::start_at("127.0.0.1:0".parse().unwrap(), fleet, ServerConfig::default(), None).await;
     let url = match transport {

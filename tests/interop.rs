@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use common::goagent::GoAgent;
 use common::{TestServer, eventually, remote_config};
-use opamp_operator::fleet::{AgentKey, DesiredState, DesiredStateProvider, Fleet, FleetConfig};
+use opamp_operator::fleet::{AgentKey, DesiredState, Fleet, FleetConfig, Plan};
+use opamp_operator::opamp::session::AgentReport;
 use opamp_operator::opamp::{ServerConfig, Uid};
 use opamp_operator::proto::{AgentDescription, AgentRemoteConfig, RemoteConfigStatuses, any_value};
 
@@ -21,9 +22,9 @@ fn hex(b: &[u8]) -> String {
 
 /// Gives every agent the same config, as the controller does for a matching AgentConfig.
 struct Everyone(Arc<AgentRemoteConfig>);
-impl DesiredStateProvider for Everyone {
-    fn desired_state(&self, _: &AgentKey, _: Option<&AgentDescription>, _: bool) -> Option<DesiredState> {
-        Some(DesiredState { remote_config: Some(self.0.clone()), custom_capabilities: None })
+impl Plan for Everyone {
+    fn desired(&self, _: &Uid, _: &AgentReport, _: &DesiredState) -> DesiredState {
+        DesiredState { remote_config: Some(self.0.clone()), custom_capabilities: None }
     }
 }
 
@@ -97,7 +98,7 @@ async fn lifecycle(scheme: &str) {
     // The server restarts, losing everything; the controller still wants the same config.
     let addr = server.stop().await;
     let restarted = fleet();
-    restarted.set_desired_state_provider(Arc::new(Everyone(cfg.clone())));
+    restarted.publish_plan("default", Arc::new(Everyone(cfg.clone())));
     let server = TestServer::start_at(addr, restarted, ServerConfig::default(), None).await;
     let back = eventually(T, "agent back with its full state", || async {
         let a = server.fleet.agent(&AgentKey::new("default", uid))?;

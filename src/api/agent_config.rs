@@ -150,6 +150,14 @@ pub struct RolloutStatus {
     /// The current step (1-based; Immediate rollouts have one step).
     pub step: u32,
     pub state: RolloutState,
+    /// Which agents the rollout of `configHash` admitted so far, the same on every replica: an
+    /// agent is admitted when its rollout key is at most this (16 hex digits). The rollout key
+    /// of an agent is the first 8 bytes (big-endian) of SHA-256 over `<namespace>/<name>` of
+    /// this AgentConfig followed by the agent's 16-byte instance uid: a stable order, so the
+    /// first steps always go to the same agents. Written by the operator's leader as the
+    /// rollout advances; unset before the first step and for Immediate rollouts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admitted_up_to: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]

@@ -1,20 +1,24 @@
 //! The controller's in-memory index: per namespace, the AgentConfigs with their files resolved
-//! and the CapabilitySlots, and from them the desired state of any agent (pure given the
-//! watched objects; no API calls).
+//! and the CapabilitySlots, and from them the desired state of any agent. It is the
+//! namespace's [`Plan`]: a pure function of the watched objects (including the rollout progress
+//! the leader writes into status) and of the agent, so every replica plans the same.
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
 
-use super::merge::{self, File, Source};
-use super::rollout::Tracker;
+use super::merge::{self, File, Source, display_hash};
+use super::rollout::{parse_threshold, rollout_key};
 use crate::api::RolloutStrategy;
-use crate::api::{AgentConfig, CapabilitySlot, ConfigFile, KeyRef};
-use crate::fleet::DesiredState;
+use crate::api::{AgentConfig, CapabilitySlot, ConfigFile, KeyRef, RolloutState};
+use crate::fleet::{DesiredState, Plan};
 use crate::opamp::Uid;
+use crate::opamp::session::AgentReport;
 use crate::proto::{AgentDescription, AgentRemoteConfig, CustomCapabilities, any_value};
 
 /// An attribute of an agent's description, identifying or not, as a string.
@@ -53,6 +57,19 @@ pub struct ResolvedConfig {
     pub missing: Vec<String>,
     /// Hash of the files this resource contributes.
     pub own_hash: Option<[u8; 32]>,
+    /// Which agents may be given this version.
+    pub admission: Admission,
+}
+
+/// Which agents a resource's current version may reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Every agent (Immediate rollouts, complete Progressive ones).
+    All,
+    /// Agents whose rollout key is at most this (the status's `rollout.admittedUpTo`).
+    UpTo(u64),
+    /// None yet: the leader has not started this version's rollout.
+    Nobody,
 }
 
 impl ResolvedConfig {
@@ -65,13 +82,13 @@ impl ResolvedConfig {
     }
 
     /// Whether `uid` may be given this resource's current version: always for Immediate
-    /// rollouts, once admitted by the rollout's tracker for Progressive ones.
-    pub fn admits(&self, uid: &Uid, rollouts: &HashMap<String, Tracker>) -> bool {
-        if !self.is_progressive() {
-            return true;
+    /// rollouts, once the rollout progress in status admits it for Progressive ones.
+    pub fn admits(&self, uid: &Uid) -> bool {
+        match (self.admission, &self.source) {
+            (Admission::All, _) => true,
+            (Admission::UpTo(t), Some(source)) => rollout_key(&source.key, uid) <= t,
+            _ => false,
         }
-        let (Some(source), Some(hash)) = (&self.source, &self.own_hash) else { return false };
-        rollouts.get(&source.key).is_some_and(|t| t.hash == *hash && t.admits(uid))
     }
 }
 
@@ -143,24 +160,19 @@ impl NamespaceIndex {
             .collect()
     }
 
-    /// The desired state of an agent, or `None` to leave it as it is (a progressive rollout
-    /// has not admitted it yet). `has_remote_config` says whether the agent runs a remote config
-    /// now (then an agent no longer selected is sent the empty config, releasing it).
-    pub fn desired(
-        &self,
-        uid: &Uid,
-        desc: Option<&AgentDescription>,
-        has_remote_config: bool,
-        rollouts: &HashMap<String, Tracker>,
-    ) -> Option<DesiredState> {
-        let selected = self.selecting(desc);
-        if selected.iter().any(|&i| !self.configs[i].admits(uid, rollouts)) {
-            return None;
-        }
-        Some(self.desired_ungated(selected, desc, has_remote_config))
+    /// Whether every config selecting an agent admits it (or it runs their version already).
+    pub fn admits(&self, uid: &Uid, report: &AgentReport, ungated: &DesiredState) -> bool {
+        let runs = |d: &DesiredState| {
+            let reported = report.remote_config_status.as_ref().map(|s| &s.last_remote_config_hash);
+            d.remote_config.as_ref().is_some_and(|c| Some(&c.config_hash) == reported)
+        };
+        let selected = self.selecting(report.description.as_ref());
+        selected.iter().all(|&i| self.configs[i].admits(uid)) || runs(ungated)
     }
 
-    /// The desired state with every selecting resource at its current version.
+    /// The desired state with every selecting resource at its current version. `has_remote_config`
+    /// says whether the agent runs a remote config now (then an agent no longer selected is sent
+    /// the empty config, releasing it).
     pub fn desired_ungated(
         &self,
         selected: Vec<usize>,
@@ -170,7 +182,7 @@ impl NamespaceIndex {
         let remote_config = if selected.is_empty() {
             has_remote_config.then(empty_config)
         } else {
-            let mut cache = self.merged.lock().unwrap();
+            let mut cache = self.merged.lock();
             Some(
                 cache
                     .entry(selected.clone())
@@ -196,7 +208,7 @@ impl NamespaceIndex {
         if owning.is_empty() {
             return None;
         }
-        let mut cache = self.capabilities.lock().unwrap();
+        let mut cache = self.capabilities.lock();
         let caps = cache.entry(owning.clone()).or_insert_with(|| {
             let mut capabilities: Vec<String> =
                 owning.iter().map(|&i| self.slots.slots[i].spec.capability.clone()).collect();
@@ -222,6 +234,19 @@ impl NamespaceIndex {
             }
         }
         out
+    }
+}
+
+impl Plan for NamespaceIndex {
+    /// Every selecting resource at its current version once their rollouts admit the agent;
+    /// until then the agent keeps the config it has (its custom capabilities follow at once).
+    fn desired(&self, uid: &Uid, report: &AgentReport, current: &DesiredState) -> DesiredState {
+        let desc = report.description.as_ref();
+        let ungated = self.desired_ungated(self.selecting(desc), desc, report.has_remote_config());
+        if self.admits(uid, report, &ungated) {
+            return ungated;
+        }
+        DesiredState { remote_config: current.remote_config.clone(), ..ungated }
     }
 }
 
@@ -282,7 +307,28 @@ fn resolve_config(
         priority: object.spec.priority,
         files: Arc::new(files),
     });
-    ResolvedConfig { object, source, missing, own_hash }
+    let admission = admission(&object, own_hash.as_ref());
+    ResolvedConfig { object, source, missing, own_hash, admission }
+}
+
+/// What the rollout progress in an AgentConfig's status admits of its current version.
+fn admission(object: &AgentConfig, own_hash: Option<&[u8; 32]>) -> Admission {
+    if object.spec.rollout.strategy != RolloutStrategy::Progressive {
+        return Admission::All;
+    }
+    let status = object.status.as_ref();
+    let Some(rollout) = status
+        .filter(|s| own_hash.is_some_and(|h| s.config_hash.as_deref() == Some(display_hash(h).as_str())))
+        .and_then(|s| s.rollout.as_ref())
+    else {
+        return Admission::Nobody;
+    };
+    match rollout.admitted_up_to.as_deref().and_then(parse_threshold) {
+        _ if rollout.state == RolloutState::Complete => Admission::All,
+        Some(u64::MAX) => Admission::All,
+        Some(t) => Admission::UpTo(t),
+        None => Admission::Nobody,
+    }
 }
 
 fn read_file(
@@ -320,4 +366,106 @@ fn read_file(
         return lookup("Secret", r, value);
     }
     Err("no source set".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::AgentConfigStatus;
+    use crate::controller::rollout::{AgentFacts, Tracker};
+    use crate::fleet::{Fleet, Tenant, Transport};
+    use crate::proto::{AgentToServer, AnyValue, KeyValue};
+
+    const PROGRESSIVE: &str = "
+apiVersion: opamp.dev/v1alpha1
+kind: AgentConfig
+metadata: {name: edge, namespace: team-a, generation: 1}
+spec:
+  selector: {matchAttributes: {service.name: edge}}
+  files: {edge.yaml: {inline: 'v: 2'}}
+  rollout: {strategy: Progressive, steps: [50]}
+";
+
+    fn object(status: Option<AgentConfigStatus>) -> Arc<AgentConfig> {
+        let mut config: AgentConfig = serde_yaml::from_str(PROGRESSIVE).unwrap();
+        config.status = status;
+        Arc::new(config)
+    }
+
+    fn plan(config: Arc<AgentConfig>) -> NamespaceIndex {
+        let (config_maps, _) = kube::runtime::reflector::store();
+        let (secrets, _) = kube::runtime::reflector::store();
+        NamespaceIndex::resolve(vec![config], vec![], &config_maps, &secrets)
+    }
+
+    fn hello(uid: Uid) -> AgentToServer {
+        let value = Some(AnyValue { value: Some(any_value::Value::StringValue("edge".into())) });
+        AgentToServer {
+            instance_uid: uid.to_wire(),
+            capabilities: 0x7,
+            agent_description: Some(AgentDescription {
+                identifying_attributes: vec![KeyValue { key: "service.name".into(), value }],
+                non_identifying_attributes: vec![],
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The file an agent is to have on a replica (connecting it there).
+    fn on_replica(fleet: &Fleet, uid: Uid) -> Option<bytes::Bytes> {
+        let mut conn = fleet.connection(Transport::WebSocket, Tenant::new("team-a"));
+        fleet.handle(&mut conn, hello(uid)).unwrap();
+        let desired = fleet.desired_state(&crate::fleet::AgentKey::new("team-a", uid))?;
+        let files = desired.remote_config?.config.clone()?;
+        files.config_map.get("edge.yaml").map(|f| f.body.clone())
+    }
+
+    #[test]
+    fn a_leader_and_a_follower_plan_the_same_desired_state_for_the_same_agent() {
+        let uids: Vec<Uid> = (0..8u8).map(|i| Uid([i; 16])).collect();
+        // The leader advances the rollout over the agents it sees (half of them) and writes the
+        // progress into status.
+        let before = plan(object(None));
+        let config = &before.configs[0];
+        let hash = config.own_hash.unwrap();
+        let facts: Vec<AgentFacts> = uids[..4]
+            .iter()
+            .map(|uid| AgentFacts {
+                key: rollout_key("team-a/edge", uid),
+                applied: false,
+                failed: false,
+                healthy: true,
+                has_version: false,
+            })
+            .collect();
+        let mut tracker = Tracker::new(hash, Some(1));
+        let rollout = &config.object.spec.rollout;
+        assert!(tracker.advance(rollout, &facts, tokio::time::Instant::now()));
+        let status = AgentConfigStatus {
+            observed_generation: Some(1),
+            config_hash: Some(display_hash(&hash)),
+            rollout: Some(tracker.status(RolloutState::Progressing)),
+            ..Default::default()
+        };
+        // Two replicas plan from the same objects, each with agents of its own.
+        let (leader, follower) = (Fleet::default(), Fleet::default());
+        leader.publish_plan("team-a", Arc::new(plan(object(Some(status.clone())))));
+        follower.publish_plan("team-a", Arc::new(plan(object(Some(status)))));
+        let mut admitted = 0;
+        for uid in &uids {
+            let (on_leader, on_follower) = (on_replica(&leader, *uid), on_replica(&follower, *uid));
+            assert_eq!(on_leader, on_follower, "agent {uid}: the same on every replica");
+            let expected = tracker.admits(rollout_key("team-a/edge", uid));
+            assert_eq!(on_leader.is_some(), expected, "agent {uid}");
+            admitted += usize::from(expected);
+        }
+        assert!(
+            admitted >= 2,
+            "half of the leader's 4 agents, and those of the follower below the threshold"
+        );
+        // Before the leader started this version's rollout, no replica gives it to anyone.
+        let unstarted = Fleet::default();
+        unstarted.publish_plan("team-a", Arc::new(before));
+        assert!(uids.iter().all(|uid| on_replica(&unstarted, *uid).is_none()));
+    }
 }

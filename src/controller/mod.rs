@@ -1,29 +1,34 @@
-//! The control loop: watches AgentConfigs, CapabilitySlots, ConfigMaps and Secrets into
-//! reflector caches, turns them into each agent's desired state in the fleet, and writes what
-//! the fleet did back into the resources' status.
+//! The control loop, in one direction: watch → plan (every replica) → status compute → status
+//! writer (leader only).
 //!
-//! The unit of work is the namespace: an agent's config is the merge of every AgentConfig of
-//! its namespace that selects it, so any change there (a resource, a referenced ConfigMap or
-//! Secret) re-plans the namespace: resolve, then recompute the desired state of its agents.
-//! Status is recomputed for namespaces whose agents or objects changed, at most once a second.
+//! - Watches keep reflector caches of AgentConfigs, CapabilitySlots, ConfigMaps and Secrets.
+//! - Planning: any change in a namespace (a resource, a referenced ConfigMap or Secret, the
+//!   rollout progress the leader wrote into status) resolves it again into a
+//!   [`NamespaceIndex`], published to the fleet as the namespace's plan; the fleet derives each
+//!   agent's desired state from it. Every replica plans, from what every replica sees, so an
+//!   agent gets the same files whichever replica it is connected to.
+//! - Status compute (leader only, at most once a second per namespace): counts the fleet's
+//!   agents against the index, advances progressive rollouts (the only decision taken on the
+//!   leader alone), and queues what changed for the [`writer`], which patches it with a
+//!   deadline. A slow API server delays status, never configs.
 pub mod auth;
 pub mod index;
 pub mod leader;
 pub mod merge;
 pub mod rollout;
 pub mod status;
+pub mod writer;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Debug;
 use std::hash::Hash;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -34,22 +39,19 @@ use tokio_util::sync::CancellationToken;
 
 use self::auth::TokenAuthenticator;
 use self::index::NamespaceIndex;
-use self::rollout::{Rollouts, Tracker};
+use self::merge::display_hash;
+use self::rollout::{AgentFacts, Tracker};
 use self::status::NamespaceStatus;
-use crate::api::{
-    AGENT_TOKEN_SECRET_TYPE, AgentConfig, AgentConfigStatus, CapabilitySlot, CapabilitySlotStatus,
-};
-use crate::fleet::{AgentKey, Changes, DesiredState, DesiredStateProvider, Fleet};
-use crate::metrics::{Metrics, StateLabel};
+use self::writer::{ObjectKey, Status, StatusQueue, StatusWrite, Transition};
+use crate::api::{AGENT_TOKEN_SECRET_TYPE, AgentConfig, AgentConfigStatus, CapabilitySlot};
+use crate::fleet::{Fleet, Plan};
+use crate::metrics::Metrics;
 use crate::opamp::Uid;
-use crate::proto::AgentDescription;
 use crate::routes::Routes;
 
 pub const FIELD_MANAGER: &str = "opamp-operator";
 /// How often a namespace at its agent limit is told so again (an Event).
 const REFUSALS_EVERY: Duration = Duration::from_secs(60);
-
-type SharedIndex = Arc<RwLock<HashMap<String, Arc<NamespaceIndex>>>>;
 
 /// Namespaces with something new, coalesced.
 #[derive(Default)]
@@ -62,7 +64,7 @@ struct Dirty {
 impl Dirty {
     fn mark(&self, ns: Option<String>) {
         if let Some(ns) = ns {
-            self.namespaces.lock().unwrap().insert(ns);
+            self.namespaces.lock().unwrap_or_else(|e| e.into_inner()).insert(ns);
             self.notify.notify_one();
         }
     }
@@ -70,25 +72,6 @@ impl Dirty {
     fn mark_all(&self) {
         self.all.store(true, std::sync::atomic::Ordering::Relaxed);
         self.notify.notify_one();
-    }
-}
-
-/// The desired state of a connecting agent, from the index (called by the fleet).
-struct Provider {
-    index: SharedIndex,
-    rollouts: Rollouts,
-}
-
-impl DesiredStateProvider for Provider {
-    fn desired_state(
-        &self,
-        agent: &AgentKey,
-        desc: Option<&AgentDescription>,
-        has_rc: bool,
-    ) -> Option<DesiredState> {
-        let idx = self.index.read().unwrap().get(&*agent.namespace).cloned()?;
-        let rollouts = self.rollouts.lock().unwrap();
-        idx.desired(&agent.uid, desc, has_rc, &rollouts)
     }
 }
 
@@ -107,18 +90,20 @@ pub struct Controller {
     metrics: Arc<Metrics>,
     routes: Arc<Routes>,
     auth: Arc<TokenAuthenticator>,
-    index: SharedIndex,
-    rollouts: Rollouts,
+    /// The plan of each namespace, as last published.
+    index: HashMap<String, Arc<NamespaceIndex>>,
+    /// Progressive rollouts by `namespace/name`, on the leader (resumed from status).
+    rollouts: HashMap<String, Tracker>,
     dirty: Arc<Dirty>,
     recorder: Recorder,
-    /// Agents by namespace, maintained from the fleet's changes.
-    agents: HashMap<Arc<str>, HashSet<Uid>>,
+    queue: Arc<StatusQueue>,
     status_dirty: HashSet<String>,
     /// When each namespace was last told (an Event) that it refused agents at its limit.
     refusals_told: HashMap<Arc<str>, tokio::time::Instant>,
     failure_since: HashMap<String, HashMap<(Uid, Bytes), Time>>,
     scope: Scope,
-    /// Only the leader writes status and events (always true without leader election).
+    /// Only the leader computes and writes status and events (always true without leader
+    /// election).
     leader: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -149,25 +134,19 @@ impl Controller {
         scope: Scope,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let index: SharedIndex = Arc::default();
-        let rollouts: Rollouts = Arc::default();
-        fleet.set_desired_state_provider(Arc::new(Provider {
-            index: index.clone(),
-            rollouts: rollouts.clone(),
-        }));
         let reporter =
             Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             fleet,
+            queue: Arc::new(StatusQueue::new(writer::QUEUE_CAPACITY, metrics.clone())),
             metrics,
             routes,
             auth,
-            index,
-            rollouts,
+            index: HashMap::new(),
+            rollouts: HashMap::new(),
             dirty: Arc::default(),
-            agents: HashMap::new(),
             status_dirty: HashSet::new(),
             refusals_told: HashMap::new(),
             failure_since: HashMap::new(),
@@ -215,9 +194,18 @@ impl Controller {
             _ = shutdown.cancelled() => return,
         }
         self.auth.rebuild(&self.scope.secrets(stores.secrets.state()));
+        // Namespaces without objects: agents that run a config of ours are released.
+        self.fleet.publish_fallback_plan(Arc::new(NamespaceIndex::default()));
         self.dirty.mark_all();
         tracing::info!(tokens = self.auth.len(), "caches synced");
         let _ = ready.send(true);
+        tasks.spawn(writer::run(
+            self.queue.clone(),
+            self.client.clone(),
+            self.recorder.clone(),
+            self.leader.clone(),
+            shutdown.clone(),
+        ));
 
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -226,84 +214,43 @@ impl Controller {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = dirty.notify.notified() => {}
-                _ = fleet.changed() => {}
+                _ = dirty.notify.notified() => self.replan(&stores),
+                _ = fleet.changed() => {
+                    let changed = self.fleet.take_changes();
+                    self.status_dirty.extend(changed.into_keys().map(|k| k.namespace.to_string()));
+                }
                 _ = tick.tick() => {
                     self.status_dirty.extend(self.routes.take_changed());
+                    self.status_dirty.extend(self.queue.take_retry());
                     if !*self.leader.borrow() {
-                        continue; // followers keep their caches and fleet, and write nothing
+                        self.rollouts.clear(); // a new term resumes them from status
+                        continue; // followers plan and serve, and write nothing
                     }
                     if self.leader.has_changed().unwrap_or(false) {
                         // Just became the leader: everything may be stale.
                         self.leader.mark_unchanged();
-                        self.status_dirty.extend(self.index.read().unwrap().keys().cloned());
+                        self.status_dirty.extend(self.index.keys().cloned());
                     }
-                    self.report_refusals().await;
-                    self.write_statuses().await;
-                    continue;
+                    self.report_refusals();
+                    self.compute_statuses();
                 }
             }
-            self.track_agents();
-            self.replan(&stores);
         }
         tasks.abort_all();
     }
 
-    /// Folds the fleet's changes into the agents-by-namespace index.
-    fn track_agents(&mut self) {
-        let mut arrived = Vec::new();
-        for (key, changes) in self.fleet.take_changes() {
-            let known = self.agents.get(&key.namespace).is_some_and(|set| set.contains(&key.uid));
-            let present = !changes.contains(Changes::REMOVED) && self.fleet.inspect(&key, |_| ()).is_some();
-            if known && !present {
-                if let Some(set) = self.agents.get_mut(&key.namespace) {
-                    set.remove(&key.uid);
-                    if set.is_empty() {
-                        self.agents.remove(&key.namespace);
-                    }
-                }
-            } else if !known && present {
-                self.agents.entry(key.namespace.clone()).or_default().insert(key.uid);
-                arrived.push(key.clone());
-            }
-            self.status_dirty.insert(key.namespace.to_string());
-        }
-        // An agent's desired state was computed when it connected, from the index of that moment.
-        // A re-plan that ran since then did not know the agent yet: compute it again, now that
-        // every later re-plan will include it.
-        if arrived.is_empty() {
-            return;
-        }
-        let rollouts = self.rollouts.lock().unwrap().clone();
-        for key in arrived {
-            let idx = self.index.read().unwrap().get(&*key.namespace).cloned();
-            if let Some(idx) = idx {
-                self.refresh_desired(&key, &idx, &rollouts);
-            }
-        }
-    }
-
-    /// Gives one agent the desired state `idx` plans for it.
-    fn refresh_desired(&self, key: &AgentKey, idx: &NamespaceIndex, rollouts: &HashMap<String, Tracker>) {
-        let desired = self.fleet.inspect(key, |a| {
-            idx.desired(&key.uid, a.report.description.as_ref(), a.report.has_remote_config(), rollouts)
-        });
-        if let Some(Some(d)) = desired {
-            self.fleet.set_desired_state(key, d);
-        }
-    }
-
-    /// Re-resolves dirty namespaces and recomputes their agents' desired state.
+    /// Re-resolves dirty namespaces and publishes their plans (and routes).
     fn replan(&mut self, stores: &Stores) {
         let all = self.dirty.all.swap(false, std::sync::atomic::Ordering::Relaxed);
-        let mut namespaces: HashSet<String> = std::mem::take(&mut *self.dirty.namespaces.lock().unwrap());
+        let mut namespaces: HashSet<String> =
+            std::mem::take(&mut *self.dirty.namespaces.lock().unwrap_or_else(|e| e.into_inner()));
         if all {
             namespaces.extend(stores.agent_configs.state().iter().filter_map(|o| o.namespace()));
             namespaces.extend(stores.slots.state().iter().filter_map(|o| o.namespace()));
-            namespaces.extend(self.agents.keys().map(|k| k.to_string()));
-            namespaces.extend(self.index.read().unwrap().keys().cloned());
+            namespaces.extend(self.index.keys().cloned());
         }
         namespaces.retain(|ns| self.scope.contains(ns));
+        let mut plans: Vec<(Arc<str>, Arc<dyn Plan>)> = Vec::with_capacity(namespaces.len());
         for ns in namespaces {
             let started = std::time::Instant::now();
             let in_ns = |o: &Option<String>| o.as_deref() == Some(ns.as_str());
@@ -311,7 +258,6 @@ impl Controller {
                 stores.agent_configs.state().into_iter().filter(|o| in_ns(&o.namespace())).collect();
             let slots: Vec<_> = stores.slots.state().into_iter().filter(|o| in_ns(&o.namespace())).collect();
             let idx = Arc::new(NamespaceIndex::resolve(configs, slots, &stores.config_maps, &stores.secrets));
-            self.index.write().unwrap().insert(ns.clone(), idx.clone());
             let slot_routes = idx
                 .slots
                 .slots
@@ -323,78 +269,107 @@ impl Controller {
                 })
                 .collect();
             self.routes.publish(&ns, slot_routes);
-            let rollouts = self.rollouts.lock().unwrap().clone();
-            let namespace: Arc<str> = ns.as_str().into();
-            for uid in self.agents.get(ns.as_str()).into_iter().flatten() {
-                self.refresh_desired(&AgentKey::new(namespace.clone(), *uid), &idx, &rollouts);
-            }
+            plans.push((ns.as_str().into(), idx.clone()));
+            self.index.insert(ns.clone(), idx);
             self.status_dirty.insert(ns);
             self.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
         }
+        self.fleet.publish_plans(plans);
     }
 
-    /// Writes the status of every object of the namespaces that changed.
-    async fn write_statuses(&mut self) {
+    /// Computes the status of every object of the namespaces that changed (one pass over the
+    /// fleet), advances their rollouts and queues what changed for the writer.
+    fn compute_statuses(&mut self) {
         let now = Time(k8s_openapi::jiff::Timestamp::now());
+        let namespaces: Vec<(String, Arc<NamespaceIndex>)> = std::mem::take(&mut self.status_dirty)
+            .into_iter()
+            .filter_map(|ns| self.index.get(&ns).cloned().map(|idx| (ns, idx)))
+            .collect();
+        let mut counts: HashMap<&str, NamespaceStatus<'_>> =
+            namespaces.iter().map(|(ns, idx)| (ns.as_str(), NamespaceStatus::new(idx))).collect();
+        if counts.is_empty() {
+            return;
+        }
+        self.fleet.for_each_view(|agent| {
+            if let Some(st) = counts.get_mut(&**agent.namespace) {
+                st.add(agent);
+            }
+        });
         let mut active = HashSet::new();
-        for ns in std::mem::take(&mut self.status_dirty) {
-            let Some(idx) = self.index.read().unwrap().get(&ns).cloned() else { continue };
-            let before = self.rollouts.lock().unwrap().clone();
-            let mut st = NamespaceStatus::new(&idx, &before);
-            let namespace: Arc<str> = ns.as_str().into();
-            for uid in self.agents.get(ns.as_str()).into_iter().flatten() {
-                self.fleet.inspect(&AgentKey::new(namespace.clone(), *uid), |a| st.add(*uid, a));
-            }
-            if self.advance_rollouts(&idx, &st.facts) {
-                self.dirty.mark(Some(ns.clone()));
-            }
-            let after = self.rollouts.lock().unwrap().clone();
-            if after.values().any(|t| !t.complete && !t.halted) {
+        for (ns, idx) in &namespaces {
+            let Some(st) = counts.remove(ns.as_str()) else { continue };
+            self.advance_rollouts(ns, idx, &st.facts);
+            if self.rollouts.values().any(|t| !t.complete && !t.halted) {
                 active.insert(ns.clone());
             }
             let since = self.failure_since.entry(ns.clone()).or_default();
-            let config_statuses = st.agent_configs(&now, since, &after);
+            let config_statuses = st.agent_configs(&now, since, &self.rollouts);
             let slot_statuses = st.capability_slots(&now, &self.routes);
             for (config, status) in idx.configs.iter().zip(config_statuses) {
-                self.publish_config(&config.object, status).await;
+                let cached = config.object.status.clone().map(Status::Config);
+                self.offer(&*config.object, cached, Status::Config(status));
             }
             for (slot, status) in idx.slots.slots.iter().zip(slot_statuses) {
-                self.publish_slot(slot, status).await;
+                self.offer(&**slot, slot.status.clone().map(Status::Slot), Status::Slot(status));
             }
         }
         // Rollouts in progress are re-evaluated every tick (minHealthySeconds is a time).
         self.status_dirty.extend(active);
     }
 
-    /// Moves each progressive rollout forward; true when agents were admitted (re-plan).
-    fn advance_rollouts(
-        &self,
-        idx: &NamespaceIndex,
-        facts: &std::collections::BTreeMap<usize, Vec<rollout::AgentFacts>>,
-    ) -> bool {
-        let mut rollouts = self.rollouts.lock().unwrap();
-        let mut admitted = false;
+    /// Moves each progressive rollout of a namespace forward (the leader's decision; the
+    /// status written carries it to every replica's plan).
+    fn advance_rollouts(&mut self, ns: &str, idx: &NamespaceIndex, facts: &BTreeMap<usize, Vec<AgentFacts>>) {
         let now = tokio::time::Instant::now();
+        let mut present = HashSet::new();
         for (i, config) in idx.configs.iter().enumerate() {
             let (Some(source), Some(hash), true) = (&config.source, config.own_hash, config.is_progressive())
             else {
                 continue;
             };
+            present.insert(source.key.as_str());
             let generation = config.object.metadata.generation;
-            let tracker =
-                rollouts.entry(source.key.clone()).or_insert_with(|| Tracker::new(hash, generation));
-            if tracker.hash != hash || tracker.generation != generation {
-                *tracker = Tracker::new(hash, generation); // a new version, or a spec change resumes
+            let status = config.object.status.as_ref();
+            let tracker = self
+                .rollouts
+                .entry(source.key.clone())
+                .or_insert_with(|| Tracker::resume(hash, &display_hash(&hash), generation, status));
+            if tracker.hash != hash {
+                *tracker = Tracker::new(hash, generation); // a new version starts over
+            } else if tracker.generation != generation {
+                tracker.generation = generation; // a spec change resumes a halted rollout
+                tracker.halted = false;
             }
-            let empty = Vec::new();
-            admitted |= tracker.advance(&config.object.spec.rollout, facts.get(&i).unwrap_or(&empty), now);
+            tracker.advance(&config.object.spec.rollout, facts.get(&i).map_or(&[], |f| f.as_slice()), now);
         }
-        admitted
+        let prefix = format!("{ns}/");
+        self.rollouts.retain(|key, _| !key.starts_with(&prefix) || present.contains(key.as_str()));
+    }
+
+    /// Queues an object's status when it differs from what the object has and from what is
+    /// already on its way, with the Events its changes tell.
+    fn offer<K: Resource<DynamicType = ()>>(&self, object: &K, cached: Option<Status>, new: Status) {
+        let meta = object.meta();
+        let key = ObjectKey {
+            kind: if matches!(new, Status::Config(_)) { "AgentConfig" } else { "CapabilitySlot" },
+            namespace: meta.namespace.clone().unwrap_or_default(),
+            name: meta.name.clone().unwrap_or_default(),
+        };
+        if !new.differs(cached.as_ref()) {
+            self.queue.caught_up(&key);
+            return;
+        }
+        let previous = self.queue.last_sent(&key).or(cached);
+        if !new.differs(previous.as_ref()) {
+            return; // already on its way
+        }
+        let events = events(previous.as_ref(), &new);
+        self.queue.push_status(key, StatusWrite { reference: object.object_ref(&()), status: new, events });
     }
 
     /// A Warning Event in each namespace that refused new agents at its limit (at most one a
     /// minute per namespace; the refusals are counted in `opamp_agents_rejected`).
-    async fn report_refusals(&mut self) {
+    fn report_refusals(&mut self) {
         let now = tokio::time::Instant::now();
         for r in self.fleet.take_refusals() {
             if self.refusals_told.get(&r.namespace).is_some_and(|at| now.duration_since(*at) < REFUSALS_EVERY)
@@ -421,97 +396,50 @@ impl Controller {
                 action: "AdmitAgent".into(),
                 secondary: None,
             };
-            if let Err(e) = self.recorder.publish(&ev, &reference).await {
-                tracing::debug!(error = %e, "event not recorded");
-            }
-        }
-    }
-
-    async fn publish_config(&self, object: &AgentConfig, status: AgentConfigStatus) {
-        let current = object.status.as_ref();
-        let strip = |s: &AgentConfigStatus| AgentConfigStatus { conditions: vec![], ..s.clone() };
-        if !status::changed(current, &status, |s| &s.conditions, strip) {
-            return;
-        }
-        let old = current.map(|s| s.conditions.as_slice()).unwrap_or_default();
-        let mut events = transitions(old, &status.conditions);
-        let hash = status.config_hash.as_deref().unwrap_or_default();
-        // Events are grouped by reason and action: the version in the action keeps each
-        // rollout's events apart.
-        let version = format!("Rollout-{}", hash.trim_start_matches("sha256:").get(..12).unwrap_or_default());
-        let old_hash = current.and_then(|c| c.config_hash.as_deref());
-        let new_version = old_hash != status.config_hash.as_deref() && status.config_hash.is_some();
-        if new_version {
-            let note = format!("rolling out {hash} to {} agents", status.selected_agents);
-            events.insert(0, (EventType::Normal, "RolloutStarted", note, version.clone()));
-        }
-        let complete = |s: Option<&AgentConfigStatus>| {
-            s.and_then(|s| s.rollout.as_ref()).is_some_and(|r| r.state == crate::api::RolloutState::Complete)
-        };
-        if complete(Some(&status)) && (new_version || !complete(current)) {
-            let note =
-                format!("{} of {} agents applied {hash}", status.applied_agents, status.selected_agents);
-            events.push((EventType::Normal, "RolloutComplete", note, version));
-        }
-        self.patch_status::<AgentConfig, _>(object, &status).await;
-        for (type_, reason, note, action) in events {
-            self.event(object, type_, reason, note, action).await;
-        }
-    }
-
-    async fn publish_slot(&self, object: &CapabilitySlot, status: CapabilitySlotStatus) {
-        let current = object.status.as_ref();
-        let strip = |s: &CapabilitySlotStatus| CapabilitySlotStatus { conditions: vec![], ..s.clone() };
-        if !status::changed(current, &status, |s| &s.conditions, strip) {
-            return;
-        }
-        let old = current.map(|s| s.conditions.as_slice()).unwrap_or_default();
-        let events = transitions(old, &status.conditions);
-        self.patch_status::<CapabilitySlot, _>(object, &status).await;
-        for (type_, reason, note, action) in events {
-            self.event(object, type_, reason, note, action).await;
-        }
-    }
-
-    async fn patch_status<K, S>(&self, object: &K, status: &S)
-    where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + DeserializeOwned
-            + Debug,
-        S: serde::Serialize,
-    {
-        let api: Api<K> = Api::namespaced(self.client.clone(), &object.namespace().unwrap_or_default());
-        let patch = serde_json::json!({
-            "apiVersion": K::api_version(&()),
-            "kind": K::kind(&()),
-            "status": status,
-        });
-        let params = PatchParams::apply(FIELD_MANAGER).force();
-        let result = api.patch_status(&object.name_any(), &params, &Patch::Apply(&patch)).await;
-        let state = if result.is_ok() { "ok" } else { "error" };
-        self.metrics.status_patches.get_or_create(&StateLabel { state }).inc();
-        if let Err(e) = result {
-            tracing::warn!(name = %object.name_any(), namespace = ?object.namespace(), error = %e, "status patch failed");
-        }
-    }
-
-    async fn event<K: Resource<DynamicType = ()>>(
-        &self,
-        object: &K,
-        type_: EventType,
-        reason: &str,
-        note: String,
-        action: String,
-    ) {
-        let ev = Event { type_, reason: reason.into(), note: Some(note), action, secondary: None };
-        if let Err(e) = self.recorder.publish(&ev, &object.object_ref(&())).await {
-            tracing::debug!(error = %e, "event not recorded");
+            self.queue.push_event(reference, ev);
         }
     }
 }
 
-type Transition = (EventType, &'static str, String, String);
+/// The Events a status change tells: condition transitions, and for AgentConfigs the start
+/// and completion of each rollout.
+fn events(previous: Option<&Status>, new: &Status) -> Vec<Transition> {
+    let (old_config, new_config) = match (previous, new) {
+        (Some(Status::Config(old)), Status::Config(new)) => (Some(old), new),
+        (_, Status::Config(new)) => (None, new),
+        (previous, Status::Slot(new)) => {
+            let old = match previous {
+                Some(Status::Slot(old)) => old.conditions.as_slice(),
+                _ => &[],
+            };
+            return transitions(old, &new.conditions);
+        }
+    };
+    config_events(old_config, new_config)
+}
+
+fn config_events(current: Option<&AgentConfigStatus>, status: &AgentConfigStatus) -> Vec<Transition> {
+    let old = current.map(|s| s.conditions.as_slice()).unwrap_or_default();
+    let mut events = transitions(old, &status.conditions);
+    let hash = status.config_hash.as_deref().unwrap_or_default();
+    // Events are grouped by reason and action: the version in the action keeps each
+    // rollout's events apart.
+    let version = format!("Rollout-{}", hash.trim_start_matches("sha256:").get(..12).unwrap_or_default());
+    let old_hash = current.and_then(|c| c.config_hash.as_deref());
+    let new_version = old_hash != status.config_hash.as_deref() && status.config_hash.is_some();
+    if new_version {
+        let note = format!("rolling out {hash} to {} agents", status.selected_agents);
+        events.insert(0, (EventType::Normal, "RolloutStarted", note, version.clone()));
+    }
+    let complete = |s: Option<&AgentConfigStatus>| {
+        s.and_then(|s| s.rollout.as_ref()).is_some_and(|r| r.state == crate::api::RolloutState::Complete)
+    };
+    if complete(Some(status)) && (new_version || !complete(current)) {
+        let note = format!("{} of {} agents applied {hash}", status.applied_agents, status.selected_agents);
+        events.push((EventType::Normal, "RolloutComplete", note, version));
+    }
+    events
+}
 
 /// Events for condition transitions worth telling users about (rollout completion is told by
 /// the rollout state, not by Ready).

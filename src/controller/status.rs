@@ -8,7 +8,7 @@ use kube::ResourceExt;
 
 use super::index::NamespaceIndex;
 use super::merge::display_hash;
-use super::rollout::{AgentFacts, Tracker};
+use super::rollout::{AgentFacts, Tracker, rollout_key};
 use crate::api::conditions::{self, CONFLICT, DEGRADED, Desired, PROGRESSING, READY};
 use crate::api::{AgentConfigStatus, AgentFailure, CapabilitySlotStatus, RolloutState, RolloutStatus};
 use crate::fleet::AgentView;
@@ -31,7 +31,6 @@ struct Counts {
 /// Accumulates one namespace's agents, then yields each object's status.
 pub struct NamespaceStatus<'a> {
     index: &'a NamespaceIndex,
-    rollouts: &'a HashMap<String, Tracker>,
     configs: Vec<Counts>,
     selections: HashSet<Vec<usize>>,
     supporting: Vec<u32>,
@@ -40,10 +39,9 @@ pub struct NamespaceStatus<'a> {
 }
 
 impl<'a> NamespaceStatus<'a> {
-    pub fn new(index: &'a NamespaceIndex, rollouts: &'a HashMap<String, Tracker>) -> Self {
+    pub fn new(index: &'a NamespaceIndex) -> Self {
         Self {
             index,
-            rollouts,
             configs: vec![Counts::default(); index.configs.len()],
             selections: HashSet::new(),
             supporting: vec![0; index.slots.slots.len()],
@@ -52,7 +50,8 @@ impl<'a> NamespaceStatus<'a> {
     }
 
     /// Counts one agent of the namespace.
-    pub fn add(&mut self, uid: Uid, agent: &AgentView<'_>) {
+    pub fn add(&mut self, agent: &AgentView<'_>) {
+        let uid = agent.uid;
         let desc = agent.report.description.as_ref();
         let desired_hash = agent.desired.remote_config.as_ref().map(|c| &c.config_hash);
         let reported = agent.report.remote_config_status.as_ref();
@@ -77,8 +76,9 @@ impl<'a> NamespaceStatus<'a> {
                 let has_version =
                     reported.is_some_and(|r| Some(&r.last_remote_config_hash) == ungated_hash().as_ref());
                 let healthy = agent.report.health.as_ref().is_none_or(|h| h.healthy);
+                let key = config.source.as_ref().map_or(0, |s| rollout_key(&s.key, &uid));
                 let facts = AgentFacts {
-                    uid,
+                    key,
                     applied: on(RemoteConfigStatuses::Applied),
                     failed: on(RemoteConfigStatuses::Failed),
                     healthy,
@@ -91,7 +91,7 @@ impl<'a> NamespaceStatus<'a> {
             if agent.connected && agent.report.health.as_ref().is_some_and(|h| !h.healthy) {
                 c.unhealthy += 1;
             }
-            let gated = !config.admits(&uid, self.rollouts);
+            let gated = !config.admits(&uid);
             if config.source.is_none() || !agent.connected || desired_hash.is_none() || gated {
                 c.pending += 1;
                 continue;
@@ -160,13 +160,16 @@ impl<'a> NamespaceStatus<'a> {
                     .and_then(|s| rollouts.get(&s.key))
                     .filter(|t| Some(t.hash) == config.own_hash);
                 let settled = c.pending == 0 && c.applying == 0;
-                let (step, state) = match tracker {
-                    Some(t) if t.halted => (t.step as u32 + 1, RolloutState::Halted),
-                    Some(t) if !(t.complete && settled) => (t.step as u32 + 1, RolloutState::Progressing),
-                    Some(t) => (t.step as u32 + 1, RolloutState::Complete),
-                    None if settled && !config.is_progressive() => (1, RolloutState::Complete),
-                    None => (1, RolloutState::Progressing),
+                let rollout = match tracker {
+                    Some(t) if t.halted => t.status(RolloutState::Halted),
+                    Some(t) if !(t.complete && settled) => t.status(RolloutState::Progressing),
+                    Some(t) => t.status(RolloutState::Complete),
+                    None if settled && !config.is_progressive() => {
+                        RolloutStatus { step: 1, state: RolloutState::Complete, admitted_up_to: None }
+                    }
+                    None => RolloutStatus { step: 1, state: RolloutState::Progressing, admitted_up_to: None },
                 };
+                let state = rollout.state;
                 let desired = config_conditions(config.missing.as_slice(), c, lost, state);
                 let generation = config.object.metadata.generation;
                 AgentConfigStatus {
@@ -178,7 +181,7 @@ impl<'a> NamespaceStatus<'a> {
                     failed_agents: c.failed,
                     pending_agents: c.pending,
                     unhealthy_agents: c.unhealthy,
-                    rollout: config.source.as_ref().map(|_| RolloutStatus { step, state }),
+                    rollout: config.source.as_ref().map(|_| rollout),
                     failures,
                     conditions: conditions::merge(&current.conditions, desired, generation, now),
                 }
@@ -188,7 +191,6 @@ impl<'a> NamespaceStatus<'a> {
         out
     }
 
-    /// The status of each CapabilitySlot (index order).
     /// The status of each CapabilitySlot (index order), with the routes' counters.
     pub fn capability_slots(&self, now: &Time, routes: &crate::routes::Routes) -> Vec<CapabilitySlotStatus> {
         self.index

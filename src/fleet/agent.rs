@@ -49,9 +49,8 @@ pub(super) struct Agent {
     pub(super) last_seen: Instant,
     pub(super) last_seen_wall: SystemTime,
     pub(super) desired: DesiredState,
-    /// Counts the writes of `desired`: a desired state computed outside the shard lock is
-    /// written only if no other write came in between (that one is newer).
-    pub(super) desired_writes: u32,
+    /// The version of its namespace's plan `desired` was derived from (0: none yet).
+    pub(super) plan_version: u64,
     pub(super) outbox: Outbox,
     /// The encoded size of the kept report, counted in its namespace's usage.
     pub(super) reported_bytes: usize,
@@ -66,7 +65,7 @@ impl Agent {
             last_seen: now,
             last_seen_wall: SystemTime::now(),
             desired: DesiredState::default(),
-            desired_writes: 0,
+            plan_version: 0,
             outbox: Outbox::default(),
             reported_bytes: 0,
         }

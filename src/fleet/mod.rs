@@ -2,10 +2,17 @@
 //! and how to reach it. It knows nothing of sockets: transports hand it decoded messages and a
 //! [`Connection`] describing where they came from, and get back the reply.
 //!
+//! Desired state flows one way: the controller publishes one versioned [`Plan`] per namespace
+//! ([`Fleet::publish_plan`]); the fleet derives each agent's desired state from its namespace's
+//! current plan when the agent connects or changes its description, and for every agent of the
+//! namespace when a new plan is published (waking its WebSocket agents). Both happen under the
+//! agent's shard lock, so a connecting agent and a new plan cannot race: whichever comes second
+//! sees the other.
+//!
 //! Built for a large fleet in one process: agents live in sharded maps behind short-lived
-//! mutexes (never held across an await or while calling foreign code), a connected WebSocket
-//! agent costs one `Notify` for pushes, HTTP agents cost no task at all, and no operation on
-//! one agent touches the others.
+//! mutexes (never held across an await; the only code called under them is a plan, a pure
+//! function), a connected WebSocket agent costs one `Notify` for pushes, HTTP agents cost no
+//! task at all, and no operation on one agent touches the others.
 mod agent;
 mod outbox;
 #[cfg(test)]
@@ -32,8 +39,8 @@ use crate::opamp::Uid;
 pub use crate::opamp::session::Changes;
 use crate::opamp::session::{AgentReport, Desired, Ingested, server_message};
 use crate::proto::{
-    AgentDescription, AgentIdentification, AgentRemoteConfig, AgentToServer, AgentToServerFlags,
-    CustomCapabilities, CustomMessage, ServerToAgent,
+    AgentIdentification, AgentRemoteConfig, AgentToServer, AgentToServerFlags, CustomCapabilities,
+    CustomMessage, ServerToAgent,
 };
 
 /// An agent's identity: the namespace of the token it presented, and its instance uid. The same
@@ -146,17 +153,35 @@ pub struct AgentView<'a> {
     pub last_seen: SystemTime,
 }
 
-/// Computes an agent's desired state when it connects or its description changes, so the
-/// first reply can already carry its config. Called without any fleet lock held.
-pub trait DesiredStateProvider: Send + Sync {
-    /// `has_remote_config`: the agent reports running a remote config (a non-empty hash).
-    /// `None` leaves the agent's desired state as it is.
-    fn desired_state(
-        &self,
-        agent: &AgentKey,
-        description: Option<&AgentDescription>,
-        has_remote_config: bool,
-    ) -> Option<DesiredState>;
+/// What the server wants the agents of one namespace to have: a pure function of the
+/// cluster's objects (the controller's, the same on every replica) and of the agent itself.
+///
+/// Called under the agent's shard lock: it must be quick and must not call into the fleet.
+pub trait Plan: Send + Sync {
+    /// The desired state of one agent, given what it reports and what it was to have so far
+    /// (`current`; a plan may keep it, e.g. while a progressive rollout has not admitted the
+    /// agent yet).
+    fn desired(&self, uid: &Uid, report: &AgentReport, current: &DesiredState) -> DesiredState;
+}
+
+/// A plan as published, with its version (versions grow with every publication).
+#[derive(Clone)]
+struct Published {
+    version: u64,
+    plan: Arc<dyn Plan>,
+}
+
+/// The current plan of each namespace, and the one of namespaces without their own.
+#[derive(Default)]
+struct Plans {
+    by_namespace: HashMap<Arc<str>, Published>,
+    fallback: Option<Published>,
+}
+
+impl Plans {
+    fn of(&self, namespace: &str) -> Option<&Published> {
+        self.by_namespace.get(namespace).or(self.fallback.as_ref())
+    }
 }
 
 /// Receives the custom messages agents send. Must not block: queue and return.
@@ -264,7 +289,8 @@ struct Inner {
     changes: Mutex<HashMap<AgentKey, Changes>>,
     changes_notify: Notify,
     tenants: RwLock<HashMap<Arc<str>, Arc<Usage>>>,
-    provider: RwLock<Option<Arc<dyn DesiredStateProvider>>>,
+    plans: RwLock<Plans>,
+    plan_versions: AtomicU64,
     sink: RwLock<Option<Arc<dyn CustomMessageSink>>>,
 }
 
@@ -292,7 +318,8 @@ impl Fleet {
                 changes: Mutex::default(),
                 changes_notify: Notify::new(),
                 tenants: RwLock::default(),
-                provider: RwLock::new(None),
+                plans: RwLock::default(),
+                plan_versions: AtomicU64::new(0),
                 sink: RwLock::new(None),
             }),
         }
@@ -302,8 +329,57 @@ impl Fleet {
         &self.inner.config
     }
 
-    pub fn set_desired_state_provider(&self, provider: Arc<dyn DesiredStateProvider>) {
-        *self.inner.provider.write() = Some(provider);
+    /// Publishes the plan of one namespace: its agents' desired state is derived from it from
+    /// now on, at once for those the fleet holds (WebSocket agents get it pushed, HTTP agents
+    /// on their next poll). Returns the plan's version.
+    pub fn publish_plan(&self, namespace: &str, plan: Arc<dyn Plan>) -> u64 {
+        self.publish_plans(vec![(namespace.into(), plan)])
+    }
+
+    /// Publishes the plans of several namespaces (one pass over the fleet); returns the
+    /// version of the last.
+    pub fn publish_plans(&self, plans: Vec<(Arc<str>, Arc<dyn Plan>)>) -> u64 {
+        if plans.is_empty() {
+            return self.inner.plan_versions.load(Ordering::Relaxed);
+        }
+        let mut version = 0;
+        {
+            let mut published = self.inner.plans.write();
+            for (namespace, plan) in plans {
+                version = self.inner.plan_versions.fetch_add(1, Ordering::Relaxed) + 1;
+                published.by_namespace.insert(namespace, Published { version, plan });
+            }
+        }
+        self.apply_plans();
+        version
+    }
+
+    /// Publishes the plan of every namespace that has none of its own.
+    pub fn publish_fallback_plan(&self, plan: Arc<dyn Plan>) -> u64 {
+        let version = self.inner.plan_versions.fetch_add(1, Ordering::Relaxed) + 1;
+        self.inner.plans.write().fallback = Some(Published { version, plan });
+        self.apply_plans();
+        version
+    }
+
+    /// Derives the desired state of every agent whose namespace has a newer plan than the one
+    /// it was derived from. Plans are installed before this runs: an agent that connects
+    /// meanwhile derives from the new plan itself (under its shard lock).
+    fn apply_plans(&self) {
+        for shard in self.inner.shards.iter() {
+            let mut shard = shard.lock();
+            let plans = self.inner.plans.read();
+            for (key, agent) in shard.agents.iter_mut() {
+                if let Some(p) = plans.of(&key.namespace).filter(|p| agent.plan_version < p.version) {
+                    derive(agent, &key.uid, p);
+                }
+            }
+        }
+    }
+
+    /// The version of a namespace's current plan.
+    pub fn plan_version(&self, namespace: &str) -> Option<u64> {
+        self.inner.plans.read().of(namespace).map(|p| p.version)
     }
 
     pub fn set_custom_message_sink(&self, sink: Arc<dyn CustomMessageSink>) {
@@ -387,7 +463,7 @@ impl Fleet {
         }
         let now = Instant::now();
 
-        let (ingested, outcome) = {
+        let (mut reply, ingested) = {
             let mut shard = self.shard(&uid);
             let (agent, admitted) = match shard.agents.entry(key.clone()) {
                 Entry::Occupied(e) => (e.into_mut(), false),
@@ -418,36 +494,15 @@ impl Fleet {
                 self.bound_report(agent, &conn.usage);
             }
             conn.bound = Some(uid);
-            // Most messages (heartbeats, status reports) are answered in this one critical section;
-            // a new connection or description first asks the provider for the desired state.
-            let outcome = if ingested.changes.intersects(Changes::CONNECTED | Changes::DESCRIPTION) {
-                let report = &agent.session.report;
-                let writes = agent.desired_writes;
-                Err((report.description.clone(), report.has_remote_config(), writes))
-            } else {
-                Ok(self.respond(agent, conn, reply_uid.clone(), &ingested, now))
-            };
-            (ingested, outcome)
-        };
-
-        let mut reply = match outcome {
-            Ok(reply) => reply,
-            Err((desc, has_rc, writes)) => {
-                // The desired state is computed outside the lock. A write that came in meanwhile
-                // (set_desired_state from a newer plan) wins over this one.
-                let provider = self.inner.provider.read().clone();
-                let desired = provider.and_then(|p| p.desired_state(&key, desc.as_ref(), has_rc));
-                let mut shard = self.shard(&uid);
-                let Some(agent) = shard.agents.get_mut(&key) else {
-                    // Forgotten in between (a sweep): answer without offers.
-                    return Ok(server_message(reply_uid));
-                };
-                if let Some(d) = desired.filter(|_| agent.desired_writes == writes) {
-                    agent.desired = d;
-                    agent.desired_writes = agent.desired_writes.wrapping_add(1);
+            // A new connection or description, or a plan published since this agent's desired
+            // state was derived: derive it again, under this lock (see the module docs).
+            let rederive = ingested.changes.intersects(Changes::CONNECTED | Changes::DESCRIPTION);
+            if let Some(p) = self.inner.plans.read().of(&key.namespace) {
+                if rederive || agent.plan_version < p.version {
+                    derive(agent, &uid, p);
                 }
-                self.respond(agent, conn, reply_uid, &ingested, now)
             }
+            (self.respond(agent, conn, reply_uid, &ingested, now), ingested)
         };
         if let Some(new_uid) = issued {
             reply.agent_identification = Some(AgentIdentification { new_instance_uid: new_uid.to_wire() });
@@ -608,18 +663,13 @@ impl Fleet {
         self.record(&key, Changes::DISCONNECTED);
     }
 
-    /// Sets what one agent should have. Connected WebSocket agents get it pushed at once,
-    /// HTTP agents on their next poll. Returns whether anything changed.
+    /// Sets what one agent should have, by hand (tests, tools): in a namespace with a plan, the
+    /// next derivation from the plan replaces it. Connected WebSocket agents get it pushed at
+    /// once, HTTP agents on their next poll. Returns whether anything changed.
     pub fn set_desired_state(&self, key: &AgentKey, desired: DesiredState) -> bool {
         let mut shard = self.shard(&key.uid);
         let Some(agent) = shard.agents.get_mut(key) else { return false };
-        agent.desired_writes = agent.desired_writes.wrapping_add(1);
-        if agent.desired == desired {
-            return false;
-        }
-        agent.desired = desired;
-        agent.wake();
-        true
+        set_desired(agent, desired)
     }
 
     /// Sets only the remote config of one agent (see [`Fleet::set_desired_state`]).
@@ -776,4 +826,20 @@ impl Fleet {
     pub async fn changed(&self) {
         self.inner.changes_notify.notified().await
     }
+}
+
+/// Gives an agent the desired state `plan` derives for it; wakes it when that changed.
+fn derive(agent: &mut Agent, uid: &Uid, plan: &Published) {
+    let desired = plan.plan.desired(uid, &agent.session.report, &agent.desired);
+    agent.plan_version = plan.version;
+    set_desired(agent, desired);
+}
+
+fn set_desired(agent: &mut Agent, desired: DesiredState) -> bool {
+    if agent.desired == desired {
+        return false;
+    }
+    agent.desired = desired;
+    agent.wake();
+    true
 }

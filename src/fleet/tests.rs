@@ -8,9 +8,9 @@ use bytes::Bytes;
 use super::*;
 use crate::opamp::session::SERVER_CAPABILITIES;
 use crate::proto::{
-    AgentCapabilities, AgentConfigFile, AgentConfigMap, AgentDisconnect, AnyValue, AvailableComponents,
-    ComponentHealth, EffectiveConfig, KeyValue, RemoteConfigStatus, RemoteConfigStatuses, ServerCapabilities,
-    ServerToAgentFlags, any_value,
+    AgentCapabilities, AgentConfigFile, AgentConfigMap, AgentDescription, AgentDisconnect, AnyValue,
+    AvailableComponents, ComponentHealth, EffectiveConfig, KeyValue, RemoteConfigStatus,
+    RemoteConfigStatuses, ServerCapabilities, ServerToAgentFlags, any_value,
 };
 
 const UID: Uid =
@@ -493,23 +493,26 @@ fn custom_messages_from_agents_reach_the_sink() {
     assert_eq!(*sink.0.lock().unwrap(), vec![(UID, "team-a".to_string(), cm)]);
 }
 
+/// Gives every agent of a namespace one config.
+struct Everyone(Arc<AgentRemoteConfig>);
+impl Plan for Everyone {
+    fn desired(&self, _: &Uid, _: &AgentReport, _: &DesiredState) -> DesiredState {
+        DesiredState { remote_config: Some(self.0.clone()), custom_capabilities: None }
+    }
+}
+
 #[test]
-fn the_provider_computes_desired_state_before_the_first_reply() {
+fn the_plan_gives_the_desired_state_before_the_first_reply() {
     struct ByService(Arc<AgentRemoteConfig>);
-    impl DesiredStateProvider for ByService {
-        fn desired_state(
-            &self,
-            agent: &AgentKey,
-            d: Option<&AgentDescription>,
-            _: bool,
-        ) -> Option<DesiredState> {
-            let selected = &*agent.namespace == "team-a" && d == Some(&description("checkout"));
-            Some(DesiredState { remote_config: selected.then(|| self.0.clone()), custom_capabilities: None })
+    impl Plan for ByService {
+        fn desired(&self, _: &Uid, report: &AgentReport, _: &DesiredState) -> DesiredState {
+            let selected = report.description == Some(description("checkout"));
+            DesiredState { remote_config: selected.then(|| self.0.clone()), custom_capabilities: None }
         }
     }
     let fleet = Fleet::default();
     let cfg = config("a");
-    fleet.set_desired_state_provider(Arc::new(ByService(cfg.clone())));
+    fleet.publish_plan("team-a", Arc::new(ByService(cfg.clone())));
     let reply = fleet.handle(&mut ws(&fleet), first(UID)).unwrap();
     assert_eq!(reply, ServerToAgent { remote_config: Some((*cfg).clone()), ..plain(&UID.0) });
     // A description change is re-evaluated: this agent no longer matches.
@@ -522,6 +525,37 @@ fn the_provider_computes_desired_state_before_the_first_reply() {
         )
         .unwrap();
     assert_eq!(fleet.desired_state(&key(other)).unwrap().remote_config, None);
+    // Another namespace has no plan: its agents get nothing from team-a's.
+    let mut elsewhere = fleet.connection(Transport::WebSocket, Tenant::new("team-b"));
+    let reply = fleet.handle(&mut elsewhere, first(Uid([4; 16]))).unwrap();
+    assert_eq!(reply.remote_config, None);
+}
+
+#[test]
+fn a_new_plan_reaches_connected_agents_at_once_and_keeps_what_a_plan_keeps() {
+    // A plan that holds agents back (as a progressive rollout does) keeps their current state.
+    struct OnlyUid(Uid, Arc<AgentRemoteConfig>);
+    impl Plan for OnlyUid {
+        fn desired(&self, uid: &Uid, _: &AgentReport, current: &DesiredState) -> DesiredState {
+            if *uid == self.0 {
+                DesiredState { remote_config: Some(self.1.clone()), custom_capabilities: None }
+            } else {
+                current.clone()
+            }
+        }
+    }
+    let fleet = Fleet::default();
+    let (v1, v2) = (config("v1"), config("v2"));
+    fleet.publish_plan("team-a", Arc::new(Everyone(v1.clone())));
+    let (mut a, mut b) = (ws(&fleet), ws(&fleet));
+    let other = Uid([9; 16]);
+    fleet.handle(&mut a, first(UID)).unwrap();
+    fleet.handle(&mut b, first(other)).unwrap();
+    let v = fleet.publish_plan("team-a", Arc::new(OnlyUid(UID, v2.clone())));
+    assert_eq!(fleet.plan_version("team-a"), Some(v));
+    assert_eq!(fleet.poll_push(&a).unwrap().remote_config.as_ref(), Some(&*v2), "pushed at once");
+    assert_eq!(fleet.poll_push(&b), None, "held back: nothing new");
+    assert_eq!(fleet.desired_state(&key(other)).unwrap().remote_config, Some(v1));
 }
 
 #[test]
@@ -778,30 +812,30 @@ fn a_components_hash_without_components_is_answered_with_report_available_compon
 }
 
 #[test]
-fn a_desired_state_set_while_the_provider_computes_wins_over_the_providers() {
-    // The provider computes from the plan of that moment, outside the shard lock; a newer plan
-    // written meanwhile (the controller's set_desired_state) must not be overwritten by it.
-    struct Racing {
-        fleet: Fleet,
-        newer: Arc<AgentRemoteConfig>,
-        stale: Arc<AgentRemoteConfig>,
-    }
-    impl DesiredStateProvider for Racing {
-        fn desired_state(
-            &self,
-            agent: &AgentKey,
-            _: Option<&AgentDescription>,
-            _: bool,
-        ) -> Option<DesiredState> {
-            let newer = DesiredState { remote_config: Some(self.newer.clone()), custom_capabilities: None };
-            self.fleet.set_desired_state(agent, newer);
-            Some(DesiredState { remote_config: Some(self.stale.clone()), custom_capabilities: None })
-        }
-    }
+fn plans_published_while_agents_connect_reach_every_agent_from_many_threads() {
+    // Agents connect on some threads while plans are published on another: whichever comes
+    // second sees the other, so every agent ends with the last plan's config.
     let fleet = Fleet::default();
-    let (newer, stale) = (config("newer"), config("stale"));
-    fleet.set_desired_state_provider(Arc::new(Racing { fleet: fleet.clone(), newer: newer.clone(), stale }));
-    let reply = fleet.handle(&mut ws(&fleet), first(UID)).unwrap();
-    assert_eq!(reply.remote_config.as_ref(), Some(&*newer));
-    assert_eq!(fleet.desired_state(&key(UID)).unwrap().remote_config, Some(newer));
+    let last = config("v50");
+    std::thread::scope(|s| {
+        for t in 0..4u8 {
+            let fleet = fleet.clone();
+            s.spawn(move || {
+                for i in 0..200u8 {
+                    let uid = Uid([t, i, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, i]);
+                    fleet.handle(&mut ws(&fleet), first(uid)).unwrap();
+                }
+            });
+        }
+        let fleet = fleet.clone();
+        let last = last.clone();
+        s.spawn(move || {
+            for v in 0..=50 {
+                let cfg = if v == 50 { last.clone() } else { config(&format!("v{v}")) };
+                fleet.publish_plan("team-a", Arc::new(Everyone(cfg)));
+            }
+        });
+    });
+    assert_eq!(fleet.known_count(), 800);
+    fleet.for_each_view(|a| assert_eq!(a.desired.remote_config.as_ref(), Some(&last), "{}", a.uid));
 }

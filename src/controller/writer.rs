@@ -1,0 +1,367 @@
+//! The status writer: statuses computed on the leader go through a bounded queue to one task
+//! that patches them, each under a deadline, while this replica leads. A slow or failing API
+//! server delays status, never planning: configs reach agents whatever the writer does.
+//!
+//! The queue holds one update per object (a newer one replaces a waiting one, keeping its
+//! Events) and Events of their own, at most [`QUEUE_CAPACITY`] in all; beyond that updates are
+//! dropped and counted, and their namespaces recomputed on the next pass. A patch that fails or
+//! times out is recomputed the same way.
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource};
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::FIELD_MANAGER;
+use super::status;
+use crate::api::{AgentConfig, AgentConfigStatus, CapabilitySlot, CapabilitySlotStatus};
+use crate::metrics::{Metrics, StateLabel};
+
+/// Updates and Events waiting at most.
+pub const QUEUE_CAPACITY: usize = 1024;
+/// How long one status patch or Event may take.
+pub const PATCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A status as computed, of either kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Status {
+    Config(AgentConfigStatus),
+    Slot(CapabilitySlotStatus),
+}
+
+impl Status {
+    /// Whether `self` differs from `other` in anything but condition timestamps.
+    pub fn differs(&self, other: Option<&Status>) -> bool {
+        match (self, other) {
+            (Status::Config(new), Some(Status::Config(cur))) => {
+                let strip = |s: &AgentConfigStatus| AgentConfigStatus { conditions: vec![], ..s.clone() };
+                status::changed(Some(cur), new, |s| &s.conditions, strip)
+            }
+            (Status::Slot(new), Some(Status::Slot(cur))) => {
+                let strip =
+                    |s: &CapabilitySlotStatus| CapabilitySlotStatus { conditions: vec![], ..s.clone() };
+                status::changed(Some(cur), new, |s| &s.conditions, strip)
+            }
+            _ => true,
+        }
+    }
+}
+
+/// The object a status belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ObjectKey {
+    pub kind: &'static str,
+    pub namespace: String,
+    pub name: String,
+}
+
+/// An Event to record: (type, reason, note, action).
+pub type Transition = (EventType, &'static str, String, String);
+
+/// A status to write, with the Events its changes tell.
+#[derive(Debug, Clone)]
+pub struct StatusWrite {
+    pub reference: ObjectReference,
+    pub status: Status,
+    pub events: Vec<Transition>,
+}
+
+enum Job {
+    Status(ObjectKey),
+    Event(Box<(ObjectReference, Event)>),
+}
+
+/// What the writer does next (one at a time, short-lived: its size does not matter).
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    Status(ObjectKey, StatusWrite),
+    Event(Box<(ObjectReference, Event)>),
+}
+
+#[derive(Default)]
+struct State {
+    jobs: VecDeque<Job>,
+    waiting: HashMap<ObjectKey, StatusWrite>,
+    /// The last status queued per object, until the watch shows it written (or it failed).
+    sent: HashMap<ObjectKey, Status>,
+    /// Namespaces to recompute (an update dropped, failed or timed out).
+    retry: HashSet<String>,
+}
+
+/// The bounded queue between status compute and the writer.
+pub struct StatusQueue {
+    state: Mutex<State>,
+    notify: Notify,
+    capacity: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl StatusQueue {
+    pub fn new(capacity: usize, metrics: Arc<Metrics>) -> Self {
+        Self { state: Mutex::default(), notify: Notify::new(), capacity, metrics }
+    }
+
+    /// The status last queued for an object and not yet seen written.
+    pub fn last_sent(&self, key: &ObjectKey) -> Option<Status> {
+        self.state.lock().sent.get(key).cloned()
+    }
+
+    /// The watch shows the object's status as computed: nothing is in flight for it.
+    pub fn caught_up(&self, key: &ObjectKey) {
+        self.state.lock().sent.remove(key);
+    }
+
+    /// Queues a status; replaces one still waiting for the same object (its Events are kept).
+    /// Returns false when the queue is full (the update is dropped and its namespace retried).
+    pub fn push_status(&self, key: ObjectKey, mut write: StatusWrite) -> bool {
+        let mut state = self.state.lock();
+        // Bounded by objects with a write in flight; a deleted object's entry costs at most
+        // one redundant patch when this is cleared.
+        if state.sent.len() > 4 * self.capacity {
+            state.sent.clear();
+        }
+        if state.waiting.contains_key(&key) {
+            state.sent.insert(key.clone(), write.status.clone());
+            let waiting = state.waiting.get_mut(&key).expect("waiting");
+            let mut events = std::mem::take(&mut waiting.events);
+            events.append(&mut write.events);
+            write.events = events;
+            *waiting = write;
+            return true;
+        }
+        if state.jobs.len() >= self.capacity {
+            state.retry.insert(key.namespace);
+            drop(state);
+            self.metrics.status_updates_dropped.inc();
+            return false;
+        }
+        state.sent.insert(key.clone(), write.status.clone());
+        state.waiting.insert(key.clone(), write);
+        state.jobs.push_back(Job::Status(key));
+        self.queued(state.jobs.len());
+        true
+    }
+
+    /// Queues an Event (dropped and counted when the queue is full).
+    pub fn push_event(&self, reference: ObjectReference, event: Event) {
+        let mut state = self.state.lock();
+        if state.jobs.len() >= self.capacity {
+            drop(state);
+            self.metrics.status_updates_dropped.inc();
+            return;
+        }
+        state.jobs.push_back(Job::Event(Box::new((reference, event))));
+        self.queued(state.jobs.len());
+    }
+
+    fn queued(&self, depth: usize) {
+        self.metrics.status_queue_depth.set(depth as i64);
+        self.notify.notify_one();
+    }
+
+    /// The namespaces to recompute since the last call.
+    pub fn take_retry(&self) -> HashSet<String> {
+        std::mem::take(&mut self.state.lock().retry)
+    }
+
+    /// Forgets everything (leadership lost: the next leader computes anew).
+    pub fn clear(&self) {
+        *self.state.lock() = State::default();
+        self.metrics.status_queue_depth.set(0);
+    }
+
+    fn failed(&self, key: &ObjectKey) {
+        let mut state = self.state.lock();
+        state.sent.remove(key);
+        state.retry.insert(key.namespace.clone());
+    }
+
+    /// The next job; `None` when the queue is empty.
+    fn pop(&self) -> Option<Next> {
+        let mut state = self.state.lock();
+        loop {
+            let job = state.jobs.pop_front()?;
+            self.metrics.status_queue_depth.set(state.jobs.len() as i64);
+            match job {
+                Job::Status(key) => {
+                    if let Some(write) = state.waiting.remove(&key) {
+                        return Some(Next::Status(key, write));
+                    }
+                }
+                Job::Event(event) => return Some(Next::Event(event)),
+            }
+        }
+    }
+
+    async fn next(&self) -> Next {
+        loop {
+            let notified = self.notify.notified();
+            if let Some(job) = self.pop() {
+                return job;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Writes what the queue holds while `leader` is true, until `shutdown`.
+pub async fn run(
+    queue: Arc<StatusQueue>,
+    client: Client,
+    recorder: Recorder,
+    leader: tokio::sync::watch::Receiver<bool>,
+    shutdown: CancellationToken,
+) {
+    let writer = Writer { client, recorder, metrics: queue.metrics.clone() };
+    loop {
+        let job = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            job = queue.next() => job,
+        };
+        if !*leader.borrow() {
+            queue.clear(); // a follower writes nothing; the next leader computes anew
+            continue;
+        }
+        match job {
+            Next::Status(key, write) => {
+                if writer.status(&key, &write).await {
+                    for (type_, reason, note, action) in write.events {
+                        let ev =
+                            Event { type_, reason: reason.into(), note: Some(note), action, secondary: None };
+                        writer.event(&write.reference, &ev).await;
+                    }
+                } else {
+                    queue.failed(&key);
+                }
+            }
+            Next::Event(event) => writer.event(&event.0, &event.1).await,
+        }
+    }
+}
+
+struct Writer {
+    client: Client,
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+}
+
+impl Writer {
+    /// Patches one status through the status subresource (server-side apply); false when it
+    /// failed or timed out.
+    async fn status(&self, key: &ObjectKey, write: &StatusWrite) -> bool {
+        let result = match &write.status {
+            Status::Config(s) => self.patch::<AgentConfig, _>(key, s).await,
+            Status::Slot(s) => self.patch::<CapabilitySlot, _>(key, s).await,
+        };
+        let state = match &result {
+            Ok(Ok(())) => "ok",
+            Ok(Err(_)) => "error",
+            Err(_) => "timeout",
+        };
+        self.metrics.status_patches.get_or_create(&StateLabel { state }).inc();
+        match result {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(kind = key.kind, namespace = %key.namespace, name = %key.name, error = %e, "status patch failed (retrying)");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(kind = key.kind, namespace = %key.namespace, name = %key.name, timeout = ?PATCH_TIMEOUT, "status patch timed out (retrying)");
+                false
+            }
+        }
+    }
+
+    async fn patch<K, S>(
+        &self,
+        key: &ObjectKey,
+        status: &S,
+    ) -> Result<Result<(), kube::Error>, tokio::time::error::Elapsed>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        S: serde::Serialize,
+    {
+        let api: Api<K> = Api::namespaced(self.client.clone(), &key.namespace);
+        let patch = serde_json::json!({
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
+            "status": status,
+        });
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        let patch = Patch::Apply(&patch);
+        let call = api.patch_status(&key.name, &params, &patch);
+        tokio::time::timeout(PATCH_TIMEOUT, call).await.map(|r| r.map(drop))
+    }
+
+    async fn event(&self, reference: &ObjectReference, event: &Event) {
+        match tokio::time::timeout(PATCH_TIMEOUT, self.recorder.publish(event, reference)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(error = %e, "event not recorded"),
+            Err(_) => tracing::debug!("event not recorded: timed out"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey { kind: "AgentConfig", namespace: "ns".into(), name: name.into() }
+    }
+
+    fn write(applied: u32, event: &'static str) -> StatusWrite {
+        StatusWrite {
+            reference: ObjectReference::default(),
+            status: Status::Config(AgentConfigStatus { applied_agents: applied, ..Default::default() }),
+            events: vec![(EventType::Normal, event, String::new(), String::new())],
+        }
+    }
+
+    #[test]
+    fn a_newer_status_replaces_a_waiting_one_and_keeps_its_events() {
+        let q = StatusQueue::new(4, Metrics::new());
+        assert!(q.push_status(key("a"), write(1, "first")));
+        assert!(q.push_status(key("a"), write(2, "second")));
+        let Some(Next::Status(k, w)) = q.pop() else { panic!("a status") };
+        assert_eq!(k, key("a"));
+        assert_eq!(w.status, write(2, "").status);
+        assert_eq!(w.events.iter().map(|e| e.1).collect::<Vec<_>>(), ["first", "second"]);
+        assert!(q.pop().is_none());
+        assert_eq!(q.last_sent(&key("a")), Some(write(2, "").status));
+    }
+
+    #[test]
+    fn a_full_queue_drops_counts_and_retries_the_namespace() {
+        let metrics = Metrics::new();
+        let q = StatusQueue::new(2, metrics.clone());
+        assert!(q.push_status(key("a"), write(1, "e")));
+        assert!(q.push_status(key("b"), write(1, "e")));
+        assert!(!q.push_status(key("c"), write(1, "e")));
+        assert_eq!(metrics.status_updates_dropped.get(), 1);
+        assert_eq!(metrics.status_queue_depth.get(), 2);
+        assert_eq!(q.take_retry(), HashSet::from(["ns".to_owned()]));
+        assert_eq!(q.last_sent(&key("c")), None, "a dropped update is not in flight");
+        // A failed write is recomputed too.
+        q.failed(&key("a"));
+        assert_eq!(q.last_sent(&key("a")), None);
+        assert_eq!(q.take_retry().len(), 1);
+    }
+
+    #[test]
+    fn statuses_differ_in_more_than_timestamps() {
+        let a = write(1, "").status;
+        assert!(!a.differs(Some(&a)));
+        assert!(write(2, "").status.differs(Some(&a)));
+        assert!(a.differs(None));
+    }
+}
