@@ -153,6 +153,19 @@ impl NamespaceIndex {
         Self { configs, slots, merged: Mutex::default(), capabilities: Mutex::default() }
     }
 
+    /// Whether `other` gives every agent the same desired state as this one (it may differ in
+    /// what only status needs, e.g. the objects' status).
+    pub fn same_plan(&self, other: &NamespaceIndex) -> bool {
+        let config = |c: &ResolvedConfig| {
+            let m = &c.object.metadata;
+            (m.uid.clone(), m.generation, c.own_hash, c.admission, c.source.is_some())
+        };
+        let slot = |s: &Arc<CapabilitySlot>| (s.metadata.uid.clone(), s.metadata.generation);
+        self.configs.iter().map(config).eq(other.configs.iter().map(config))
+            && self.slots.slots.iter().map(slot).eq(other.slots.slots.iter().map(slot))
+            && self.slots.conflicting == other.slots.conflicting
+    }
+
     /// Indices of the resolved configs selecting an agent.
     pub fn selecting(&self, desc: Option<&AgentDescription>) -> Vec<usize> {
         (0..self.configs.len())
@@ -467,5 +480,26 @@ spec:
         let unstarted = Fleet::default();
         unstarted.publish_plan("team-a", Arc::new(before));
         assert!(uids.iter().all(|uid| on_replica(&unstarted, *uid).is_none()));
+    }
+
+    #[test]
+    fn a_status_write_changes_no_plan_unless_it_moves_the_rollout() {
+        let hash = plan(object(None)).configs[0].own_hash.unwrap();
+        let with = |applied: u32, up_to: Option<&str>| {
+            plan(object(Some(AgentConfigStatus {
+                config_hash: Some(display_hash(&hash)),
+                applied_agents: applied,
+                rollout: Some(crate::api::RolloutStatus {
+                    step: 1,
+                    state: RolloutState::Progressing,
+                    admitted_up_to: up_to.map(str::to_owned),
+                }),
+                ..Default::default()
+            })))
+        };
+        let before = with(0, Some("00000000000000ff"));
+        assert!(before.same_plan(&with(3, Some("00000000000000ff"))), "counts are not the plan");
+        assert!(!before.same_plan(&with(3, Some("0000000000000fff"))), "a new step is");
+        assert!(!before.same_plan(&plan(object(None))));
     }
 }

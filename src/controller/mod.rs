@@ -269,7 +269,11 @@ impl Controller {
                 })
                 .collect();
             self.routes.publish(&ns, slot_routes);
-            plans.push((ns.as_str().into(), idx.clone()));
+            // Most changes the watches bring are status writes, which change no agent's desired
+            // state: the plan is published only when it changed.
+            if self.index.get(&ns).is_none_or(|old| !old.same_plan(&idx)) {
+                plans.push((ns.as_str().into(), idx.clone()));
+            }
             self.index.insert(ns.clone(), idx);
             self.status_dirty.insert(ns);
             self.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
@@ -299,7 +303,9 @@ impl Controller {
         for (ns, idx) in &namespaces {
             let Some(st) = counts.remove(ns.as_str()) else { continue };
             self.advance_rollouts(ns, idx, &st.facts);
-            if self.rollouts.values().any(|t| !t.complete && !t.halted) {
+            let prefix = format!("{ns}/");
+            let in_ns = self.rollouts.iter().filter(|(key, _)| key.starts_with(&prefix));
+            if in_ns.into_iter().any(|(_, t)| !t.complete && !t.halted) {
                 active.insert(ns.clone());
             }
             let since = self.failure_since.entry(ns.clone()).or_default();

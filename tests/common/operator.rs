@@ -33,8 +33,22 @@ pub async fn start_with(
     tweak: impl FnOnce(&mut OperatorConfig),
 ) -> Operator {
     let client = super::cluster::cluster().await.client_as_chart_identity(&namespaces[0]).await;
-    let mut config = OperatorConfig {
-        opamp_addr,
+    let mut config = OperatorConfig { opamp_addr, ..config(namespaces) };
+    tweak(&mut config);
+    let op = within(T, "operator start", Operator::start(client, config)).await.expect("operator starts");
+    let ready = format!("http://{}/readyz", op.api_addr);
+    eventually(T, "operator ready", || async {
+        reqwest::get(&ready).await.ok().filter(|r| r.status() == 200)
+    })
+    .await;
+    op
+}
+
+/// The configuration of the suites' operators: any free ports, managing only `namespaces`,
+/// callbacks to 127.0.0.1 allowed, heartbeats every second.
+pub fn config(namespaces: &[String]) -> OperatorConfig {
+    OperatorConfig {
+        opamp_addr: "127.0.0.1:0".parse().unwrap(),
         api_addr: "127.0.0.1:0".parse().unwrap(),
         metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
         anonymous_namespace: None,
@@ -46,13 +60,5 @@ pub async fn start_with(
         fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
         server: ServerConfig::default(),
         api_limits: Default::default(),
-    };
-    tweak(&mut config);
-    let op = within(T, "operator start", Operator::start(client, config)).await.expect("operator starts");
-    let ready = format!("http://{}/readyz", op.api_addr);
-    eventually(T, "operator ready", || async {
-        reqwest::get(&ready).await.ok().filter(|r| r.status() == 200)
-    })
-    .await;
-    op
+    }
 }
