@@ -364,4 +364,53 @@ mod tests {
         assert!(write(2, "").status.differs(Some(&a)));
         assert!(a.differs(None));
     }
+
+    /// A client whose API server never answers.
+    fn hanging_client() -> Client {
+        let service = tower::service_fn(|_req: http::Request<kube::client::Body>| async {
+            std::future::pending::<Result<http::Response<kube::client::Body>, std::convert::Infallible>>()
+                .await
+        });
+        Client::new(service, "default")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_patch_that_never_returns_times_out_is_counted_and_retried() {
+        let metrics = Metrics::new();
+        let queue = Arc::new(StatusQueue::new(4, metrics.clone()));
+        let client = hanging_client();
+        let reporter = kube::runtime::events::Reporter { controller: "test".into(), instance: None };
+        let recorder = Recorder::new(client.clone(), reporter);
+        let shutdown = CancellationToken::new();
+        let (_leader, leading) = tokio::sync::watch::channel(true);
+        let task = tokio::spawn(run(queue.clone(), client, recorder, leading, shutdown.clone()));
+        assert!(queue.push_status(key("a"), write(1, "e")));
+        let timeouts = || metrics.status_patches.get_or_create(&StateLabel { state: "timeout" }).get();
+        while timeouts() == 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert_eq!(queue.take_retry(), HashSet::from(["ns".to_owned()]));
+        assert_eq!(queue.last_sent(&key("a")), None, "recomputed on the next pass");
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_writes_nothing() {
+        let metrics = Metrics::new();
+        let queue = Arc::new(StatusQueue::new(4, metrics.clone()));
+        let client = hanging_client();
+        let reporter = kube::runtime::events::Reporter { controller: "test".into(), instance: None };
+        let recorder = Recorder::new(client.clone(), reporter);
+        let shutdown = CancellationToken::new();
+        let (_leader, following) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(run(queue.clone(), client, recorder, following, shutdown.clone()));
+        assert!(queue.push_status(key("a"), write(1, "e")));
+        tokio::time::sleep(PATCH_TIMEOUT * 2).await;
+        assert_eq!(metrics.status_queue_depth.get(), 0);
+        assert_eq!(metrics.status_patches.get_or_create(&StateLabel { state: "timeout" }).get(), 0);
+        assert_eq!(queue.last_sent(&key("a")), None, "the queue was cleared");
+        shutdown.cancel();
+        task.await.unwrap();
+    }
 }
