@@ -14,6 +14,7 @@ pub mod http_server;
 pub mod metrics;
 pub mod opamp;
 pub mod operator;
+pub mod protocol;
 pub mod routes;
 pub mod sim;
 

@@ -221,7 +221,7 @@ fn crds(out_dir: Option<std::path::PathBuf>) -> anyhow::Result<()> {
 }
 
 async fn fleet_sim(args: FleetSimArgs) -> anyhow::Result<()> {
-    use opamp_operator::fleet::Transport;
+    use opamp_operator::protocol::Transport;
     use opamp_operator::sim::fleet::{FleetSimConfig, raise_fd_limit, run};
     let transport = match args.url.split("://").next() {
         Some("ws" | "wss") => Transport::WebSocket,

@@ -8,8 +8,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::fleet::{Fleet, Transport};
+use crate::fleet::Fleet;
 use crate::proto::{AgentToServer, RemoteConfigStatuses};
+use crate::protocol::Transport;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransportLabel {

@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{TestServer, eventually};
-use opamp_operator::fleet::{AgentKey, DesiredState, DesiredStateProvider, Fleet, FleetConfig, Transport};
+use opamp_operator::fleet::{AgentKey, DesiredState, DesiredStateProvider, Fleet, FleetConfig};
 use opamp_operator::opamp::ServerConfig;
 use opamp_operator::proto::{AgentDescription, AgentRemoteConfig, RemoteConfigStatuses};
+use opamp_operator::protocol::Transport;
 use opamp_operator::sim::fleet::{FleetSimConfig, run};
 use tokio_util::sync::CancellationToken;
 

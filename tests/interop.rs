@@ -10,8 +10,9 @@ use bytes::Bytes;
 use common::goagent::GoAgent;
 use common::{TestServer, eventually, remote_config};
 use opamp_operator::fleet::{AgentKey, DesiredState, DesiredStateProvider, Fleet, FleetConfig};
-use opamp_operator::opamp::{ServerConfig, Uid};
+use opamp_operator::opamp::ServerConfig;
 use opamp_operator::proto::{AgentDescription, AgentRemoteConfig, RemoteConfigStatuses, any_value};
+use opamp_operator::protocol::Uid;
 
 const T: Duration = Duration::from_secs(20);
 

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use common::goagent::GoAgent;
 use common::{eventually, within};
-use opamp_operator::fleet::{AgentKey, Fleet, Transport};
+use opamp_operator::fleet::{AgentKey, Fleet};
 use opamp_operator::metrics::{KindLabel, Metrics};
-use opamp_operator::opamp::{OpampServer, ServerConfig, TlsFiles, Uid};
+use opamp_operator::opamp::{OpampServer, ServerConfig, TlsFiles};
+use opamp_operator::protocol::{Transport, Uid};
 use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;

@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{TestServer, eventually, remote_config, within};
-use opamp_operator::fleet::{AgentKey, FleetConfig, Transport};
+use opamp_operator::fleet::{AgentKey, FleetConfig};
 use opamp_operator::metrics::{KindLabel, Metrics};
-use opamp_operator::opamp::session::SERVER_CAPABILITIES;
-use opamp_operator::opamp::{AuthError, Authenticator, OpampServer, ServerConfig, Uid};
+use opamp_operator::opamp::{AuthError, Authenticator, OpampServer, ServerConfig};
 use opamp_operator::proto::{
     AgentToServer, RemoteConfigStatuses, ServerErrorResponseType, server_error_response,
 };
+use opamp_operator::protocol::session::SERVER_CAPABILITIES;
+use opamp_operator::protocol::{Transport, Uid};
 use opamp_operator::sim::{AgentSpec, HttpClient, SimAgent, WsClient, WsEvent};
 use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -268,7 +269,7 @@ impl Authenticator for TokenAuth {
         &self,
         headers: &axum::http::HeaderMap,
     ) -> Result<opamp_operator::fleet::Tenant, AuthError> {
-        match opamp_operator::opamp::auth::bearer_token(headers) {
+        match opamp_operator::protocol::bearer_token(headers) {
             Some("s3cret") => Ok(opamp_operator::fleet::Tenant::new("team-a")),
             Some(_) => Err(AuthError::UnknownToken),
             None => Err(AuthError::MissingToken),

@@ -41,8 +41,8 @@ use crate::api::{
 };
 use crate::fleet::{AgentKey, Changes, DesiredState, DesiredStateProvider, Fleet};
 use crate::metrics::{Metrics, StateLabel};
-use crate::opamp::Uid;
 use crate::proto::AgentDescription;
+use crate::protocol::Uid;
 use crate::routes::Routes;
 
 pub const FIELD_MANAGER: &str = "opamp-operator";

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::api::{Rollout, RolloutState, RolloutStrategy};
-use crate::opamp::Uid;
+use crate::protocol::Uid;
 
 /// One rollout in progress (per AgentConfig, per version).
 #[derive(Debug, Clone)]

@@ -9,11 +9,11 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::auth::AuthError;
-use super::codec::{self, DecodeError};
 use super::server::State;
 use super::ws::error_reply;
-use crate::fleet::Transport;
 use crate::metrics::{KindLabel, TransportLabel};
+use crate::protocol::Transport;
+use crate::protocol::codec::{self, DecodeError};
 
 const HTTP: TransportLabel = TransportLabel { transport: "http" };
 use crate::proto::{ServerErrorResponseType, ServerToAgent};

@@ -10,11 +10,12 @@ use axum::response::{IntoResponse, Response};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_tungstenite::tungstenite;
 
-use super::codec;
 use super::http::unauthorized;
 use super::server::State;
-use crate::fleet::{Connection, Transport};
+use crate::fleet::Connection;
 use crate::metrics::{KindLabel, TransportLabel};
+use crate::protocol::Transport;
+use crate::protocol::codec;
 
 const WS: TransportLabel = TransportLabel { transport: "websocket" };
 use crate::proto::{ServerErrorResponse, ServerErrorResponseType, ServerToAgent, server_error_response};

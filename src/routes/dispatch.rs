@@ -32,12 +32,10 @@ use tokio::time::Instant;
 
 use super::Routes;
 use crate::api::AgentSelector;
-use crate::controller::index::attribute;
-use crate::fleet::{AgentKey, EnqueueError, Ticket, TicketState, Transport};
+use crate::fleet::{AgentKey, EnqueueError, Ticket, TicketState};
 use crate::metrics::StateLabel;
-use crate::opamp::Uid;
-use crate::opamp::auth::bearer_token;
 use crate::proto::CustomMessage;
+use crate::protocol::{Transport, Uid, attribute, bearer_token};
 
 /// Largest request body (base64 data included).
 pub const MAX_BODY_BYTES: usize = 2 << 20;

@@ -19,10 +19,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::{Routes, SlotCounters, SlotRoute, egress};
-use crate::controller::index::attributes_json;
 use crate::fleet::{AgentKey, CustomMessageSink};
-use crate::opamp::Uid;
 use crate::proto::CustomMessage;
+use crate::protocol::{Uid, attributes_json};
 
 /// Messages a slot holds at most (queued, waiting for the agent's previous message, or in
 /// flight); beyond it new ones are refused, counted failed (`queue_full`).

@@ -11,7 +11,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::{AgentSpec, HttpClient, SimAgent, WsClient};
-use crate::fleet::Transport;
+use crate::protocol::Transport;
 
 #[derive(Debug, Clone)]
 pub struct FleetSimConfig {
