@@ -3,11 +3,11 @@
 //! [`crate::protocol`].
 pub mod auth;
 mod http;
+mod request;
 pub mod server;
 pub mod tls;
 mod ws;
 
 pub use auth::{AuthError, Authenticator};
-pub(crate) use http::read_body;
 pub use server::{OPAMP_PATH, OpampServer, ServerConfig};
 pub use tls::TlsFiles;

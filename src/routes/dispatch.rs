@@ -386,7 +386,7 @@ async fn dispatch(
         Err(refusal) => return refusal.into_response(),
     };
     let dispatch = route.dispatch.clone().expect("checked by authorize");
-    let body = match crate::opamp::read_body(body, MAX_BODY_BYTES).await {
+    let body = match crate::http_server::read_body(body, MAX_BODY_BYTES).await {
         Ok(body) => body,
         Err(e) => {
             let mut resp =
