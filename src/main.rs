@@ -361,7 +361,7 @@ impl OpampArgs {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let ServeArgs { opamp: args, admin_addr } = args;
     let fleet = Fleet::new(args.fleet_config());
-    let metrics = opamp_operator::metrics::Metrics::new();
+    let metrics = std::sync::Arc::new(opamp_operator::opamp::ServerMetrics::default());
     let server = OpampServer::new(fleet.clone(), args.server_config()).with_metrics(metrics.clone());
     opamp_operator::sim::fleet::raise_fd_limit();
     let listener = tokio::net::TcpListener::bind(args.opamp_addr)
@@ -404,7 +404,7 @@ mod bench_admin {
     use axum::routing::{get, post};
     use bytes::Bytes;
     use opamp_operator::fleet::{AgentKey, DesiredState, DesiredStateProvider, Fleet};
-    use opamp_operator::metrics::{KindLabel, Metrics};
+    use opamp_operator::opamp::{KindLabel, ServerMetrics};
     use opamp_operator::proto::{
         AgentConfigFile, AgentConfigMap, AgentDescription, AgentRemoteConfig, RemoteConfigStatuses,
     };
@@ -423,11 +423,11 @@ mod bench_admin {
 
     struct Admin {
         fleet: Fleet,
-        metrics: Arc<Metrics>,
+        metrics: Arc<ServerMetrics>,
         config: Arc<Everyone>,
     }
 
-    pub(super) fn router(fleet: Fleet, metrics: Arc<Metrics>) -> axum::Router {
+    pub(super) fn router(fleet: Fleet, metrics: Arc<ServerMetrics>) -> axum::Router {
         let config = Arc::new(Everyone::default());
         fleet.set_desired_state_provider(config.clone());
         axum::Router::new()

@@ -7,8 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{TestServer, eventually, remote_config, within};
 use opamp_operator::fleet::{AgentKey, FleetConfig};
-use opamp_operator::metrics::{KindLabel, Metrics};
-use opamp_operator::opamp::{AuthError, Authenticator, OpampServer, ServerConfig};
+use opamp_operator::opamp::{AuthError, Authenticator, KindLabel, OpampServer, ServerConfig, ServerMetrics};
 use opamp_operator::proto::{
     AgentToServer, RemoteConfigStatuses, ServerErrorResponseType, server_error_response,
 };
@@ -427,7 +426,7 @@ const ROUNDING: Duration = Duration::from_millis(10);
 struct Endpoint {
     addr: std::net::SocketAddr,
     fleet: opamp_operator::fleet::Fleet,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ServerMetrics>,
     shutdown: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -436,7 +435,7 @@ impl Endpoint {
     async fn start(config: ServerConfig) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (fleet, metrics) = (opamp_operator::fleet::Fleet::default(), Metrics::new());
+        let (fleet, metrics) = (opamp_operator::fleet::Fleet::default(), Arc::new(ServerMetrics::default()));
         let server = OpampServer::new(fleet.clone(), config).with_metrics(metrics.clone());
         let shutdown = server.shutdown_token();
         let task = tokio::spawn(server.serve(listener));

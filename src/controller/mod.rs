@@ -10,6 +10,7 @@ pub mod auth;
 pub mod index;
 pub mod leader;
 pub mod merge;
+mod metrics;
 pub mod rollout;
 pub mod status;
 
@@ -34,13 +35,14 @@ use tokio_util::sync::CancellationToken;
 
 use self::auth::TokenAuthenticator;
 use self::index::NamespaceIndex;
+pub use self::metrics::ControllerMetrics;
+use self::metrics::StateLabel;
 use self::rollout::{Rollouts, Tracker};
 use self::status::NamespaceStatus;
 use crate::api::{
     AGENT_TOKEN_SECRET_TYPE, AgentConfig, AgentConfigStatus, CapabilitySlot, CapabilitySlotStatus,
 };
 use crate::fleet::{AgentKey, Changes, DesiredState, DesiredStateProvider, Fleet};
-use crate::metrics::{Metrics, StateLabel};
 use crate::proto::AgentDescription;
 use crate::protocol::Uid;
 use crate::routes::Routes;
@@ -104,7 +106,7 @@ struct Stores {
 pub struct Controller {
     client: Client,
     fleet: Fleet,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ControllerMetrics>,
     routes: Arc<Routes>,
     auth: Arc<TokenAuthenticator>,
     index: SharedIndex,
@@ -147,7 +149,7 @@ impl Controller {
         auth: Arc<TokenAuthenticator>,
         routes: Arc<Routes>,
         scope: Scope,
-        metrics: Arc<Metrics>,
+        metrics: Arc<ControllerMetrics>,
     ) -> Self {
         let index: SharedIndex = Arc::default();
         let rollouts: Rollouts = Arc::default();

@@ -7,6 +7,7 @@
 //! agent costs one `Notify` for pushes, HTTP agents cost no task at all, and no operation on
 //! one agent touches the others.
 mod agent;
+mod metrics;
 mod outbox;
 #[cfg(test)]
 mod tests;
@@ -26,6 +27,7 @@ use tokio::time::Instant;
 
 pub use agent::AgentSnapshot;
 use agent::{Agent, Link};
+pub use metrics::FleetMetrics;
 pub use outbox::{EnqueueError, OUTBOX_LIMIT_DEFAULT, Ticket, TicketState};
 
 use crate::proto::{

@@ -8,10 +8,10 @@ use axum::extract::State as AxumState;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 
+use super::metrics::TransportLabel;
 use super::request::{self, Handled, PROTOBUF, bad_request, reply};
 use super::server::State;
 use crate::http_server::read_body;
-use crate::metrics::TransportLabel;
 use crate::protocol::Transport;
 use crate::protocol::codec::{self, DecodeError};
 

@@ -3,11 +3,13 @@
 //! [`crate::protocol`].
 pub mod auth;
 mod http;
+mod metrics;
 mod request;
 pub mod server;
 pub mod tls;
 mod ws;
 
 pub use auth::{AuthError, Authenticator};
+pub use metrics::{KindLabel, MessageCounters, ServerMetrics, TransportLabel};
 pub use server::{OPAMP_PATH, OpampServer, ServerConfig};
 pub use tls::TlsFiles;

@@ -6,9 +6,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::auth::AuthError;
+use super::metrics::KindLabel;
 use super::server::State;
 use crate::fleet::{Connection, Tenant};
-use crate::metrics::KindLabel;
 use crate::proto::{
     AgentToServer, RetryInfo, ServerErrorResponse, ServerErrorResponseType, ServerToAgent,
     server_error_response,

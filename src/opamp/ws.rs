@@ -10,10 +10,10 @@ use axum::response::{IntoResponse, Response};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_tungstenite::tungstenite;
 
+use super::metrics::{KindLabel, TransportLabel};
 use super::request::{self, Handled, bad_request};
 use super::server::State;
 use crate::fleet::Connection;
-use crate::metrics::{KindLabel, TransportLabel};
 use crate::protocol::Transport;
 use crate::protocol::codec;
 

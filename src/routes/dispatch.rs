@@ -30,10 +30,9 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
-use super::Routes;
+use super::{Routes, StateLabel};
 use crate::api::AgentSelector;
 use crate::fleet::{AgentKey, EnqueueError, Ticket, TicketState};
-use crate::metrics::StateLabel;
 use crate::proto::CustomMessage;
 use crate::protocol::{Transport, Uid, attribute, bearer_token};
 
@@ -558,7 +557,6 @@ mod tests {
     use super::*;
     use crate::api::{DownstreamStatus, UpstreamStatus};
     use crate::fleet::{Fleet, FleetConfig};
-    use crate::metrics::Metrics;
     use crate::routes::egress::EgressPolicy;
     use crate::routes::{DispatchRoute, SlotRoute};
     use axum::http::{Method, Request};
@@ -587,7 +585,7 @@ mod tests {
 
     /// Routes with slot `jobs` (dispatch), `quiet` (no dispatch settings), and no agents.
     fn app() -> (Arc<Routes>, Router) {
-        let routes = Routes::new(Fleet::new(FleetConfig::default()), Metrics::new(), EgressPolicy::default());
+        let routes = Routes::new(Fleet::new(FleetConfig::default()), Arc::default(), EgressPolicy::default());
         routes.publish(NS, vec![slot("jobs", true), slot("quiet", false)]);
         (routes.clone(), router(routes))
     }
