@@ -221,8 +221,9 @@ fn crds(out_dir: Option<std::path::PathBuf>) -> anyhow::Result<()> {
 }
 
 async fn fleet_sim(args: FleetSimArgs) -> anyhow::Result<()> {
+    use opamp_operator::operator::raise_fd_limit;
     use opamp_operator::protocol::Transport;
-    use opamp_operator::sim::fleet::{FleetSimConfig, raise_fd_limit, run};
+    use opamp_operator::sim::fleet::{FleetSimConfig, run};
     let transport = match args.url.split("://").next() {
         Some("ws" | "wss") => Transport::WebSocket,
         Some("http" | "https") => Transport::Http,
@@ -259,7 +260,7 @@ async fn fleet_sim(args: FleetSimArgs) -> anyhow::Result<()> {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     use opamp_operator::operator::{Operator, OperatorConfig};
-    opamp_operator::sim::fleet::raise_fd_limit();
+    opamp_operator::operator::raise_fd_limit();
     // Empty entries (an empty OPAMP_CALLBACK_ALLOW) allow nothing.
     let allow = args.callback_allow.iter().filter(|a| !a.trim().is_empty()).map(|a| a.parse());
     let allow = allow.collect::<Result<Vec<_>, _>>().context("invalid --callback-allow")?;
@@ -363,7 +364,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let fleet = Fleet::new(args.fleet_config());
     let metrics = std::sync::Arc::new(opamp_operator::opamp::ServerMetrics::default());
     let server = OpampServer::new(fleet.clone(), args.server_config()).with_metrics(metrics.clone());
-    opamp_operator::sim::fleet::raise_fd_limit();
+    opamp_operator::operator::raise_fd_limit();
     let listener = tokio::net::TcpListener::bind(args.opamp_addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.opamp_addr))?;

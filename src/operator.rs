@@ -106,6 +106,12 @@ pub struct Operator {
     tasks: JoinSet<()>,
 }
 
+/// Raises the process's open-file limit as far as allowed (each agent connection is one file):
+/// the new soft limit, 0 when it cannot be read or raised.
+pub fn raise_fd_limit() -> u64 {
+    rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0)
+}
+
 /// Checks the API server answers and our CRDs are served.
 pub async fn preflight(client: &Client) -> Result<(), Error> {
     client.apiserver_version().await.map_err(Error::Unreachable)?;

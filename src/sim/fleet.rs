@@ -109,11 +109,6 @@ fn percentiles(h: &Option<Histogram<u64>>) -> [u64; 4] {
     })
 }
 
-/// Raises the open-file limit as far as allowed (each agent is one socket).
-pub fn raise_fd_limit() -> u64 {
-    rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0)
-}
-
 /// Runs the simulation until every agent connected and `hold` passed (or `shutdown`).
 pub async fn run(config: FleetSimConfig, shutdown: tokio_util::sync::CancellationToken) -> FleetSimReport {
     let stats = Arc::new(Stats::default());
