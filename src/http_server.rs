@@ -7,7 +7,7 @@
 //! header timeout, which also closes a kept-alive connection idle for that long, is what is
 //! wanted here (they reconnect).
 //!
-//! Also the bounded body read that both addresses' handlers use ([`read_body`]).
+//! Also the bounded body read that the OpAMP endpoint and the dispatch API share (`read_body`).
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
