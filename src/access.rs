@@ -16,7 +16,7 @@ use kube::{Api, Client};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use crate::opamp::auth::bearer_token;
+use crate::protocol::bearer_token;
 
 /// How long an allow or deny is remembered.
 pub const DECISION_TTL: Duration = Duration::from_secs(10);

@@ -16,9 +16,9 @@ use axum::routing::get;
 use tokio::sync::Semaphore;
 
 use crate::access::{AGENTS_GROUP, KubeAccess, Request};
-use crate::controller::index::attributes_json;
 use crate::fleet::{AgentView, Fleet};
 use crate::proto::RemoteConfigStatuses;
+use crate::protocol::attributes_json;
 
 /// Listings built at the same time; more wait their turn.
 pub const CONCURRENT_LISTINGS: usize = 2;
@@ -83,7 +83,7 @@ async fn list(l: &Listing, headers: &HeaderMap, namespace: Option<&str>) -> Resp
 #[derive(serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentRow<'a> {
-    instance_uid: crate::opamp::Uid,
+    instance_uid: crate::protocol::Uid,
     namespace: &'a str,
     connected: bool,
     transport: Option<&'static str>,

@@ -6,12 +6,16 @@
 //! Its callers are services and scrapers, not agents polling at long intervals, so hyper's own
 //! header timeout, which also closes a kept-alive connection idle for that long, is what is
 //! wanted here (they reconnect).
+//!
+//! Also the bounded body read that the OpAMP endpoint and the dispatch API share (`read_body`).
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::response::IntoResponse;
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
@@ -100,4 +104,38 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdo
     drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+/// A body over the limit.
+pub(crate) struct TooLarge {
+    /// Whether the whole body was read (and dropped): then the connection can be reused.
+    pub(crate) drained: bool,
+}
+
+impl TooLarge {
+    /// Marks a reply to an undrained body: the connection cannot carry another request.
+    pub(crate) fn close_if_undrained(&self, resp: &mut Response) {
+        if !self.drained {
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+}
+
+/// Reads a body of at most `limit` bytes. A larger one is read on (and dropped) up to eight
+/// times the limit, so that a client still writing gets to read the 413, not a broken pipe.
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, TooLarge> {
+    use futures_util::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut buf = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let Ok(chunk) = chunk else { return Err(TooLarge { drained: false }) };
+        seen += chunk.len();
+        if seen <= limit {
+            buf.extend_from_slice(&chunk);
+        } else if seen > limit.saturating_mul(8) {
+            return Err(TooLarge { drained: false });
+        }
+    }
+    if seen > limit { Err(TooLarge { drained: true }) } else { Ok(buf.freeze()) }
 }

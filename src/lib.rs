@@ -1,8 +1,34 @@
 //! opamp-operator: a Kubernetes operator that manages fleets of OpAMP agents.
 //!
-//! - [`opamp`]: the OpAMP endpoint (wire codec, session state machine, transports);
+//! - [`protocol`]: the pure OpAMP core (session state machine, codec, instance uids, attribute
+//!   and bearer-token helpers);
+//! - [`opamp`]: the OpAMP endpoint (the WebSocket and plain-HTTP transports, one request path);
 //! - [`fleet`]: the registry of agents, their reported and desired state;
+//! - [`controller`]: custom resources into the fleet's desired state, and status back;
+//! - [`routes`]: custom-message routes (callbacks upstream, the dispatch API downstream);
+//! - [`api`]: the custom resources; [`access`] and [`agents_api`]: the API address's callers
+//!   and the fleet listing; [`http_server`]: the API and metrics addresses' HTTP server;
+//! - [`metrics`]: the one registry of the layers' metrics; [`operator`]: the wiring;
 //! - [`sim`]: a small OpAMP agent of our own, for tests and load.
+//!
+//! # Layers
+//!
+//! Dependencies point one way; `tests/layers.rs` reads every `use crate::…` and `crate::x::`
+//! path under `src/` and fails on an edge outside this table (a file's layer is its top folder
+//! or file under `src/`; [`proto`] may be imported by every layer):
+//!
+//! | layer | may import |
+//! | --- | --- |
+//! | `main.rs`, `operator` | anything |
+//! | `metrics` | `fleet`, `opamp`, `routes`, `controller` (their metrics structs) |
+//! | `controller` | `fleet`, `routes`, `api`, `protocol`, `opamp` (the `Authenticator` it implements) |
+//! | `routes` | `fleet`, `api`, `protocol`, `http_server` (the bounded body read) |
+//! | `opamp` | `fleet`, `protocol`, `http_server` (the bounded body read) |
+//! | `agents_api` | `access`, `fleet`, `protocol` |
+//! | `access` | `protocol` |
+//! | `sim` | `protocol` |
+//! | `fleet` | `protocol` |
+//! | `protocol`, `api`, `http_server` | nothing |
 #![forbid(unsafe_code)]
 
 pub mod access;
@@ -14,6 +40,7 @@ pub mod http_server;
 pub mod metrics;
 pub mod opamp;
 pub mod operator;
+pub mod protocol;
 pub mod routes;
 pub mod sim;
 

@@ -221,8 +221,9 @@ fn crds(out_dir: Option<std::path::PathBuf>) -> anyhow::Result<()> {
 }
 
 async fn fleet_sim(args: FleetSimArgs) -> anyhow::Result<()> {
-    use opamp_operator::fleet::Transport;
-    use opamp_operator::sim::fleet::{FleetSimConfig, raise_fd_limit, run};
+    use opamp_operator::operator::raise_fd_limit;
+    use opamp_operator::protocol::Transport;
+    use opamp_operator::sim::fleet::{FleetSimConfig, run};
     let transport = match args.url.split("://").next() {
         Some("ws" | "wss") => Transport::WebSocket,
         Some("http" | "https") => Transport::Http,
@@ -259,7 +260,7 @@ async fn fleet_sim(args: FleetSimArgs) -> anyhow::Result<()> {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     use opamp_operator::operator::{Operator, OperatorConfig};
-    opamp_operator::sim::fleet::raise_fd_limit();
+    opamp_operator::operator::raise_fd_limit();
     // Empty entries (an empty OPAMP_CALLBACK_ALLOW) allow nothing.
     let allow = args.callback_allow.iter().filter(|a| !a.trim().is_empty()).map(|a| a.parse());
     let allow = allow.collect::<Result<Vec<_>, _>>().context("invalid --callback-allow")?;
@@ -361,9 +362,9 @@ impl OpampArgs {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let ServeArgs { opamp: args, admin_addr } = args;
     let fleet = Fleet::new(args.fleet_config());
-    let metrics = opamp_operator::metrics::Metrics::new();
+    let metrics = std::sync::Arc::new(opamp_operator::opamp::ServerMetrics::default());
     let server = OpampServer::new(fleet.clone(), args.server_config()).with_metrics(metrics.clone());
-    opamp_operator::sim::fleet::raise_fd_limit();
+    opamp_operator::operator::raise_fd_limit();
     let listener = tokio::net::TcpListener::bind(args.opamp_addr)
         .await
         .with_context(|| format!("cannot listen on {}", args.opamp_addr))?;
@@ -404,7 +405,7 @@ mod bench_admin {
     use axum::routing::{get, post};
     use bytes::Bytes;
     use opamp_operator::fleet::{DesiredState, Fleet, Plan};
-    use opamp_operator::metrics::{KindLabel, Metrics};
+    use opamp_operator::opamp::{KindLabel, ServerMetrics};
     use opamp_operator::proto::{AgentConfigFile, AgentConfigMap, AgentRemoteConfig, RemoteConfigStatuses};
     use sha2::{Digest, Sha256};
 
@@ -415,8 +416,8 @@ mod bench_admin {
     impl Plan for Everyone {
         fn desired(
             &self,
-            _: &opamp_operator::opamp::Uid,
-            _: &opamp_operator::opamp::session::AgentReport,
+            _: &opamp_operator::protocol::Uid,
+            _: &opamp_operator::protocol::session::AgentReport,
             _: &DesiredState,
         ) -> DesiredState {
             DesiredState { remote_config: Some(self.0.clone()), custom_capabilities: None }
@@ -425,11 +426,11 @@ mod bench_admin {
 
     struct Admin {
         fleet: Fleet,
-        metrics: Arc<Metrics>,
+        metrics: Arc<ServerMetrics>,
         config: RwLock<Option<Arc<AgentRemoteConfig>>>,
     }
 
-    pub(super) fn router(fleet: Fleet, metrics: Arc<Metrics>) -> axum::Router {
+    pub(super) fn router(fleet: Fleet, metrics: Arc<ServerMetrics>) -> axum::Router {
         let config = RwLock::default();
         axum::Router::new()
             .route("/admin/config", post(set_config))

@@ -106,6 +106,12 @@ pub struct Operator {
     tasks: JoinSet<()>,
 }
 
+/// Raises the process's open-file limit as far as allowed (each agent connection is one file):
+/// the new soft limit, 0 when it cannot be read or raised.
+pub fn raise_fd_limit() -> u64 {
+    rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0)
+}
+
 /// Checks the API server answers and our CRDs are served.
 pub async fn preflight(client: &Client) -> Result<(), Error> {
     client.apiserver_version().await.map_err(Error::Unreachable)?;
@@ -151,7 +157,7 @@ impl Operator {
 
         let metrics = Metrics::new();
         let egress = config.callback_egress.clone().resolve_api_server().await;
-        let routes = Routes::new(fleet.clone(), metrics.clone(), egress);
+        let routes = Routes::new(fleet.clone(), metrics.routes.clone(), egress);
         fleet.set_custom_message_sink(routes.clone());
         tasks.spawn(routes.clone().run_expiry(shutdown.clone()));
         let scope = config.namespaces.clone().map(Scope::only).unwrap_or_default();
@@ -161,7 +167,7 @@ impl Operator {
             auth.clone(),
             routes.clone(),
             scope,
-            metrics.clone(),
+            metrics.controller.clone(),
         );
         if let Some(election) = config.leader_election.clone() {
             let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
@@ -221,7 +227,8 @@ impl Operator {
             files.load().await?; // fail at start, clearly, on a bad certificate
         }
         let tls = config.tls.clone();
-        let server = OpampServer::with_auth(fleet.clone(), config.server.clone(), auth).with_metrics(metrics);
+        let server = OpampServer::with_auth(fleet.clone(), config.server.clone(), auth)
+            .with_metrics(metrics.server.clone());
         let server_shutdown = server.shutdown_token();
         let stop = shutdown.clone();
         tasks.spawn(async move {

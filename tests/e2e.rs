@@ -11,8 +11,9 @@ use common::{eventually, within};
 use k8s_openapi::api::core::v1::Event as KubeEvent;
 use opamp_operator::api::{AgentConfig, AgentConfigStatus};
 use opamp_operator::fleet::{AgentKey, FleetConfig};
-use opamp_operator::opamp::{ServerConfig, Uid};
+use opamp_operator::opamp::ServerConfig;
 use opamp_operator::operator::{Operator, OperatorConfig};
+use opamp_operator::protocol::Uid;
 use opamp_operator::sim::AgentSpec;
 
 const T: Duration = Duration::from_secs(30);

@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{TestServer, eventually};
-use opamp_operator::fleet::{DesiredState, Fleet, FleetConfig, Plan, Transport};
-use opamp_operator::opamp::session::AgentReport;
-use opamp_operator::opamp::{ServerConfig, Uid};
+use opamp_operator::fleet::{DesiredState, Fleet, FleetConfig, Plan};
+use opamp_operator::opamp::ServerConfig;
 use opamp_operator::proto::{AgentRemoteConfig, RemoteConfigStatuses};
+use opamp_operator::protocol::Transport;
+use opamp_operator::protocol::Uid;
+use opamp_operator::protocol::session::AgentReport;
 use opamp_operator::sim::fleet::{FleetSimConfig, run};
 use tokio_util::sync::CancellationToken;
 

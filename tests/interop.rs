@@ -10,9 +10,10 @@ use bytes::Bytes;
 use common::goagent::GoAgent;
 use common::{TestServer, eventually, remote_config};
 use opamp_operator::fleet::{AgentKey, DesiredState, Fleet, FleetConfig, Plan};
-use opamp_operator::opamp::session::AgentReport;
-use opamp_operator::opamp::{ServerConfig, Uid};
+use opamp_operator::opamp::ServerConfig;
 use opamp_operator::proto::{AgentDescription, AgentRemoteConfig, RemoteConfigStatuses, any_value};
+use opamp_operator::protocol::Uid;
+use opamp_operator::protocol::session::AgentReport;
 
 const T: Duration = Duration::from_secs(20);
 

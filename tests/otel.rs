@@ -15,9 +15,10 @@ use common::cluster::{TestNamespace, install_crds};
 use common::supervisor::Supervisor;
 use common::{eventually, poll_until, within};
 use opamp_operator::api::{AgentConfig, AgentConfigStatus};
-use opamp_operator::fleet::{AgentSnapshot, Transport};
+use opamp_operator::fleet::AgentSnapshot;
 use opamp_operator::operator::Operator;
 use opamp_operator::proto::{AvailableComponents, any_value};
+use opamp_operator::protocol::Transport;
 use serde_json::{Value, json};
 
 /// Collectors start, restart and validate configs: generous, and only ever the upper bound.

@@ -15,12 +15,12 @@ use k8s_openapi::api::core::v1::{Event as KubeEvent, ServiceAccount};
 use kube::api::PostParams;
 use opamp_operator::api::{AgentConfig, AgentConfigStatus};
 use opamp_operator::fleet::AgentKey;
-use opamp_operator::opamp::Uid;
 use opamp_operator::operator::Operator;
 use opamp_operator::proto::{
     AgentCapabilities, AgentConfigFile, AgentConfigMap, AgentDescription, AgentToServer, AnyValue,
     EffectiveConfig, KeyValue, ServerErrorResponseType, ServerToAgent, any_value, server_error_response,
 };
+use opamp_operator::protocol::Uid;
 use prost::Message;
 
 const T: Duration = Duration::from_secs(30);

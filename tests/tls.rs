@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use common::goagent::GoAgent;
 use common::{eventually, within};
-use opamp_operator::fleet::{AgentKey, Fleet, Transport};
-use opamp_operator::metrics::{KindLabel, Metrics};
-use opamp_operator::opamp::{OpampServer, ServerConfig, TlsFiles, Uid};
+use opamp_operator::fleet::{AgentKey, Fleet};
+use opamp_operator::opamp::{KindLabel, OpampServer, ServerConfig, ServerMetrics, TlsFiles};
+use opamp_operator::protocol::{Transport, Uid};
 use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
@@ -52,10 +52,10 @@ async fn start(files: TlsFiles) -> (std::net::SocketAddr, Fleet, tokio_util::syn
 async fn start_with(
     files: TlsFiles,
     config: ServerConfig,
-) -> (std::net::SocketAddr, Fleet, tokio_util::sync::CancellationToken, Arc<Metrics>) {
+) -> (std::net::SocketAddr, Fleet, tokio_util::sync::CancellationToken, Arc<ServerMetrics>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (fleet, metrics) = (Fleet::default(), Metrics::new());
+    let (fleet, metrics) = (Fleet::default(), Arc::new(ServerMetrics::default()));
     let server = OpampServer::new(fleet.clone(), config).with_metrics(metrics.clone());
     let stop = server.shutdown_token();
     tokio::spawn(async move { server.serve_tls(listener, files).await.expect("serves TLS") });

@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{TestServer, eventually, remote_config, within};
-use opamp_operator::fleet::{AgentKey, FleetConfig, Transport};
-use opamp_operator::metrics::{KindLabel, Metrics};
-use opamp_operator::opamp::session::SERVER_CAPABILITIES;
-use opamp_operator::opamp::{AuthError, Authenticator, OpampServer, ServerConfig, Uid};
+use opamp_operator::fleet::{AgentKey, FleetConfig};
+use opamp_operator::opamp::{AuthError, Authenticator, KindLabel, OpampServer, ServerConfig, ServerMetrics};
 use opamp_operator::proto::{
     AgentToServer, RemoteConfigStatuses, ServerErrorResponseType, server_error_response,
 };
+use opamp_operator::protocol::session::SERVER_CAPABILITIES;
+use opamp_operator::protocol::{Transport, Uid};
 use opamp_operator::sim::{AgentSpec, HttpClient, SimAgent, WsClient, WsEvent};
 use prost::Message as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -268,7 +268,7 @@ impl Authenticator for TokenAuth {
         &self,
         headers: &axum::http::HeaderMap,
     ) -> Result<opamp_operator::fleet::Tenant, AuthError> {
-        match opamp_operator::opamp::auth::bearer_token(headers) {
+        match opamp_operator::protocol::bearer_token(headers) {
             Some("s3cret") => Ok(opamp_operator::fleet::Tenant::new("team-a")),
             Some(_) => Err(AuthError::UnknownToken),
             None => Err(AuthError::MissingToken),
@@ -426,7 +426,7 @@ const ROUNDING: Duration = Duration::from_millis(10);
 struct Endpoint {
     addr: std::net::SocketAddr,
     fleet: opamp_operator::fleet::Fleet,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ServerMetrics>,
     shutdown: tokio_util::sync::CancellationToken,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -435,7 +435,7 @@ impl Endpoint {
     async fn start(config: ServerConfig) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (fleet, metrics) = (opamp_operator::fleet::Fleet::default(), Metrics::new());
+        let (fleet, metrics) = (opamp_operator::fleet::Fleet::default(), Arc::new(ServerMetrics::default()));
         let server = OpampServer::new(fleet.clone(), config).with_metrics(metrics.clone());
         let shutdown = server.shutdown_token();
         let task = tokio::spawn(server.serve(listener));

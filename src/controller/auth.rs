@@ -10,8 +10,8 @@ use sha2::{Digest, Sha256};
 
 use crate::api::AGENT_TOKEN_SECRET_TYPE;
 use crate::fleet::Tenant;
-use crate::opamp::auth::bearer_token;
 use crate::opamp::{AuthError, Authenticator};
+use crate::protocol::bearer_token;
 
 /// Tokens are looked up by their SHA-256 digest, so the lookup's timing reveals nothing of
 /// the token, and no token is held in the clear.

@@ -2,7 +2,6 @@
 //! and the CapabilitySlots, and from them the desired state of any agent. It is the
 //! namespace's [`Plan`]: a pure function of the watched objects (including the rollout progress
 //! the leader writes into status) and of the agent, so every replica plans the same.
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -17,35 +16,9 @@ use super::rollout::{parse_threshold, rollout_key};
 use crate::api::RolloutStrategy;
 use crate::api::{AgentConfig, CapabilitySlot, ConfigFile, KeyRef, RolloutState};
 use crate::fleet::{DesiredState, Plan};
-use crate::opamp::Uid;
-use crate::opamp::session::AgentReport;
-use crate::proto::{AgentDescription, AgentRemoteConfig, CustomCapabilities, any_value};
-
-/// An attribute of an agent's description, identifying or not, as a string.
-pub fn attribute<'a>(desc: Option<&'a AgentDescription>, key: &str) -> Option<Cow<'a, str>> {
-    let desc = desc?;
-    let kv = desc
-        .identifying_attributes
-        .iter()
-        .chain(&desc.non_identifying_attributes)
-        .find(|kv| kv.key == key)?;
-    Some(match kv.value.as_ref()?.value.as_ref()? {
-        any_value::Value::StringValue(s) => Cow::Borrowed(s.as_str()),
-        any_value::Value::BoolValue(b) => Cow::Owned(b.to_string()),
-        any_value::Value::IntValue(i) => Cow::Owned(i.to_string()),
-        any_value::Value::DoubleValue(d) => Cow::Owned(d.to_string()),
-        _ => return None,
-    })
-}
-
-/// Every attribute of an agent's description (identifying and not) as a JSON object of
-/// strings, as users see them in APIs and callbacks.
-pub fn attributes_json(desc: Option<&AgentDescription>) -> serde_json::Map<String, serde_json::Value> {
-    desc.into_iter()
-        .flat_map(|d| d.identifying_attributes.iter().chain(&d.non_identifying_attributes))
-        .filter_map(|kv| Some((kv.key.clone(), attribute(desc, &kv.key)?.into_owned().into())))
-        .collect()
-}
+use crate::proto::{AgentDescription, AgentRemoteConfig, CustomCapabilities};
+use crate::protocol::session::AgentReport;
+use crate::protocol::{Uid, attribute};
 
 /// One AgentConfig as the controller sees it.
 #[derive(Debug)]
@@ -386,8 +359,9 @@ mod tests {
     use super::*;
     use crate::api::AgentConfigStatus;
     use crate::controller::rollout::{AgentFacts, Tracker};
-    use crate::fleet::{Fleet, Tenant, Transport};
-    use crate::proto::{AgentToServer, AnyValue, KeyValue};
+    use crate::fleet::{Fleet, Tenant};
+    use crate::proto::{AgentToServer, AnyValue, KeyValue, any_value};
+    use crate::protocol::Transport;
 
     const PROGRESSIVE: &str = "
 apiVersion: opamp.dev/v1alpha1

@@ -15,6 +15,7 @@ pub mod auth;
 pub mod index;
 pub mod leader;
 pub mod merge;
+mod metrics;
 pub mod rollout;
 pub mod status;
 pub mod writer;
@@ -40,13 +41,13 @@ use tokio_util::sync::CancellationToken;
 use self::auth::TokenAuthenticator;
 use self::index::NamespaceIndex;
 use self::merge::display_hash;
+pub use self::metrics::ControllerMetrics;
 use self::rollout::{AgentFacts, Tracker};
 use self::status::NamespaceStatus;
 use self::writer::{ObjectKey, Status, StatusQueue, StatusWrite, Transition};
 use crate::api::{AGENT_TOKEN_SECRET_TYPE, AgentConfig, AgentConfigStatus, CapabilitySlot};
 use crate::fleet::{Fleet, Plan};
-use crate::metrics::Metrics;
-use crate::opamp::Uid;
+use crate::protocol::Uid;
 use crate::routes::Routes;
 
 pub const FIELD_MANAGER: &str = "opamp-operator";
@@ -87,7 +88,7 @@ struct Stores {
 pub struct Controller {
     client: Client,
     fleet: Fleet,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ControllerMetrics>,
     routes: Arc<Routes>,
     auth: Arc<TokenAuthenticator>,
     /// The plan of each namespace, as last published.
@@ -132,7 +133,7 @@ impl Controller {
         auth: Arc<TokenAuthenticator>,
         routes: Arc<Routes>,
         scope: Scope,
-        metrics: Arc<Metrics>,
+        metrics: Arc<ControllerMetrics>,
     ) -> Self {
         let reporter =
             Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };

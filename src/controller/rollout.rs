@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::api::{AgentConfigStatus, Rollout, RolloutState, RolloutStatus, RolloutStrategy};
-use crate::opamp::Uid;
+use crate::protocol::Uid;
 
 /// An agent's place in the rollouts of one AgentConfig (`namespace/name`): the first 8 bytes
 /// of SHA-256 over the key and the uid. Stable, so the first steps always go to the same agents.

@@ -12,8 +12,8 @@ use super::rollout::{AgentFacts, Tracker, rollout_key};
 use crate::api::conditions::{self, CONFLICT, DEGRADED, Desired, PROGRESSING, READY};
 use crate::api::{AgentConfigStatus, AgentFailure, CapabilitySlotStatus, RolloutState, RolloutStatus};
 use crate::fleet::AgentView;
-use crate::opamp::Uid;
 use crate::proto::RemoteConfigStatuses;
+use crate::protocol::Uid;
 
 pub const MAX_FAILURES: usize = 20;
 

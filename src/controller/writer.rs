@@ -19,9 +19,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::FIELD_MANAGER;
+use super::metrics::{ControllerMetrics, StateLabel};
 use super::status;
 use crate::api::{AgentConfig, AgentConfigStatus, CapabilitySlot, CapabilitySlotStatus};
-use crate::metrics::{Metrics, StateLabel};
 
 /// Updates and Events waiting at most.
 pub const QUEUE_CAPACITY: usize = 1024;
@@ -99,11 +99,11 @@ pub struct StatusQueue {
     state: Mutex<State>,
     notify: Notify,
     capacity: usize,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ControllerMetrics>,
 }
 
 impl StatusQueue {
-    pub fn new(capacity: usize, metrics: Arc<Metrics>) -> Self {
+    pub fn new(capacity: usize, metrics: Arc<ControllerMetrics>) -> Self {
         Self { state: Mutex::default(), notify: Notify::new(), capacity, metrics }
     }
 
@@ -248,7 +248,7 @@ pub async fn run(
 struct Writer {
     client: Client,
     recorder: Recorder,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ControllerMetrics>,
 }
 
 impl Writer {
@@ -329,7 +329,7 @@ mod tests {
 
     #[test]
     fn a_newer_status_replaces_a_waiting_one_and_keeps_its_events() {
-        let q = StatusQueue::new(4, Metrics::new());
+        let q = StatusQueue::new(4, Arc::new(ControllerMetrics::default()));
         assert!(q.push_status(key("a"), write(1, "first")));
         assert!(q.push_status(key("a"), write(2, "second")));
         let Some(Next::Status(k, w)) = q.pop() else { panic!("a status") };
@@ -342,7 +342,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_drops_counts_and_retries_the_namespace() {
-        let metrics = Metrics::new();
+        let metrics = Arc::new(ControllerMetrics::default());
         let q = StatusQueue::new(2, metrics.clone());
         assert!(q.push_status(key("a"), write(1, "e")));
         assert!(q.push_status(key("b"), write(1, "e")));
@@ -376,7 +376,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_patch_that_never_returns_times_out_is_counted_and_retried() {
-        let metrics = Metrics::new();
+        let metrics = Arc::new(ControllerMetrics::default());
         let queue = Arc::new(StatusQueue::new(4, metrics.clone()));
         let client = hanging_client();
         let reporter = kube::runtime::events::Reporter { controller: "test".into(), instance: None };
@@ -397,7 +397,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_follower_writes_nothing() {
-        let metrics = Metrics::new();
+        let metrics = Arc::new(ControllerMetrics::default());
         let queue = Arc::new(StatusQueue::new(4, metrics.clone()));
         let client = hanging_client();
         let reporter = kube::runtime::events::Reporter { controller: "test".into(), instance: None };

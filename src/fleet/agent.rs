@@ -8,26 +8,8 @@ use tokio::time::Instant;
 
 use super::outbox::Outbox;
 use super::{AgentKey, Connection, DesiredState};
-use crate::opamp::Uid;
-use crate::opamp::session::{AgentReport, Session};
-
-/// How an agent talks to the server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Transport {
-    #[serde(rename = "websocket")]
-    WebSocket,
-    Http,
-}
-
-impl Transport {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Transport::WebSocket => "websocket",
-            Transport::Http => "http",
-        }
-    }
-}
+use crate::protocol::session::{AgentReport, Session};
+use crate::protocol::{Transport, Uid};
 
 #[derive(Debug)]
 pub(super) enum Link {

@@ -14,6 +14,7 @@
 //! function), a connected WebSocket agent costs one `Notify` for pushes, HTTP agents cost no
 //! task at all, and no operation on one agent touches the others.
 mod agent;
+mod metrics;
 mod outbox;
 #[cfg(test)]
 mod tests;
@@ -31,17 +32,18 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+pub use agent::AgentSnapshot;
 use agent::{Agent, Link};
-pub use agent::{AgentSnapshot, Transport};
+pub use metrics::FleetMetrics;
 pub use outbox::{EnqueueError, OUTBOX_LIMIT_DEFAULT, Ticket, TicketState};
 
-use crate::opamp::Uid;
-pub use crate::opamp::session::Changes;
-use crate::opamp::session::{AgentReport, Desired, Ingested, server_message};
 use crate::proto::{
     AgentIdentification, AgentRemoteConfig, AgentToServer, AgentToServerFlags, CustomCapabilities,
     CustomMessage, ServerToAgent,
 };
+pub use crate::protocol::session::Changes;
+use crate::protocol::session::{AgentReport, Desired, Ingested, server_message};
+use crate::protocol::{Transport, Uid};
 
 /// An agent's identity: the namespace of the token it presented, and its instance uid. The same
 /// uid presented with another namespace's token is another agent, with a record of its own: no

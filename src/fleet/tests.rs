@@ -6,12 +6,12 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::*;
-use crate::opamp::session::SERVER_CAPABILITIES;
 use crate::proto::{
     AgentCapabilities, AgentConfigFile, AgentConfigMap, AgentDescription, AgentDisconnect, AnyValue,
     AvailableComponents, ComponentHealth, EffectiveConfig, KeyValue, RemoteConfigStatus,
     RemoteConfigStatuses, ServerCapabilities, ServerToAgentFlags, any_value,
 };
+use crate::protocol::session::SERVER_CAPABILITIES;
 
 const UID: Uid =
     Uid([0x01, 0x93, 0xa5, 0xc4, 0x7d, 0x2e, 0x7c, 0x3a, 0x9b, 0x1f, 0x2a, 0x4c, 0x6e, 0x8f, 0x0a, 0x1b]);
@@ -760,7 +760,7 @@ fn error_texts_agents_report_are_cut_to_their_bound() {
     fleet.handle(&mut http(&fleet), AgentToServer { remote_config_status: Some(s), ..first(UID) }).unwrap();
     let kept = fleet.agent(&key(UID)).unwrap().report.remote_config_status.unwrap().error_message;
     assert!(
-        kept.len() <= crate::opamp::session::MAX_ERROR_MESSAGE_BYTES && kept.len() > 1000,
+        kept.len() <= crate::protocol::session::MAX_ERROR_MESSAGE_BYTES && kept.len() > 1000,
         "{}",
         kept.len()
     );

@@ -6,19 +6,16 @@ use std::sync::Arc;
 use axum::body::{Body, Bytes};
 use axum::extract::State as AxumState;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 
-use super::auth::AuthError;
-use super::codec::{self, DecodeError};
+use super::metrics::TransportLabel;
+use super::request::{self, Handled, PROTOBUF, bad_request, reply};
 use super::server::State;
-use super::ws::error_reply;
-use crate::fleet::Transport;
-use crate::metrics::{KindLabel, TransportLabel};
+use crate::http_server::read_body;
+use crate::protocol::Transport;
+use crate::protocol::codec::{self, DecodeError};
 
 const HTTP: TransportLabel = TransportLabel { transport: "http" };
-use crate::proto::{ServerErrorResponseType, ServerToAgent};
-
-pub(super) const PROTOBUF: &str = "application/x-protobuf";
 
 /// `POST /v1/opamp`.
 pub(super) async fn post(
@@ -27,12 +24,9 @@ pub(super) async fn post(
     body: Body,
 ) -> Response {
     let gzip_ok = accepts_gzip(&headers);
-    let tenant = match state.auth.authenticate(&headers) {
+    let tenant = match request::admit(&state, &headers) {
         Ok(t) => t,
-        Err(e) => {
-            state.metrics.rejected_agents.get_or_create(&KindLabel { kind: "unauthorized" }).inc();
-            return unauthorized(e);
-        }
+        Err(e) => return request::unauthorized(e),
     };
     let decode_error = || state.metrics.decode_errors.get_or_create(&HTTP).inc();
     if !is_protobuf(&headers) {
@@ -63,60 +57,16 @@ pub(super) async fn post(
             return reply(StatusCode::BAD_REQUEST, &bad_request(e.to_string()), gzip_ok);
         }
     };
-    let uid = msg.instance_uid.clone();
-    state.metrics.hot.received(&msg).inc();
     let mut conn = state.fleet.connection(Transport::Http, tenant);
-    match state.fleet.handle(&mut conn, msg) {
-        Ok(out) => {
-            state.metrics.hot.reply.inc();
-            reply(StatusCode::OK, &out, gzip_ok)
-        }
-        Err(rejection) => {
-            let retry_after = rejection.retry_after();
-            state.metrics.rejected_agents.get_or_create(&KindLabel { kind: rejection.kind() }).inc();
-            let mut out =
-                error_reply(ServerErrorResponseType::Unavailable, rejection.to_string(), Some(retry_after));
-            out.instance_uid = uid;
+    match request::handle(&state, &mut conn, msg) {
+        Handled::Reply(out) => reply(StatusCode::OK, &out, gzip_ok),
+        Handled::Refused(out, retry_after) => {
             let mut resp = reply(StatusCode::SERVICE_UNAVAILABLE, &out, gzip_ok);
             let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
             resp
         }
     }
-}
-
-/// A body over the limit.
-pub(crate) struct TooLarge {
-    /// Whether the whole body was read (and dropped): then the connection can be reused.
-    pub(crate) drained: bool,
-}
-
-impl TooLarge {
-    /// Marks a reply to an undrained body: the connection cannot carry another request.
-    pub(crate) fn close_if_undrained(&self, resp: &mut Response) {
-        if !self.drained {
-            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-    }
-}
-
-/// Reads a body of at most `limit` bytes. A larger one is read on (and dropped) up to eight
-/// times the limit, so that a client still writing gets to read the 413, not a broken pipe.
-pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, TooLarge> {
-    use futures_util::StreamExt;
-    let mut stream = body.into_data_stream();
-    let mut buf = bytes::BytesMut::new();
-    let mut seen = 0usize;
-    while let Some(chunk) = stream.next().await {
-        let Ok(chunk) = chunk else { return Err(TooLarge { drained: false }) };
-        seen += chunk.len();
-        if seen <= limit {
-            buf.extend_from_slice(&chunk);
-        } else if seen > limit.saturating_mul(8) {
-            return Err(TooLarge { drained: false });
-        }
-    }
-    if seen > limit { Err(TooLarge { drained: true }) } else { Ok(buf.freeze()) }
 }
 
 fn decode_body(
@@ -153,38 +103,12 @@ fn accepts_gzip(headers: &HeaderMap) -> bool {
     })
 }
 
-fn bad_request(message: String) -> ServerToAgent {
-    error_reply(ServerErrorResponseType::BadRequest, message, None)
-}
-
 fn too_large(limit: usize, gzip_ok: bool) -> Response {
     reply(
         StatusCode::PAYLOAD_TOO_LARGE,
         &bad_request(format!("message exceeds the limit of {limit} bytes")),
         gzip_ok,
     )
-}
-
-/// A protobuf response: every reply carries the protobuf content type, gzip when accepted.
-fn reply(status: StatusCode, msg: &ServerToAgent, gzip_ok: bool) -> Response {
-    let body = codec::encode(msg);
-    let mut resp = if gzip_ok {
-        let mut r = (status, codec::gzip(&body)).into_response();
-        r.headers_mut().insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
-        r
-    } else {
-        (status, body).into_response()
-    };
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROTOBUF));
-    resp.headers_mut().insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
-    resp
-}
-
-/// 401 for an agent whose token is missing or unknown (both transports).
-pub(super) fn unauthorized(e: AuthError) -> Response {
-    let mut resp = reply(StatusCode::UNAUTHORIZED, &bad_request(e.to_string()), false);
-    resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    resp
 }
 
 #[cfg(test)]

@@ -1,16 +1,15 @@
-//! The OpAMP endpoint: wire codec, the pure session state machine, and the two transports
-//! (WebSocket and plain HTTP) served on one path, `/v1/opamp`.
+//! The OpAMP endpoint: the two transports (WebSocket and plain HTTP) served on one path,
+//! `/v1/opamp`, over the fleet. The wire codec and the session state machine are in
+//! [`crate::protocol`].
 pub mod auth;
-pub mod codec;
 mod http;
+mod metrics;
+mod request;
 pub mod server;
-pub mod session;
 pub mod tls;
-mod uid;
 mod ws;
 
 pub use auth::{AuthError, Authenticator};
-pub(crate) use http::read_body;
+pub use metrics::{KindLabel, MessageCounters, ServerMetrics, TransportLabel};
 pub use server::{OPAMP_PATH, OpampServer, ServerConfig};
 pub use tls::TlsFiles;
-pub use uid::{ParseUidError, Uid};

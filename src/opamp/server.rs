@@ -47,9 +47,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::auth::{AdmitAll, Authenticator};
+use super::metrics::{KindLabel, ServerMetrics};
 use super::tls::{TlsConfig, TlsError, TlsFiles};
 use crate::fleet::{Fleet, Tenant};
-use crate::metrics::{KindLabel, Metrics};
 
 pub const OPAMP_PATH: &str = "/v1/opamp";
 
@@ -146,7 +146,7 @@ fn default_event_loops() -> usize {
 
 pub(super) struct State {
     pub(super) fleet: Fleet,
-    pub(super) metrics: Arc<Metrics>,
+    pub(super) metrics: Arc<ServerMetrics>,
     pub(super) auth: Arc<dyn Authenticator>,
     pub(super) config: ServerConfig,
     pub(super) shutdown: CancellationToken,
@@ -174,7 +174,7 @@ impl OpampServer {
     }
 
     /// Counts into these metrics (each server has its own otherwise).
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+    pub fn with_metrics(mut self, metrics: Arc<ServerMetrics>) -> Self {
         Arc::get_mut(&mut self.state).expect("set before the server is cloned or served").metrics = metrics;
         self
     }
@@ -458,7 +458,7 @@ struct Connections {
     slots: Semaphore,
     max: usize,
     deadlines: [Duration; 5],
-    metrics: Arc<Metrics>,
+    metrics: Arc<ServerMetrics>,
     /// When accepting last paused at the limit (ms since [`EPOCH`]), to log it once a minute.
     last_paused: AtomicU64,
 }

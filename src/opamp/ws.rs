@@ -10,14 +10,14 @@ use axum::response::{IntoResponse, Response};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_tungstenite::tungstenite;
 
-use super::codec;
-use super::http::unauthorized;
+use super::metrics::{KindLabel, TransportLabel};
+use super::request::{self, Handled, bad_request};
 use super::server::State;
-use crate::fleet::{Connection, Transport};
-use crate::metrics::{KindLabel, TransportLabel};
+use crate::fleet::Connection;
+use crate::protocol::Transport;
+use crate::protocol::codec;
 
 const WS: TransportLabel = TransportLabel { transport: "websocket" };
-use crate::proto::{ServerErrorResponse, ServerErrorResponseType, ServerToAgent, server_error_response};
 
 /// `GET /v1/opamp` with an upgrade.
 pub(super) async fn upgrade(
@@ -25,12 +25,9 @@ pub(super) async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let tenant = match state.auth.authenticate(&headers) {
+    let tenant = match request::admit(&state, &headers) {
         Ok(t) => t,
-        Err(e) => {
-            state.metrics.rejected_agents.get_or_create(&KindLabel { kind: "unauthorized" }).inc();
-            return unauthorized(e);
-        }
+        Err(e) => return request::unauthorized(e),
     };
     let limit = state.config.max_message_bytes;
     // Counted from here, while the upgrade is still the HTTP server's, until the socket closes.
@@ -162,44 +159,14 @@ fn on_frame(state: &State, conn: &mut Connection, data: bytes::Bytes) -> (bytes:
             tracing::debug!(error = %e, "undecodable frame");
             metrics.decode_errors.get_or_create(&WS).inc();
             metrics.hot.error.inc();
-            let reply = error_reply(ServerErrorResponseType::BadRequest, e.to_string(), None);
-            return (codec::encode_ws(&reply), Step::Continue);
+            return (codec::encode_ws(&bad_request(e.to_string())), Step::Continue);
         }
     };
-    let uid = msg.instance_uid.clone();
-    metrics.hot.received(&msg).inc();
-    match state.fleet.handle(conn, msg) {
-        Ok(reply) => {
-            metrics.hot.reply.inc();
-            (codec::encode_ws(&reply), Step::Continue)
-        }
-        Err(rejection) => {
-            let retry_after = rejection.retry_after();
-            metrics.rejected_agents.get_or_create(&KindLabel { kind: rejection.kind() }).inc();
-            let mut reply =
-                error_reply(ServerErrorResponseType::Unavailable, rejection.to_string(), Some(retry_after));
-            reply.instance_uid = uid;
+    match request::handle(state, conn, msg) {
+        Handled::Reply(reply) => (codec::encode_ws(&reply), Step::Continue),
+        Handled::Refused(reply, _) => {
             (codec::encode_ws(&reply), Step::Close(close_code::AGAIN, "server at capacity, retry later"))
         }
-    }
-}
-
-pub(super) fn error_reply(
-    kind: ServerErrorResponseType,
-    message: String,
-    retry_after: Option<std::time::Duration>,
-) -> ServerToAgent {
-    ServerToAgent {
-        error_response: Some(ServerErrorResponse {
-            r#type: kind as i32,
-            error_message: message,
-            details: retry_after.map(|d| {
-                server_error_response::Details::RetryInfo(crate::proto::RetryInfo {
-                    retry_after_nanoseconds: d.as_nanos() as u64,
-                })
-            }),
-        }),
-        ..Default::default()
     }
 }
 

@@ -30,14 +30,11 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 
-use super::Routes;
+use super::{Routes, StateLabel};
 use crate::api::AgentSelector;
-use crate::controller::index::attribute;
-use crate::fleet::{AgentKey, EnqueueError, Ticket, TicketState, Transport};
-use crate::metrics::StateLabel;
-use crate::opamp::Uid;
-use crate::opamp::auth::bearer_token;
+use crate::fleet::{AgentKey, EnqueueError, Ticket, TicketState};
 use crate::proto::CustomMessage;
+use crate::protocol::{Transport, Uid, attribute, bearer_token};
 
 /// Largest request body (base64 data included).
 pub const MAX_BODY_BYTES: usize = 2 << 20;
@@ -388,7 +385,7 @@ async fn dispatch(
         Err(refusal) => return refusal.into_response(),
     };
     let dispatch = route.dispatch.clone().expect("checked by authorize");
-    let body = match crate::opamp::read_body(body, MAX_BODY_BYTES).await {
+    let body = match crate::http_server::read_body(body, MAX_BODY_BYTES).await {
         Ok(body) => body,
         Err(e) => {
             let mut resp =
@@ -560,7 +557,6 @@ mod tests {
     use super::*;
     use crate::api::{DownstreamStatus, UpstreamStatus};
     use crate::fleet::{Fleet, FleetConfig};
-    use crate::metrics::Metrics;
     use crate::routes::egress::EgressPolicy;
     use crate::routes::{DispatchRoute, SlotRoute};
     use axum::http::{Method, Request};
@@ -589,7 +585,7 @@ mod tests {
 
     /// Routes with slot `jobs` (dispatch), `quiet` (no dispatch settings), and no agents.
     fn app() -> (Arc<Routes>, Router) {
-        let routes = Routes::new(Fleet::new(FleetConfig::default()), Metrics::new(), EgressPolicy::default());
+        let routes = Routes::new(Fleet::new(FleetConfig::default()), Arc::default(), EgressPolicy::default());
         routes.publish(NS, vec![slot("jobs", true), slot("quiet", false)]);
         (routes.clone(), router(routes))
     }

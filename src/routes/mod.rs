@@ -6,6 +6,7 @@
 //! route is bounded (queues, records) and callbacks only go where [`egress`] allows.
 pub mod dispatch;
 pub mod egress;
+mod metrics;
 pub mod upstream;
 
 use std::collections::{HashMap, HashSet};
@@ -19,8 +20,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{AgentSelector, DownstreamStatus, UpstreamStatus};
 use crate::fleet::Fleet;
-use crate::metrics::{Metrics, StateLabel};
 use egress::{EgressPolicy, Refusal};
+pub use metrics::{RouteMetrics, StateLabel};
 
 /// A slot's settings, resolved (Secrets read).
 #[derive(Debug, Clone, PartialEq)]
@@ -155,7 +156,7 @@ pub struct Routes {
     /// This, for what outlives a call (a queued message's permit).
     me: Weak<Routes>,
     fleet: Fleet,
-    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<RouteMetrics>,
     egress: Arc<EgressPolicy>,
     /// The callbacks' client: resolves through the egress policy, follows no redirect (a
     /// redirect would lead past the policy's static check) and uses no proxy (the proxy, not
@@ -173,7 +174,7 @@ pub struct Routes {
 }
 
 impl Routes {
-    pub fn new(fleet: Fleet, metrics: Arc<Metrics>, egress: EgressPolicy) -> Arc<Self> {
+    pub fn new(fleet: Fleet, metrics: Arc<RouteMetrics>, egress: EgressPolicy) -> Arc<Self> {
         let egress = Arc::new(egress);
         let http = reqwest::Client::builder()
             .dns_resolver(egress::Resolver(egress.clone()))
@@ -328,7 +329,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_panic_under_the_routes_lock_does_not_fail_later_lookups() {
-        let routes = Routes::new(Fleet::default(), Metrics::new(), egress::EgressPolicy::default());
+        let routes = Routes::new(Fleet::default(), Arc::default(), egress::EgressPolicy::default());
         let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let _held = routes.slots.write();
             panic!("a bug while the routes are locked");

@@ -19,10 +19,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use super::{Routes, SlotCounters, SlotRoute, egress};
-use crate::controller::index::attributes_json;
 use crate::fleet::{AgentKey, CustomMessageSink};
-use crate::opamp::Uid;
 use crate::proto::CustomMessage;
+use crate::protocol::{Uid, attributes_json};
 
 /// Messages a slot holds at most (queued, waiting for the agent's previous message, or in
 /// flight); beyond it new ones are refused, counted failed (`queue_full`).
@@ -383,9 +382,9 @@ mod tests {
     use super::*;
     use crate::api::{AgentSelector, DownstreamStatus, UpstreamStatus};
     use crate::fleet::{Fleet, FleetConfig};
-    use crate::metrics::{Metrics, StateLabel};
     use crate::routes::CallbackRoute;
     use crate::routes::egress::EgressPolicy;
+    use crate::routes::{RouteMetrics, StateLabel};
 
     const NS: &str = "tenant";
     const CAP: &str = "com.example.big";
@@ -436,7 +435,7 @@ mod tests {
         CustomMessage { capability: CAP.into(), r#type: "blob".into(), data: vec![7u8; size].into() }
     }
 
-    fn queue_full(metrics: &Metrics) -> u64 {
+    fn queue_full(metrics: &RouteMetrics) -> u64 {
         metrics.custom_messages_upstream.get_or_create(&StateLabel { state: "queue_full" }).get()
     }
 
@@ -502,7 +501,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_loopback_callback_is_refused_by_default_and_allowed_when_listed() {
         let target = server(200, None).await;
-        let metrics = Metrics::new();
+        let metrics = Arc::new(RouteMetrics::default());
         let routes =
             Routes::new(Fleet::new(FleetConfig::default()), metrics.clone(), EgressPolicy::default());
         routes.publish(NS, vec![with_attempts(&target.url, 1)]);
@@ -532,7 +531,7 @@ mod tests {
 
         // Listed, it is allowed.
         let allowing = EgressPolicy::new(vec!["127.0.0.1/32".parse().expect("a CIDR")]);
-        let routes = Routes::new(Fleet::new(FleetConfig::default()), Metrics::new(), allowing);
+        let routes = Routes::new(Fleet::new(FleetConfig::default()), Arc::default(), allowing);
         routes.publish(NS, vec![with_attempts(&target.url, 1)]);
         assert_eq!(routes.callback_refused(NS, "big"), None);
         routes.on_custom_message(&AgentKey::new(ns.clone(), Uid::new_v7()), message(10));
@@ -547,7 +546,7 @@ mod tests {
     async fn redirects_are_not_followed() {
         let target = server(200, None).await;
         let allowing = EgressPolicy::new(vec!["127.0.0.1/32".parse().expect("a CIDR")]);
-        let routes = Routes::new(Fleet::new(FleetConfig::default()), Metrics::new(), allowing);
+        let routes = Routes::new(Fleet::new(FleetConfig::default()), Arc::default(), allowing);
         let ns: Arc<str> = NS.into();
         for status in [303, 307, 308, 301] {
             let redirecting = server(status, Some(target.url.clone())).await;
@@ -568,7 +567,7 @@ mod tests {
     /// rest is refused and counted, and removing the slot releases and counts what it held.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_hanging_callback_holds_no_more_than_the_queue_bounds() {
-        let metrics = Metrics::new();
+        let metrics = Arc::new(RouteMetrics::default());
         let loopback = EgressPolicy::new(vec!["127.0.0.1/32".parse().expect("a CIDR")]);
         let routes = Routes::new(Fleet::new(FleetConfig::default()), metrics.clone(), loopback);
         let callback = hanging_callback().await;

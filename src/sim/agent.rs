@@ -4,12 +4,12 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
-use crate::opamp::Uid;
 use crate::proto::{
     AgentCapabilities, AgentConfigMap, AgentDescription, AgentToServer, AnyValue, ComponentHealth,
     CustomCapabilities, EffectiveConfig, KeyValue, RemoteConfigStatus, RemoteConfigStatuses, ServerToAgent,
     ServerToAgentFlags, any_value,
 };
+use crate::protocol::Uid;
 
 /// What an agent is.
 #[derive(Debug, Clone)]

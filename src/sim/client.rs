@@ -10,8 +10,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::opamp::codec;
 use crate::proto::{AgentToServer, ServerToAgent};
+use crate::protocol::codec;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

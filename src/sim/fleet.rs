@@ -11,7 +11,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 
 use super::{AgentSpec, HttpClient, SimAgent, WsClient};
-use crate::fleet::Transport;
+use crate::protocol::Transport;
 
 #[derive(Debug, Clone)]
 pub struct FleetSimConfig {
@@ -107,11 +107,6 @@ fn percentiles(h: &Option<Histogram<u64>>) -> [u64; 4] {
     h.as_ref().map_or([0; 4], |h| {
         [h.value_at_quantile(0.5), h.value_at_quantile(0.9), h.value_at_quantile(0.99), h.max()]
     })
-}
-
-/// Raises the open-file limit as far as allowed (each agent is one socket).
-pub fn raise_fd_limit() -> u64 {
-    rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0)
 }
 
 /// Runs the simulation until every agent connected and `hold` passed (or `shutdown`).

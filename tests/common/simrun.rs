@@ -2,7 +2,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use opamp_operator::opamp::Uid;
+use opamp_operator::protocol::Uid;
 use opamp_operator::sim::{AgentSpec, SimAgent, WsClient};
 use tokio_util::sync::CancellationToken;
 

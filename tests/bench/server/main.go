@@ -15,7 +15,7 @@
 //	                     agents whose last RemoteConfigStatus is APPLIED for the current hash,
 //	                     AgentToServer messages received since start.
 //
-// The bookkeeping mirrors opamp-operator's session (src/opamp/session.rs) so both servers do the
+// The bookkeeping mirrors opamp-operator's session (src/protocol/session.rs) so both servers do the
 // same work per message: sequence-number check (ReportFullState on a gap), latest of each
 // sub-message kept, a config offered once per connection unless the agent already reports it.
 package main

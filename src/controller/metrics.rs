@@ -1,0 +1,57 @@
+//! The controller's metrics: re-planning durations, status patches and the status writer's queue (registered with the
+//! others by [`crate::metrics`]).
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: &'static str,
+}
+
+pub struct ControllerMetrics {
+    pub reconcile_duration: Histogram,
+    pub status_patches: Family<StateLabel, Counter>,
+    /// Status updates and Events dropped because the writer's queue was full.
+    pub status_updates_dropped: Counter,
+    pub status_queue_depth: Gauge,
+}
+
+impl Default for ControllerMetrics {
+    fn default() -> Self {
+        Self {
+            reconcile_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            status_patches: Family::default(),
+            status_updates_dropped: Counter::default(),
+            status_queue_depth: Gauge::default(),
+        }
+    }
+}
+
+impl ControllerMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of re-planning one namespace",
+            self.reconcile_duration.clone(),
+        );
+        registry.register(
+            "status_patches",
+            "Status patches, by outcome (ok, error, timeout)",
+            self.status_patches.clone(),
+        );
+        registry.register(
+            "status_updates_dropped",
+            "Status updates and Events dropped because the status writer's queue was full (recomputed later)",
+            self.status_updates_dropped.clone(),
+        );
+        registry.register(
+            "status_queue_depth",
+            "Status updates and Events waiting for the status writer",
+            self.status_queue_depth.clone(),
+        );
+    }
+}

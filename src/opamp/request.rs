@@ -1,0 +1,99 @@
+//! The request path both transports share: admitting a connecting agent, handing one decoded
+//! message to the fleet (counted on the way), and the error replies.
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use super::auth::AuthError;
+use super::metrics::KindLabel;
+use super::server::State;
+use crate::fleet::{Connection, Tenant};
+use crate::proto::{
+    AgentToServer, RetryInfo, ServerErrorResponse, ServerErrorResponseType, ServerToAgent,
+    server_error_response,
+};
+use crate::protocol::codec;
+
+pub(super) const PROTOBUF: &str = "application/x-protobuf";
+
+/// The tenant of a connecting agent; one refused is counted `unauthorized` and answered with
+/// [`unauthorized`].
+pub(super) fn admit(state: &State, headers: &HeaderMap) -> Result<Tenant, AuthError> {
+    state.auth.authenticate(headers).inspect_err(|_| {
+        state.metrics.rejected_agents.get_or_create(&KindLabel { kind: "unauthorized" }).inc();
+    })
+}
+
+/// What the fleet made of one message.
+pub(super) enum Handled {
+    Reply(ServerToAgent),
+    /// The agent is refused for now (at capacity, its namespace's limit): an `Unavailable`
+    /// error reply, and when to come back.
+    Refused(ServerToAgent, Duration),
+}
+
+/// Hands one message to the fleet.
+pub(super) fn handle(state: &State, conn: &mut Connection, msg: AgentToServer) -> Handled {
+    let uid = msg.instance_uid.clone();
+    state.metrics.hot.received(&msg).inc();
+    match state.fleet.handle(conn, msg) {
+        Ok(reply) => {
+            state.metrics.hot.reply.inc();
+            Handled::Reply(reply)
+        }
+        Err(rejection) => {
+            let retry_after = rejection.retry_after();
+            state.metrics.rejected_agents.get_or_create(&KindLabel { kind: rejection.kind() }).inc();
+            let mut reply =
+                error_reply(ServerErrorResponseType::Unavailable, rejection.to_string(), Some(retry_after));
+            reply.instance_uid = uid;
+            Handled::Refused(reply, retry_after)
+        }
+    }
+}
+
+pub(super) fn error_reply(
+    kind: ServerErrorResponseType,
+    message: String,
+    retry_after: Option<Duration>,
+) -> ServerToAgent {
+    ServerToAgent {
+        error_response: Some(ServerErrorResponse {
+            r#type: kind as i32,
+            error_message: message,
+            details: retry_after.map(|d| {
+                server_error_response::Details::RetryInfo(RetryInfo {
+                    retry_after_nanoseconds: d.as_nanos() as u64,
+                })
+            }),
+        }),
+        ..Default::default()
+    }
+}
+
+pub(super) fn bad_request(message: String) -> ServerToAgent {
+    error_reply(ServerErrorResponseType::BadRequest, message, None)
+}
+
+/// A protobuf response: every reply carries the protobuf content type, gzip when accepted.
+pub(super) fn reply(status: StatusCode, msg: &ServerToAgent, gzip_ok: bool) -> Response {
+    let body = codec::encode(msg);
+    let mut resp = if gzip_ok {
+        let mut r = (status, codec::gzip(&body)).into_response();
+        r.headers_mut().insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        r
+    } else {
+        (status, body).into_response()
+    };
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROTOBUF));
+    resp.headers_mut().insert(header::VARY, HeaderValue::from_static("Accept-Encoding"));
+    resp
+}
+
+/// 401 for an agent whose token is missing or unknown (both transports).
+pub(super) fn unauthorized(e: AuthError) -> Response {
+    let mut resp = reply(StatusCode::UNAUTHORIZED, &bad_request(e.to_string()), false);
+    resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
+}
