@@ -27,6 +27,11 @@ pub struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CategoryLabel {
+    pub category: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabel {
     pub status: &'static str,
 }
@@ -48,6 +53,8 @@ pub struct Metrics {
     pub dispatch_results: Family<StateLabel, Counter>,
     pub reconcile_duration: Histogram,
     pub status_patches: Family<StateLabel, Counter>,
+    /// The controller's failures, by `controller::Error::category`.
+    pub controller_errors: Family<CategoryLabel, Counter>,
     /// OpAMP connections open now (both transports, TLS handshakes included).
     pub connections_open: Gauge,
     /// Times the OpAMP endpoint stopped accepting at its connection limit.
@@ -125,6 +132,7 @@ impl Default for Metrics {
             dispatch_results: Family::default(),
             reconcile_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             status_patches: Family::default(),
+            controller_errors: Family::default(),
             connections_open: Gauge::default(),
             connection_accepts_paused: Counter::default(),
             connection_timeouts: Family::default(),
@@ -175,6 +183,11 @@ impl Default for Metrics {
             m.reconcile_duration.clone(),
         );
         registry.register("status_patches", "Status patches, by outcome", m.status_patches.clone());
+        registry.register(
+            "controller_errors",
+            "Controller failures, by category (watch, invalid-object, patch, timeout, event, reference)",
+            m.controller_errors.clone(),
+        );
         registry.register(
             "connections_open",
             "OpAMP connections open now (both transports, TLS handshakes included)",

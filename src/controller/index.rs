@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::ResourceExt;
 use kube::runtime::reflector::{ObjectRef, Store};
 
+use super::error::Error;
 use super::merge::{self, File, Source};
 use super::rollout::Tracker;
 use crate::api::RolloutStrategy;
@@ -230,14 +231,9 @@ pub fn slot_route(slot: &CapabilitySlot, secrets: &Store<Secret>) -> crate::rout
     use std::time::Duration;
     let ns = slot.namespace().unwrap_or_default();
     let secret = |r: &KeyRef| -> Result<Vec<u8>, String> {
-        let s = secrets
-            .get(&ObjectRef::new(&r.name).within(&ns))
-            .ok_or_else(|| format!("Secret {:?} not found", r.name))?;
-        s.data
-            .as_ref()
-            .and_then(|d| d.get(&r.key))
-            .map(|b| b.0.clone())
-            .ok_or_else(|| format!("Secret {:?} has no key {:?}", r.name, r.key))
+        let s = secrets.get(&ObjectRef::new(&r.name).within(&ns));
+        let value = s.map(|s| s.data.as_ref().and_then(|d| d.get(&r.key)).map(|b| b.0.clone()));
+        lookup("Secret", r, value).map_err(|e| e.to_string())
     };
     crate::routes::SlotRoute {
         namespace: ns.clone(),
@@ -294,11 +290,6 @@ fn read_file(
     if let Some(inline) = &file.inline {
         return Ok(bytes::Bytes::from(inline.clone()));
     }
-    let lookup = |kind: &str, r: &KeyRef, found: Option<Option<bytes::Bytes>>| match found {
-        None => Err(format!("{kind} {:?} not found", r.name)),
-        Some(None) => Err(format!("{kind} {:?} has no key {:?}", r.name, r.key)),
-        Some(Some(b)) => Ok(b),
-    };
     if let Some(r) = &file.config_map_key_ref {
         let cm = config_maps.get(&ObjectRef::new(&r.name).within(ns));
         let value = cm.map(|cm| {
@@ -311,13 +302,19 @@ fn read_file(
                 },
             )
         });
-        return lookup("ConfigMap", r, value);
+        return lookup("ConfigMap", r, value).map_err(|e| e.to_string());
     }
     if let Some(r) = &file.secret_key_ref {
         let secret = secrets.get(&ObjectRef::new(&r.name).within(ns));
         let value = secret
             .map(|s| s.data.as_ref().and_then(|d| d.get(&r.key)).map(|b| bytes::Bytes::from(b.0.clone())));
-        return lookup("Secret", r, value);
+        return lookup("Secret", r, value).map_err(|e| e.to_string());
     }
     Err("no source set".into())
+}
+
+/// A referenced key's value: `found` is `None` without the object, `Some(None)` without the key.
+fn lookup<T>(kind: &'static str, r: &KeyRef, found: Option<Option<T>>) -> Result<T, Error> {
+    let missing = |key| Error::Reference { kind, name: r.name.clone(), key };
+    found.ok_or_else(|| missing(None))?.ok_or_else(|| missing(Some(r.key.clone())))
 }

@@ -7,6 +7,7 @@
 //! Secret) re-plans the namespace: resolve, then recompute the desired state of its agents.
 //! Status is recomputed for namespaces whose agents or objects changed, at most once a second.
 pub mod auth;
+pub mod error;
 pub mod index;
 pub mod leader;
 pub mod merge;
@@ -33,6 +34,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use self::auth::TokenAuthenticator;
+use self::error::{Error, Errors};
 use self::index::NamespaceIndex;
 use self::rollout::{Rollouts, Tracker};
 use self::status::NamespaceStatus;
@@ -48,6 +50,8 @@ use crate::routes::Routes;
 pub const FIELD_MANAGER: &str = "opamp-operator";
 /// How often a namespace at its agent limit is told so again (an Event).
 const REFUSALS_EVERY: Duration = Duration::from_secs(60);
+/// A status patch that takes longer is given up (the next change of the object retries it).
+const PATCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 type SharedIndex = Arc<RwLock<HashMap<String, Arc<NamespaceIndex>>>>;
 
@@ -110,7 +114,8 @@ pub struct Controller {
     index: SharedIndex,
     rollouts: Rollouts,
     dirty: Arc<Dirty>,
-    recorder: Recorder,
+    /// Counts and tells errors; records the controller's Events.
+    errors: Errors,
     /// Agents by namespace, maintained from the fleet's changes.
     agents: HashMap<Arc<str>, HashSet<Uid>>,
     status_dirty: HashSet<String>,
@@ -158,7 +163,7 @@ impl Controller {
         let reporter =
             Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            errors: Errors::new(metrics.clone(), Recorder::new(client.clone(), reporter)),
             client,
             fleet,
             metrics,
@@ -191,16 +196,40 @@ impl Controller {
         let stores = Stores { agent_configs, slots, config_maps, secrets };
         let c = &self.client;
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(reflect(Api::<AgentConfig>::all(c.clone()), w1, self.dirty.clone(), None));
-        tasks.spawn(reflect(Api::<CapabilitySlot>::all(c.clone()), w2, self.dirty.clone(), None));
-        tasks.spawn(reflect(Api::<ConfigMap>::all(c.clone()), w3, self.dirty.clone(), None));
+        tasks.spawn(reflect(
+            Api::<AgentConfig>::all(c.clone()),
+            w1,
+            self.dirty.clone(),
+            self.errors.clone(),
+            None,
+        ));
+        tasks.spawn(reflect(
+            Api::<CapabilitySlot>::all(c.clone()),
+            w2,
+            self.dirty.clone(),
+            self.errors.clone(),
+            None,
+        ));
+        tasks.spawn(reflect(
+            Api::<ConfigMap>::all(c.clone()),
+            w3,
+            self.dirty.clone(),
+            self.errors.clone(),
+            None,
+        ));
         let (auth, secret_store, scope) = (self.auth.clone(), stores.secrets.clone(), self.scope.clone());
         let on_secret: TokenHook = Box::new(move |s: Option<&Secret>| {
             if s.is_none_or(|s| s.type_.as_deref() == Some(AGENT_TOKEN_SECRET_TYPE)) {
                 auth.rebuild(&scope.secrets(secret_store.state()));
             }
         });
-        tasks.spawn(reflect(Api::<Secret>::all(c.clone()), w4, self.dirty.clone(), Some(on_secret)));
+        tasks.spawn(reflect(
+            Api::<Secret>::all(c.clone()),
+            w4,
+            self.dirty.clone(),
+            self.errors.clone(),
+            Some(on_secret),
+        ));
 
         let synced = async {
             let _ = tokio::join!(
@@ -421,9 +450,7 @@ impl Controller {
                 action: "AdmitAgent".into(),
                 secondary: None,
             };
-            if let Err(e) = self.recorder.publish(&ev, &reference).await {
-                tracing::debug!(error = %e, "event not recorded");
-            }
+            self.errors.publish(&ev, &reference).await;
         }
     }
 
@@ -488,11 +515,19 @@ impl Controller {
             "status": status,
         });
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        let result = api.patch_status(&object.name_any(), &params, &Patch::Apply(&patch)).await;
+        let (name, patch) = (object.name_any(), Patch::Apply(&patch));
+        let result = match tokio::time::timeout(PATCH_TIMEOUT, api.patch_status(&name, &params, &patch)).await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(source)) => Err(Error::patch(object, source)),
+            Err(_) => Err(Error::patch_timeout(object, PATCH_TIMEOUT)),
+        };
         let state = if result.is_ok() { "ok" } else { "error" };
         self.metrics.status_patches.get_or_create(&StateLabel { state }).inc();
         if let Err(e) = result {
-            tracing::warn!(name = %object.name_any(), namespace = ?object.namespace(), error = %e, "status patch failed");
+            // Deleted meanwhile: counted, but there is nobody to tell.
+            let gone = matches!(&e, Error::Patch { source: kube::Error::Api(s), .. } if s.code == 404);
+            if gone { self.errors.count(&e) } else { self.errors.report(&e).await }
         }
     }
 
@@ -505,9 +540,7 @@ impl Controller {
         action: String,
     ) {
         let ev = Event { type_, reason: reason.into(), note: Some(note), action, secondary: None };
-        if let Err(e) = self.recorder.publish(&ev, &object.object_ref(&())).await {
-            tracing::debug!(error = %e, "event not recorded");
-        }
+        self.errors.publish(&ev, &object.object_ref(&())).await;
     }
 }
 
@@ -544,6 +577,7 @@ async fn reflect<K>(
     api: Api<K>,
     writer: reflector::store::Writer<K>,
     dirty: Arc<Dirty>,
+    errors: Errors,
     hook: Option<TokenHook>,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -567,8 +601,9 @@ async fn reflect<K>(
                 }
             }
             Ok(watcher::Event::Init) => {}
-            Err(e) => {
-                tracing::warn!(kind = %K::kind(&Default::default()), error = %e, "watch error (retrying)")
+            Err(source) => {
+                let kind = K::kind(&Default::default()).into_owned();
+                errors.count(&Error::Watch { kind, namespace: None, source });
             }
         }
     }
