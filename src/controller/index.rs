@@ -7,11 +7,12 @@ use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::ResourceExt;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 
 use super::error::Error;
 use super::merge::{self, File, Source};
 use super::rollout::Tracker;
+use super::watch::Cache;
 use crate::api::RolloutStrategy;
 use crate::api::{AgentConfig, CapabilitySlot, ConfigFile, KeyRef};
 use crate::fleet::DesiredState;
@@ -109,8 +110,8 @@ impl NamespaceIndex {
     pub fn resolve(
         mut configs: Vec<Arc<AgentConfig>>,
         mut slots: Vec<Arc<CapabilitySlot>>,
-        config_maps: &Store<ConfigMap>,
-        secrets: &Store<Secret>,
+        config_maps: &Cache<ConfigMap>,
+        secrets: &Cache<Secret>,
     ) -> Self {
         configs.sort_by_key(|c| c.name_any());
         let configs =
@@ -227,7 +228,7 @@ impl NamespaceIndex {
 }
 
 /// The route of a slot, with its Secrets read.
-pub fn slot_route(slot: &CapabilitySlot, secrets: &Store<Secret>) -> crate::routes::SlotRoute {
+pub fn slot_route(slot: &CapabilitySlot, secrets: &Cache<Secret>) -> crate::routes::SlotRoute {
     use std::time::Duration;
     let ns = slot.namespace().unwrap_or_default();
     let secret = |r: &KeyRef| -> Result<Vec<u8>, String> {
@@ -257,8 +258,8 @@ pub fn slot_route(slot: &CapabilitySlot, secrets: &Store<Secret>) -> crate::rout
 
 fn resolve_config(
     object: Arc<AgentConfig>,
-    config_maps: &Store<ConfigMap>,
-    secrets: &Store<Secret>,
+    config_maps: &Cache<ConfigMap>,
+    secrets: &Cache<Secret>,
 ) -> ResolvedConfig {
     let ns = object.namespace().unwrap_or_default();
     let mut files = BTreeMap::new();
@@ -284,8 +285,8 @@ fn resolve_config(
 fn read_file(
     ns: &str,
     file: &ConfigFile,
-    config_maps: &Store<ConfigMap>,
-    secrets: &Store<Secret>,
+    config_maps: &Cache<ConfigMap>,
+    secrets: &Cache<Secret>,
 ) -> Result<bytes::Bytes, String> {
     if let Some(inline) = &file.inline {
         return Ok(bytes::Bytes::from(inline.clone()));

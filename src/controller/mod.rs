@@ -13,21 +13,19 @@ pub mod leader;
 pub mod merge;
 pub mod rollout;
 pub mod status;
+pub mod watch;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
-use std::hash::Hash;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Patch, PatchParams};
+use kube::core::DeserializeGuard;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
@@ -38,6 +36,7 @@ use self::error::{Error, Errors};
 use self::index::NamespaceIndex;
 use self::rollout::{Rollouts, Tracker};
 use self::status::NamespaceStatus;
+use self::watch::Cache;
 use crate::api::{
     AGENT_TOKEN_SECRET_TYPE, AgentConfig, AgentConfigStatus, CapabilitySlot, CapabilitySlotStatus,
 };
@@ -96,13 +95,13 @@ impl DesiredStateProvider for Provider {
     }
 }
 
-/// The reflector caches.
+/// The caches of watched objects (see [`watch`]).
 #[derive(Clone)]
 struct Stores {
-    agent_configs: Store<AgentConfig>,
-    slots: Store<CapabilitySlot>,
-    config_maps: Store<ConfigMap>,
-    secrets: Store<Secret>,
+    agent_configs: Cache<AgentConfig>,
+    slots: Cache<CapabilitySlot>,
+    config_maps: Cache<ConfigMap>,
+    secrets: Cache<Secret>,
 }
 
 pub struct Controller {
@@ -138,6 +137,11 @@ impl Scope {
 
     pub fn contains(&self, namespace: &str) -> bool {
         self.0.as_ref().is_none_or(|set| set.contains(namespace))
+    }
+
+    /// `None`: every namespace.
+    pub fn namespaces(&self) -> Option<&HashSet<String>> {
+        self.0.as_deref()
     }
 
     fn secrets(&self, all: Vec<Arc<Secret>>) -> Vec<Arc<Secret>> {
@@ -189,47 +193,29 @@ impl Controller {
 
     /// Runs until `shutdown`; `ready` flips to true once every cache is synced.
     pub async fn run(mut self, shutdown: CancellationToken, ready: tokio::sync::watch::Sender<bool>) {
-        let (agent_configs, w1) = reflector::store();
-        let (slots, w2) = reflector::store();
-        let (config_maps, w3) = reflector::store();
-        let (secrets, w4) = reflector::store();
+        let (agent_configs, w1) = Cache::new(&self.scope);
+        let (slots, w2) = Cache::new(&self.scope);
+        let (config_maps, w3) = Cache::new(&self.scope);
+        let (secrets, w4) = Cache::new(&self.scope);
         let stores = Stores { agent_configs, slots, config_maps, secrets };
-        let c = &self.client;
+        let watches = watch::Context {
+            client: self.client.clone(),
+            dirty: self.dirty.clone(),
+            errors: self.errors.clone(),
+            leader: self.leader.clone(),
+        };
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(reflect(
-            Api::<AgentConfig>::all(c.clone()),
-            w1,
-            self.dirty.clone(),
-            self.errors.clone(),
-            None,
-        ));
-        tasks.spawn(reflect(
-            Api::<CapabilitySlot>::all(c.clone()),
-            w2,
-            self.dirty.clone(),
-            self.errors.clone(),
-            None,
-        ));
-        tasks.spawn(reflect(
-            Api::<ConfigMap>::all(c.clone()),
-            w3,
-            self.dirty.clone(),
-            self.errors.clone(),
-            None,
-        ));
+        // Custom resources through a guard: one that does not read is reported and skipped.
+        watches.spawn::<DeserializeGuard<AgentConfig>>(&mut tasks, w1, None);
+        watches.spawn::<DeserializeGuard<CapabilitySlot>>(&mut tasks, w2, None);
+        watches.spawn::<ConfigMap>(&mut tasks, w3, None);
         let (auth, secret_store, scope) = (self.auth.clone(), stores.secrets.clone(), self.scope.clone());
-        let on_secret: TokenHook = Box::new(move |s: Option<&Secret>| {
+        let on_secret: watch::Hook<Secret> = Arc::new(move |s: Option<&Secret>| {
             if s.is_none_or(|s| s.type_.as_deref() == Some(AGENT_TOKEN_SECRET_TYPE)) {
                 auth.rebuild(&scope.secrets(secret_store.state()));
             }
         });
-        tasks.spawn(reflect(
-            Api::<Secret>::all(c.clone()),
-            w4,
-            self.dirty.clone(),
-            self.errors.clone(),
-            Some(on_secret),
-        ));
+        watches.spawn::<Secret>(&mut tasks, w4, Some(on_secret));
 
         let synced = async {
             let _ = tokio::join!(
@@ -568,47 +554,4 @@ fn transitions(old: &[Condition], new: &[Condition]) -> Vec<Transition> {
         }
     }
     out
-}
-
-type TokenHook = Box<dyn Fn(Option<&Secret>) + Send + Sync>;
-
-/// Keeps a reflector cache of one kind and marks the namespaces of changed objects dirty.
-async fn reflect<K>(
-    api: Api<K>,
-    writer: reflector::store::Writer<K>,
-    dirty: Arc<Dirty>,
-    errors: Errors,
-    hook: Option<TokenHook>,
-) where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + Hash + Clone,
-{
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()).default_backoff());
-    let mut stream = std::pin::pin!(stream);
-    while let Some(event) = stream.next().await {
-        match event {
-            Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o) | watcher::Event::InitApply(o)) => {
-                dirty.mark(o.namespace());
-                if let Some(h) = &hook {
-                    // Called with the object: only its kind's changes matter to the hook.
-                    h(Some(as_secret(&o)).flatten());
-                }
-            }
-            Ok(watcher::Event::InitDone) => {
-                dirty.mark_all();
-                if let Some(h) = &hook {
-                    h(None);
-                }
-            }
-            Ok(watcher::Event::Init) => {}
-            Err(source) => {
-                let kind = K::kind(&Default::default()).into_owned();
-                errors.count(&Error::Watch { kind, namespace: None, source });
-            }
-        }
-    }
-}
-
-fn as_secret<K: 'static>(o: &K) -> Option<&Secret> {
-    (o as &dyn std::any::Any).downcast_ref::<Secret>()
 }
