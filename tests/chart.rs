@@ -36,9 +36,10 @@ const T: Duration = Duration::from_secs(30);
 /// The values the chart is rendered with besides its defaults.
 const SET: &str = "serviceMonitor.enabled=true,tls.secretName=x,anonymousAgentsNamespace=public,replicas=2";
 
-/// Every permission the ClusterRole grants: (API group, resource, verb, resource name or "" for
-/// any).
-const CLUSTER_RULES: &[Grant] = &[
+/// What the operator does in the namespaces it manages: in the ClusterRole by default, in a Role
+/// of each namespace with `namespaces` set. (API group, resource, verb, resource name or "" for
+/// any.)
+const NAMESPACED_RULES: &[Grant] = &[
     ("opamp.dev", "agentconfigs", "list", ""),
     ("opamp.dev", "agentconfigs", "watch", ""),
     ("opamp.dev", "capabilityslots", "list", ""),
@@ -51,9 +52,18 @@ const CLUSTER_RULES: &[Grant] = &[
     ("", "secrets", "watch", ""),
     ("events.k8s.io", "events", "create", ""),
     ("events.k8s.io", "events", "patch", ""),
+];
+
+/// What the ClusterRole grants whatever the namespaces: reviews of the fleet listing's callers.
+const REVIEW_RULES: &[Grant] = &[
     ("authentication.k8s.io", "tokenreviews", "create", ""),
     ("authorization.k8s.io", "subjectaccessreviews", "create", ""),
 ];
+
+/// Every permission the ClusterRole grants by default (all namespaces managed).
+fn cluster_rules() -> Vec<Grant> {
+    [NAMESPACED_RULES, REVIEW_RULES].concat()
+}
 
 /// Every permission the Role grants in the release namespace (leader election on the Lease
 /// `opamp-operator`).
@@ -150,6 +160,16 @@ impl Manifests {
 
     fn get(&self, kind: &str, name: &str) -> &Value {
         self.find(kind, name).unwrap_or_else(|| panic!("no {kind} {name} among {:?}", self.objects()))
+    }
+
+    /// The object of a namespaced kind in `namespace` (several namespaces hold one of that name).
+    fn get_in(&self, kind: &str, name: &str, namespace: &str) -> &Value {
+        self.0
+            .iter()
+            .find(|d| {
+                d["kind"] == kind && d["metadata"]["name"] == name && d["metadata"]["namespace"] == namespace
+            })
+            .unwrap_or_else(|| panic!("no {kind} {namespace}/{name} among {:?}", self.objects()))
     }
 
     fn of_kind<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
@@ -354,7 +374,7 @@ fn renders_defaults() {
     assert_eq!(m.get("Service", &format!("{full}-peers"))["spec"]["clusterIP"], "None");
 
     // RBAC: exactly the permissions the operator needs, bound to its ServiceAccount.
-    assert_eq!(rules(m.get("ClusterRole", full)), expected(CLUSTER_RULES));
+    assert_eq!(rules(m.get("ClusterRole", full)), expected(&cluster_rules()));
     assert_eq!(rules(m.get("Role", full)), expected(NAMESPACE_RULES));
     for (kind, role) in [("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")] {
         let b = m.get(kind, full);
@@ -438,6 +458,23 @@ fn renders_what_the_values_promise() {
     assert_eq!(selected, [format!("{full}-metrics")]);
     // TLS: the OpAMP Service says so to meshes and ingress controllers.
     assert_eq!(named(&m.get("Service", full)["spec"]["ports"], "opamp")["appProtocol"], "https");
+
+    // RBAC with namespaces: the namespaced work is granted in those namespaces only.
+    assert_eq!(rules(m.get("ClusterRole", full)), expected(REVIEW_RULES));
+    assert_eq!(rules(m.get_in("Role", full, "ops")), expected(NAMESPACE_RULES), "leader election");
+    let scoped = format!("{full}-resources");
+    for ns in ["a", "b"] {
+        assert_eq!(rules(m.get_in("Role", &scoped, ns)), expected(NAMESPACED_RULES), "in {ns}");
+        let b = m.get_in("RoleBinding", &scoped, ns);
+        assert_eq!((text(&b["roleRef"]["kind"]), text(&b["roleRef"]["name"])), ("Role", scoped.as_str()));
+        let s = &b["subjects"][0];
+        assert_eq!(
+            (text(&s["kind"]), text(&s["name"]), text(&s["namespace"])),
+            ("ServiceAccount", full, "ops")
+        );
+    }
+    assert_eq!(m.of_kind("Role").count(), 3, "{:?}", m.objects());
+    assert_eq!(m.of_kind("RoleBinding").count(), 3, "{:?}", m.objects());
 }
 
 // ---- on the local cluster ---------------------------------------------------------------------
@@ -652,6 +689,62 @@ async fn allowed(client: &Client, (group, resource, verb, name): Grant, namespac
     answer.status.is_some_and(|s| s.allowed)
 }
 
+/// Applies the chart's RBAC `rbac` with its bindings' subjects replaced by `user`.
+async fn bind_to_user(rbac: &mut Manifests, user: &str, ns: &TestNamespace) {
+    for doc in &mut rbac.0 {
+        if text(&doc["kind"]).ends_with("Binding") {
+            let subject = format!("[{{kind: User, name: {user}, apiGroup: rbac.authorization.k8s.io}}]");
+            doc["subjects"] = serde_yaml::from_str(&subject).unwrap();
+        }
+        apply_yaml(&ns.client, Some(&ns.name), &serde_yaml::to_string(doc).unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("cannot apply {doc:?}: {e}"));
+    }
+}
+
+/// Starts the operator as `client`, managing `namespaces`, with leader election in
+/// `lease_namespace` (its Lease is what the chart's Role is for), and waits until it is ready:
+/// every cache listed (agentconfigs, capabilityslots, configmaps, secrets of each namespace).
+async fn start_operator(client: Client, namespaces: Vec<String>, lease_namespace: &str) -> Operator {
+    let config = OperatorConfig {
+        opamp_addr: "127.0.0.1:0".parse().unwrap(),
+        api_addr: "127.0.0.1:0".parse().unwrap(),
+        metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
+        anonymous_namespace: None,
+        namespaces: Some(namespaces),
+        tls: None,
+        leader_election: Some(LeaderElectionConfig::new(lease_namespace, IDENTITY)),
+        shutdown_grace: Duration::from_secs(10),
+        // A slot's callback on loopback, refused by default.
+        callback_egress: opamp_operator::routes::egress::EgressPolicy::new(vec![
+            "127.0.0.1/32".parse().expect("a CIDR"),
+        ]),
+        fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
+        server: ServerConfig::default(),
+        api_limits: Default::default(),
+    };
+    let op = tokio::time::timeout(T, Operator::start(client, config))
+        .await
+        .expect("operator starts in time")
+        .expect("operator starts with the chart's RBAC");
+    let readyz = format!("http://{}/readyz", op.api_addr);
+    wait_for("operator ready (caches synced with the chart's RBAC)", || async {
+        reqwest::get(&readyz).await.ok().filter(|r| r.status() == 200)
+    })
+    .await;
+    op
+}
+
+/// Whether every grant is allowed, each in its namespace (`None`: cluster-wide).
+async fn all_allowed(client: &Client, grants: &[(Grant, Option<&str>)]) -> bool {
+    for (grant, namespace) in grants {
+        if !allowed(client, *grant, *namespace).await {
+            return false;
+        }
+    }
+    true
+}
+
 /// The in-process operator's identity in the Lease.
 const IDENTITY: &str = "chart-rbac-test";
 
@@ -707,29 +800,13 @@ async fn operator_runs_with_the_charts_rbac() {
         cluster.kubeconfig_path.clone(),
         vec![format!("clusterrole/{full}"), format!("clusterrolebinding/{full}")],
     );
-    for doc in &mut rbac.0 {
-        if text(&doc["kind"]).ends_with("Binding") {
-            doc["subjects"] =
-                serde_yaml::from_str("[{kind: User, name: operator, apiGroup: rbac.authorization.k8s.io}]")
-                    .unwrap();
-        }
-        apply_yaml(&ns.client, Some(&ns.name), &serde_yaml::to_string(doc).unwrap())
-            .await
-            .unwrap_or_else(|e| panic!("cannot apply {doc:?}: {e}"));
-    }
+    bind_to_user(&mut rbac, "operator", &ns).await;
     // The authorizer's caches follow within moments; then the grants are exactly the chart's.
+    let granted: Vec<_> = (cluster_rules().into_iter().map(|g| (g, None)))
+        .chain(NAMESPACE_RULES.iter().map(|g| (*g, Some(ns.name.as_str()))))
+        .collect();
     eventually(T, "the chart's roles to take effect", || async {
-        for grant in CLUSTER_RULES {
-            if !allowed(&operator, *grant, None).await {
-                return None;
-            }
-        }
-        for grant in NAMESPACE_RULES {
-            if !allowed(&operator, *grant, Some(&ns.name)).await {
-                return None;
-            }
-        }
-        Some(())
+        all_allowed(&operator, &granted).await.then_some(())
     })
     .await;
     // … and nothing beyond them.
@@ -762,35 +839,8 @@ async fn operator_runs_with_the_charts_rbac() {
     ns.apply_yaml(&agent_config("rbac", "a")).await.unwrap();
 
     // The operator, as the `operator` user.
-    let config = OperatorConfig {
-        opamp_addr: "127.0.0.1:0".parse().unwrap(),
-        api_addr: "127.0.0.1:0".parse().unwrap(),
-        metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
-        anonymous_namespace: None,
-        namespaces: Some(vec![ns.name.clone()]),
-        tls: None,
-        // Leader election too: its Lease is what the Role is for.
-        leader_election: Some(LeaderElectionConfig::new(&ns.name, IDENTITY)),
-        shutdown_grace: Duration::from_secs(10),
-        // The slot's callback is on loopback, refused by default.
-        callback_egress: opamp_operator::routes::egress::EgressPolicy::new(vec![
-            "127.0.0.1/32".parse().expect("a CIDR"),
-        ]),
-        fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
-        server: ServerConfig::default(),
-        api_limits: Default::default(),
-    };
     let started = std::time::Instant::now();
-    let op = tokio::time::timeout(T, Operator::start(operator.clone(), config))
-        .await
-        .expect("operator starts in time")
-        .expect("operator starts as the `operator` user");
-    let readyz = format!("http://{}/readyz", op.api_addr);
-    // Ready = every cache listed (agentconfigs, capabilityslots, configmaps, secrets).
-    wait_for("operator ready (caches synced as `operator`)", || async {
-        reqwest::get(&readyz).await.ok().filter(|r| r.status() == 200)
-    })
-    .await;
+    let op = start_operator(operator.clone(), vec![ns.name.clone()], &ns.name).await;
     eprintln!("operator ready as `operator` in {:?}", started.elapsed());
     let leases: Api<Lease> = ns.api();
     let holder = |lease: Option<Lease>| lease?.spec?.holder_identity;
@@ -863,4 +913,116 @@ async fn operator_runs_with_the_charts_rbac() {
     let denied = denials();
     assert!(denied.is_empty(), "the operator was refused something:\n{}", denied.join("\n"));
     ns.cleanup().await;
+}
+
+/// A client as `user`: the admin's credentials, impersonating a user no other test binds (the
+/// API server authorizes each request as `user`, with only the group system:authenticated).
+async fn client_impersonating(user: &str) -> Client {
+    let mut config = cluster().await.config_for("admin").await;
+    config.auth_info.impersonate = Some(user.to_owned());
+    Client::try_from(config).expect("a kube client")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_scoped_to_namespaces_runs_with_roles_there_only() {
+    capture_logs();
+    let cluster = cluster().await;
+    // The release namespace and a second managed one; a third the operator does not manage.
+    let home = TestNamespace::new("chart-scoped").await;
+    let other = TestNamespace::new("chart-scoped-other").await;
+    let outside = TestNamespace::new("chart-scoped-outside").await;
+    install_crds(&home.client).await;
+    let release = home.name.clone();
+    let full = format!("{release}-opamp-operator");
+    let user = format!("scoped-{release}");
+    let operator = client_impersonating(&user).await;
+    assert!(
+        !allowed(&operator, ("", "secrets", "list", ""), Some(&other.name)).await,
+        "{user} has rights already"
+    );
+
+    // The chart's RBAC for `namespaces={home,other}`, bound to `user`.
+    let chart = chart_dir();
+    let mut args: Vec<String> =
+        ["template", &release, chart.to_str().unwrap(), "--namespace", &home.name].map(String::from).to_vec();
+    args.extend(["--set".into(), format!("namespaces={{{},{}}}", home.name, other.name)]);
+    for template in ["clusterrole", "clusterrolebinding", "role", "rolebinding", "namespace-rbac"] {
+        args.extend(["--show-only".into(), format!("templates/{template}.yaml")]);
+    }
+    let mut rbac = Manifests::parse(&helm_async(args).await);
+    assert_eq!(rbac.0.len(), 8, "{:?}", rbac.objects());
+    let _delete = delete_on_drop(
+        cluster.kubeconfig_path.clone(),
+        vec![format!("clusterrole/{full}"), format!("clusterrolebinding/{full}")],
+    );
+    bind_to_user(&mut rbac, &user, &home).await;
+    let granted: Vec<_> = [home.name.as_str(), other.name.as_str()]
+        .into_iter()
+        .flat_map(|ns| NAMESPACED_RULES.iter().map(move |g| (*g, Some(ns))))
+        .chain(REVIEW_RULES.iter().map(|g| (*g, None)))
+        .chain(NAMESPACE_RULES.iter().map(|g| (*g, Some(home.name.as_str()))))
+        .collect();
+    eventually(T, "the chart's roles to take effect", || async {
+        all_allowed(&operator, &granted).await.then_some(())
+    })
+    .await;
+    // Nothing on the namespaced resources cluster-wide, nor in a namespace it does not manage.
+    for grant in NAMESPACED_RULES {
+        assert!(!allowed(&operator, *grant, None).await, "{grant:?} is granted cluster-wide");
+        assert!(
+            !allowed(&operator, *grant, Some(&outside.name)).await,
+            "{grant:?} is granted in {}",
+            outside.name
+        );
+    }
+
+    // A token and an AgentConfig in the second namespace; one outside.
+    let token = format!("tok-{}", other.name);
+    other
+        .apply_yaml(&format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: agents}}\ntype: opamp.dev/agent-token\n\
+             stringData: {{token: {token}}}\n---\n\
+             apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: otel}}\ndata: {{collector.yaml: 'receivers: {{}}'}}\n"
+        ))
+        .await
+        .unwrap();
+    other.apply_yaml(&agent_config("rbac", "a")).await.unwrap();
+    outside.apply_yaml(&agent_config("rbac", "a")).await.unwrap();
+
+    let op = start_operator(operator.clone(), vec![home.name.clone(), other.name.clone()], &home.name).await;
+    let agent =
+        RunningAgent::spawn(format!("ws://{}/v1/opamp", op.opamp_addr), Some(token), AgentSpec::new("rbac"));
+
+    // Served, status written and Events recorded in the managed namespace …
+    let configs: Api<AgentConfig> = other.api();
+    wait_for("AgentConfig applied and Ready", || async {
+        let s = configs.get("rbac").await.ok()?.status?;
+        let ready = s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+        (ready && s.applied_agents == 1).then_some(())
+    })
+    .await;
+    assert_eq!(agent.effective("collector.yaml").as_deref(), Some("receivers: {}"));
+    let events: Api<KubeEvent> = other.api();
+    wait_for("a RolloutComplete event", || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| {
+                e.reporting_controller.as_deref() == Some("opamp-operator")
+                    && e.reason.as_deref() == Some("RolloutComplete")
+            })
+            .then_some(())
+    })
+    .await;
+    // … and nothing outside it.
+    let outside_status = outside.api::<AgentConfig>().get("rbac").await.unwrap().status;
+    assert!(outside_status.is_none(), "{outside_status:?}");
+
+    agent.stop().await;
+    op.stop().await;
+    let denied = denials();
+    assert!(denied.is_empty(), "the operator was refused something:\n{}", denied.join("\n"));
+    for ns in [home, other, outside] {
+        ns.cleanup().await;
+    }
 }

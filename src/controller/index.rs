@@ -9,10 +9,12 @@ use parking_lot::Mutex;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::ResourceExt;
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 
+use super::error::Error;
 use super::merge::{self, File, Source, display_hash};
 use super::rollout::{parse_threshold, rollout_key};
+use super::watch::Cache;
 use crate::api::RolloutStrategy;
 use crate::api::{AgentConfig, CapabilitySlot, ConfigFile, KeyRef, RolloutState};
 use crate::fleet::{DesiredState, Plan};
@@ -98,8 +100,8 @@ impl NamespaceIndex {
     pub fn resolve(
         mut configs: Vec<Arc<AgentConfig>>,
         mut slots: Vec<Arc<CapabilitySlot>>,
-        config_maps: &Store<ConfigMap>,
-        secrets: &Store<Secret>,
+        config_maps: &Cache<ConfigMap>,
+        secrets: &Cache<Secret>,
     ) -> Self {
         configs.sort_by_key(|c| c.name_any());
         let configs =
@@ -237,18 +239,13 @@ impl Plan for NamespaceIndex {
 }
 
 /// The route of a slot, with its Secrets read.
-pub fn slot_route(slot: &CapabilitySlot, secrets: &Store<Secret>) -> crate::routes::SlotRoute {
+pub fn slot_route(slot: &CapabilitySlot, secrets: &Cache<Secret>) -> crate::routes::SlotRoute {
     use std::time::Duration;
     let ns = slot.namespace().unwrap_or_default();
     let secret = |r: &KeyRef| -> Result<Vec<u8>, String> {
-        let s = secrets
-            .get(&ObjectRef::new(&r.name).within(&ns))
-            .ok_or_else(|| format!("Secret {:?} not found", r.name))?;
-        s.data
-            .as_ref()
-            .and_then(|d| d.get(&r.key))
-            .map(|b| b.0.clone())
-            .ok_or_else(|| format!("Secret {:?} has no key {:?}", r.name, r.key))
+        let s = secrets.get(&ObjectRef::new(&r.name).within(&ns));
+        let value = s.map(|s| s.data.as_ref().and_then(|d| d.get(&r.key)).map(|b| b.0.clone()));
+        lookup("Secret", r, value).map_err(|e| e.to_string())
     };
     crate::routes::SlotRoute {
         namespace: ns.clone(),
@@ -272,8 +269,8 @@ pub fn slot_route(slot: &CapabilitySlot, secrets: &Store<Secret>) -> crate::rout
 
 fn resolve_config(
     object: Arc<AgentConfig>,
-    config_maps: &Store<ConfigMap>,
-    secrets: &Store<Secret>,
+    config_maps: &Cache<ConfigMap>,
+    secrets: &Cache<Secret>,
 ) -> ResolvedConfig {
     let ns = object.namespace().unwrap_or_default();
     let mut files = BTreeMap::new();
@@ -320,17 +317,12 @@ fn admission(object: &AgentConfig, own_hash: Option<&[u8; 32]>) -> Admission {
 fn read_file(
     ns: &str,
     file: &ConfigFile,
-    config_maps: &Store<ConfigMap>,
-    secrets: &Store<Secret>,
+    config_maps: &Cache<ConfigMap>,
+    secrets: &Cache<Secret>,
 ) -> Result<bytes::Bytes, String> {
     if let Some(inline) = &file.inline {
         return Ok(bytes::Bytes::from(inline.clone()));
     }
-    let lookup = |kind: &str, r: &KeyRef, found: Option<Option<bytes::Bytes>>| match found {
-        None => Err(format!("{kind} {:?} not found", r.name)),
-        Some(None) => Err(format!("{kind} {:?} has no key {:?}", r.name, r.key)),
-        Some(Some(b)) => Ok(b),
-    };
     if let Some(r) = &file.config_map_key_ref {
         let cm = config_maps.get(&ObjectRef::new(&r.name).within(ns));
         let value = cm.map(|cm| {
@@ -343,15 +335,21 @@ fn read_file(
                 },
             )
         });
-        return lookup("ConfigMap", r, value);
+        return lookup("ConfigMap", r, value).map_err(|e| e.to_string());
     }
     if let Some(r) = &file.secret_key_ref {
         let secret = secrets.get(&ObjectRef::new(&r.name).within(ns));
         let value = secret
             .map(|s| s.data.as_ref().and_then(|d| d.get(&r.key)).map(|b| bytes::Bytes::from(b.0.clone())));
-        return lookup("Secret", r, value);
+        return lookup("Secret", r, value).map_err(|e| e.to_string());
     }
     Err("no source set".into())
+}
+
+/// A referenced key's value: `found` is `None` without the object, `Some(None)` without the key.
+fn lookup<T>(kind: &'static str, r: &KeyRef, found: Option<Option<T>>) -> Result<T, Error> {
+    let missing = |key| Error::Reference { kind, name: r.name.clone(), key };
+    found.ok_or_else(|| missing(None))?.ok_or_else(|| missing(Some(r.key.clone())))
 }
 
 #[cfg(test)]
@@ -380,8 +378,9 @@ spec:
     }
 
     fn plan(config: Arc<AgentConfig>) -> NamespaceIndex {
-        let (config_maps, _) = kube::runtime::reflector::store();
-        let (secrets, _) = kube::runtime::reflector::store();
+        let scope = crate::controller::Scope::default();
+        let (config_maps, _) = Cache::new(&scope);
+        let (secrets, _) = Cache::new(&scope);
         NamespaceIndex::resolve(vec![config], vec![], &config_maps, &secrets)
     }
 

@@ -12,12 +12,19 @@ pub struct StateLabel {
     pub state: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CategoryLabel {
+    pub category: &'static str,
+}
+
 pub struct ControllerMetrics {
     pub reconcile_duration: Histogram,
     pub status_patches: Family<StateLabel, Counter>,
     /// Status updates and Events dropped because the writer's queue was full.
     pub status_updates_dropped: Counter,
     pub status_queue_depth: Gauge,
+    /// The controller's failures, by `controller::Error::category`.
+    pub controller_errors: Family<CategoryLabel, Counter>,
 }
 
 impl Default for ControllerMetrics {
@@ -27,6 +34,7 @@ impl Default for ControllerMetrics {
             status_patches: Family::default(),
             status_updates_dropped: Counter::default(),
             status_queue_depth: Gauge::default(),
+            controller_errors: Family::default(),
         }
     }
 }
@@ -52,6 +60,11 @@ impl ControllerMetrics {
             "status_queue_depth",
             "Status updates and Events waiting for the status writer",
             self.status_queue_depth.clone(),
+        );
+        registry.register(
+            "controller_errors",
+            "Controller failures, by category (watch, invalid-object, patch, timeout, event, reference)",
+            self.controller_errors.clone(),
         );
     }
 }

@@ -12,38 +12,38 @@
 //!   leader alone), and queues what changed for the [`writer`], which patches it with a
 //!   deadline. A slow API server delays status, never configs.
 pub mod auth;
+pub mod error;
 pub mod index;
 pub mod leader;
 pub mod merge;
 mod metrics;
 pub mod rollout;
 pub mod status;
+pub mod watch;
 pub mod writer;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Debug;
-use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::core::DeserializeGuard;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
-use serde::de::DeserializeOwned;
+use kube::{Client, Resource, ResourceExt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use self::auth::TokenAuthenticator;
+pub use self::error::{Error, Errors};
 use self::index::NamespaceIndex;
 use self::merge::display_hash;
 pub use self::metrics::ControllerMetrics;
 use self::rollout::{AgentFacts, Tracker};
 use self::status::NamespaceStatus;
+use self::watch::Cache;
 use self::writer::{ObjectKey, Status, StatusQueue, StatusWrite, Transition};
 use crate::api::{AGENT_TOKEN_SECRET_TYPE, AgentConfig, AgentConfigStatus, CapabilitySlot};
 use crate::fleet::{Fleet, Plan};
@@ -76,13 +76,13 @@ impl Dirty {
     }
 }
 
-/// The reflector caches.
+/// The caches of watched objects (see [`watch`]).
 #[derive(Clone)]
 struct Stores {
-    agent_configs: Store<AgentConfig>,
-    slots: Store<CapabilitySlot>,
-    config_maps: Store<ConfigMap>,
-    secrets: Store<Secret>,
+    agent_configs: Cache<AgentConfig>,
+    slots: Cache<CapabilitySlot>,
+    config_maps: Cache<ConfigMap>,
+    secrets: Cache<Secret>,
 }
 
 pub struct Controller {
@@ -96,7 +96,8 @@ pub struct Controller {
     /// Progressive rollouts by `namespace/name`, on the leader (resumed from status).
     rollouts: HashMap<String, Tracker>,
     dirty: Arc<Dirty>,
-    recorder: Recorder,
+    /// Counts and tells errors; records the controller's Events.
+    errors: Errors,
     queue: Arc<StatusQueue>,
     status_dirty: HashSet<String>,
     /// When each namespace was last told (an Event) that it refused agents at its limit.
@@ -121,6 +122,11 @@ impl Scope {
         self.0.as_ref().is_none_or(|set| set.contains(namespace))
     }
 
+    /// `None`: every namespace.
+    pub fn namespaces(&self) -> Option<&HashSet<String>> {
+        self.0.as_deref()
+    }
+
     fn secrets(&self, all: Vec<Arc<Secret>>) -> Vec<Arc<Secret>> {
         all.into_iter().filter(|s| self.contains(s.namespace().as_deref().unwrap_or_default())).collect()
     }
@@ -138,7 +144,7 @@ impl Controller {
         let reporter =
             Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            errors: Errors::new(metrics.clone(), Recorder::new(client.clone(), reporter)),
             client,
             fleet,
             queue: Arc::new(StatusQueue::new(writer::QUEUE_CAPACITY, metrics.clone())),
@@ -164,23 +170,29 @@ impl Controller {
 
     /// Runs until `shutdown`; `ready` flips to true once every cache is synced.
     pub async fn run(mut self, shutdown: CancellationToken, ready: tokio::sync::watch::Sender<bool>) {
-        let (agent_configs, w1) = reflector::store();
-        let (slots, w2) = reflector::store();
-        let (config_maps, w3) = reflector::store();
-        let (secrets, w4) = reflector::store();
+        let (agent_configs, w1) = Cache::new(&self.scope);
+        let (slots, w2) = Cache::new(&self.scope);
+        let (config_maps, w3) = Cache::new(&self.scope);
+        let (secrets, w4) = Cache::new(&self.scope);
         let stores = Stores { agent_configs, slots, config_maps, secrets };
-        let c = &self.client;
+        let watches = watch::Context {
+            client: self.client.clone(),
+            dirty: self.dirty.clone(),
+            errors: self.errors.clone(),
+            leader: self.leader.clone(),
+        };
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(reflect(Api::<AgentConfig>::all(c.clone()), w1, self.dirty.clone(), None));
-        tasks.spawn(reflect(Api::<CapabilitySlot>::all(c.clone()), w2, self.dirty.clone(), None));
-        tasks.spawn(reflect(Api::<ConfigMap>::all(c.clone()), w3, self.dirty.clone(), None));
+        // Custom resources through a guard: one that does not read is reported and skipped.
+        watches.spawn::<DeserializeGuard<AgentConfig>>(&mut tasks, w1, None);
+        watches.spawn::<DeserializeGuard<CapabilitySlot>>(&mut tasks, w2, None);
+        watches.spawn::<ConfigMap>(&mut tasks, w3, None);
         let (auth, secret_store, scope) = (self.auth.clone(), stores.secrets.clone(), self.scope.clone());
-        let on_secret: TokenHook = Box::new(move |s: Option<&Secret>| {
+        let on_secret: watch::Hook<Secret> = Arc::new(move |s: Option<&Secret>| {
             if s.is_none_or(|s| s.type_.as_deref() == Some(AGENT_TOKEN_SECRET_TYPE)) {
                 auth.rebuild(&scope.secrets(secret_store.state()));
             }
         });
-        tasks.spawn(reflect(Api::<Secret>::all(c.clone()), w4, self.dirty.clone(), Some(on_secret)));
+        watches.spawn::<Secret>(&mut tasks, w4, Some(on_secret));
 
         let synced = async {
             let _ = tokio::join!(
@@ -203,7 +215,7 @@ impl Controller {
         tasks.spawn(writer::run(
             self.queue.clone(),
             self.client.clone(),
-            self.recorder.clone(),
+            self.errors.clone(),
             self.leader.clone(),
             shutdown.clone(),
         ));
@@ -470,45 +482,4 @@ fn transitions(old: &[Condition], new: &[Condition]) -> Vec<Transition> {
         }
     }
     out
-}
-
-type TokenHook = Box<dyn Fn(Option<&Secret>) + Send + Sync>;
-
-/// Keeps a reflector cache of one kind and marks the namespaces of changed objects dirty.
-async fn reflect<K>(
-    api: Api<K>,
-    writer: reflector::store::Writer<K>,
-    dirty: Arc<Dirty>,
-    hook: Option<TokenHook>,
-) where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + Hash + Clone,
-{
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()).default_backoff());
-    let mut stream = std::pin::pin!(stream);
-    while let Some(event) = stream.next().await {
-        match event {
-            Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o) | watcher::Event::InitApply(o)) => {
-                dirty.mark(o.namespace());
-                if let Some(h) = &hook {
-                    // Called with the object: only its kind's changes matter to the hook.
-                    h(Some(as_secret(&o)).flatten());
-                }
-            }
-            Ok(watcher::Event::InitDone) => {
-                dirty.mark_all();
-                if let Some(h) = &hook {
-                    h(None);
-                }
-            }
-            Ok(watcher::Event::Init) => {}
-            Err(e) => {
-                tracing::warn!(kind = %K::kind(&Default::default()), error = %e, "watch error (retrying)")
-            }
-        }
-    }
-}
-
-fn as_secret<K: 'static>(o: &K) -> Option<&Secret> {
-    (o as &dyn std::any::Any).downcast_ref::<Secret>()
 }

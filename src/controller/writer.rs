@@ -12,13 +12,14 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType};
 use kube::{Api, Client, Resource};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use super::FIELD_MANAGER;
+use super::error::{Error, Errors};
 use super::metrics::{ControllerMetrics, StateLabel};
 use super::status;
 use crate::api::{AgentConfig, AgentConfigStatus, CapabilitySlot, CapabilitySlotStatus};
@@ -214,11 +215,11 @@ impl StatusQueue {
 pub async fn run(
     queue: Arc<StatusQueue>,
     client: Client,
-    recorder: Recorder,
+    errors: Errors,
     leader: tokio::sync::watch::Receiver<bool>,
     shutdown: CancellationToken,
 ) {
-    let writer = Writer { client, recorder, metrics: queue.metrics.clone() };
+    let writer = Writer { client, errors, metrics: queue.metrics.clone() };
     loop {
         let job = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -247,7 +248,7 @@ pub async fn run(
 
 struct Writer {
     client: Client,
-    recorder: Recorder,
+    errors: Errors,
     metrics: Arc<ControllerMetrics>,
 }
 
@@ -265,17 +266,20 @@ impl Writer {
             Err(_) => "timeout",
         };
         self.metrics.status_patches.get_or_create(&StateLabel { state }).inc();
-        match result {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) => {
-                tracing::warn!(kind = key.kind, namespace = %key.namespace, name = %key.name, error = %e, "status patch failed (retrying)");
-                false
-            }
-            Err(_) => {
-                tracing::warn!(kind = key.kind, namespace = %key.namespace, name = %key.name, timeout = ?PATCH_TIMEOUT, "status patch timed out (retrying)");
-                false
-            }
+        let object = Box::new(write.reference.clone());
+        let error = match result {
+            Ok(Ok(())) => return true,
+            Ok(Err(source)) => Error::Patch { object, source },
+            Err(_) => Error::PatchTimeout { object, after: PATCH_TIMEOUT },
+        };
+        // Deleted meanwhile: counted, but there is nobody to tell.
+        let gone = matches!(&error, Error::Patch { source: kube::Error::Api(s), .. } if s.code == 404);
+        if gone {
+            self.errors.count(&error);
+        } else if tokio::time::timeout(PATCH_TIMEOUT, self.errors.report(&error)).await.is_err() {
+            tracing::debug!("event not recorded: timed out");
         }
+        false
     }
 
     async fn patch<K, S>(
@@ -303,10 +307,8 @@ impl Writer {
     }
 
     async fn event(&self, reference: &ObjectReference, event: &Event) {
-        match tokio::time::timeout(PATCH_TIMEOUT, self.recorder.publish(event, reference)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::debug!(error = %e, "event not recorded"),
-            Err(_) => tracing::debug!("event not recorded: timed out"),
+        if tokio::time::timeout(PATCH_TIMEOUT, self.errors.publish(event, reference)).await.is_err() {
+            tracing::debug!("event not recorded: timed out");
         }
     }
 }
@@ -380,16 +382,21 @@ mod tests {
         let queue = Arc::new(StatusQueue::new(4, metrics.clone()));
         let client = hanging_client();
         let reporter = kube::runtime::events::Reporter { controller: "test".into(), instance: None };
-        let recorder = Recorder::new(client.clone(), reporter);
+        let recorder =
+            Errors::new(metrics.clone(), kube::runtime::events::Recorder::new(client.clone(), reporter));
         let shutdown = CancellationToken::new();
         let (_leader, leading) = tokio::sync::watch::channel(true);
         let task = tokio::spawn(run(queue.clone(), client, recorder, leading, shutdown.clone()));
         assert!(queue.push_status(key("a"), write(1, "e")));
-        let timeouts = || metrics.status_patches.get_or_create(&StateLabel { state: "timeout" }).get();
-        while timeouts() == 0 {
+        let mut retry = HashSet::new();
+        while retry.is_empty() {
             tokio::time::sleep(Duration::from_secs(1)).await;
+            retry = queue.take_retry();
         }
-        assert_eq!(queue.take_retry(), HashSet::from(["ns".to_owned()]));
+        assert_eq!(retry, HashSet::from(["ns".to_owned()]));
+        assert_eq!(metrics.status_patches.get_or_create(&StateLabel { state: "timeout" }).get(), 1);
+        let category = super::super::metrics::CategoryLabel { category: "timeout" };
+        assert_eq!(metrics.controller_errors.get_or_create(&category).get(), 1);
         assert_eq!(queue.last_sent(&key("a")), None, "recomputed on the next pass");
         shutdown.cancel();
         task.await.unwrap();
@@ -401,7 +408,8 @@ mod tests {
         let queue = Arc::new(StatusQueue::new(4, metrics.clone()));
         let client = hanging_client();
         let reporter = kube::runtime::events::Reporter { controller: "test".into(), instance: None };
-        let recorder = Recorder::new(client.clone(), reporter);
+        let recorder =
+            Errors::new(metrics.clone(), kube::runtime::events::Recorder::new(client.clone(), reporter));
         let shutdown = CancellationToken::new();
         let (_leader, following) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(run(queue.clone(), client, recorder, following, shutdown.clone()));

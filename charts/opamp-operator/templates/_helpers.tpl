@@ -63,3 +63,28 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "opamp-operator.leaseName" -}}
 opamp-operator
 {{- end }}
+
+{{/*
+What the operator does in the namespaces it manages: in a ClusterRole when it manages all of
+them, in a Role of each managed namespace when `namespaces` is set.
+*/}}
+{{- define "opamp-operator.namespacedRules" -}}
+# Caches of the custom resources (list, then watch).
+- apiGroups: [opamp.dev]
+  resources: [agentconfigs, capabilityslots]
+  verbs: [list, watch]
+# Status, written with server-side apply (a PATCH of the status subresource).
+- apiGroups: [opamp.dev]
+  resources: [agentconfigs/status, capabilityslots/status]
+  verbs: [patch]
+# Caches: files referenced by AgentConfigs (configMapKeyRef, secretKeyRef), agent tokens
+# (Secrets of type opamp.dev/agent-token), callback signing and dispatch tokens.
+- apiGroups: [""]
+  resources: [configmaps, secrets]
+  verbs: [list, watch]
+# Events about AgentConfigs, CapabilitySlots and Namespaces, in their namespaces (kube-runtime's
+# Recorder creates an Event, then patches it when the same event repeats).
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- end }}
