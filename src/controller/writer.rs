@@ -367,58 +367,67 @@ mod tests {
         assert!(a.differs(None));
     }
 
-    /// A client whose API server never answers.
-    fn hanging_client() -> Client {
-        let service = tower::service_fn(|_req: http::Request<kube::client::Body>| async {
-            std::future::pending::<Result<http::Response<kube::client::Body>, std::convert::Infallible>>()
-                .await
-        });
-        Client::new(service, "default")
+    /// A writer against an API server that never answers, leading or not; with a status queued.
+    struct Hanging {
+        metrics: Arc<ControllerMetrics>,
+        queue: Arc<StatusQueue>,
+        shutdown: CancellationToken,
+        task: tokio::task::JoinHandle<()>,
+        _leader: tokio::sync::watch::Sender<bool>,
+    }
+
+    impl Hanging {
+        fn start(leading: bool) -> Self {
+            let service = tower::service_fn(|_req: http::Request<kube::client::Body>| async {
+                std::future::pending::<Result<http::Response<kube::client::Body>, std::convert::Infallible>>()
+                    .await
+            });
+            let client = Client::new(service, "default");
+            let metrics = Arc::new(ControllerMetrics::default());
+            let queue = Arc::new(StatusQueue::new(4, metrics.clone()));
+            let reporter = kube::runtime::events::Reporter { controller: "test".into(), instance: None };
+            let recorder = kube::runtime::events::Recorder::new(client.clone(), reporter);
+            let errors = Errors::new(metrics.clone(), recorder);
+            let shutdown = CancellationToken::new();
+            let (leader, leadership) = tokio::sync::watch::channel(leading);
+            let task = tokio::spawn(run(queue.clone(), client, errors, leadership, shutdown.clone()));
+            assert!(queue.push_status(key("a"), write(1, "e")));
+            Self { metrics, queue, shutdown, task, _leader: leader }
+        }
+
+        fn timeouts(&self) -> u64 {
+            self.metrics.status_patches.get_or_create(&StateLabel { state: "timeout" }).get()
+        }
+
+        async fn stop(self) {
+            self.shutdown.cancel();
+            self.task.await.unwrap();
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_patch_that_never_returns_times_out_is_counted_and_retried() {
-        let metrics = Arc::new(ControllerMetrics::default());
-        let queue = Arc::new(StatusQueue::new(4, metrics.clone()));
-        let client = hanging_client();
-        let reporter = kube::runtime::events::Reporter { controller: "test".into(), instance: None };
-        let recorder =
-            Errors::new(metrics.clone(), kube::runtime::events::Recorder::new(client.clone(), reporter));
-        let shutdown = CancellationToken::new();
-        let (_leader, leading) = tokio::sync::watch::channel(true);
-        let task = tokio::spawn(run(queue.clone(), client, recorder, leading, shutdown.clone()));
-        assert!(queue.push_status(key("a"), write(1, "e")));
+        let w = Hanging::start(true);
         let mut retry = HashSet::new();
         while retry.is_empty() {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            retry = queue.take_retry();
+            retry = w.queue.take_retry();
         }
         assert_eq!(retry, HashSet::from(["ns".to_owned()]));
-        assert_eq!(metrics.status_patches.get_or_create(&StateLabel { state: "timeout" }).get(), 1);
+        assert_eq!(w.timeouts(), 1);
         let category = super::super::metrics::CategoryLabel { category: "timeout" };
-        assert_eq!(metrics.controller_errors.get_or_create(&category).get(), 1);
-        assert_eq!(queue.last_sent(&key("a")), None, "recomputed on the next pass");
-        shutdown.cancel();
-        task.await.unwrap();
+        assert_eq!(w.metrics.controller_errors.get_or_create(&category).get(), 1);
+        assert_eq!(w.queue.last_sent(&key("a")), None, "recomputed on the next pass");
+        w.stop().await;
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_follower_writes_nothing() {
-        let metrics = Arc::new(ControllerMetrics::default());
-        let queue = Arc::new(StatusQueue::new(4, metrics.clone()));
-        let client = hanging_client();
-        let reporter = kube::runtime::events::Reporter { controller: "test".into(), instance: None };
-        let recorder =
-            Errors::new(metrics.clone(), kube::runtime::events::Recorder::new(client.clone(), reporter));
-        let shutdown = CancellationToken::new();
-        let (_leader, following) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(run(queue.clone(), client, recorder, following, shutdown.clone()));
-        assert!(queue.push_status(key("a"), write(1, "e")));
+        let w = Hanging::start(false);
         tokio::time::sleep(PATCH_TIMEOUT * 2).await;
-        assert_eq!(metrics.status_queue_depth.get(), 0);
-        assert_eq!(metrics.status_patches.get_or_create(&StateLabel { state: "timeout" }).get(), 0);
-        assert_eq!(queue.last_sent(&key("a")), None, "the queue was cleared");
-        shutdown.cancel();
-        task.await.unwrap();
+        assert_eq!(w.metrics.status_queue_depth.get(), 0);
+        assert_eq!(w.timeouts(), 0);
+        assert_eq!(w.queue.last_sent(&key("a")), None, "the queue was cleared");
+        w.stop().await;
     }
 }

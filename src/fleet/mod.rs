@@ -34,7 +34,7 @@ use tokio::time::Instant;
 
 pub use agent::AgentSnapshot;
 use agent::{Agent, Link};
-pub use metrics::FleetMetrics;
+pub use metrics::{FleetMetrics, TransportLabel};
 pub use outbox::{EnqueueError, OUTBOX_LIMIT_DEFAULT, Ticket, TicketState};
 
 use crate::proto::{
