@@ -11,12 +11,11 @@ mod common;
 use std::time::Duration;
 
 use common::callback::{CallbackServer, b64encode};
-use common::cluster::{TestNamespace, install_crds};
+use common::env::TestEnv;
 use common::supervisor::Supervisor;
 use common::{eventually, poll_until, within};
 use opamp_operator::api::{AgentConfig, AgentConfigStatus};
 use opamp_operator::fleet::{AgentSnapshot, Transport};
-use opamp_operator::operator::Operator;
 use opamp_operator::proto::{AvailableComponents, any_value};
 use serde_json::{Value, json};
 
@@ -28,40 +27,25 @@ const SERVICE: &str = "otelcol-opamp-test";
 const ECHO: &str = "io.opamp-operator.test.echo";
 const DISPATCH_TOKEN: &str = "dispatch-token-for-the-echo-slot";
 
-/// One collector fleet at a time: each test starts collectors and an operator, and the machine
-/// has few cores.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// The harness's environment (one at a time: each test starts collectors and an operator, and
+/// the machine has few cores), with the collectors' helpers.
+struct Env(TestEnv);
 
-struct Env {
-    ns: TestNamespace,
-    op: Operator,
-    token: String,
-    _serial: tokio::sync::MutexGuard<'static, ()>,
+impl std::ops::Deref for Env {
+    type Target = TestEnv;
+    fn deref(&self) -> &TestEnv {
+        &self.0
+    }
 }
 
 impl Env {
     async fn new(prefix: &str) -> Env {
-        let serial = SERIAL.lock().await;
-        let ns = TestNamespace::new(prefix).await;
-        install_crds(&ns.client).await;
-        let token = format!("tok-{}", ns.name);
-        ns.apply_yaml(&format!(
-            "apiVersion: v1\nkind: Secret\nmetadata: {{name: agents}}\ntype: opamp.dev/agent-token\nstringData: {{token: {token}}}\n"
-        ))
-        .await
-        .unwrap();
-        let op =
-            common::operator::start("127.0.0.1:0".parse().unwrap(), std::slice::from_ref(&ns.name)).await;
-        Env { ns, op, token, _serial: serial }
+        Env(TestEnv::new(prefix).deadline(T).start().await)
     }
 
     fn supervisor(&self, transport: Transport) -> Supervisor {
-        let scheme = if transport == Transport::WebSocket { "ws" } else { "http" };
-        Supervisor::spawn(&format!("{scheme}://{}/v1/opamp", self.op.opamp_addr), &self.token)
-    }
-
-    async fn apply(&self, yaml: &str) {
-        self.ns.apply_yaml(yaml).await.unwrap_or_else(|e| panic!("apply failed: {e}\n{yaml}"));
+        let url = if transport == Transport::WebSocket { self.ws_url() } else { self.http_url() };
+        Supervisor::spawn(&url, &self.token)
     }
 
     /// Waits until the namespace's one agent satisfies `pred`; on timeout shows the agents and
@@ -89,7 +73,8 @@ impl Env {
         })
     }
 
-    /// Waits until the AgentConfig's status satisfies `pred`.
+    /// Waits until the AgentConfig's status satisfies `pred`; on timeout shows the supervisor's
+    /// and collector's logs too.
     async fn status_where(
         &self,
         sup: &Supervisor,
@@ -97,27 +82,11 @@ impl Env {
         what: &str,
         pred: impl Fn(&AgentConfigStatus) -> bool,
     ) -> AgentConfigStatus {
-        let api = self.ns.api::<AgentConfig>();
-        poll_until(T, || async {
-            let status = api.get(name).await.ok().and_then(|c| c.status);
-            match status {
-                Some(s) if pred(&s) => Ok(s),
-                last => Err(last),
-            }
-        })
-        .await
-        .unwrap_or_else(|last| {
-            panic!(
-                "timed out after {T:?} waiting for AgentConfig {name}: {what}; last status: {last:#?}\n{}",
-                sup.logs()
-            )
-        })
+        self.0.status_where_or::<AgentConfig>(name, what, pred, || sup.logs()).await
     }
 
     async fn stop(self) {
-        let Env { ns, op, _serial, .. } = self;
-        op.stop().await;
-        ns.cleanup().await;
+        self.0.stop().await;
     }
 }
 
@@ -328,8 +297,7 @@ async fn capability_slot_routes_the_collector_extensions_messages_both_ways() {
     assert_eq!(hello["data"], b64encode(b"started"));
 
     // A dispatched message reaches the extension, which echoes it back to the callback.
-    let url =
-        format!("http://{}/api/v1/namespaces/{}/capabilityslots/echo/messages", env.op.api_addr, env.ns.name);
+    let url = env.api_url(&format!("/api/v1/namespaces/{}/capabilityslots/echo/messages", env.ns.name));
     let body =
         json!({ "type": "ping", "data": b64encode(b"from the test"), "agents": [agent.uid.to_string()] });
     let reply: Value = within(T, "dispatch", async {

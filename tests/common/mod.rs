@@ -4,6 +4,7 @@
 
 pub mod callback;
 pub mod cluster;
+pub mod env;
 pub mod goagent;
 pub mod operator;
 pub mod simrun;
