@@ -6,19 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{TestServer, eventually};
-use opamp_operator::fleet::{AgentKey, DesiredState, DesiredStateProvider, Fleet, FleetConfig, Transport};
+use common::{Everyone, TestServer, eventually};
+use opamp_operator::fleet::{Fleet, FleetConfig, Transport};
 use opamp_operator::opamp::ServerConfig;
-use opamp_operator::proto::{AgentDescription, AgentRemoteConfig, RemoteConfigStatuses};
+use opamp_operator::proto::{AgentRemoteConfig, RemoteConfigStatuses};
 use opamp_operator::sim::fleet::{FleetSimConfig, run};
 use tokio_util::sync::CancellationToken;
-
-struct Everyone(Arc<AgentRemoteConfig>);
-impl DesiredStateProvider for Everyone {
-    fn desired_state(&self, _: &AgentKey, _: Option<&AgentDescription>, _: bool) -> Option<DesiredState> {
-        Some(DesiredState { remote_config: Some(self.0.clone()), custom_capabilities: None })
-    }
-}
 
 async fn simulate(transport: Transport) {
     let fleet = Fleet::new(FleetConfig::default());

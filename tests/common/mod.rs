@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use opamp_operator::fleet::{Fleet, FleetConfig};
+use opamp_operator::fleet::{AgentKey, DesiredState, DesiredStateProvider, Fleet, FleetConfig};
 use opamp_operator::opamp::{Authenticator, OpampServer, ServerConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +32,20 @@ pub fn remote_config(body: &str) -> Arc<opamp_operator::proto::AgentRemoteConfig
         config: Some(files),
         config_hash: bytes::Bytes::from(format!("hash:{body}")),
     })
+}
+
+/// Gives every agent the same config, as the controller does for a matching AgentConfig.
+pub struct Everyone(pub Arc<opamp_operator::proto::AgentRemoteConfig>);
+
+impl DesiredStateProvider for Everyone {
+    fn desired_state(
+        &self,
+        _: &AgentKey,
+        _: Option<&opamp_operator::proto::AgentDescription>,
+        _: bool,
+    ) -> Option<DesiredState> {
+        Some(DesiredState { remote_config: Some(self.0.clone()), custom_capabilities: None })
+    }
 }
 
 pub struct TestServer {
