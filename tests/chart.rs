@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::cluster::{apply_yaml, cluster, tool};
+use common::cluster::{apply_yaml, chart_rbac, cluster, tool};
 use common::env::TestEnv;
 use common::eventually;
 use common::operator::test_config;
@@ -680,39 +680,14 @@ async fn operator_runs_with_the_charts_rbac() {
     );
 
     // The chart's RBAC, bound to the `operator` user instead of the ServiceAccount.
-    let chart = chart_dir();
-    let rendered = helm_async(
-        [
-            "template",
-            release.as_str(),
-            chart.to_str().unwrap(),
-            "--namespace",
-            ns.name.as_str(),
-            "--show-only",
-            "templates/clusterrole.yaml",
-            "--show-only",
-            "templates/clusterrolebinding.yaml",
-            "--show-only",
-            "templates/role.yaml",
-            "--show-only",
-            "templates/rolebinding.yaml",
-        ]
-        .map(String::from)
-        .to_vec(),
-    )
-    .await;
-    let mut rbac = Manifests::parse(&rendered);
-    assert_eq!(rbac.0.len(), 4, "{:?}", rbac.objects());
+    let rbac = chart_rbac(&release, &ns.name, "operator").await;
+    let kinds: Vec<&str> = rbac.iter().map(|d| text(&d["kind"])).collect();
+    assert_eq!(kinds.len(), 4, "{kinds:?}");
     let _delete = delete_on_drop(
         cluster.kubeconfig_path.clone(),
         vec![format!("clusterrole/{full}"), format!("clusterrolebinding/{full}")],
     );
-    for doc in &mut rbac.0 {
-        if text(&doc["kind"]).ends_with("Binding") {
-            doc["subjects"] =
-                serde_yaml::from_str("[{kind: User, name: operator, apiGroup: rbac.authorization.k8s.io}]")
-                    .unwrap();
-        }
+    for doc in &rbac {
         apply_yaml(&ns.client, Some(&ns.name), &serde_yaml::to_string(doc).unwrap())
             .await
             .unwrap_or_else(|e| panic!("cannot apply {doc:?}: {e}"));
