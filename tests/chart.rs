@@ -726,11 +726,11 @@ async fn operator_runs_with_the_charts_rbac() {
     // What the operator works with: a token (the harness's), a ConfigMap, an AgentConfig, a
     // CapabilitySlot.
     let token = tenants.token.clone();
-    ns.apply_yaml(&format!(
-        "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: otel}}\ndata: {{collector.yaml: 'receivers: {{}}'}}\n---\n\
-         apiVersion: opamp.dev/v1alpha1\nkind: CapabilitySlot\nmetadata: {{name: rbac}}\nspec:\n  \
-         capability: com.example.rbac\n  callback: {{url: 'http://127.0.0.1:9/never'}}\n"
-    ))
+    ns.apply_yaml(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: otel}\ndata: {collector.yaml: 'receivers: {}'}\n---\n\
+         apiVersion: opamp.dev/v1alpha1\nkind: CapabilitySlot\nmetadata: {name: rbac}\nspec:\n  \
+         capability: com.example.rbac\n  callback: {url: 'http://127.0.0.1:9/never'}\n",
+    )
     .await
     .unwrap();
     ns.apply_yaml(&agent_config("rbac", "a")).await.unwrap();

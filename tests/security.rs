@@ -88,14 +88,14 @@ async fn another_namespaces_token_cannot_speak_for_an_agent_by_its_uid() {
 
     // The victim's agent gets its namespace's config.
     eventually(T, "the victim's agent gets its config", || async {
-        files(&post(&op, &a.token, &hello(uid, 0)).await.msg).contains("hunter2").then_some(())
+        files(&post(op, &a.token, &hello(uid, 0)).await.msg).contains("hunter2").then_some(())
     })
     .await;
 
     // The attacker presents the victim's uid with its own token: a record of its own namespace,
     // none of the victim's config; the victim's record stays where it is.
     for seq in 0..3 {
-        let reply = post(&op, &b.token, &hello(uid, seq)).await;
+        let reply = post(op, &b.token, &hello(uid, seq)).await;
         assert_eq!(reply.status, 200);
         assert!(!files(&reply.msg).contains("hunter2"), "the attacker got the victim's config");
     }
@@ -133,10 +133,10 @@ async fn the_fleet_listing_answers_only_what_kubernetes_rbac_allows() {
     )
     .await
     .unwrap();
-    let viewer = service_account_token(&a, "viewer").await;
+    let viewer = service_account_token(a, "viewer").await;
     let (ua, ub) = (Uid::new_v7(), Uid::new_v7());
-    assert_eq!(post(&op, &a.token, &hello(ua, 0)).await.status, 200);
-    assert_eq!(post(&op, &b.token, &hello(ub, 0)).await.status, 200);
+    assert_eq!(post(op, &a.token, &hello(ua, 0)).await.status, 200);
+    assert_eq!(post(op, &b.token, &hello(ub, 0)).await.status, 200);
 
     let get = |path: String, token: Option<String>| {
         let url = format!("http://{}{path}", op.api_addr);
@@ -183,9 +183,9 @@ async fn agents_beyond_a_namespaces_limit_are_told_to_retry_and_the_namespace_is
     let (a, b, op) = (env.tenant(0), env.tenant(1), &env.op);
     // Before: 20,000 invented uids from one token were all admitted.
     for _ in 0..3 {
-        assert_eq!(post(&op, &a.token, &hello(Uid::new_v7(), 0)).await.status, 200);
+        assert_eq!(post(op, &a.token, &hello(Uid::new_v7(), 0)).await.status, 200);
     }
-    let refused = post(&op, &a.token, &hello(Uid::new_v7(), 0)).await;
+    let refused = post(op, &a.token, &hello(Uid::new_v7(), 0)).await;
     assert_eq!(refused.status, 503);
     assert!(refused.retry_after.is_some_and(|s| s.parse::<u64>().is_ok_and(|n| n > 0)));
     let err = refused.msg.error_response.expect("an error response");
@@ -193,7 +193,7 @@ async fn agents_beyond_a_namespaces_limit_are_told_to_retry_and_the_namespace_is
     assert!(matches!(err.details, Some(server_error_response::Details::RetryInfo(_))));
     assert!(err.error_message.contains(&a.ns.name), "{}", err.error_message);
     // Other namespaces are not affected.
-    assert_eq!(post(&op, &b.token, &hello(Uid::new_v7(), 0)).await.status, 200);
+    assert_eq!(post(op, &b.token, &hello(Uid::new_v7(), 0)).await.status, 200);
 
     let events: kube::Api<KubeEvent> = a.ns.api();
     let note = eventually(T, "an AgentLimitReached event", || async {
@@ -227,7 +227,7 @@ async fn reported_state_beyond_its_bound_is_dropped_and_the_agent_flagged() {
         }),
     };
     let m = AgentToServer { effective_config: Some(big), ..hello(uid, 0) };
-    assert_eq!(post(&op, &a.token, &m).await.status, 200);
+    assert_eq!(post(op, &a.token, &m).await.status, 200);
     let agent = op.fleet.agent(&a.key(uid)).expect("known");
     assert_eq!(agent.report.effective_config, None);
     assert_eq!(agent.report.trimmed.part_names(), vec!["effectiveConfig"]);
@@ -324,7 +324,7 @@ async fn measure_rss_under_the_memory_attacks() {
             }),
         };
         let m = AgentToServer { effective_config: Some(big), ..hello(Uid::new_v7(), 0) };
-        assert_eq!(post(&op, &a.token, &m).await.status, 200);
+        assert_eq!(post(op, &a.token, &m).await.status, 200);
     }
     report("60 agents x 3.9 MB effective config", before);
     // 40 invalid wire uids of 1 MiB each.
@@ -332,14 +332,14 @@ async fn measure_rss_under_the_memory_attacks() {
     for _ in 0..40 {
         let mut m = hello(Uid::new_v7(), 0);
         m.instance_uid = Bytes::from(vec![b'u'; 1 << 20]);
-        assert_eq!(post(&op, &a.token, &m).await.status, 200);
+        assert_eq!(post(op, &a.token, &m).await.status, 200);
     }
     report("40 invalid wire uids of 1 MiB", before);
     // 25,000 invented uids from one token (the default limit is 20,000).
     let before = rss_mib();
     let mut refused = 0;
     for _ in 0..25_000 {
-        refused += usize::from(post(&op, &a.token, &hello(Uid::new_v7(), 0)).await.status == 503);
+        refused += usize::from(post(op, &a.token, &hello(Uid::new_v7(), 0)).await.status == 503);
     }
     report(&format!("25,000 invented uids ({refused} refused)"), before);
     // 8 concurrent listings of the fleet (20k agents).

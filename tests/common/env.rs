@@ -136,10 +136,13 @@ impl Tenant {
     }
 }
 
+/// A change to the operator's configuration.
+type Tweak = Box<dyn FnOnce(&mut OperatorConfig) + Send>;
+
 /// What a [`TestEnv`] is made of, built by [`TestEnv::new`].
 pub struct TestEnvBuilder {
     tenants: Vec<(String, Option<String>)>,
-    tweaks: Vec<Box<dyn FnOnce(&mut OperatorConfig) + Send>>,
+    tweaks: Vec<Tweak>,
     deadline: Duration,
 }
 
