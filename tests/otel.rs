@@ -11,11 +11,12 @@ mod common;
 use std::time::Duration;
 
 use common::callback::{CallbackServer, b64encode};
-use common::env::TestEnv;
+use common::env::{TestEnv, TestEnvBuilder};
 use common::supervisor::Supervisor;
 use common::{eventually, poll_until, within};
 use opamp_operator::api::{AgentConfig, AgentConfigStatus};
 use opamp_operator::fleet::{AgentSnapshot, Transport};
+use opamp_operator::operator::OperatorConfig;
 use opamp_operator::proto::{AvailableComponents, any_value};
 use serde_json::{Value, json};
 
@@ -40,7 +41,11 @@ impl std::ops::Deref for Env {
 
 impl Env {
     async fn new(prefix: &str) -> Env {
-        Env(TestEnv::new(prefix).deadline(T).start().await)
+        Self::start(TestEnv::new(prefix)).await
+    }
+
+    async fn start(builder: TestEnvBuilder) -> Env {
+        Env(builder.deadline(T).start().await)
     }
 
     fn supervisor(&self, transport: Transport) -> Supervisor {
@@ -217,10 +222,18 @@ async fn websocket_collector_reports_itself_applies_its_config_and_reports_a_bro
 }
 
 #[tokio::test]
-async fn http_collector_gets_its_config_on_its_first_poll_and_applies_it() {
-    let env = Env::new("otel-http").await;
-    env.apply(&agent_config("collectors", &collector("127.0.0.1:0", "debug"))).await;
+async fn http_collector_polls_for_its_config_and_applies_it() {
+    // HTTP collectors poll every 30 s (opamp-go's default), which the operator expects by
+    // default too: between two polls a collector is not gone.
+    let http_polls = |c: &mut OperatorConfig| c.fleet.heartbeat_interval = Duration::from_secs(30);
+    let env = Env::start(TestEnv::new("otel-http").operator(http_polls)).await;
     let mut sup = env.supervisor(Transport::Http);
+    // The config is given once the supervisor runs its collector (see
+    // collector_health_changes_show_in_the_status): a config in the reply to its first poll can
+    // be reported APPLIED while the collector keeps running its initial, empty config. It comes
+    // in the reply to a later poll.
+    env.agent_where(&sup, "the collector running", |a| a.report.effective_config.is_some()).await;
+    env.apply(&agent_config("collectors", &collector("127.0.0.1:0", "debug"))).await;
     let status = env
         .status_where(&sup, "collectors", "the HTTP collector applied it", |s| {
             s.selected_agents == 1 && s.applied_agents == 1
