@@ -180,8 +180,8 @@ async fn websocket_collector_reports_itself_applies_its_config_and_reports_a_bro
     assert_eq!(string_attr(&agent, "service.name").as_deref(), Some(SERVICE));
     assert!(string_attr(&agent, "service.version").is_some_and(|v| v.contains("0.149.0")), "{agent:#?}");
     let available = agent.report.available_components.as_ref().unwrap();
-    assert_eq!(components(available, "receivers"), ["otlp"]);
-    assert_eq!(components(available, "exporters"), ["debug"]);
+    assert_eq!(components(available, "receivers"), ["nop", "otlp"]);
+    assert_eq!(components(available, "exporters"), ["debug", "nop"]);
     assert_eq!(components(available, "extensions"), ["opamp", "opampecho"]);
 
     // A collector config reaches the collector, which restarts with it.
