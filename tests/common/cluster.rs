@@ -9,6 +9,8 @@
 //! ns.cleanup().await;
 //! ```
 //!
+//! Suites build on it through [`super::env::TestEnv`] (namespaces with a token, an operator).
+//!
 //! The cluster is started on first use (a no-op when it is already up) and never stopped here:
 //! `make test` takes it down after the whole run.
 use std::collections::HashMap;
