@@ -10,8 +10,10 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::cluster::{TestNamespace, apply_yaml, cluster, install_crds, tool};
+use common::cluster::{TestNamespace, apply_yaml, chart_rbac, cluster, install_crds, tool};
+use common::env::TestEnv;
 use common::eventually;
+use common::operator::test_config;
 use common::simrun::RunningAgent;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authorization::v1::{
@@ -25,8 +27,6 @@ use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
 use opamp_operator::api::{AgentConfig, AgentConfigStatus, CapabilitySlot, CapabilitySlotStatus};
 use opamp_operator::controller::leader::LeaderElectionConfig;
-use opamp_operator::fleet::FleetConfig;
-use opamp_operator::opamp::ServerConfig;
 use opamp_operator::operator::{Operator, OperatorConfig};
 use opamp_operator::sim::AgentSpec;
 use serde_yaml::Value;
@@ -518,8 +518,8 @@ fn delete_on_drop(kubeconfig: PathBuf, objects: Vec<String>) -> OnDrop {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn installs_and_upgrades_on_a_cluster() {
     let cluster = cluster().await;
-    let ns = TestNamespace::new("chart-install").await;
-    install_crds(&ns.client).await;
+    let tenants = TestEnv::new("chart-install").prepare().await;
+    let ns = &tenants.ns;
     let release = ns.name.clone();
     let full = format!("{release}-opamp-operator");
     let kubeconfig = cluster.kubeconfig_path.to_string_lossy().into_owned();
@@ -594,7 +594,7 @@ async fn installs_and_upgrades_on_a_cluster() {
     uninstall.0 = None;
     let gone = cluster_roles.get_opt(&full).await.expect("get ClusterRole");
     assert!(gone.is_none(), "the ClusterRole outlives the release");
-    ns.cleanup().await;
+    tenants.cleanup().await;
 }
 
 // ---- the RBAC proof ---------------------------------------------------------------------------
@@ -706,22 +706,11 @@ async fn bind_to_user(rbac: &mut Manifests, user: &str, ns: &TestNamespace) {
 /// `lease_namespace` (its Lease is what the chart's Role is for), and waits until it is ready:
 /// every cache listed (agentconfigs, capabilityslots, configmaps, secrets of each namespace).
 async fn start_operator(client: Client, namespaces: Vec<String>, lease_namespace: &str) -> Operator {
+    // (The test configuration lets a slot's callback go to loopback, refused by default.)
     let config = OperatorConfig {
-        opamp_addr: "127.0.0.1:0".parse().unwrap(),
-        api_addr: "127.0.0.1:0".parse().unwrap(),
-        metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
-        anonymous_namespace: None,
         namespaces: Some(namespaces),
-        tls: None,
         leader_election: Some(LeaderElectionConfig::new(lease_namespace, IDENTITY)),
-        shutdown_grace: Duration::from_secs(10),
-        // A slot's callback on loopback, refused by default.
-        callback_egress: opamp_operator::routes::egress::EgressPolicy::new(vec![
-            "127.0.0.1/32".parse().expect("a CIDR"),
-        ]),
-        fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
-        server: ServerConfig::default(),
-        api_limits: Default::default(),
+        ..test_config()
     };
     let op = tokio::time::timeout(T, Operator::start(client, config))
         .await
@@ -761,8 +750,8 @@ fn agent_config(name: &str, inline: &str) -> String {
 async fn operator_runs_with_the_charts_rbac() {
     capture_logs();
     let cluster = cluster().await;
-    let ns = TestNamespace::new("chart-rbac").await;
-    install_crds(&ns.client).await;
+    let tenants = TestEnv::new("chart-rbac").prepare().await;
+    let ns = &tenants.ns;
     let release = ns.name.clone();
     let full = format!("{release}-opamp-operator");
     let operator = cluster.client_as_operator().await;
@@ -773,34 +762,18 @@ async fn operator_runs_with_the_charts_rbac() {
     );
 
     // The chart's RBAC, bound to the `operator` user instead of the ServiceAccount.
-    let chart = chart_dir();
-    let rendered = helm_async(
-        [
-            "template",
-            release.as_str(),
-            chart.to_str().unwrap(),
-            "--namespace",
-            ns.name.as_str(),
-            "--show-only",
-            "templates/clusterrole.yaml",
-            "--show-only",
-            "templates/clusterrolebinding.yaml",
-            "--show-only",
-            "templates/role.yaml",
-            "--show-only",
-            "templates/rolebinding.yaml",
-        ]
-        .map(String::from)
-        .to_vec(),
-    )
-    .await;
-    let mut rbac = Manifests::parse(&rendered);
-    assert_eq!(rbac.0.len(), 4, "{:?}", rbac.objects());
+    let rbac = chart_rbac(&release, &ns.name, "operator").await;
+    let kinds: Vec<&str> = rbac.iter().map(|d| text(&d["kind"])).collect();
+    assert_eq!(kinds.len(), 4, "{kinds:?}");
     let _delete = delete_on_drop(
         cluster.kubeconfig_path.clone(),
         vec![format!("clusterrole/{full}"), format!("clusterrolebinding/{full}")],
     );
-    bind_to_user(&mut rbac, "operator", &ns).await;
+    for doc in &rbac {
+        apply_yaml(&ns.client, Some(&ns.name), &serde_yaml::to_string(doc).unwrap())
+            .await
+            .unwrap_or_else(|e| panic!("cannot apply {doc:?}: {e}"));
+    }
     // The authorizer's caches follow within moments; then the grants are exactly the chart's.
     let granted: Vec<_> = (cluster_rules().into_iter().map(|g| (g, None)))
         .chain(NAMESPACE_RULES.iter().map(|g| (*g, Some(ns.name.as_str()))))
@@ -825,15 +798,14 @@ async fn operator_runs_with_the_charts_rbac() {
         assert!(!allowed(&operator, grant, namespace).await, "{grant:?} in {namespace:?} is granted");
     }
 
-    // What the operator works with: a token, a ConfigMap, an AgentConfig, a CapabilitySlot.
-    let token = format!("tok-{}", ns.name);
-    ns.apply_yaml(&format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: agents}}\ntype: opamp.dev/agent-token\n\
-         stringData: {{token: {token}}}\n---\n\
-         apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: otel}}\ndata: {{collector.yaml: 'receivers: {{}}'}}\n---\n\
-         apiVersion: opamp.dev/v1alpha1\nkind: CapabilitySlot\nmetadata: {{name: rbac}}\nspec:\n  \
-         capability: com.example.rbac\n  callback: {{url: 'http://127.0.0.1:9/never'}}\n"
-    ))
+    // What the operator works with: a token (the harness's), a ConfigMap, an AgentConfig, a
+    // CapabilitySlot.
+    let token = tenants.token.clone();
+    ns.apply_yaml(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: otel}\ndata: {collector.yaml: 'receivers: {}'}\n---\n\
+         apiVersion: opamp.dev/v1alpha1\nkind: CapabilitySlot\nmetadata: {name: rbac}\nspec:\n  \
+         capability: com.example.rbac\n  callback: {url: 'http://127.0.0.1:9/never'}\n",
+    )
     .await
     .unwrap();
     ns.apply_yaml(&agent_config("rbac", "a")).await.unwrap();
@@ -912,7 +884,7 @@ async fn operator_runs_with_the_charts_rbac() {
     // Anything the API server refused shows up in the operator's log.
     let denied = denials();
     assert!(denied.is_empty(), "the operator was refused something:\n{}", denied.join("\n"));
-    ns.cleanup().await;
+    tenants.cleanup().await;
 }
 
 /// A client as `user`: the admin's credentials, impersonating a user no other test binds (the

@@ -9,22 +9,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use common::cluster::{TestNamespace, install_crds};
+use common::env::{Tenant, TestEnv};
+use common::eventually;
+use common::operator::test_config;
 use common::simrun::RunningAgent;
-use common::{eventually, within};
 use opamp_operator::api::{AgentConfig, AgentConfigStatus, RolloutState};
 use opamp_operator::controller::leader::LeaderElectionConfig;
 use opamp_operator::fleet::{AgentKey, Fleet};
-use opamp_operator::operator::Operator;
+use opamp_operator::operator::{Operator, OperatorConfig};
 use opamp_operator::sim::AgentSpec;
 
 const T: Duration = Duration::from_secs(60);
-
-fn token_secret(token: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: agents}}\ntype: opamp.dev/agent-token\nstringData: {{token: {token}}}\n"
-    )
-}
 
 fn edge_config(body: &str, rollout: &str) -> String {
     format!(
@@ -33,12 +28,11 @@ fn edge_config(body: &str, rollout: &str) -> String {
 }
 
 async fn status_where(
-    ns: &TestNamespace,
+    ns: &Tenant,
     what: &str,
     pred: impl Fn(&AgentConfigStatus) -> bool,
 ) -> AgentConfigStatus {
-    let api = ns.api::<AgentConfig>();
-    eventually(T, what, || async { api.get("edge").await.ok()?.status.filter(|s| pred(s)) }).await
+    ns.status_where::<AgentConfig>("edge", what, pred).await
 }
 
 fn desired_hash(fleet: &Fleet, ns: &str, agent: &RunningAgent) -> Option<bytes::Bytes> {
@@ -47,35 +41,28 @@ fn desired_hash(fleet: &Fleet, ns: &str, agent: &RunningAgent) -> Option<bytes::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_progressive_rollout_reaches_every_agent_whichever_replica_holds_it() {
-    let ns = TestNamespace::new("loop-replicas").await;
-    install_crds(&ns.client).await;
-    ns.apply_yaml(&token_secret("tok-replicas")).await.unwrap();
+    let tenants = TestEnv::new("loop-replicas").deadline(T).prepare().await;
+    let ns: &Tenant = &tenants;
     let replica = |identity: &str| {
-        let name = ns.name.clone();
-        let identity = identity.to_owned();
-        move |c: &mut opamp_operator::operator::OperatorConfig| {
-            let mut election = LeaderElectionConfig::new(&name, &identity);
-            election.lease_duration = Duration::from_secs(3);
-            election.renew_every = Duration::from_millis(500);
-            c.leader_election = Some(election);
-        }
+        let mut election = LeaderElectionConfig::new(&ns.ns.name, identity);
+        election.lease_duration = Duration::from_secs(3);
+        election.renew_every = Duration::from_millis(500);
+        OperatorConfig { namespaces: Some(tenants.names()), leader_election: Some(election), ..test_config() }
     };
-    let namespaces = vec![ns.name.clone()];
-    let addr = "127.0.0.1:0".parse().unwrap();
-    let leader = common::operator::start_with(addr, &namespaces, replica("replica-1")).await;
-    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> = ns.api();
+    let leader = common::operator::start(replica("replica-1")).await;
+    let leases: kube::Api<k8s_openapi::api::coordination::v1::Lease> = ns.ns.api();
     eventually(T, "replica-1 holds the Lease", || async {
         let lease = leases.get("opamp-operator").await.ok()?;
         (lease.spec?.holder_identity.as_deref() == Some("replica-1")).then_some(())
     })
     .await;
-    let follower = common::operator::start_with(addr, &namespaces, replica("replica-2")).await;
+    let follower = common::operator::start(replica("replica-2")).await;
 
     // Ten agents on each replica.
     let spawn = |op: &Operator| {
         let url = format!("ws://{}/v1/opamp", op.opamp_addr);
         (0..10)
-            .map(|_| RunningAgent::spawn(url.clone(), Some("tok-replicas".into()), AgentSpec::new("edge")))
+            .map(|_| RunningAgent::spawn(url.clone(), Some(ns.token.clone()), AgentSpec::new("edge")))
             .collect::<Vec<_>>()
     };
     let (on_leader, on_follower) = (spawn(&leader), spawn(&follower));
@@ -85,7 +72,7 @@ async fn a_progressive_rollout_reaches_every_agent_whichever_replica_holds_it() 
     .await;
 
     let rollout = "  rollout: {strategy: Progressive, steps: [50, 100], minHealthySeconds: 0}\n";
-    ns.apply_yaml(&edge_config("v: 1", rollout)).await.unwrap();
+    ns.apply(&edge_config("v: 1", rollout)).await;
     let all = || on_leader.iter().chain(&on_follower);
     eventually(T, "every agent of both replicas runs the rollout's files", || async {
         all().all(|a| a.effective("edge.yaml").as_deref() == Some("v: 1")).then_some(())
@@ -97,13 +84,13 @@ async fn a_progressive_rollout_reaches_every_agent_whichever_replica_holds_it() 
     .await;
     assert_eq!(done.rollout.as_ref().unwrap().step, 2);
     // Both replicas planned the same: an agent's desired config is the same on either.
-    let hash = desired_hash(&leader.fleet, &ns.name, &on_leader[0]).expect("a desired config");
+    let hash = desired_hash(&leader.fleet, &ns.ns.name, &on_leader[0]).expect("a desired config");
     for a in &on_follower {
-        assert_eq!(desired_hash(&follower.fleet, &ns.name, a).as_ref(), Some(&hash));
+        assert_eq!(desired_hash(&follower.fleet, &ns.ns.name, a).as_ref(), Some(&hash));
     }
 
     // The next version goes through the steps again, on both replicas.
-    ns.apply_yaml(&edge_config("v: 2", rollout)).await.unwrap();
+    ns.apply(&edge_config("v: 2", rollout)).await;
     let first_step = status_where(&ns, "the second version's first step", |s| {
         s.observed_generation == Some(2) && s.rollout.as_ref().is_some_and(|r| r.admitted_up_to.is_some())
     })
@@ -119,7 +106,7 @@ async fn a_progressive_rollout_reaches_every_agent_whichever_replica_holds_it() 
     }
     follower.stop().await;
     leader.stop().await;
-    ns.cleanup().await;
+    tenants.cleanup().await;
 }
 
 /// Holds every status PATCH for a while before sending it: a slow API server, as the
@@ -177,22 +164,21 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_api_server_delays_status_never_configs() {
     let cluster = common::cluster::cluster().await;
-    let ns = TestNamespace::new("loop-slow-api").await;
-    install_crds(&ns.client).await;
-    ns.apply_yaml(&token_secret("tok-slow")).await.unwrap();
+    let ns = TestEnv::new("loop-slow-api").deadline(T).prepare().await;
     // The operator, as the chart's identity, reaches the API server through a layer that holds
     // every status PATCH for 5 s.
-    cluster.client_as_chart_identity(&ns.name).await;
+    cluster.client_as_chart_identity(&ns.ns.name).await;
     let patches = HoldStatusPatches { hold: Duration::from_secs(5), held: Arc::default() };
     let config = cluster.config_for("e2e-operator").await;
     let client = kube::client::ClientBuilder::try_from(config).unwrap().with_layer(&patches).build();
-    let cfg = common::operator::config(std::slice::from_ref(&ns.name));
-    let op = within(T, "operator start", Operator::start(client, cfg)).await.expect("operator starts");
+    let op =
+        common::operator::start_as(client, OperatorConfig { namespaces: Some(ns.names()), ..test_config() })
+            .await;
     let url = format!("ws://{}/v1/opamp", op.opamp_addr);
-    let agent = RunningAgent::spawn(url, Some("tok-slow".into()), AgentSpec::new("edge"));
+    let agent = RunningAgent::spawn(url, Some(ns.token.clone()), AgentSpec::new("edge"));
     eventually(T, "the agent connected", || async { (op.fleet.connected_count() == 1).then_some(()) }).await;
 
-    ns.apply_yaml(&edge_config("v: 1", "")).await.unwrap();
+    ns.apply(&edge_config("v: 1", "")).await;
     eventually(T, "the first config reaches the agent", || async {
         (agent.effective("edge.yaml").as_deref() == Some("v: 1")).then_some(())
     })
@@ -202,13 +188,13 @@ async fn a_slow_api_server_delays_status_never_configs() {
     // A change while status patches are held: the config reaches the agent, the status follows.
     let generation_1_patches = patches.held.load(Ordering::SeqCst);
     let changed = std::time::Instant::now();
-    ns.apply_yaml(&edge_config("v: 2", "")).await.unwrap();
+    ns.apply(&edge_config("v: 2", "")).await;
     eventually(T, "the change reaches the agent", || async {
         (agent.effective("edge.yaml").as_deref() == Some("v: 2")).then_some(())
     })
     .await;
     let took = changed.elapsed();
-    let written = ns.api::<AgentConfig>().get("edge").await.unwrap().status.unwrap();
+    let written = ns.ns.api::<AgentConfig>().get("edge").await.unwrap().status.unwrap();
     eprintln!("the change reached the agent in {took:?}, status patches held for 5 s");
     assert_ne!(
         written.observed_generation,

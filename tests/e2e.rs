@@ -4,34 +4,18 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::{TestNamespace, install_crds};
+use common::env::{Tenant, TestEnv};
 use common::goagent::GoAgent;
+use common::operator::test_config;
 use common::simrun::RunningAgent;
 use common::{eventually, within};
 use k8s_openapi::api::core::v1::Event as KubeEvent;
 use opamp_operator::api::{AgentConfig, AgentConfigStatus};
-use opamp_operator::fleet::{AgentKey, FleetConfig};
-use opamp_operator::opamp::ServerConfig;
 use opamp_operator::operator::{Operator, OperatorConfig};
 use opamp_operator::protocol::Uid;
 use opamp_operator::sim::AgentSpec;
 
 const T: Duration = Duration::from_secs(30);
-
-/// One operator at a time: each watches every namespace and writes status.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// An operator managing only `namespaces` (tests in other binaries run operators of their own).
-async fn start_operator(_admin: kube::Client, opamp_addr: &str, namespaces: &[&str]) -> Operator {
-    let namespaces: Vec<String> = namespaces.iter().map(|s| s.to_string()).collect();
-    common::operator::start(opamp_addr.parse().unwrap(), &namespaces).await
-}
-
-fn token_secret(name: &str, token: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}}}\ntype: opamp.dev/agent-token\nstringData: {{token: {token}}}\n"
-    )
-}
 
 fn agent_config(name: &str, selector: &str, files: &str, extra: &str) -> String {
     format!(
@@ -48,13 +32,12 @@ fn spec(service: &str) -> AgentSpec {
 }
 
 async fn status_where(
-    ns: &TestNamespace,
+    tenant: &Tenant,
     name: &str,
     what: &str,
     pred: impl Fn(&AgentConfigStatus) -> bool,
 ) -> AgentConfigStatus {
-    let api = ns.api::<AgentConfig>();
-    eventually(T, what, || async { api.get(name).await.ok()?.status.filter(|s| pred(s)) }).await
+    tenant.status_where::<AgentConfig>(name, what, pred).await
 }
 
 fn condition<'a>(s: &'a AgentConfigStatus, t: &str) -> (&'a str, &'a str, &'a str) {
@@ -64,12 +47,8 @@ fn condition<'a>(s: &'a AgentConfigStatus, t: &str) -> (&'a str, &'a str, &'a st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_edit_fail_and_status() {
-    let _serial = SERIAL.lock().await;
-    let ns = TestNamespace::new("e2e-apply").await;
-    install_crds(&ns.client).await;
-    ns.apply_yaml(&token_secret("agents", "tok-apply")).await.unwrap();
-    let op = start_operator(ns.client.clone(), "127.0.0.1:0", &[&ns.name]).await;
-    let url = format!("ws://{}/v1/opamp", op.opamp_addr);
+    let env = TestEnv::new("e2e-apply").with_token("tok-apply").start().await;
+    let url = env.ws_url();
 
     // Two Rust agents and one opamp-go agent of service checkout, one agent of another service.
     let a1 = RunningAgent::spawn(url.clone(), Some("tok-apply".into()), spec("checkout"));
@@ -96,8 +75,8 @@ async fn apply_edit_fail_and_status() {
         &inline("collector.yaml", "receivers: {otlp: {}}"),
         "",
     );
-    ns.apply_yaml(&cfg).await.unwrap();
-    let s = status_where(&ns, "checkout", "3 agents applied, Ready", |s| {
+    env.apply(&cfg).await;
+    let s = status_where(&env, "checkout", "3 agents applied, Ready", |s| {
         s.applied_agents == 3 && s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
     })
     .await;
@@ -117,8 +96,8 @@ async fn apply_edit_fail_and_status() {
         &inline("collector.yaml", "receivers: {otlp: {protocols: {grpc: {}}}}"),
         "",
     );
-    ns.apply_yaml(&edited).await.unwrap();
-    let s2 = status_where(&ns, "checkout", "edit applied", |x| {
+    env.apply(&edited).await;
+    let s2 = status_where(&env, "checkout", "edit applied", |x| {
         x.applied_agents == 3 && x.observed_generation == Some(2) && x.config_hash != s.config_hash
     })
     .await;
@@ -135,14 +114,14 @@ async fn apply_edit_fail_and_status() {
         &inline("collector.yaml", "FAIL_ME"),
         "",
     );
-    ns.apply_yaml(&bad).await.unwrap();
-    let s3 = status_where(&ns, "checkout", "3 failed", |x| x.failed_agents == 3).await;
+    env.apply(&bad).await;
+    let s3 = status_where(&env, "checkout", "3 failed", |x| x.failed_agents == 3).await;
     assert_eq!(condition(&s3, "Degraded").0, "True");
     assert_eq!(condition(&s3, "Ready").0, "False");
     assert_eq!(s3.failures.len(), 3);
     assert!(s3.failures.iter().any(|f| f.instance_uid == go_uid.to_string() && f.message == "config rejected: contains FAIL_ME"));
     // Events tell the story.
-    let events: kube::Api<KubeEvent> = ns.api();
+    let events: kube::Api<KubeEvent> = env.ns.api();
     let reasons = eventually(T, "events", || async {
         let list = events.list(&Default::default()).await.ok()?;
         let r: Vec<String> = list.items.into_iter().filter_map(|e| e.reason).collect();
@@ -152,8 +131,7 @@ async fn apply_edit_fail_and_status() {
     assert!(reasons.iter().any(|x| x == "RolloutStarted"), "{reasons:?}");
 
     // Metrics tell the same story.
-    let url = format!("http://{}/metrics", op.metrics_addr.unwrap());
-    let text = reqwest::get(&url).await.unwrap().text().await.unwrap();
+    let text = reqwest::get(env.metrics_url()).await.unwrap().text().await.unwrap();
     for line in [
         "opamp_agents_connected{transport=\"websocket\"} 4",
         "opamp_remote_config_statuses{status=\"failed\"} 3",
@@ -167,37 +145,32 @@ async fn apply_edit_fail_and_status() {
     for a in [a1, a2, other] {
         a.stop().await;
     }
-    op.stop().await;
-    ns.cleanup().await;
+    env.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_reference_conflicts_and_selector_release() {
-    let _serial = SERIAL.lock().await;
-    let ns = TestNamespace::new("e2e-refs").await;
-    install_crds(&ns.client).await;
-    ns.apply_yaml(&token_secret("agents", "tok-refs")).await.unwrap();
-    let op = start_operator(ns.client.clone(), "127.0.0.1:0", &[&ns.name]).await;
-    let url = format!("ws://{}/v1/opamp", op.opamp_addr);
+    let env = TestEnv::new("e2e-refs").with_token("tok-refs").start().await;
+    let url = env.ws_url();
     let mut s = spec("api");
     s.non_identifying.push(("deployment.environment".into(), "prod".into()));
     let agent = RunningAgent::spawn(url.clone(), Some("tok-refs".into()), s);
 
     // A ConfigMap that does not exist yet.
     let from_cm = "    collector.yaml:\n      configMapKeyRef: {name: otel, key: collector.yaml}\n";
-    ns.apply_yaml(&agent_config("from-cm", "{}", from_cm, "")).await.unwrap();
-    let st = status_where(&ns, "from-cm", "ReferenceNotFound", |x| {
+    env.apply(&agent_config("from-cm", "{}", from_cm, "")).await;
+    let st = status_where(&env, "from-cm", "ReferenceNotFound", |x| {
         x.conditions.iter().any(|c| c.type_ == "Ready" && c.reason == "ReferenceNotFound")
     })
     .await;
     assert!(condition(&st, "Ready").2.contains("ConfigMap \"otel\" not found"), "{st:?}");
     assert_eq!(agent.configs_received(), 0);
     // Creating it fixes it, without a new generation.
-    ns.apply_yaml("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: otel}\ndata: {collector.yaml: 'from: configmap'}\n").await.unwrap();
-    status_where(&ns, "from-cm", "applied after the ConfigMap appeared", |x| x.applied_agents == 1).await;
+    env.apply("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: otel}\ndata: {collector.yaml: 'from: configmap'}\n").await;
+    status_where(&env, "from-cm", "applied after the ConfigMap appeared", |x| x.applied_agents == 1).await;
     assert_eq!(agent.effective("collector.yaml").as_deref(), Some("from: configmap"));
     // Editing the ConfigMap re-rolls.
-    ns.apply_yaml("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: otel}\ndata: {collector.yaml: 'from: configmap v2'}\n").await.unwrap();
+    env.apply("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: otel}\ndata: {collector.yaml: 'from: configmap v2'}\n").await;
     eventually(T, "ConfigMap edit reaches the agent", || async {
         (agent.effective("collector.yaml").as_deref() == Some("from: configmap v2")).then_some(())
     })
@@ -210,17 +183,17 @@ async fn missing_reference_conflicts_and_selector_release() {
         &inline("collector.yaml", "from: override"),
         "  priority: 10\n",
     );
-    ns.apply_yaml(&high).await.unwrap();
-    let lost = status_where(&ns, "from-cm", "Conflict", |x| {
+    env.apply(&high).await;
+    let lost = status_where(&env, "from-cm", "Conflict", |x| {
         x.conditions.iter().any(|c| c.type_ == "Conflict" && c.status == "True")
     })
     .await;
-    assert!(condition(&lost, "Conflict").2.contains(&format!("{}/override", ns.name)), "{lost:?}");
+    assert!(condition(&lost, "Conflict").2.contains(&format!("{}/override", env.ns.name)), "{lost:?}");
     eventually(T, "override wins", || async {
         (agent.effective("collector.yaml").as_deref() == Some("from: override\n")).then_some(())
     })
     .await;
-    let won = status_where(&ns, "override", "override applied", |x| x.applied_agents == 1).await;
+    let won = status_where(&env, "override", "override applied", |x| x.applied_agents == 1).await;
     assert_eq!(condition(&won, "Conflict").0, "False");
 
     // The selector stops matching: the agent is released (sent an empty config).
@@ -230,68 +203,61 @@ async fn missing_reference_conflicts_and_selector_release() {
         &inline("collector.yaml", "from: override"),
         "  priority: 10\n",
     );
-    ns.apply_yaml(&narrowed).await.unwrap();
-    status_where(&ns, "override", "no agents selected", |x| x.selected_agents == 0).await;
+    env.apply(&narrowed).await;
+    status_where(&env, "override", "no agents selected", |x| x.selected_agents == 0).await;
     eventually(T, "back to the ConfigMap's file", || async {
         (agent.effective("collector.yaml").as_deref() == Some("from: configmap v2")).then_some(())
     })
     .await;
-    kube::Api::<AgentConfig>::namespaced(ns.client.clone(), &ns.name)
-        .delete("from-cm", &Default::default())
-        .await
-        .unwrap();
+    env.ns.api::<AgentConfig>().delete("from-cm", &Default::default()).await.unwrap();
     eventually(T, "released: empty config", || async {
         agent.effective("collector.yaml").is_none().then_some(())
     })
     .await;
 
     agent.stop().await;
-    op.stop().await;
-    ns.cleanup().await;
+    env.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenancy_tokens_and_restart() {
-    let _serial = SERIAL.lock().await;
-    let a = TestNamespace::new("e2e-team-a").await;
-    let b = TestNamespace::new("e2e-team-b").await;
-    install_crds(&a.client).await;
-    a.apply_yaml(&token_secret("agents", "tok-team-a")).await.unwrap();
-    b.apply_yaml(&token_secret("agents", "tok-team-b")).await.unwrap();
-    let op = start_operator(a.client.clone(), "127.0.0.1:0", &[&a.name, &b.name]).await;
-    let addr = op.opamp_addr;
-    let url = format!("ws://{addr}/v1/opamp");
+    let env = TestEnv::new("e2e-team-a")
+        .with_token("tok-team-a")
+        .tenant_with_token("e2e-team-b", "tok-team-b")
+        .start()
+        .await;
+    let a = env.tenant(0);
+    let url = env.ws_url();
 
     // Unknown or missing tokens are refused.
     for token in [None, Some("nope")] {
-        let http = opamp_operator::sim::HttpClient::new(&format!("http://{addr}/v1/opamp"), token, false);
+        let http = opamp_operator::sim::HttpClient::new(&env.http_url(), token, false);
         let reply = http.send(&opamp_operator::sim::SimAgent::new(spec("x")).full_state()).await.unwrap();
         assert_eq!(reply.status, 401);
     }
 
-    a.apply_yaml(&agent_config("all", "{}", &inline("a.yaml", "team: a"), "")).await.unwrap();
+    a.apply(&agent_config("all", "{}", &inline("a.yaml", "team: a"), "")).await;
     let agent_a = RunningAgent::spawn(url.clone(), Some("tok-team-a".into()), spec("svc"));
     let agent_b = RunningAgent::spawn(url.clone(), Some("tok-team-b".into()), spec("svc"));
-    status_where(&a, "all", "team a applied", |x| x.applied_agents == 1 && x.selected_agents == 1).await;
+    status_where(a, "all", "team a applied", |x| x.applied_agents == 1 && x.selected_agents == 1).await;
     assert_eq!(agent_a.effective("a.yaml").as_deref(), Some("team: a\n"));
     assert_eq!(agent_b.configs_received(), 0, "namespace B never sees namespace A's config");
     assert!(agent_b.effective("a.yaml").is_none());
 
-    // Operator restart: agents reconnect and are not sent the unchanged config again.
+    // Operator restart (on the same address): agents reconnect and are not sent the unchanged
+    // config again.
     let received = agent_a.configs_received();
-    op.stop().await;
-    let op = start_operator(a.client.clone(), &addr.to_string(), &[&a.name, &b.name]).await;
+    let env = env.restart().await;
+    let (a, op) = (env.tenant(0), &env.op);
     eventually(T, "agent back", || async {
-        op.fleet
-            .agent(&AgentKey::new(a.name.as_str(), agent_a.uid))
-            .filter(|x| x.connected && x.report.remote_config_status.is_some())
+        op.fleet.agent(&a.key(agent_a.uid)).filter(|x| x.connected && x.report.remote_config_status.is_some())
     })
     .await;
-    status_where(&a, "all", "still applied after restart", |x| x.applied_agents == 1).await;
+    status_where(a, "all", "still applied after restart", |x| x.applied_agents == 1).await;
     // A few heartbeats later, still nothing re-sent.
-    let seen = op.fleet.agent(&AgentKey::new(a.name.as_str(), agent_a.uid)).unwrap().last_seen;
+    let seen = op.fleet.agent(&a.key(agent_a.uid)).unwrap().last_seen;
     eventually(T, "two more heartbeats", || async {
-        let later = op.fleet.agent(&AgentKey::new(a.name.as_str(), agent_a.uid))?.last_seen;
+        let later = op.fleet.agent(&a.key(agent_a.uid))?.last_seen;
         (later.duration_since(seen).unwrap_or_default() >= Duration::from_secs(2)).then_some(())
     })
     .await;
@@ -300,27 +266,22 @@ async fn tenancy_tokens_and_restart() {
 
     agent_a.stop().await;
     agent_b.stop().await;
-    op.stop().await;
-    a.cleanup().await;
-    b.cleanup().await;
+    env.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn progressive_rollout_halts_at_max_failures_and_resumes_on_spec_change() {
-    let _serial = SERIAL.lock().await;
-    let ns = TestNamespace::new("e2e-progressive").await;
-    install_crds(&ns.client).await;
-    ns.apply_yaml(&token_secret("agents", "tok-prog")).await.unwrap();
-    let op = start_operator(ns.client.clone(), "127.0.0.1:0", &[&ns.name]).await;
-    let url = format!("ws://{}/v1/opamp", op.opamp_addr);
+    let env = TestEnv::new("e2e-progressive").with_token("tok-prog").start().await;
+    let url = env.ws_url();
     let agents: Vec<RunningAgent> =
         (0..4).map(|_| RunningAgent::spawn(url.clone(), Some("tok-prog".into()), spec("edge"))).collect();
-    eventually(T, "4 agents connected", || async { (op.fleet.connected_count() == 4).then_some(()) }).await;
+    eventually(T, "4 agents connected", || async { (env.op.fleet.connected_count() == 4).then_some(()) })
+        .await;
 
     let rollout =
         "  rollout: {strategy: Progressive, steps: [25, 50], minHealthySeconds: 0, maxFailures: 0}\n";
-    ns.apply_yaml(&agent_config("edge", "{}", &inline("edge.yaml", "FAIL_ME"), rollout)).await.unwrap();
-    let halted = status_where(&ns, "edge", "halted", |s| {
+    env.apply(&agent_config("edge", "{}", &inline("edge.yaml", "FAIL_ME"), rollout)).await;
+    let halted = status_where(&env, "edge", "halted", |s| {
         s.rollout.as_ref().is_some_and(|r| r.state == opamp_operator::api::RolloutState::Halted)
     })
     .await;
@@ -332,8 +293,8 @@ async fn progressive_rollout_halts_at_max_failures_and_resumes_on_spec_change() 
     assert_eq!(offered, 1);
 
     // A fixed spec resumes: steps 25% → 50% → 100%, all applied, Complete and Ready.
-    ns.apply_yaml(&agent_config("edge", "{}", &inline("edge.yaml", "fixed: true"), rollout)).await.unwrap();
-    let done = status_where(&ns, "edge", "complete", |s| {
+    env.apply(&agent_config("edge", "{}", &inline("edge.yaml", "fixed: true"), rollout)).await;
+    let done = status_where(&env, "edge", "complete", |s| {
         s.applied_agents == 4
             && s.rollout.as_ref().is_some_and(|r| r.state == opamp_operator::api::RolloutState::Complete)
     })
@@ -344,8 +305,7 @@ async fn progressive_rollout_halts_at_max_failures_and_resumes_on_spec_change() 
         assert_eq!(a.effective("edge.yaml").as_deref(), Some("fixed: true\n"));
         a.stop().await;
     }
-    op.stop().await;
-    ns.cleanup().await;
+    env.stop().await;
 }
 
 #[tokio::test]
@@ -353,21 +313,7 @@ async fn an_unreachable_api_server_is_a_clear_error() {
     let mut config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
     config.connect_timeout = Some(Duration::from_secs(2));
     let client = kube::Client::try_from(config).unwrap();
-    let cfg = OperatorConfig {
-        opamp_addr: "127.0.0.1:0".parse().unwrap(),
-        api_addr: "127.0.0.1:0".parse().unwrap(),
-        metrics_addr: None,
-        anonymous_namespace: None,
-        tls: None,
-        leader_election: None,
-        shutdown_grace: Duration::from_secs(10),
-        callback_egress: Default::default(),
-        namespaces: None,
-        fleet: FleetConfig::default(),
-        server: ServerConfig::default(),
-        api_limits: Default::default(),
-    };
-    let err = within(T, "start fails", Operator::start(client, cfg)).await.err().expect("refused");
+    let err = within(T, "start fails", Operator::start(client, test_config())).await.err().expect("refused");
     assert_eq!(err.category(), "unreachable");
     assert!(err.to_string().starts_with("cannot reach the Kubernetes API"), "{err}");
 }
@@ -376,27 +322,17 @@ async fn an_unreachable_api_server_is_a_clear_error() {
 async fn only_the_leader_writes_status_and_a_follower_takes_over() {
     use k8s_openapi::api::coordination::v1::Lease;
     use opamp_operator::controller::leader::LeaderElectionConfig;
-    let _serial = SERIAL.lock().await;
-    let ns = TestNamespace::new("e2e-leader").await;
-    install_crds(&ns.client).await;
-    ns.apply_yaml(&token_secret("agents", "tok-leader")).await.unwrap();
+    // Two replicas of our own: the namespace only.
+    let tenants = TestEnv::new("e2e-leader").with_token("tok-leader").prepare().await;
+    let ns = &tenants.ns;
     let replica = |identity: &str| {
         let mut election = LeaderElectionConfig::new(&ns.name, identity);
         election.lease_duration = Duration::from_secs(3);
         election.renew_every = Duration::from_millis(500);
         OperatorConfig {
-            opamp_addr: "127.0.0.1:0".parse().unwrap(),
-            api_addr: "127.0.0.1:0".parse().unwrap(),
-            metrics_addr: None,
-            anonymous_namespace: None,
-            tls: None,
             leader_election: Some(election),
-            shutdown_grace: Duration::from_secs(10),
-            callback_egress: Default::default(),
             namespaces: Some(vec![ns.name.clone()]),
-            fleet: FleetConfig { heartbeat_interval: Duration::from_secs(1), ..Default::default() },
-            server: ServerConfig::default(),
-            api_limits: Default::default(),
+            ..test_config()
         }
     };
     let chart_identity = common::cluster::cluster().await.client_as_chart_identity(&ns.name).await;
@@ -421,16 +357,17 @@ async fn only_the_leader_writes_status_and_a_follower_takes_over() {
     // Every replica serves OpAMP: the agent talks to the follower, which gives it its config.
     let url = format!("ws://{}/v1/opamp", second.opamp_addr);
     let agent = RunningAgent::spawn(url, Some("tok-leader".into()), spec("edge"));
-    ns.apply_yaml(&agent_config("edge", "{}", &inline("edge.yaml", "leader: test"), "")).await.unwrap();
+    tenants.apply(&agent_config("edge", "{}", &inline("edge.yaml", "leader: test"), "")).await;
     eventually(T, "the follower serves the config", || async {
         (agent.effective("edge.yaml").as_deref() == Some("leader: test\n")).then_some(())
     })
     .await;
     // Only the leader writes status, and it does not hold the agent.
-    let s = status_where(&ns, "edge", "written by the leader", |s| s.observed_generation == Some(1)).await;
+    let s =
+        status_where(&tenants, "edge", "written by the leader", |s| s.observed_generation == Some(1)).await;
     assert_eq!(s.selected_agents, 0, "the follower wrote status: {s:?}");
     eventually(T, "the agent reported APPLIED to the follower", || async {
-        let a = second.fleet.agent(&AgentKey::new(ns.name.as_str(), agent.uid))?;
+        let a = second.fleet.agent(&tenants.key(agent.uid))?;
         (a.report.remote_config_status?.status == opamp_operator::proto::RemoteConfigStatuses::Applied as i32)
             .then_some(())
     })
@@ -444,11 +381,11 @@ async fn only_the_leader_writes_status_and_a_follower_takes_over() {
     first.kill();
     holder("replica-2").await;
     eprintln!("failover after a crash took {:?} (lease duration 3 s)", crashed.elapsed());
-    let s = status_where(&ns, "edge", "written by the new leader", |s| s.applied_agents == 1).await;
+    let s = status_where(&tenants, "edge", "written by the new leader", |s| s.applied_agents == 1).await;
     assert_eq!(s.selected_agents, 1);
     agent.stop().await;
     second.stop().await;
-    ns.cleanup().await;
+    tenants.cleanup().await;
 }
 
 /// A free loopback port (bound, then let go).
@@ -458,10 +395,10 @@ fn free_port() -> u16 {
 
 #[tokio::test]
 async fn run_waits_for_an_api_server_that_is_not_up_yet_then_serves() {
-    let _serial = SERIAL.lock().await;
     let cluster = common::cluster::cluster().await;
-    let ns = TestNamespace::new("e2e-late-api").await;
-    install_crds(&ns.client).await;
+    // The operator runs as a process of its own: the namespace only.
+    let tenants = TestEnv::new("e2e-late-api").prepare().await;
+    let ns = &tenants.ns;
     // The operator is pointed at a port where the API server is not (yet) reachable.
     let (api_port, late_port) = (free_port(), free_port());
     let dir = std::env::temp_dir().join(format!("opamp-late-api-{}", ns.name));
@@ -526,5 +463,5 @@ async fn run_waits_for_an_api_server_that_is_not_up_yet_then_serves() {
     child.kill().await.unwrap();
     forwarder.abort();
     let _ = std::fs::remove_dir_all(&dir);
-    ns.cleanup().await;
+    tenants.cleanup().await;
 }

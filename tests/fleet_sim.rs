@@ -6,22 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{TestServer, eventually};
-use opamp_operator::fleet::{DesiredState, Fleet, FleetConfig, Plan};
+use common::{Everyone, TestServer, eventually};
+use opamp_operator::fleet::{Fleet, FleetConfig};
 use opamp_operator::opamp::ServerConfig;
 use opamp_operator::proto::{AgentRemoteConfig, RemoteConfigStatuses};
 use opamp_operator::protocol::Transport;
-use opamp_operator::protocol::Uid;
-use opamp_operator::protocol::session::AgentReport;
 use opamp_operator::sim::fleet::{FleetSimConfig, run};
 use tokio_util::sync::CancellationToken;
-
-struct Everyone(Arc<AgentRemoteConfig>);
-impl Plan for Everyone {
-    fn desired(&self, _: &Uid, _: &AgentReport, _: &DesiredState) -> DesiredState {
-        DesiredState { remote_config: Some(self.0.clone()), custom_capabilities: None }
-    }
-}
 
 async fn simulate(transport: Transport) {
     let fleet = Fleet::new(FleetConfig::default());

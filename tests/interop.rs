@@ -8,25 +8,16 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::goagent::GoAgent;
-use common::{TestServer, eventually, remote_config};
-use opamp_operator::fleet::{AgentKey, DesiredState, Fleet, FleetConfig, Plan};
+use common::{Everyone, TestServer, eventually, remote_config};
+use opamp_operator::fleet::{AgentKey, Fleet, FleetConfig};
 use opamp_operator::opamp::ServerConfig;
-use opamp_operator::proto::{AgentDescription, AgentRemoteConfig, RemoteConfigStatuses, any_value};
+use opamp_operator::proto::{AgentDescription, RemoteConfigStatuses, any_value};
 use opamp_operator::protocol::Uid;
-use opamp_operator::protocol::session::AgentReport;
 
 const T: Duration = Duration::from_secs(20);
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// Gives every agent the same config, as the controller does for a matching AgentConfig.
-struct Everyone(Arc<AgentRemoteConfig>);
-impl Plan for Everyone {
-    fn desired(&self, _: &Uid, _: &AgentReport, _: &DesiredState) -> DesiredState {
-        DesiredState { remote_config: Some(self.0.clone()), custom_capabilities: None }
-    }
 }
 
 fn fleet() -> Fleet {

@@ -11,12 +11,12 @@ mod common;
 use std::time::Duration;
 
 use common::callback::{CallbackServer, b64encode};
-use common::cluster::{TestNamespace, install_crds};
+use common::env::{TestEnv, TestEnvBuilder};
 use common::supervisor::Supervisor;
 use common::{eventually, poll_until, within};
 use opamp_operator::api::{AgentConfig, AgentConfigStatus};
 use opamp_operator::fleet::AgentSnapshot;
-use opamp_operator::operator::Operator;
+use opamp_operator::operator::OperatorConfig;
 use opamp_operator::proto::{AvailableComponents, any_value};
 use opamp_operator::protocol::Transport;
 use serde_json::{Value, json};
@@ -29,40 +29,29 @@ const SERVICE: &str = "otelcol-opamp-test";
 const ECHO: &str = "io.opamp-operator.test.echo";
 const DISPATCH_TOKEN: &str = "dispatch-token-for-the-echo-slot";
 
-/// One collector fleet at a time: each test starts collectors and an operator, and the machine
-/// has few cores.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// The harness's environment (one at a time: each test starts collectors and an operator, and
+/// the machine has few cores), with the collectors' helpers.
+struct Env(TestEnv);
 
-struct Env {
-    ns: TestNamespace,
-    op: Operator,
-    token: String,
-    _serial: tokio::sync::MutexGuard<'static, ()>,
+impl std::ops::Deref for Env {
+    type Target = TestEnv;
+    fn deref(&self) -> &TestEnv {
+        &self.0
+    }
 }
 
 impl Env {
     async fn new(prefix: &str) -> Env {
-        let serial = SERIAL.lock().await;
-        let ns = TestNamespace::new(prefix).await;
-        install_crds(&ns.client).await;
-        let token = format!("tok-{}", ns.name);
-        ns.apply_yaml(&format!(
-            "apiVersion: v1\nkind: Secret\nmetadata: {{name: agents}}\ntype: opamp.dev/agent-token\nstringData: {{token: {token}}}\n"
-        ))
-        .await
-        .unwrap();
-        let op =
-            common::operator::start("127.0.0.1:0".parse().unwrap(), std::slice::from_ref(&ns.name)).await;
-        Env { ns, op, token, _serial: serial }
+        Self::start(TestEnv::new(prefix)).await
+    }
+
+    async fn start(builder: TestEnvBuilder) -> Env {
+        Env(builder.deadline(T).start().await)
     }
 
     fn supervisor(&self, transport: Transport) -> Supervisor {
-        let scheme = if transport == Transport::WebSocket { "ws" } else { "http" };
-        Supervisor::spawn(&format!("{scheme}://{}/v1/opamp", self.op.opamp_addr), &self.token)
-    }
-
-    async fn apply(&self, yaml: &str) {
-        self.ns.apply_yaml(yaml).await.unwrap_or_else(|e| panic!("apply failed: {e}\n{yaml}"));
+        let url = if transport == Transport::WebSocket { self.ws_url() } else { self.http_url() };
+        Supervisor::spawn(&url, &self.token)
     }
 
     /// Waits until the namespace's one agent satisfies `pred`; on timeout shows the agents and
@@ -90,7 +79,8 @@ impl Env {
         })
     }
 
-    /// Waits until the AgentConfig's status satisfies `pred`.
+    /// Waits until the AgentConfig's status satisfies `pred`; on timeout shows the supervisor's
+    /// and collector's logs too.
     async fn status_where(
         &self,
         sup: &Supervisor,
@@ -98,27 +88,11 @@ impl Env {
         what: &str,
         pred: impl Fn(&AgentConfigStatus) -> bool,
     ) -> AgentConfigStatus {
-        let api = self.ns.api::<AgentConfig>();
-        poll_until(T, || async {
-            let status = api.get(name).await.ok().and_then(|c| c.status);
-            match status {
-                Some(s) if pred(&s) => Ok(s),
-                last => Err(last),
-            }
-        })
-        .await
-        .unwrap_or_else(|last| {
-            panic!(
-                "timed out after {T:?} waiting for AgentConfig {name}: {what}; last status: {last:#?}\n{}",
-                sup.logs()
-            )
-        })
+        self.0.status_where_or::<AgentConfig>(name, what, pred, || sup.logs()).await
     }
 
     async fn stop(self) {
-        let Env { ns, op, _serial, .. } = self;
-        op.stop().await;
-        ns.cleanup().await;
+        self.0.stop().await;
     }
 }
 
@@ -207,8 +181,8 @@ async fn websocket_collector_reports_itself_applies_its_config_and_reports_a_bro
     assert_eq!(string_attr(&agent, "service.name").as_deref(), Some(SERVICE));
     assert!(string_attr(&agent, "service.version").is_some_and(|v| v.contains("0.149.0")), "{agent:#?}");
     let available = agent.report.available_components.as_ref().unwrap();
-    assert_eq!(components(available, "receivers"), ["otlp"]);
-    assert_eq!(components(available, "exporters"), ["debug"]);
+    assert_eq!(components(available, "receivers"), ["nop", "otlp"]);
+    assert_eq!(components(available, "exporters"), ["debug", "nop"]);
     assert_eq!(components(available, "extensions"), ["opamp", "opampecho"]);
 
     // A collector config reaches the collector, which restarts with it.
@@ -249,10 +223,18 @@ async fn websocket_collector_reports_itself_applies_its_config_and_reports_a_bro
 }
 
 #[tokio::test]
-async fn http_collector_gets_its_config_on_its_first_poll_and_applies_it() {
-    let env = Env::new("otel-http").await;
-    env.apply(&agent_config("collectors", &collector("127.0.0.1:0", "debug"))).await;
+async fn http_collector_polls_for_its_config_and_applies_it() {
+    // HTTP collectors poll every 30 s (opamp-go's default), which the operator expects by
+    // default too: between two polls a collector is not gone.
+    let http_polls = |c: &mut OperatorConfig| c.fleet.heartbeat_interval = Duration::from_secs(30);
+    let env = Env::start(TestEnv::new("otel-http").operator(http_polls)).await;
     let mut sup = env.supervisor(Transport::Http);
+    // The config is given once the supervisor runs its collector (see
+    // collector_health_changes_show_in_the_status): a config in the reply to its first poll can
+    // be reported APPLIED while the collector keeps running its initial, empty config. It comes
+    // in the reply to a later poll.
+    env.agent_where(&sup, "the collector running", |a| a.report.effective_config.is_some()).await;
+    env.apply(&agent_config("collectors", &collector("127.0.0.1:0", "debug"))).await;
     let status = env
         .status_where(&sup, "collectors", "the HTTP collector applied it", |s| {
             s.selected_agents == 1 && s.applied_agents == 1
@@ -329,8 +311,7 @@ async fn capability_slot_routes_the_collector_extensions_messages_both_ways() {
     assert_eq!(hello["data"], b64encode(b"started"));
 
     // A dispatched message reaches the extension, which echoes it back to the callback.
-    let url =
-        format!("http://{}/api/v1/namespaces/{}/capabilityslots/echo/messages", env.op.api_addr, env.ns.name);
+    let url = env.api_url(&format!("/api/v1/namespaces/{}/capabilityslots/echo/messages", env.ns.name));
     let body =
         json!({ "type": "ping", "data": b64encode(b"from the test"), "agents": [agent.uid.to_string()] });
     let reply: Value = within(T, "dispatch", async {

@@ -11,13 +11,12 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use common::callback::{CallbackServer, Recorded, b64decode, b64encode, dead_url, hmac_sha256, signature};
-use common::cluster::{TestNamespace, install_crds};
+use common::env::{TestEnv, TestEnvBuilder};
 use common::goagent::GoAgent;
-use common::{eventually, poll_until, within};
+use common::{eventually, within};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 use opamp_operator::api::{CapabilitySlot, CapabilitySlotStatus};
-use opamp_operator::operator::Operator;
 use opamp_operator::proto::{CustomMessage, ServerToAgent};
 use opamp_operator::protocol::Uid;
 use opamp_operator::routes::egress::EgressPolicy;
@@ -34,79 +33,45 @@ const CAP: &str = "com.example.pprof";
 const SIGNING_KEY: &str = "s3cr3t-signing-key";
 const DISPATCH_TOKEN: &str = "dispatch-token-0123456789";
 
-/// One operator at a time: each watches every namespace and writes status.
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 // ---------------------------------------------------------------------------------------------
-// Harness: an operator over a fresh namespace, the dispatch API, slot status.
+// The harness's environment (an operator over a fresh namespace), the dispatch API, slot
+// status.
 
 struct Env {
-    ns: TestNamespace,
-    op: Operator,
-    /// The agents' token (unique per test: namespaces of earlier tests never go away).
-    agent_token: String,
+    env: TestEnv,
     http: reqwest::Client,
-    /// The namespaces the operator manages: the test's own, and any `Env::scoped` added.
-    scope: Vec<String>,
-    _serial: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for Env {
+    type Target = TestEnv;
+    fn deref(&self) -> &TestEnv {
+        &self.env
+    }
 }
 
 impl Env {
     async fn new(prefix: &str) -> Env {
-        Self::scoped(prefix, &[]).await
+        Self::start(TestEnv::new(prefix)).await
     }
 
-    /// An operator managing the test's namespace, under the default callback egress policy
-    /// (loopback refused).
+    /// An operator under the default callback egress policy (loopback refused).
     async fn strict(prefix: &str) -> Env {
-        Self::start(prefix, &[], EgressPolicy::default()).await
+        Self::start(TestEnv::new(prefix).operator(|c| c.callback_egress = EgressPolicy::default())).await
     }
 
-    /// An operator managing the test's namespace and `also`.
-    async fn scoped(prefix: &str, also: &[&str]) -> Env {
-        let loopback = EgressPolicy::new(vec!["127.0.0.1/32".parse().unwrap()]);
-        Self::start(prefix, also, loopback).await
-    }
-
-    async fn start(prefix: &str, also: &[&str], egress: EgressPolicy) -> Env {
-        let serial = SERIAL.lock().await;
-        let ns = TestNamespace::new(prefix).await;
-        install_crds(&ns.client).await;
-        let agent_token = format!("tok-{}", ns.name);
-        ns.apply_yaml(&format!(
-            "apiVersion: v1\nkind: Secret\nmetadata: {{name: agents}}\ntype: opamp.dev/agent-token\nstringData: {{token: {agent_token}}}\n"
-        ))
-        .await
-        .unwrap();
-        let scope: Vec<String> =
-            std::iter::once(ns.name.clone()).chain(also.iter().map(|n| n.to_string())).collect();
-        let op = common::operator::start_with("127.0.0.1:0".parse().unwrap(), &scope, |c| {
-            c.callback_egress = egress
-        })
-        .await;
+    async fn start(builder: TestEnvBuilder) -> Env {
+        let env = builder.start().await;
         let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
-        Env { ns, op, agent_token, http, scope, _serial: serial }
+        Env { env, http }
     }
 
     /// Stops the operator and starts a new one on the same OpAMP address (agents reconnect).
     async fn restart(self) -> Env {
-        let Env { ns, op, agent_token, http, scope, _serial } = self;
-        let addr = op.opamp_addr;
-        op.stop().await;
-        let op = common::operator::start(addr, &scope).await;
-        Env { ns, op, agent_token, http, scope, _serial }
-    }
-
-    fn ws_url(&self) -> String {
-        format!("ws://{}/v1/opamp", self.op.opamp_addr)
-    }
-
-    async fn apply(&self, yaml: &str) {
-        self.ns.apply_yaml(yaml).await.unwrap_or_else(|e| panic!("apply failed: {e}\n{yaml}"));
+        Env { env: self.env.restart().await, http: self.http }
     }
 
     fn agent(&self, spec: AgentSpec) -> CapAgent {
-        CapAgent::new(self.ws_url(), self.agent_token.clone(), spec)
+        CapAgent::new(self.ws_url(), self.token.clone(), spec)
     }
 
     /// The agent with `uid`, in whichever namespace (test fleets are small).
@@ -130,10 +95,7 @@ impl Env {
     }
 
     fn messages_url(&self, slot: &str) -> String {
-        format!(
-            "http://{}/api/v1/namespaces/{}/capabilityslots/{slot}/messages",
-            self.op.api_addr, self.ns.name
-        )
+        self.api_url(&format!("/api/v1/namespaces/{}/capabilityslots/{slot}/messages", self.ns.name))
     }
 
     async fn call(&self, what: &str, req: reqwest::RequestBuilder) -> (u16, Value) {
@@ -289,25 +251,11 @@ impl Env {
         what: &str,
         pred: impl Fn(&CapabilitySlotStatus) -> bool,
     ) -> CapabilitySlotStatus {
-        let api = self.ns.api::<CapabilitySlot>();
-        poll_until(T, || async {
-            let status = api.get(name).await.ok().and_then(|s| s.status);
-            match status {
-                Some(s) if pred(&s) => Ok(s),
-                last => Err(last),
-            }
-        })
-        .await
-        .unwrap_or_else(|last| {
-            panic!("timed out after {T:?} waiting for CapabilitySlot {name}: {what}; last status: {last:#?}")
-        })
+        self.status_where::<CapabilitySlot>(name, what, pred).await
     }
 
     async fn stop(self) {
-        let Env { ns, op, _serial, .. } = self;
-        op.stop().await;
-        ns.cleanup().await;
-        drop(_serial);
+        self.env.stop().await;
     }
 }
 
@@ -977,15 +925,9 @@ async fn dispatch_sent_queued_rejected_and_delivered_on_reconnect() {
 /// messages never reach its callback.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_never_cross_namespaces() {
-    let other = TestNamespace::new("routes-tenant-b").await;
-    let env = Env::scoped("routes-tenant-a", &[&other.name]).await;
-    let other_token = format!("tok-{}", other.name);
-    other
-        .apply_yaml(&format!(
-            "apiVersion: v1\nkind: Secret\nmetadata: {{name: agents}}\ntype: opamp.dev/agent-token\nstringData: {{token: {other_token}}}\n"
-        ))
-        .await
-        .unwrap();
+    let env = Env::start(TestEnv::new("routes-tenant-a").tenant("routes-tenant-b")).await;
+    let other = &env.tenant(1).ns;
+    let other_token = env.tenant(1).token.clone();
     let cb = CallbackServer::start().await;
     env.apply(&opaque_secret("dispatch", "token", DISPATCH_TOKEN)).await;
     env.apply(&slot_yaml(
@@ -1032,7 +974,6 @@ async fn routes_never_cross_namespaces() {
 
     mine.stop().await;
     theirs.stop().await;
-    other.cleanup().await;
     env.stop().await;
 }
 
@@ -1043,8 +984,7 @@ async fn dispatch_to_an_http_agent_rides_its_next_poll() {
     let env = Env::new("routes-http").await;
     env.apply(&opaque_secret("dispatch", "token", DISPATCH_TOKEN)).await;
     env.apply(&slot_yaml("jobs", &format!("  capability: {CAP}\n{}", dispatch_spec("")))).await;
-    let http =
-        HttpClient::new(&format!("http://{}/v1/opamp", env.op.opamp_addr), Some(&env.agent_token), false);
+    let http = HttpClient::new(&env.http_url(), Some(&env.token), false);
     let mut sim = SimAgent::new(spec_with("poller", &[CAP]));
     let uid = sim.uid();
     // One poll: sends what the agent owes (its full state first), returns the server's reply.
@@ -1361,7 +1301,7 @@ async fn opamp_go_agent_both_directions() {
         "-uid",
         &uid.to_string(),
         "-token",
-        &env.agent_token,
+        &env.token,
         "-heartbeat",
         "1s",
         "-attr",

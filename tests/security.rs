@@ -7,14 +7,14 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::cluster::{TestNamespace, cluster, install_crds};
+use common::cluster::cluster;
+use common::env::{Tenant, TestEnv};
 use common::{eventually, within};
 use futures_util::{SinkExt, StreamExt};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Event as KubeEvent, ServiceAccount};
 use kube::api::PostParams;
 use opamp_operator::api::{AgentConfig, AgentConfigStatus};
-use opamp_operator::fleet::AgentKey;
 use opamp_operator::operator::Operator;
 use opamp_operator::proto::{
     AgentCapabilities, AgentConfigFile, AgentConfigMap, AgentDescription, AgentToServer, AnyValue,
@@ -24,40 +24,6 @@ use opamp_operator::protocol::Uid;
 use prost::Message;
 
 const T: Duration = Duration::from_secs(30);
-
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// A namespace with an agent token of its own.
-struct Tenant {
-    ns: TestNamespace,
-    token: String,
-}
-
-impl Tenant {
-    async fn new(prefix: &str) -> Self {
-        let ns = TestNamespace::new(prefix).await;
-        install_crds(&ns.client).await;
-        let token = format!("tok-{}", ns.name);
-        ns.apply_yaml(&format!(
-            "apiVersion: v1\nkind: Secret\nmetadata: {{name: agents}}\ntype: opamp.dev/agent-token\nstringData: {{token: {token}}}\n"
-        ))
-        .await
-        .unwrap();
-        Self { ns, token }
-    }
-
-    fn key(&self, uid: Uid) -> AgentKey {
-        AgentKey::new(self.ns.name.as_str(), uid)
-    }
-}
-
-async fn operator(
-    tenants: &[&Tenant],
-    tweak: impl FnOnce(&mut opamp_operator::operator::OperatorConfig),
-) -> Operator {
-    let namespaces: Vec<String> = tenants.iter().map(|t| t.ns.name.clone()).collect();
-    common::operator::start_with("127.0.0.1:0".parse().unwrap(), &namespaces, tweak).await
-}
 
 fn description(service: &str) -> AgentDescription {
     AgentDescription {
@@ -111,26 +77,25 @@ fn files(reply: &ServerToAgent) -> String {
 
 #[tokio::test]
 async fn another_namespaces_token_cannot_speak_for_an_agent_by_its_uid() {
-    let _serial = SERIAL.lock().await;
-    let (a, b) = (Tenant::new("sec-victim").await, Tenant::new("sec-attacker").await);
+    let env = TestEnv::new("sec-victim").tenant("sec-attacker").start().await;
+    let (a, b, op) = (env.tenant(0), env.tenant(1), &env.op);
     a.ns.apply_yaml(
         "apiVersion: opamp.dev/v1alpha1\nkind: AgentConfig\nmetadata: {name: checkout}\nspec:\n  selector: {matchAttributes: {service.name: checkout}}\n  files:\n    collector.yaml: {contentType: text/yaml, inline: 'password: hunter2'}\n",
     )
     .await
     .unwrap();
-    let op = operator(&[&a, &b], |_| {}).await;
     let uid = Uid::new_v7();
 
     // The victim's agent gets its namespace's config.
     eventually(T, "the victim's agent gets its config", || async {
-        files(&post(&op, &a.token, &hello(uid, 0)).await.msg).contains("hunter2").then_some(())
+        files(&post(op, &a.token, &hello(uid, 0)).await.msg).contains("hunter2").then_some(())
     })
     .await;
 
     // The attacker presents the victim's uid with its own token: a record of its own namespace,
     // none of the victim's config; the victim's record stays where it is.
     for seq in 0..3 {
-        let reply = post(&op, &b.token, &hello(uid, seq)).await;
+        let reply = post(op, &b.token, &hello(uid, seq)).await;
         assert_eq!(reply.status, 200);
         assert!(!files(&reply.msg).contains("hunter2"), "the attacker got the victim's config");
     }
@@ -145,7 +110,7 @@ async fn another_namespaces_token_cannot_speak_for_an_agent_by_its_uid() {
     })
     .await;
     assert_eq!(s.selected_agents, 1);
-    op.stop().await;
+    env.stop().await;
 }
 
 async fn service_account_token(t: &Tenant, name: &str) -> String {
@@ -160,19 +125,18 @@ async fn service_account_token(t: &Tenant, name: &str) -> String {
 
 #[tokio::test]
 async fn the_fleet_listing_answers_only_what_kubernetes_rbac_allows() {
-    let _serial = SERIAL.lock().await;
-    let (a, b) = (Tenant::new("sec-list-a").await, Tenant::new("sec-list-b").await);
+    let env = TestEnv::new("sec-list-a").tenant("sec-list-b").start().await;
+    let (a, b, op) = (env.tenant(0), env.tenant(1), &env.op);
     // A ServiceAccount of team A allowed to list agents in its own namespace only.
     a.ns.apply_yaml(
         "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: viewer}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {name: agent-viewer}\nrules: [{apiGroups: [fleet.opamp.dev], resources: [agents], verbs: [get, list, watch]}]\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: agent-viewer}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: agent-viewer}\nsubjects: [{kind: ServiceAccount, name: viewer}]\n",
     )
     .await
     .unwrap();
-    let viewer = service_account_token(&a, "viewer").await;
-    let op = operator(&[&a, &b], |_| {}).await;
+    let viewer = service_account_token(a, "viewer").await;
     let (ua, ub) = (Uid::new_v7(), Uid::new_v7());
-    assert_eq!(post(&op, &a.token, &hello(ua, 0)).await.status, 200);
-    assert_eq!(post(&op, &b.token, &hello(ub, 0)).await.status, 200);
+    assert_eq!(post(op, &a.token, &hello(ua, 0)).await.status, 200);
+    assert_eq!(post(op, &b.token, &hello(ub, 0)).await.status, 200);
 
     let get = |path: String, token: Option<String>| {
         let url = format!("http://{}{path}", op.api_addr);
@@ -206,19 +170,22 @@ async fn the_fleet_listing_answers_only_what_kubernetes_rbac_allows() {
     let (status, body) = get("/api/v1/agents".into(), Some(admin)).await;
     assert_eq!(status, 200);
     assert!(body.contains(&ua.to_string()) && body.contains(&ub.to_string()), "{body}");
-    op.stop().await;
+    env.stop().await;
 }
 
 #[tokio::test]
 async fn agents_beyond_a_namespaces_limit_are_told_to_retry_and_the_namespace_is_told_why() {
-    let _serial = SERIAL.lock().await;
-    let (a, b) = (Tenant::new("sec-limit-a").await, Tenant::new("sec-limit-b").await);
-    let op = operator(&[&a, &b], |c| c.fleet.max_agents_per_namespace = Some(3)).await;
+    let env = TestEnv::new("sec-limit-a")
+        .tenant("sec-limit-b")
+        .operator(|c| c.fleet.max_agents_per_namespace = Some(3))
+        .start()
+        .await;
+    let (a, b, op) = (env.tenant(0), env.tenant(1), &env.op);
     // Before: 20,000 invented uids from one token were all admitted.
     for _ in 0..3 {
-        assert_eq!(post(&op, &a.token, &hello(Uid::new_v7(), 0)).await.status, 200);
+        assert_eq!(post(op, &a.token, &hello(Uid::new_v7(), 0)).await.status, 200);
     }
-    let refused = post(&op, &a.token, &hello(Uid::new_v7(), 0)).await;
+    let refused = post(op, &a.token, &hello(Uid::new_v7(), 0)).await;
     assert_eq!(refused.status, 503);
     assert!(refused.retry_after.is_some_and(|s| s.parse::<u64>().is_ok_and(|n| n > 0)));
     let err = refused.msg.error_response.expect("an error response");
@@ -226,7 +193,7 @@ async fn agents_beyond_a_namespaces_limit_are_told_to_retry_and_the_namespace_is
     assert!(matches!(err.details, Some(server_error_response::Details::RetryInfo(_))));
     assert!(err.error_message.contains(&a.ns.name), "{}", err.error_message);
     // Other namespaces are not affected.
-    assert_eq!(post(&op, &b.token, &hello(Uid::new_v7(), 0)).await.status, 200);
+    assert_eq!(post(op, &b.token, &hello(Uid::new_v7(), 0)).await.status, 200);
 
     let events: kube::Api<KubeEvent> = a.ns.api();
     let note = eventually(T, "an AgentLimitReached event", || async {
@@ -238,14 +205,13 @@ async fn agents_beyond_a_namespaces_limit_are_told_to_retry_and_the_namespace_is
     let metrics = format!("http://{}/metrics", op.metrics_addr.unwrap());
     let text = reqwest::get(metrics).await.unwrap().text().await.unwrap();
     assert!(text.contains(r#"opamp_agents_rejected_total{kind="namespace_limit"} 1"#), "{text}");
-    op.stop().await;
+    env.stop().await;
 }
 
 #[tokio::test]
 async fn reported_state_beyond_its_bound_is_dropped_and_the_agent_flagged() {
-    let _serial = SERIAL.lock().await;
-    let a = Tenant::new("sec-bytes").await;
-    let op = operator(&[&a], |_| {}).await;
+    let env = TestEnv::new("sec-bytes").start().await;
+    let (a, op) = (env.tenant(0), &env.op);
     // Before: 60 agents reporting a 3.9 MB effective config each added 242 MiB in 2 s.
     let uid = Uid::new_v7();
     let big = EffectiveConfig {
@@ -261,7 +227,7 @@ async fn reported_state_beyond_its_bound_is_dropped_and_the_agent_flagged() {
         }),
     };
     let m = AgentToServer { effective_config: Some(big), ..hello(uid, 0) };
-    assert_eq!(post(&op, &a.token, &m).await.status, 200);
+    assert_eq!(post(op, &a.token, &m).await.status, 200);
     let agent = op.fleet.agent(&a.key(uid)).expect("known");
     assert_eq!(agent.report.effective_config, None);
     assert_eq!(agent.report.trimmed.part_names(), vec!["effectiveConfig"]);
@@ -270,14 +236,13 @@ async fn reported_state_beyond_its_bound_is_dropped_and_the_agent_flagged() {
     let metrics = format!("http://{}/metrics", op.metrics_addr.unwrap());
     let text = reqwest::get(metrics).await.unwrap().text().await.unwrap();
     assert!(text.contains("opamp_agents_report_trimmed 1"), "{text}");
-    op.stop().await;
+    env.stop().await;
 }
 
 #[tokio::test]
 async fn uids_a_websocket_spoke_for_go_offline_when_it_closes() {
-    let _serial = SERIAL.lock().await;
-    let a = Tenant::new("sec-ghosts").await;
-    let op = operator(&[&a], |_| {}).await;
+    let env = TestEnv::new("sec-ghosts").start().await;
+    let (a, op) = (env.tenant(0), &env.op);
     // Before: every uid but the last stayed "connected" forever (501 ghosts from one socket).
     let request = format!("ws://{}/v1/opamp", op.opamp_addr).into_client_request_with_token(&a.token);
     let (mut ws, _) = within(T, "websocket", tokio_tungstenite::connect_async(request)).await.unwrap();
@@ -290,7 +255,7 @@ async fn uids_a_websocket_spoke_for_go_offline_when_it_closes() {
     }
     ws.close(None).await.unwrap();
     eventually(T, "every uid offline", || async { (op.fleet.connected_count() == 0).then_some(()) }).await;
-    op.stop().await;
+    env.stop().await;
 }
 
 trait WithToken {
@@ -334,9 +299,8 @@ fn reset_peak() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement: run by hand"]
 async fn measure_rss_under_the_memory_attacks() {
-    let _serial = SERIAL.lock().await;
-    let a = Tenant::new("sec-measure").await;
-    let op = operator(&[&a], |_| {}).await;
+    let env = TestEnv::new("sec-measure").start().await;
+    let (a, op) = (env.tenant(0), &env.op);
     let report = |what: &str, before: (f64, f64)| {
         let after = rss_mib();
         println!(
@@ -360,7 +324,7 @@ async fn measure_rss_under_the_memory_attacks() {
             }),
         };
         let m = AgentToServer { effective_config: Some(big), ..hello(Uid::new_v7(), 0) };
-        assert_eq!(post(&op, &a.token, &m).await.status, 200);
+        assert_eq!(post(op, &a.token, &m).await.status, 200);
     }
     report("60 agents x 3.9 MB effective config", before);
     // 40 invalid wire uids of 1 MiB each.
@@ -368,14 +332,14 @@ async fn measure_rss_under_the_memory_attacks() {
     for _ in 0..40 {
         let mut m = hello(Uid::new_v7(), 0);
         m.instance_uid = Bytes::from(vec![b'u'; 1 << 20]);
-        assert_eq!(post(&op, &a.token, &m).await.status, 200);
+        assert_eq!(post(op, &a.token, &m).await.status, 200);
     }
     report("40 invalid wire uids of 1 MiB", before);
     // 25,000 invented uids from one token (the default limit is 20,000).
     let before = rss_mib();
     let mut refused = 0;
     for _ in 0..25_000 {
-        refused += usize::from(post(&op, &a.token, &hello(Uid::new_v7(), 0)).await.status == 503);
+        refused += usize::from(post(op, &a.token, &hello(Uid::new_v7(), 0)).await.status == 503);
     }
     report(&format!("25,000 invented uids ({refused} refused)"), before);
     // 8 concurrent listings of the fleet (20k agents).
@@ -400,20 +364,19 @@ async fn measure_rss_under_the_memory_attacks() {
     });
     let sizes = futures_util::future::join_all(gets).await;
     report(&format!("8 concurrent listings of {} bytes", sizes[0]), before);
-    op.stop().await;
+    env.stop().await;
 }
 
 #[tokio::test]
 async fn idle_connections_to_the_api_address_are_closed_and_callers_still_get_in() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let _serial = SERIAL.lock().await;
-    let a = Tenant::new("sec-api-conns").await;
     let limits = opamp_operator::http_server::Limits {
         header_read_timeout: Duration::from_secs(1),
         request_timeout: Duration::from_secs(2),
         max_connections: 4,
     };
-    let op = operator(&[&a], |c| c.api_limits = limits).await;
+    let env = TestEnv::new("sec-api-conns").operator(move |c| c.api_limits = limits).start().await;
+    let op = &env.op;
     // Before: idle sockets and trickled headers were held for good, and with them open files.
     let mut idle = Vec::new();
     for _ in 0..4 {
@@ -431,5 +394,5 @@ async fn idle_connections_to_the_api_address_are_closed_and_callers_still_get_in
         let read = within(T, "the server closes an idle connection", s.read(&mut buf)).await;
         assert!(read.is_ok(), "{read:?}");
     }
-    op.stop().await;
+    env.stop().await;
 }

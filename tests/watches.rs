@@ -167,7 +167,11 @@ async fn a_stored_object_that_does_not_deserialize_is_reported_and_skipped() {
     // Stored before the operator starts: it meets them in its first list.
     store_invalid(&ns, &[bad_agent_config("broken")], &[bad_slot("broken-slot")]).await;
 
-    let op = common::operator::start("127.0.0.1:0".parse().unwrap(), std::slice::from_ref(&ns.name)).await;
+    let config = opamp_operator::operator::OperatorConfig {
+        namespaces: Some(vec![ns.name.clone()]),
+        ..common::operator::test_config()
+    };
+    let op = common::operator::start(config).await;
     let metrics = format!("http://{}/metrics", op.metrics_addr.expect("a metrics address"));
     let agent = RunningAgent::spawn(
         format!("ws://{}/v1/opamp", op.opamp_addr),

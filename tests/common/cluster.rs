@@ -9,6 +9,8 @@
 //! ns.cleanup().await;
 //! ```
 //!
+//! Suites build on it through [`super::env::TestEnv`] (namespaces with a token, an operator).
+//!
 //! The cluster is started on first use (a no-op when it is already up) and never stopped here:
 //! `make test` takes it down after the whole run.
 use std::collections::HashMap;
@@ -150,33 +152,8 @@ impl ClusterInfo {
     /// test, which checks it starts without any rights.)
     pub async fn client_as_chart_identity(&self, namespace: &str) -> Client {
         let admin = self.client().await;
-        let rendered = tokio::process::Command::new(tool("helm"))
-            .args(["template", "e2e", "charts/opamp-operator", "--namespace", namespace])
-            .args([
-                "--show-only",
-                "templates/clusterrole.yaml",
-                "--show-only",
-                "templates/clusterrolebinding.yaml",
-            ])
-            .args(["--show-only", "templates/role.yaml", "--show-only", "templates/rolebinding.yaml"])
-            .current_dir(repo_root())
-            .output()
-            .await
-            .expect("helm runs");
-        assert!(rendered.status.success(), "helm template: {}", String::from_utf8_lossy(&rendered.stderr));
-        let text = String::from_utf8(rendered.stdout).unwrap();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let mut value = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).unwrap();
-            if value.is_null() {
-                continue;
-            }
-            if value["kind"].as_str().is_some_and(|k| k.ends_with("Binding")) {
-                value["subjects"] = serde_yaml::from_str(
-                    "[{kind: User, name: e2e-operator, apiGroup: rbac.authorization.k8s.io}]",
-                )
-                .unwrap();
-            }
-            apply_yaml(&admin, Some(namespace), &serde_yaml::to_string(&value).unwrap())
+        for rbac in chart_rbac("e2e", namespace, "e2e-operator").await {
+            apply_yaml(&admin, Some(namespace), &serde_yaml::to_string(&rbac).unwrap())
                 .await
                 .unwrap_or_else(|e| panic!("cannot bind the chart's RBAC: {e}"));
         }
@@ -216,6 +193,41 @@ impl ClusterInfo {
         cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
         cmd
     }
+}
+
+/// The Helm chart's RBAC (ClusterRole, ClusterRoleBinding, Role, RoleBinding) as `helm template
+/// <release>` renders it for `namespace`, bound to the user `user` instead of the chart's
+/// ServiceAccount.
+pub async fn chart_rbac(release: &str, namespace: &str, user: &str) -> Vec<serde_yaml::Value> {
+    let rendered = tokio::process::Command::new(tool("helm"))
+        .args(["template", release, "charts/opamp-operator", "--namespace", namespace])
+        .args([
+            "--show-only",
+            "templates/clusterrole.yaml",
+            "--show-only",
+            "templates/clusterrolebinding.yaml",
+        ])
+        .args(["--show-only", "templates/role.yaml", "--show-only", "templates/rolebinding.yaml"])
+        .current_dir(repo_root())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("helm runs");
+    assert!(rendered.status.success(), "helm template: {}", String::from_utf8_lossy(&rendered.stderr));
+    let text = String::from_utf8(rendered.stdout).unwrap();
+    let subjects = format!("[{{kind: User, name: {user}, apiGroup: rbac.authorization.k8s.io}}]");
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let mut value = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).unwrap();
+        if value.is_null() {
+            continue;
+        }
+        if value["kind"].as_str().is_some_and(|k| k.ends_with("Binding")) {
+            value["subjects"] = serde_yaml::from_str(&subjects).unwrap();
+        }
+        docs.push(value);
+    }
+    docs
 }
 
 /// A uniquely named namespace for one test. Call [`TestNamespace::cleanup`] at the end (there is

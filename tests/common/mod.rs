@@ -4,6 +4,7 @@
 
 pub mod callback;
 pub mod cluster;
+pub mod env;
 pub mod goagent;
 pub mod operator;
 pub mod simrun;
@@ -14,8 +15,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use opamp_operator::fleet::{Fleet, FleetConfig};
+use opamp_operator::fleet::{DesiredState, Fleet, FleetConfig, Plan};
 use opamp_operator::opamp::{Authenticator, OpampServer, ServerConfig};
+use opamp_operator::protocol::Uid;
+use opamp_operator::protocol::session::AgentReport;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -31,6 +34,15 @@ pub fn remote_config(body: &str) -> Arc<opamp_operator::proto::AgentRemoteConfig
         config: Some(files),
         config_hash: bytes::Bytes::from(format!("hash:{body}")),
     })
+}
+
+/// Gives every agent the same config, as the controller does for a matching AgentConfig.
+pub struct Everyone(pub Arc<opamp_operator::proto::AgentRemoteConfig>);
+
+impl Plan for Everyone {
+    fn desired(&self, _: &Uid, _: &AgentReport, _: &DesiredState) -> DesiredState {
+        DesiredState { remote_config: Some(self.0.clone()), custom_capabilities: None }
+    }
 }
 
 pub struct TestServer {

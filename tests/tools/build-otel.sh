@@ -3,7 +3,8 @@
 # (rebuilt only when they change), linked into target/tools/bin. Run from anywhere in the repo.
 #
 #   otelcol-opamp-test  a collector built with the OpenTelemetry Collector Builder (OCB) from
-#                       tests/interop/otelcol/manifest.yaml: otlp receiver, debug exporter, the
+#                       tests/interop/otelcol/manifest.yaml: otlp and nop receivers, debug and
+#                       nop exporters (nop: the supervisor's fallback bootstrap pipeline), the
 #                       opamp extension and our opampecho extension (tests/interop/otelcol/
 #                       echoextension: registers a custom capability, echoes custom messages)
 #   opampsupervisor     the OpAMP supervisor, through the wrapper module in
