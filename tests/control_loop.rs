@@ -78,7 +78,7 @@ async fn a_progressive_rollout_reaches_every_agent_whichever_replica_holds_it() 
         all().all(|a| a.effective("edge.yaml").as_deref() == Some("v: 1")).then_some(())
     })
     .await;
-    let done = status_where(&ns, "the rollout complete", |s| {
+    let done = status_where(ns, "the rollout complete", |s| {
         s.rollout.as_ref().is_some_and(|r| r.state == RolloutState::Complete)
     })
     .await;
@@ -91,7 +91,7 @@ async fn a_progressive_rollout_reaches_every_agent_whichever_replica_holds_it() 
 
     // The next version goes through the steps again, on both replicas.
     ns.apply(&edge_config("v: 2", rollout)).await;
-    let first_step = status_where(&ns, "the second version's first step", |s| {
+    let first_step = status_where(ns, "the second version's first step", |s| {
         s.observed_generation == Some(2) && s.rollout.as_ref().is_some_and(|r| r.admitted_up_to.is_some())
     })
     .await;
