@@ -207,8 +207,13 @@ impl Controller {
             _ = shutdown.cancelled() => return,
         }
         self.auth.rebuild(&self.scope.secrets(stores.secrets.state()));
-        // Namespaces without objects: agents that run a config of ours are released.
-        self.fleet.publish_fallback_plan(Arc::new(NamespaceIndex::default()));
+        // Namespaces without objects get an empty plan: agents that run a config of ours are
+        // released. Managing every namespace, that is the plan of any namespace without one of
+        // its own; managing some, each of them gets a plan (see `replan`), and agents of any
+        // other namespace (the anonymous one outside the scope) are left alone.
+        if self.scope.namespaces().is_none() {
+            self.fleet.publish_fallback_plan(Arc::new(NamespaceIndex::default()));
+        }
         self.dirty.mark_all();
         tracing::info!(tokens = self.auth.len(), "caches synced");
         let _ = ready.send(true);
@@ -261,6 +266,7 @@ impl Controller {
             namespaces.extend(stores.agent_configs.state().iter().filter_map(|o| o.namespace()));
             namespaces.extend(stores.slots.state().iter().filter_map(|o| o.namespace()));
             namespaces.extend(self.index.keys().cloned());
+            namespaces.extend(self.scope.namespaces().into_iter().flatten().cloned());
         }
         namespaces.retain(|ns| self.scope.contains(ns));
         let mut plans: Vec<(Arc<str>, Arc<dyn Plan>)> = Vec::with_capacity(namespaces.len());
