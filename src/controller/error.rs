@@ -106,6 +106,19 @@ impl Error {
     }
 
     /// A status patch of `object` the API server refused.
+    /// The Warning Event that tells this error on the object it concerns, if any.
+    pub fn warning(&self) -> Option<(ObjectReference, Event)> {
+        let object = self.regarding()?.clone();
+        let event = Event {
+            type_: EventType::Warning,
+            reason: self.reason(),
+            note: Some(truncate(self.to_string(), NOTE_LIMIT)),
+            action: self.action().into(),
+            secondary: None,
+        };
+        Some((object, event))
+    }
+
     pub fn patch<K: Resource<DynamicType = ()>>(object: &K, source: kube::Error) -> Self {
         Error::Patch { object: Box::new(object.object_ref(&())), source }
     }
@@ -164,15 +177,9 @@ impl Errors {
     /// leader calls this; followers only [`Errors::count`].
     pub async fn report(&self, error: &Error) {
         self.count(error);
-        let Some(object) = error.regarding() else { return };
-        let event = Event {
-            type_: EventType::Warning,
-            reason: error.reason(),
-            note: Some(truncate(error.to_string(), NOTE_LIMIT)),
-            action: error.action().into(),
-            secondary: None,
-        };
-        self.publish(&event, object).await;
+        if let Some((object, event)) = error.warning() {
+            self.publish(&event, &object).await;
+        }
     }
 
     /// Records an Event about `object`; a failure is counted and logged (not retried).

@@ -148,16 +148,6 @@ impl NamespaceIndex {
             .collect()
     }
 
-    /// Whether every config selecting an agent admits it (or it runs their version already).
-    pub fn admits(&self, uid: &Uid, report: &AgentReport, ungated: &DesiredState) -> bool {
-        let runs = |d: &DesiredState| {
-            let reported = report.remote_config_status.as_ref().map(|s| &s.last_remote_config_hash);
-            d.remote_config.as_ref().is_some_and(|c| Some(&c.config_hash) == reported)
-        };
-        let selected = self.selecting(report.description.as_ref());
-        selected.iter().all(|&i| self.configs[i].admits(uid)) || runs(ungated)
-    }
-
     /// The desired state with every selecting resource at its current version. `has_remote_config`
     /// says whether the agent runs a remote config now (then an agent no longer selected is sent
     /// the empty config, releasing it).
@@ -230,8 +220,13 @@ impl Plan for NamespaceIndex {
     /// until then the agent keeps the config it has (its custom capabilities follow at once).
     fn desired(&self, uid: &Uid, report: &AgentReport, current: &DesiredState) -> DesiredState {
         let desc = report.description.as_ref();
-        let ungated = self.desired_ungated(self.selecting(desc), desc, report.has_remote_config());
-        if self.admits(uid, report, &ungated) {
+        let selected = self.selecting(desc);
+        let admitted = selected.iter().all(|&i| self.configs[i].admits(uid));
+        let ungated = self.desired_ungated(selected, desc, report.has_remote_config());
+        // An agent that already runs this version (e.g. given it before a restart) keeps it.
+        let reported = report.remote_config_status.as_ref().map(|s| &s.last_remote_config_hash);
+        let runs = ungated.remote_config.as_ref().is_some_and(|c| Some(&c.config_hash) == reported);
+        if admitted || runs {
             return ungated;
         }
         DesiredState { remote_config: current.remote_config.clone(), ..ungated }

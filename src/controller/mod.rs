@@ -179,6 +179,7 @@ impl Controller {
             client: self.client.clone(),
             dirty: self.dirty.clone(),
             errors: self.errors.clone(),
+            queue: self.queue.clone(),
             leader: self.leader.clone(),
         };
         let mut tasks = tokio::task::JoinSet::new();
@@ -321,10 +322,7 @@ impl Controller {
         let mut active = HashSet::new();
         for (ns, idx) in &namespaces {
             let Some(st) = counts.remove(ns.as_str()) else { continue };
-            self.advance_rollouts(ns, idx, &st.facts);
-            let prefix = format!("{ns}/");
-            let in_ns = self.rollouts.iter().filter(|(key, _)| key.starts_with(&prefix));
-            if in_ns.into_iter().any(|(_, t)| !t.complete && !t.halted) {
+            if self.advance_rollouts(ns, idx, &st.facts) {
                 active.insert(ns.clone());
             }
             let since = self.failure_since.entry(ns.clone()).or_default();
@@ -343,8 +341,13 @@ impl Controller {
     }
 
     /// Moves each progressive rollout of a namespace forward (the leader's decision; the
-    /// status written carries it to every replica's plan).
-    fn advance_rollouts(&mut self, ns: &str, idx: &NamespaceIndex, facts: &BTreeMap<usize, Vec<AgentFacts>>) {
+    /// status written carries it to every replica's plan); true while one is in progress.
+    fn advance_rollouts(
+        &mut self,
+        ns: &str,
+        idx: &NamespaceIndex,
+        facts: &BTreeMap<usize, Vec<AgentFacts>>,
+    ) -> bool {
         let now = tokio::time::Instant::now();
         let mut present = HashSet::new();
         for (i, config) in idx.configs.iter().enumerate() {
@@ -369,6 +372,7 @@ impl Controller {
         }
         let prefix = format!("{ns}/");
         self.rollouts.retain(|key, _| !key.starts_with(&prefix) || present.contains(key.as_str()));
+        present.iter().any(|key| self.rollouts.get(*key).is_some_and(|t| !t.complete && !t.halted))
     }
 
     /// Queues an object's status when it differs from what the object has and from what is

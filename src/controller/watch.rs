@@ -22,6 +22,7 @@ use parking_lot::RwLock;
 use serde::de::DeserializeOwned;
 
 use super::error::{Error, Errors};
+use super::writer::StatusQueue;
 use super::{Dirty, Scope};
 
 /// A kind as it is watched: the type read from the API server, and the object it is cached as.
@@ -238,6 +239,8 @@ pub(super) struct Context {
     pub client: Client,
     pub dirty: Arc<Dirty>,
     pub errors: Errors,
+    /// Events go through the status writer's queue: a slow API server never holds a watch.
+    pub queue: Arc<StatusQueue>,
     /// Only the leader records Events.
     pub leader: tokio::sync::watch::Receiver<bool>,
 }
@@ -280,10 +283,9 @@ impl Context {
             };
             let (change, invalid) = writer.apply(event);
             if let Some(error) = invalid {
-                if *self.leader.borrow() {
-                    self.errors.report(&error).await;
-                } else {
-                    self.errors.count(&error);
+                self.errors.count(&error);
+                if let Some((object, event)) = error.warning().filter(|_| *self.leader.borrow()) {
+                    self.queue.push_event(object, event);
                 }
             }
             match change {

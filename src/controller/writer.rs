@@ -121,24 +121,22 @@ impl StatusQueue {
     /// Queues a status; replaces one still waiting for the same object (its Events are kept).
     /// Returns false when the queue is full (the update is dropped and its namespace retried).
     pub fn push_status(&self, key: ObjectKey, mut write: StatusWrite) -> bool {
-        let mut state = self.state.lock();
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
         // Bounded by objects with a write in flight; a deleted object's entry costs at most
         // one redundant patch when this is cleared.
         if state.sent.len() > 4 * self.capacity {
             state.sent.clear();
         }
-        if state.waiting.contains_key(&key) {
-            state.sent.insert(key.clone(), write.status.clone());
-            let waiting = state.waiting.get_mut(&key).expect("waiting");
-            let mut events = std::mem::take(&mut waiting.events);
-            events.append(&mut write.events);
-            write.events = events;
+        if let Some(waiting) = state.waiting.get_mut(&key) {
+            state.sent.insert(key, write.status.clone());
+            write.events.splice(0..0, waiting.events.drain(..));
             *waiting = write;
             return true;
         }
         if state.jobs.len() >= self.capacity {
             state.retry.insert(key.namespace);
-            drop(state);
+            drop(guard);
             self.metrics.status_updates_dropped.inc();
             return false;
         }

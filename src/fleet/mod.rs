@@ -348,7 +348,7 @@ impl Fleet {
         {
             let mut published = self.inner.plans.write();
             for (namespace, plan) in plans {
-                version = self.inner.plan_versions.fetch_add(1, Ordering::Relaxed) + 1;
+                version = self.next_plan_version();
                 published.by_namespace.insert(namespace, Published { version, plan });
             }
         }
@@ -358,10 +358,14 @@ impl Fleet {
 
     /// Publishes the plan of every namespace that has none of its own.
     pub fn publish_fallback_plan(&self, plan: Arc<dyn Plan>) -> u64 {
-        let version = self.inner.plan_versions.fetch_add(1, Ordering::Relaxed) + 1;
+        let version = self.next_plan_version();
         self.inner.plans.write().fallback = Some(Published { version, plan });
         self.apply_plans();
         version
+    }
+
+    fn next_plan_version(&self) -> u64 {
+        self.inner.plan_versions.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Derives the desired state of every agent whose namespace has a newer plan than the one
