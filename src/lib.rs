@@ -25,6 +25,7 @@
 //! | `routes` | `fleet`, `api`, `protocol`, `http_server` (the bounded body read) |
 //! | `opamp` | `fleet`, `protocol`, `http_server` (the bounded body read) |
 //! | `agents_api` | `access`, `fleet`, `protocol` |
+//! | `peers` | `protocol` |
 //! | `access` | `protocol` |
 //! | `sim` | `protocol` |
 //! | `fleet` | `protocol` |
@@ -40,6 +41,7 @@ pub mod http_server;
 pub mod metrics;
 pub mod opamp;
 pub mod operator;
+pub mod peers;
 pub mod protocol;
 pub mod routes;
 pub mod sim;

@@ -102,6 +102,31 @@ struct RunArgs {
     /// This replica's identity in the Lease (default: the pod name, else the host name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Act as one operator with the other replicas of `--peer-group`: a Lease per replica in
+    /// the pod's namespace, merged status, dispatch and HTTP agents forwarded between them.
+    #[arg(long, env = "OPAMP_PEERS")]
+    peers: bool,
+    /// The replicas' group (their Leases are `<group>-<identity>`).
+    #[arg(long, env = "OPAMP_PEER_GROUP", default_value = "opamp-operator")]
+    peer_group: String,
+    /// Address of the peer endpoint (`/peer/v1/…`, for the other replicas only).
+    #[arg(long, env = "OPAMP_PEER_ADDR", default_value = "0.0.0.0:8081")]
+    peer_addr: SocketAddr,
+    /// Where the other replicas reach this one (`host:port`; default: `$POD_IP` and the port
+    /// of `--peer-addr`).
+    #[arg(long, env = "OPAMP_PEER_ADVERTISE")]
+    peer_advertise: Option<String>,
+    /// This replica's token for its peers: a service-account token of audience
+    /// `opamp-operator.opamp.dev/peers` (the chart projects one).
+    #[arg(long, env = "OPAMP_PEER_TOKEN_FILE", default_value = "/var/run/secrets/opamp.dev/peers/token")]
+    peer_token_file: std::path::PathBuf,
+    /// Users whose peer tokens are accepted (comma-separated; default: this replica's own).
+    #[arg(long, env = "OPAMP_PEER_USERS", value_delimiter = ',')]
+    peer_users: Vec<String>,
+    /// Seconds a replica's Lease lasts without renewal (a killed replica's agents stop
+    /// counting after it; renewed every third of it).
+    #[arg(long, env = "OPAMP_PEER_LEASE_SECONDS", default_value_t = 15)]
+    peer_lease_seconds: u64,
     /// On SIGTERM, how long to wait for callbacks in flight before exiting.
     #[arg(long, env = "OPAMP_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
     shutdown_grace_seconds: u64,
@@ -271,7 +296,34 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let callback_egress = opamp_operator::routes::egress::EgressPolicy::new(allow)
         .with_api_server(kube_config.cluster_url.host().unwrap_or_default());
     let client = kube::Client::try_from(kube_config).context("cannot build the Kubernetes client")?;
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), uuid::Uuid::new_v4().simple())
+    });
+    let peers = if args.peers {
+        let advertise = match (&args.peer_advertise, std::env::var("POD_IP")) {
+            (Some(a), _) => a.clone(),
+            (None, Ok(ip)) if ip.contains(':') => format!("[{ip}]:{}", args.peer_addr.port()),
+            (None, Ok(ip)) => format!("{ip}:{}", args.peer_addr.port()),
+            (None, Err(_)) => String::new(), // the bound address
+        };
+        let mut p = opamp_operator::peers::PeersConfig::new(
+            &args.leader_election_namespace,
+            &identity,
+            &advertise,
+            args.peer_token_file.clone(),
+        );
+        p.group = args.peer_group.clone();
+        p.allowed_users = args.peer_users.iter().filter(|u| !u.trim().is_empty()).cloned().collect();
+        p.lease_duration = Duration::from_secs(args.peer_lease_seconds.max(3));
+        p.renew_every = p.lease_duration / 3;
+        Some(p)
+    } else {
+        None
+    };
     let config = OperatorConfig {
+        peers,
+        peer_addr: args.peer_addr,
         opamp_addr: args.opamp.opamp_addr,
         api_addr: args.api_addr,
         metrics_addr: Some(args.metrics_addr),
@@ -281,10 +333,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
         callback_egress,
         leader_election: args.leader_election.then(|| {
-            let identity = args.identity.clone().unwrap_or_else(|| {
-                let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
-                format!("{}-{}", host.trim(), uuid::Uuid::new_v4().simple())
-            });
             opamp_operator::controller::leader::LeaderElectionConfig::new(
                 &args.leader_election_namespace,
                 &identity,

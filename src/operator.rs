@@ -18,6 +18,7 @@ use crate::fleet::{Fleet, FleetConfig};
 use crate::metrics::Metrics;
 use crate::opamp::tls::TlsError;
 use crate::opamp::{OpampServer, ServerConfig, TlsFiles};
+use crate::peers::{Peers, PeersConfig};
 use crate::routes::Routes;
 use crate::routes::egress::EgressPolicy;
 
@@ -37,6 +38,12 @@ pub struct OperatorConfig {
     pub tls: Option<TlsFiles>,
     /// Elect a leader among replicas (only the leader writes status); `None`: always lead.
     pub leader_election: Option<LeaderElectionConfig>,
+    /// Act as one operator with the other replicas of the group (membership, merged status,
+    /// forwarding; see [`crate::peers`]); `None`: alone. An empty `address` is filled with the
+    /// peer address's bound one.
+    pub peers: Option<PeersConfig>,
+    /// The peer address (`/peer/v1/…`, for the other replicas only), served with `peers`.
+    pub peer_addr: SocketAddr,
     /// How long stopping waits for callbacks in flight.
     pub shutdown_grace: Duration,
     /// Where CapabilitySlot callbacks may go (default: not to loopback, link-local, metadata
@@ -59,6 +66,8 @@ impl Default for OperatorConfig {
             namespaces: None,
             tls: None,
             leader_election: None,
+            peers: None,
+            peer_addr: ([0, 0, 0, 0], 8081).into(),
             shutdown_grace: Duration::from_secs(10),
             callback_egress: EgressPolicy::default(),
             fleet: FleetConfig::default(),
@@ -80,6 +89,8 @@ pub enum Error {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("cannot tell which user peers run as (a SelfSubjectReview): {0}")]
+    PeerIdentity(#[source] kube::Error),
 }
 
 impl Error {
@@ -90,6 +101,7 @@ impl Error {
             Error::CrdsMissing(_) => "crds_missing",
             Error::Listen { .. } => "listen",
             Error::Tls(_) => "tls",
+            Error::PeerIdentity(_) => "peer_identity",
         }
     }
 }
@@ -100,6 +112,10 @@ pub struct Operator {
     pub opamp_addr: SocketAddr,
     pub api_addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
+    /// The peer address, when replicas act as one.
+    pub peer_addr: Option<SocketAddr>,
+    /// This replica's view of the others.
+    pub peers: Peers,
     routes: Arc<Routes>,
     grace: Duration,
     shutdown: CancellationToken,
@@ -150,6 +166,23 @@ impl Operator {
             api_listener.local_addr().map_err(|source| Error::Listen { addr: config.api_addr, source })?;
 
         let fleet = Fleet::new(config.fleet.clone());
+        let (peers, peer_listener) = match &config.peers {
+            Some(p) => {
+                let listener = listen(config.peer_addr).await?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|source| Error::Listen { addr: config.peer_addr, source })?;
+                let mut p = p.clone();
+                if p.address.is_empty() {
+                    p.address = bound.to_string();
+                }
+                let verifier = crate::peers::auth::Verifier::new(client.clone(), p.allowed_users.clone())
+                    .await
+                    .map_err(Error::PeerIdentity)?;
+                (crate::peers::membership::peers(&p), Some((listener, bound, p, Arc::new(verifier))))
+            }
+            None => (Peers::solo(), None),
+        };
         let auth = TokenAuthenticator::new(config.anonymous_namespace.as_deref());
         let shutdown = CancellationToken::new();
         let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
@@ -197,6 +230,30 @@ impl Operator {
         let limits = config.api_limits.clone();
         tasks.spawn(crate::http_server::serve(api_listener, api, limits.clone(), shutdown.clone()));
 
+        let peer_addr = match peer_listener {
+            Some((listener, bound, peer_config, verifier)) => {
+                let me = peers.me().identity.clone();
+                let api = axum::Router::new()
+                    .route("/ping", axum::routing::post(move || async move { axum::Json(me.to_string()) }));
+                let app = axum::Router::new()
+                    .nest(crate::peers::PREFIX, api)
+                    .layer(axum::middleware::from_fn_with_state(verifier, crate::peers::auth::require_peer));
+                tasks.spawn(crate::http_server::serve(listener, app, limits.clone(), shutdown.clone()));
+                // Join once the caches are synced: until then this replica cannot authenticate
+                // the agents routed to it.
+                let (client, peers, stop, mut ready) =
+                    (client.clone(), peers.clone(), shutdown.clone(), ready_rx.clone());
+                tasks.spawn(async move {
+                    tokio::select! {
+                        r = ready.wait_for(|r| *r) => if r.is_err() { return },
+                        _ = stop.cancelled() => return,
+                    }
+                    crate::peers::membership::run(client, peer_config, peers, stop).await;
+                });
+                Some(bound)
+            }
+            None => None,
+        };
         let metrics_addr = match config.metrics_addr {
             Some(addr) => {
                 let listener = listen(addr).await?;
@@ -254,6 +311,8 @@ impl Operator {
             opamp_addr,
             api_addr,
             metrics_addr,
+            peer_addr,
+            peers,
             routes,
             grace: config.shutdown_grace,
             shutdown,

@@ -14,6 +14,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("opamp", &["fleet", "protocol", "http_server"]),
     ("routes", &["fleet", "api", "protocol", "http_server"]),
     ("controller", &["fleet", "routes", "api", "protocol", "opamp"]),
+    ("peers", &["protocol"]),
     ("access", &["protocol"]),
     ("agents_api", &["access", "fleet", "protocol"]),
     ("sim", &["protocol"]),

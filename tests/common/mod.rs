@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod env;
 pub mod goagent;
 pub mod operator;
+pub mod peers;
 pub mod simrun;
 pub mod supervisor;
 
