@@ -27,7 +27,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the operator: watch the custom resources, serve OpAMP, write status.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Serve the OpAMP endpoint alone, without Kubernetes (every agent in namespace `default`).
     Serve(ServeArgs),
     /// Print the CustomResourceDefinitions (or write one file per kind into a directory).
@@ -220,7 +220,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
         Command::Serve(args) => serve(args).await,
         Command::FleetSim(args) => fleet_sim(args).await,
         Command::Crds { out_dir } => crds(out_dir),

@@ -328,7 +328,7 @@ mod tests {
     fn alone_a_replica_owns_everything() {
         let p = peers("a");
         assert!(p.owner(&Uid::from_wire(&[1; 16]).unwrap()).is_none());
-        let mut changes = p.changes();
+        let changes = p.changes();
         p.set_others(vec![member("a")]);
         assert!(!changes.has_changed().unwrap(), "itself is not another");
         p.set_others(vec![member("b")]);
