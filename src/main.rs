@@ -99,6 +99,10 @@ struct RunArgs {
     /// Namespace of the Lease (default: the pod's namespace).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     leader_election_namespace: String,
+    /// Seconds the leader's Lease lasts without renewal: after a leader is killed, another
+    /// replica takes over after at most this long (renewed every third of it).
+    #[arg(long, env = "OPAMP_LEADER_ELECTION_LEASE_SECONDS", default_value_t = 15)]
+    leader_election_lease_seconds: u64,
     /// This replica's identity in the Lease (default: the pod name, else the host name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -333,10 +337,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         shutdown_grace: Duration::from_secs(args.shutdown_grace_seconds),
         callback_egress,
         leader_election: args.leader_election.then(|| {
-            opamp_operator::controller::leader::LeaderElectionConfig::new(
+            let mut election = opamp_operator::controller::leader::LeaderElectionConfig::new(
                 &args.leader_election_namespace,
                 &identity,
-            )
+            );
+            election.lease_duration = Duration::from_secs(args.leader_election_lease_seconds.max(3));
+            election.renew_every = election.lease_duration / 3;
+            election
         }),
         fleet: args.opamp.fleet_config(),
         server: args.opamp.server_config(),

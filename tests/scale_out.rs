@@ -4,8 +4,14 @@ mod common;
 use std::time::Duration;
 
 use common::env::TestEnv;
+use common::replica::{Group, Replica};
+use common::service::Service;
+use common::simrun::RunningAgent;
 use common::{eventually, peers};
+use k8s_openapi::api::coordination::v1::Lease;
+use opamp_operator::api::{AgentConfig, AgentConfigStatus, CapabilitySlot};
 use opamp_operator::operator::Operator;
+use opamp_operator::sim::AgentSpec;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -54,5 +60,183 @@ async fn replicas_find_each_other_through_leases_and_only_peers_may_call_them() 
     let after = killed.elapsed();
     assert!(after < Duration::from_secs(3 + 2), "gone after {after:?}");
     a.stop().await;
+    tenants.cleanup().await;
+}
+
+const AGENTS: usize = 30;
+const CAP: &str = "io.example.jobs";
+const DISPATCH_TOKEN: &str = "dispatch-token-of-the-suite";
+
+fn edge_config(version: u32) -> String {
+    format!(
+        "apiVersion: opamp.dev/v1alpha1\nkind: AgentConfig\nmetadata: {{name: edge}}\nspec:\n  \
+         selector: {{matchAttributes: {{service.name: edge}}}}\n  \
+         files:\n    edge.yaml:\n      inline: 'v: {version}'\n"
+    )
+}
+
+/// Waits until the AgentConfig counts every agent once, applied: the status converged.
+async fn converged(ns: &common::env::Tenant, what: &str) -> AgentConfigStatus {
+    ns.status_where::<AgentConfig>("edge", what, |s| {
+        s.selected_agents as usize == AGENTS
+            && s.applied_agents as usize == AGENTS
+            && s.pending_agents == 0
+            && s.applying_agents == 0
+    })
+    .await
+}
+
+/// Dispatches one message of `kind` to every agent (a selector) through `via`: the HTTP status
+/// and the per-agent states.
+async fn dispatch_all(via: &Replica, ns: &str, kind: &str) -> (u16, Vec<String>) {
+    let url = via.api_url(&format!("/api/v1/namespaces/{ns}/capabilityslots/jobs/messages"));
+    let body = serde_json::json!({ "type": kind, "data": "", "selector": {} });
+    let resp = reqwest::Client::new()
+        .post(url)
+        .bearer_auth(DISPATCH_TOKEN)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("the dispatch API answers");
+    let status = resp.status().as_u16();
+    let reply: serde_json::Value =
+        serde_json::from_slice(&resp.bytes().await.unwrap()).expect("a JSON answer");
+    let states = reply["results"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| r["state"].as_str().unwrap_or("").to_owned());
+    (status, states.collect())
+}
+
+/// Dispatch through `via` reached every agent.
+fn all_sent((status, states): &(u16, Vec<String>)) -> bool {
+    *status == 200 && states.len() == AGENTS && states.iter().all(|s| s == "sent")
+}
+
+/// The Lease holder: the leader's identity.
+async fn leader(ns: &common::env::Tenant) -> String {
+    let leases: kube::Api<Lease> = ns.ns.api();
+    eventually(T, "a leader", || async {
+        leases.get("opamp-operator").await.ok()?.spec?.holder_identity.filter(|h| !h.is_empty())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "until status, dispatch and listing merge across replicas"]
+async fn three_replica_processes_stay_one_operator_through_a_rolling_update_and_a_crash() {
+    let tenants = TestEnv::new("scale").deadline(Duration::from_secs(60)).prepare().await;
+    let ns: &common::env::Tenant = &tenants;
+    let name = ns.ns.name.clone();
+    let group = Group::new(&name, tenants.names()).await;
+    let mut replicas = Vec::new();
+    for i in 1..=3 {
+        replicas.push(group.start(&format!("replica-{i}")).await);
+    }
+    let service = Service::start(replicas.iter().map(|r| r.opamp_addr).collect()).await;
+    let url = format!("ws://{}/v1/opamp", service.addr);
+    let agents: Vec<RunningAgent> = (0..AGENTS)
+        .map(|_| {
+            let mut spec = AgentSpec::new("edge");
+            spec.custom_capabilities = vec![CAP.into()];
+            RunningAgent::spawn(url.clone(), Some(ns.token.clone()), spec)
+        })
+        .collect();
+    ns.apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: dispatch}}\ntype: Opaque\nstringData: {{token: {DISPATCH_TOKEN}}}\n"
+    ))
+    .await;
+    ns.apply(&format!(
+        "apiVersion: opamp.dev/v1alpha1\nkind: CapabilitySlot\nmetadata: {{name: jobs}}\nspec:\n  capability: {CAP}\n  \
+         dispatch:\n    tokenSecretRef: {{name: dispatch, key: token}}\n"
+    ))
+    .await;
+    ns.apply(&edge_config(1)).await;
+    // Status counts the agents of all three replicas (the Service spreads them).
+    let first = converged(ns, "every agent of every replica counted, applied").await;
+    assert_eq!(first.selected_agents as usize, AGENTS, "{first:?}");
+    ns.status_where::<CapabilitySlot>("jobs", "every agent supports the slot", |s| {
+        s.supporting_agents as usize == AGENTS
+    })
+    .await;
+    // Dispatch through any replica reaches every agent, wherever it is connected.
+    // (The slot reaches each replica's routes a moment after the apply: the first try of each
+    // may be refused.)
+    for (i, r) in replicas.iter().enumerate() {
+        let kind = format!("hello-{i}");
+        eventually(T, "a dispatch through each replica sent to every agent", || async {
+            let reply = dispatch_all(r, &name, &kind).await;
+            match reply.0 {
+                200 => {
+                    assert!(all_sent(&reply), "{reply:?}");
+                    Some(())
+                }
+                _ => None,
+            }
+        })
+        .await;
+    }
+    eventually(T, "every agent received the three messages once", || async {
+        agents.iter().all(|a| a.custom_message_types() == ["hello-0", "hello-1", "hello-2"]).then_some(())
+    })
+    .await;
+
+    // A rolling update: each replica in turn stopped (SIGTERM) and replaced; its agents
+    // reconnect through the Service to the others.
+    let mut timings = Vec::new();
+    for i in 0..3 {
+        let old = replicas.remove(i);
+        let identity = old.identity.clone();
+        let started = std::time::Instant::now();
+        old.terminate().await;
+        let new = group.start(&identity).await;
+        replicas.insert(i, new);
+        service.set_backends(replicas.iter().map(|r| r.opamp_addr).collect());
+        ns.apply(&edge_config(2 + i as u32)).await;
+        let version = format!("v: {}", 2 + i);
+        eventually(Duration::from_secs(60), "every agent runs the new version", || async {
+            agents.iter().all(|a| a.effective("edge.yaml").as_deref() == Some(version.as_str())).then_some(())
+        })
+        .await;
+        converged(ns, "status converged after the rolling step").await;
+        timings.push((format!("SIGTERM {identity}, replace, apply"), started.elapsed()));
+        let reply = dispatch_all(&replicas[(i + 1) % 3], &name, &format!("roll-{i}")).await;
+        assert!(all_sent(&reply), "{reply:?}");
+    }
+
+    // A crash: the leader killed outright; its Leases lapse (3 s), another replica leads.
+    let leading = leader(ns).await;
+    let at = replicas.iter().position(|r| r.identity == leading).expect("the leader is a replica");
+    let killed = replicas.remove(at);
+    let started = std::time::Instant::now();
+    killed.kill().await;
+    service.set_backends(replicas.iter().map(|r| r.opamp_addr).collect());
+    eventually(T, "another replica leads", || async {
+        let now = leader(ns).await;
+        (now != leading).then_some(())
+    })
+    .await;
+    ns.apply(&edge_config(9)).await;
+    converged(ns, "status converged after the crash").await;
+    let spec = ns.ns.api::<AgentConfig>().get("edge").await.unwrap();
+    assert_eq!(spec.status.unwrap().observed_generation, spec.metadata.generation);
+    timings.push((format!("SIGKILL {leading} (the leader), apply"), started.elapsed()));
+    let reply = dispatch_all(&replicas[0], &name, "after-crash").await;
+    assert!(all_sent(&reply), "{reply:?}");
+
+    // No agent was ever sent a config it already ran.
+    let duplicates: usize = agents.iter().map(|a| a.duplicate_configs()).sum();
+    assert_eq!(duplicates, 0, "configs resent to agents that ran them");
+    for (what, took) in &timings {
+        eprintln!("scale-out: {what} -> status converged in {took:.2?}");
+    }
+    for a in agents {
+        a.stop().await;
+    }
+    for r in replicas {
+        r.terminate().await;
+    }
     tenants.cleanup().await;
 }

@@ -56,8 +56,13 @@ pub struct SimAgent {
     pub configs_received: usize,
     /// Remote configs received whose hash was already applied.
     pub duplicate_configs: usize,
+    /// Custom messages received, in order (the first [`MAX_KEPT_MESSAGES`]).
+    pub custom_messages: Vec<crate::proto::CustomMessage>,
     pub healthy: bool,
 }
+
+/// Custom messages a simulated agent keeps.
+pub const MAX_KEPT_MESSAGES: usize = 100;
 
 fn kv(pairs: &[(String, String)]) -> Vec<KeyValue> {
     pairs
@@ -86,6 +91,7 @@ impl SimAgent {
             status: None,
             configs_received: 0,
             duplicate_configs: 0,
+            custom_messages: Vec::new(),
             healthy: true,
         }
     }
@@ -149,6 +155,11 @@ impl SimAgent {
             if let Some(uid) = Uid::from_wire(&id.new_instance_uid) {
                 self.spec.uid = uid;
             }
+        }
+        if let Some(m) = &msg.custom_message
+            && self.custom_messages.len() < MAX_KEPT_MESSAGES
+        {
+            self.custom_messages.push(m.clone());
         }
         if msg.flags & ServerToAgentFlags::ReportFullState as u64 != 0 {
             // Apply a config that came with the flag first, then report everything.

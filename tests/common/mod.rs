@@ -8,6 +8,8 @@ pub mod env;
 pub mod goagent;
 pub mod operator;
 pub mod peers;
+pub mod replica;
+pub mod service;
 pub mod simrun;
 pub mod supervisor;
 

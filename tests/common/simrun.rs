@@ -65,6 +65,11 @@ impl RunningAgent {
         self.state.lock().unwrap().duplicate_configs
     }
 
+    /// The types of the custom messages received, in order.
+    pub fn custom_message_types(&self) -> Vec<String> {
+        self.state.lock().unwrap().custom_messages.iter().map(|m| m.r#type.clone()).collect()
+    }
+
     /// The content of one file of the agent's effective config.
     pub fn effective(&self, file: &str) -> Option<String> {
         self.state

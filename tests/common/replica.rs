@@ -1,0 +1,136 @@
+//! A replica as its own process: `opamp-operator run --peers --leader-election`, as the chart
+//! runs it, with the chart's RBAC identity, on loopback ports picked for it. Stopped with SIGTERM
+//! (a rolling update) or SIGKILL (a crash).
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, Command};
+
+use super::eventually;
+use super::peers::PeerIdentity;
+
+pub struct Replica {
+    pub identity: String,
+    pub opamp_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub peer_addr: SocketAddr,
+    child: Child,
+}
+
+/// A loopback port free right now.
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A kubeconfig whose current context is the chart's identity (`e2e-operator`), next to ours.
+pub async fn chart_kubeconfig() -> PathBuf {
+    let cluster = super::cluster::cluster().await;
+    let text = std::fs::read_to_string(&cluster.kubeconfig_path).unwrap();
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    doc["current-context"] = "e2e-operator".into();
+    let path = cluster.kubeconfig_path.with_file_name("kubeconfig-e2e-operator");
+    std::fs::write(&path, serde_yaml::to_string(&doc).unwrap()).unwrap();
+    path
+}
+
+/// What every replica of a test shares.
+#[derive(Clone)]
+pub struct Group {
+    /// Where the Leases are (and the chart's RBAC is bound).
+    pub home: String,
+    pub namespaces: Vec<String>,
+    pub peer: PeerIdentity,
+    pub kubeconfig: PathBuf,
+}
+
+impl Group {
+    pub async fn new(home: &str, namespaces: Vec<String>) -> Self {
+        // Bind the chart's RBAC in `home`, as the chart does in its release namespace.
+        let _ = super::cluster::cluster().await.client_as_chart_identity(home).await;
+        Self {
+            home: home.into(),
+            namespaces,
+            peer: super::peers::identity(home).await,
+            kubeconfig: chart_kubeconfig().await,
+        }
+    }
+
+    /// Starts a replica and waits until it is ready.
+    pub async fn start(&self, identity: &str) -> Replica {
+        let (opamp_addr, api_addr, metrics_addr, peer_addr) =
+            (free_port(), free_port(), free_port(), free_port());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_opamp-operator"));
+        cmd.arg("run")
+            .args(["--opamp-addr", &opamp_addr.to_string()])
+            .args(["--api-addr", &api_addr.to_string()])
+            .args(["--metrics-addr", &metrics_addr.to_string()])
+            .args(["--peer-addr", &peer_addr.to_string()])
+            .args(["--peer-advertise", &peer_addr.to_string()])
+            .args(["--peers", "--peer-group", "opamp-e2e", "--peer-lease-seconds", "3"])
+            .arg("--peer-token-file")
+            .arg(&self.peer.token_file)
+            .args(["--peer-users", &self.peer.user])
+            .args(["--leader-election", "--leader-election-lease-seconds", "3"])
+            .args(["--leader-election-namespace", &self.home])
+            .args(["--identity", identity])
+            .args(["--namespaces", &self.namespaces.join(",")])
+            .args(["--heartbeat-seconds", "1", "--shutdown-grace-seconds", "2"])
+            .args(["--callback-allow", "127.0.0.1/32"])
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("RUST_LOG", "info")
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
+            .env_remove("POD_IP")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let child = cmd.spawn().expect("the operator binary starts");
+        let replica =
+            Replica { identity: identity.into(), opamp_addr, api_addr, metrics_addr, peer_addr, child };
+        let ready = format!("http://{api_addr}/readyz");
+        eventually(Duration::from_secs(60), &format!("{identity} ready"), || async {
+            reqwest::get(&ready).await.ok().filter(|r| r.status() == 200)
+        })
+        .await;
+        replica
+    }
+}
+
+impl Replica {
+    pub fn api_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api_addr)
+    }
+
+    /// SIGTERM, as a rolling update stops a pod; waits until the process exits.
+    pub async fn terminate(mut self) {
+        let pid = self.child.id().expect("running").to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status().await.unwrap();
+        assert!(status.success());
+        let exited = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+        assert!(exited.is_ok(), "{} did not exit within 30 s of SIGTERM", self.identity);
+    }
+
+    /// SIGKILL: gone at once, its Leases left to lapse.
+    pub async fn kill(mut self) {
+        self.child.kill().await.unwrap();
+    }
+
+    /// One value of the replica's `/metrics` (the sum of its series matching `prefix`).
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let body = reqwest::get(format!("http://{}/metrics", self.metrics_addr))
+            .await
+            .and_then(|r| r.error_for_status())
+            .map(|r| r.text());
+        let Ok(body) = body else { return 0.0 };
+        let text = body.await.unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
