@@ -20,7 +20,7 @@
 //! | layer | may import |
 //! | --- | --- |
 //! | `main.rs`, `operator` | anything |
-//! | `metrics` | `fleet`, `opamp`, `routes`, `controller` (their metrics structs) |
+//! | `metrics` | `fleet`, `opamp`, `routes`, `controller`, `peers` (their metrics structs) |
 //! | `controller` | `fleet`, `routes`, `api`, `protocol`, `opamp` (the `Authenticator` it implements) |
 //! | `routes` | `fleet`, `api`, `protocol`, `http_server` (the bounded body read) |
 //! | `opamp` | `fleet`, `protocol`, `http_server` (the bounded body read) |

@@ -7,6 +7,7 @@ use prometheus_client::registry::Registry;
 use crate::controller::ControllerMetrics;
 use crate::fleet::{Fleet, FleetMetrics};
 use crate::opamp::ServerMetrics;
+use crate::peers::PeerMetrics;
 use crate::routes::RouteMetrics;
 
 /// Every metric the operator exports.
@@ -16,6 +17,7 @@ pub struct Metrics {
     pub server: Arc<ServerMetrics>,
     pub routes: Arc<RouteMetrics>,
     pub controller: Arc<ControllerMetrics>,
+    pub peers: Arc<PeerMetrics>,
 }
 
 impl Default for Metrics {
@@ -27,11 +29,13 @@ impl Default for Metrics {
             server: Arc::default(),
             routes: Arc::default(),
             controller: Arc::default(),
+            peers: Arc::default(),
         };
         m.fleet.register(&mut registry);
         m.server.register(&mut registry);
         m.routes.register(&mut registry);
         m.controller.register(&mut registry);
+        m.peers.register(&mut registry);
         Self { registry, ..m }
     }
 }

@@ -166,6 +166,7 @@ impl Operator {
             api_listener.local_addr().map_err(|source| Error::Listen { addr: config.api_addr, source })?;
 
         let fleet = Fleet::new(config.fleet.clone());
+        let metrics = Metrics::new();
         let (peers, peer_listener) = match &config.peers {
             Some(p) => {
                 let listener = listen(config.peer_addr).await?;
@@ -176,10 +177,12 @@ impl Operator {
                 if p.address.is_empty() {
                     p.address = bound.to_string();
                 }
-                let verifier = crate::peers::auth::Verifier::new(client.clone(), p.allowed_users.clone())
+                let mut verifier = crate::peers::auth::Verifier::new(client.clone(), p.allowed_users.clone())
                     .await
                     .map_err(Error::PeerIdentity)?;
-                (crate::peers::membership::peers(&p), Some((listener, bound, p, Arc::new(verifier))))
+                verifier.refused = Some(metrics.peers.clone());
+                let peers = crate::peers::membership::peers(&p, metrics.peers.clone());
+                (peers, Some((listener, bound, p, Arc::new(verifier))))
             }
             None => (Peers::solo(), None),
         };
@@ -188,7 +191,6 @@ impl Operator {
         let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
         let mut tasks = JoinSet::new();
 
-        let metrics = Metrics::new();
         let egress = config.callback_egress.clone().resolve_api_server().await;
         let routes = Routes::new(fleet.clone(), metrics.routes.clone(), egress);
         fleet.set_custom_message_sink(routes.clone());

@@ -18,7 +18,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("access", &["protocol"]),
     ("agents_api", &["access", "fleet", "protocol"]),
     ("sim", &["protocol"]),
-    ("metrics", &["fleet", "opamp", "routes", "controller"]),
+    ("metrics", &["fleet", "opamp", "routes", "controller", "peers"]),
 ];
 
 /// Layers that may import anything.

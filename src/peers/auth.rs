@@ -60,6 +60,8 @@ impl TokenSource {
 /// Checks the tokens of incoming peer calls.
 pub struct Verifier {
     client: Client,
+    /// Counts refused callers.
+    pub refused: Option<std::sync::Arc<super::PeerMetrics>>,
     allowed: Vec<String>,
     cache: Mutex<HashMap<[u8; 32], (Instant, bool)>>,
 }
@@ -75,7 +77,7 @@ impl Verifier {
             tracing::info!(user = %user, "peer calls are accepted from this user");
             allowed.push(user);
         }
-        Ok(Self { client, allowed, cache: Mutex::new(HashMap::new()) })
+        Ok(Self { client, refused: None, allowed, cache: Mutex::new(HashMap::new()) })
     }
 
     pub fn allowed(&self) -> &[String] {
@@ -126,10 +128,17 @@ impl Verifier {
 
 /// Middleware: only calls with an accepted peer token pass.
 pub async fn require_peer(State(verifier): State<Arc<Verifier>>, request: Request, next: Next) -> Response {
+    let refused = || {
+        if let Some(m) = &verifier.refused {
+            m.refused.inc();
+        }
+    };
     let Some(token) = bearer_token(request.headers()) else {
+        refused();
         return (StatusCode::UNAUTHORIZED, "missing bearer token").into_response();
     };
     if !verifier.verify(token).await {
+        refused();
         return (StatusCode::FORBIDDEN, "not a peer").into_response();
     }
     next.run(request).await

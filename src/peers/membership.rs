@@ -23,13 +23,13 @@ pub const INCARNATION_ANNOTATION: &str = "opamp.dev/incarnation";
 const FORGET_AFTER_DURATIONS: i64 = 10;
 
 /// This replica's view, empty of others until [`run`] has read the Leases.
-pub fn peers(config: &PeersConfig) -> Peers {
+pub fn peers(config: &PeersConfig, metrics: std::sync::Arc<super::PeerMetrics>) -> Peers {
     let me = Member {
         identity: config.identity.as_str().into(),
         incarnation: new_incarnation().into(),
         address: config.address.as_str().into(),
     };
-    Peers::new(me, Some(TokenSource::new(config.token_file.clone())), config.call_timeout)
+    Peers::new(me, Some(TokenSource::new(config.token_file.clone())), config.call_timeout, metrics)
 }
 
 fn lease_name(config: &PeersConfig) -> String {

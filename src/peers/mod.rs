@@ -15,6 +15,7 @@
 //!   TokenReview and accepts only its own service account ([`auth`]). Agent tokens do not open it.
 pub mod auth;
 pub mod membership;
+mod metrics;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,6 +29,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::protocol::Uid;
+pub use metrics::PeerMetrics;
 
 /// The audience of the tokens replicas present to each other (a token for the API server is
 /// refused, and a peer token is useless against the API server).
@@ -105,6 +107,7 @@ struct Inner {
     http: reqwest::Client,
     token: Option<auth::TokenSource>,
     call_timeout: Duration,
+    metrics: Arc<PeerMetrics>,
 }
 
 /// This replica's view of the others; cheap to clone.
@@ -126,10 +129,16 @@ impl Peers {
             Member { identity: "solo".into(), incarnation: new_incarnation().into(), address: "".into() },
             None,
             Duration::from_secs(5),
+            Arc::default(),
         )
     }
 
-    fn new(me: Member, token: Option<auth::TokenSource>, call_timeout: Duration) -> Self {
+    fn new(
+        me: Member,
+        token: Option<auth::TokenSource>,
+        call_timeout: Duration,
+        metrics: Arc<PeerMetrics>,
+    ) -> Self {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
@@ -144,6 +153,7 @@ impl Peers {
                 http,
                 token,
                 call_timeout,
+                metrics,
             }),
         }
     }
@@ -169,6 +179,7 @@ impl Peers {
         others.dedup_by(|a, b| a.identity == b.identity);
         let mut current = self.inner.others.write();
         if **current != others {
+            self.inner.metrics.members.set(others.len() as i64 + 1);
             *current = Arc::new(others);
             drop(current);
             self.inner.epoch.send_modify(|e| *e += 1);
@@ -234,6 +245,40 @@ impl Peers {
         headers: http::HeaderMap,
         body: Bytes,
     ) -> Result<(u16, http::HeaderMap, Bytes), CallError> {
+        let started = std::time::Instant::now();
+        let sent = body.len() as u64;
+        let result = self.send_uncounted(peer, path, headers, body).await;
+        let m = &self.inner.metrics;
+        m.call_duration.observe(started.elapsed().as_secs_f64());
+        m.bytes.get_or_create(&metrics::DirectionLabel { direction: "sent" }).inc_by(sent);
+        let outcome = match &result {
+            Ok((status, _, body)) => {
+                m.bytes
+                    .get_or_create(&metrics::DirectionLabel { direction: "received" })
+                    .inc_by(body.len() as u64);
+                if *status == 200 { "ok" } else { "status" }
+            }
+            Err(CallError::Unreachable { .. }) => "unreachable",
+            Err(CallError::Unreadable { .. }) => "unreadable",
+            Err(CallError::Token(_)) => "token",
+            Err(CallError::Status { .. }) => "status",
+        };
+        m.calls.get_or_create(&metrics::CallLabels { path: path.to_owned(), result: outcome }).inc();
+        result
+    }
+
+    /// The metrics of peer calls (registered by the operator).
+    pub fn metrics(&self) -> &Arc<PeerMetrics> {
+        &self.inner.metrics
+    }
+
+    async fn send_uncounted(
+        &self,
+        peer: &Member,
+        path: &str,
+        headers: http::HeaderMap,
+        body: Bytes,
+    ) -> Result<(u16, http::HeaderMap, Bytes), CallError> {
         let token = match &self.inner.token {
             Some(t) => t.get().map_err(CallError::Token)?,
             None => return Err(CallError::Token("this replica has no peers".into())),
@@ -286,7 +331,7 @@ mod tests {
     }
 
     fn peers(me: &str) -> Peers {
-        Peers::new(member(me), None, Duration::from_secs(1))
+        Peers::new(member(me), None, Duration::from_secs(1), Arc::default())
     }
 
     #[test]
