@@ -59,7 +59,11 @@ demo:
 	CARGO="$(CARGO)" tests/tools/demo
 
 ## bench: opamp-operator and an opamp-go server (tests/bench/server) side by side under the same
-## fleet simulator: RSS per agent, CPU per heartbeat, time to push a config to every agent.
+## fleet simulator: RSS per agent, CPU per heartbeat, time to push a config to every agent. Then,
+## on the local control plane: one `opamp-operator run` (kubectl apply -> status.appliedAgents == N),
+## and "three replicas": three `run --peers --leader-election` with the fleet split over them
+## (kubectl apply -> every agent applied -> status.appliedAgents == N; the status lag after the
+## last agent applied, target < 2 s; BENCH_REPLICAS=0 skips it).
 ## N = 1000 10000 by default (BENCH_SIZES="1000 10000 50000" for more; see tests/bench/run).
 ## Prints one table and writes it into docs/benchmarks.md.
 bench: tools-bench tools-k8s

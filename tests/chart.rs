@@ -22,12 +22,16 @@ use k8s_openapi::api::authorization::v1::{
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event as KubeEvent;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
 use opamp_operator::api::{AgentConfig, AgentConfigStatus, CapabilitySlot, CapabilitySlotStatus};
 use opamp_operator::controller::leader::LeaderElectionConfig;
 use opamp_operator::operator::{Operator, OperatorConfig};
+use opamp_operator::peers::PeersConfig;
+use opamp_operator::peers::membership::{ADDRESS_ANNOTATION, GROUP_LABEL};
 use opamp_operator::sim::AgentSpec;
 use serde_yaml::Value;
 
@@ -65,12 +69,17 @@ fn cluster_rules() -> Vec<Grant> {
     [NAMESPACED_RULES, REVIEW_RULES].concat()
 }
 
-/// Every permission the Role grants in the release namespace (leader election on the Lease
-/// `opamp-operator`).
+/// Every permission the Role grants in the release namespace: Leases, for leader election (the
+/// Lease `opamp-operator`) and membership of the replicas (a Lease per replica, named after its
+/// pod, so not limited by name; watched, deleted when the replica stops or lapsed long ago).
 const NAMESPACE_RULES: &[Grant] = &[
+    ("coordination.k8s.io", "leases", "get", ""),
+    ("coordination.k8s.io", "leases", "list", ""),
+    ("coordination.k8s.io", "leases", "watch", ""),
     ("coordination.k8s.io", "leases", "create", ""),
-    ("coordination.k8s.io", "leases", "get", LEASE),
-    ("coordination.k8s.io", "leases", "update", LEASE),
+    ("coordination.k8s.io", "leases", "update", ""),
+    ("coordination.k8s.io", "leases", "patch", ""),
+    ("coordination.k8s.io", "leases", "delete", ""),
 ];
 
 /// The operator's leader-election Lease.
@@ -301,6 +310,7 @@ fn renders_defaults() {
         ("Service", format!("{full}-peers")),
         ("Service", format!("{full}-metrics")),
         ("Deployment", full.to_owned()),
+        ("PodDisruptionBudget", full.to_owned()),
     ]
     .into_iter()
     .map(|(k, n)| (k.to_owned(), n))
@@ -314,7 +324,7 @@ fn renders_defaults() {
 
     // The Deployment.
     let deploy = m.get("Deployment", full);
-    assert_eq!(deploy["spec"]["replicas"], 1);
+    assert_eq!(deploy["spec"]["replicas"], 2);
     let pod = &deploy["spec"]["template"];
     let selector = deploy["spec"]["selector"]["matchLabels"].as_mapping().unwrap();
     for (k, v) in selector {
@@ -323,7 +333,15 @@ fn renders_defaults() {
     assert_eq!(pod["spec"]["serviceAccountName"], full);
     assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
     assert_eq!(pod["spec"]["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
-    assert!(pod["spec"]["volumes"].is_null(), "no volumes without TLS");
+    // The peer token: the pod's ServiceAccount's, for the peer audience only.
+    let volumes = pod["spec"]["volumes"].as_sequence().expect("volumes");
+    assert_eq!(volumes.len(), 1, "only the peer token without TLS: {volumes:?}");
+    let sources = named(&pod["spec"]["volumes"], "peer-token")["projected"]["sources"].as_sequence().unwrap();
+    assert_eq!(sources.len(), 1, "{sources:?}");
+    let sat = &sources[0]["serviceAccountToken"];
+    assert_eq!(sat["audience"], opamp_operator::peers::AUDIENCE);
+    assert_eq!(sat["expirationSeconds"], 3600);
+    assert_eq!(sat["path"], "token");
     let c = named(&pod["spec"]["containers"], "operator");
     assert_eq!(
         text(&c["image"]),
@@ -334,6 +352,22 @@ fn renders_defaults() {
         assert!(args.iter().any(|a| a == arg), "{arg} not in {args:?}");
     }
     assert!(args.contains(&"--leader-election".to_owned()), "{args:?}");
+    // Peers on: the group is the release, the token where the volume is mounted.
+    for arg in [
+        "--peers",
+        "--peer-group=rel-opamp-operator",
+        "--peer-addr=0.0.0.0:8081",
+        "--peer-token-file=/var/run/secrets/opamp.dev/peers/token",
+        "--peer-lease-seconds=15",
+    ] {
+        assert!(args.iter().any(|a| a == arg), "{arg} not in {args:?}");
+    }
+    let mount = named(&c["volumeMounts"], "peer-token");
+    assert_eq!(
+        (&mount["mountPath"], &mount["readOnly"]),
+        (&Value::from("/var/run/secrets/opamp.dev/peers"), &Value::from(true))
+    );
+    assert_eq!(c["volumeMounts"].as_sequence().unwrap().len(), 1);
     for flag in ["--tls-", "--anonymous-agents-namespace", "--namespaces", "--max-agents", "--callback-allow"]
     {
         assert!(!args.iter().any(|a| a.starts_with(flag)), "{flag} in {args:?}");
@@ -341,8 +375,9 @@ fn renders_defaults() {
     assert_binary_accepts(&args);
     assert_eq!(named(&c["env"], "POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
     assert_eq!(named(&c["env"], "POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace");
+    assert_eq!(named(&c["env"], "POD_IP")["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
     assert_eq!(named(&c["env"], "RUST_LOG")["value"], "info");
-    for (port, number) in [("opamp", 4320), ("api", 8080), ("metrics", 9090)] {
+    for (port, number) in [("opamp", 4320), ("api", 8080), ("metrics", 9090), ("peers", 8081)] {
         assert_eq!(named(&c["ports"], port)["containerPort"], number);
     }
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
@@ -359,7 +394,7 @@ fn renders_defaults() {
     for (name, port, number) in [
         (full.to_owned(), "opamp", 4320),
         (format!("{full}-api"), "api", 8080),
-        (format!("{full}-peers"), "api", 8080),
+        (format!("{full}-peers"), "peers", 8081),
         (format!("{full}-metrics"), "metrics", 9090),
     ] {
         let svc = m.get("Service", &name);
@@ -371,7 +406,22 @@ fn renders_defaults() {
     }
     assert_eq!(m.get("Service", full)["spec"]["type"], "ClusterIP");
     assert_eq!(m.get("Service", &format!("{full}-api"))["spec"]["type"], "ClusterIP");
-    assert_eq!(m.get("Service", &format!("{full}-peers"))["spec"]["clusterIP"], "None");
+    let peers = m.get("Service", &format!("{full}-peers"));
+    assert_eq!(peers["spec"]["clusterIP"], "None");
+    assert_eq!(peers["spec"]["ports"].as_sequence().unwrap().len(), 1, "the peer port only");
+
+    // Several replicas: spread over nodes when possible, evicted one at a time.
+    let spread = pod["spec"]["topologySpreadConstraints"].as_sequence().expect("topologySpreadConstraints");
+    assert_eq!(spread.len(), 1, "{spread:?}");
+    assert_eq!(spread[0]["topologyKey"], "kubernetes.io/hostname");
+    assert_eq!(spread[0]["whenUnsatisfiable"], "ScheduleAnyway");
+    assert_eq!(spread[0]["maxSkew"], 1);
+    assert_eq!(&spread[0]["labelSelector"]["matchLabels"], &deploy["spec"]["selector"]["matchLabels"]);
+    let pdb = m.get("PodDisruptionBudget", full);
+    assert_eq!(pdb["apiVersion"], "policy/v1");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert!(pdb["spec"]["minAvailable"].is_null());
+    assert_eq!(&pdb["spec"]["selector"]["matchLabels"], &deploy["spec"]["selector"]["matchLabels"]);
 
     // RBAC: exactly the permissions the operator needs, bound to its ServiceAccount.
     assert_eq!(rules(m.get("ClusterRole", full)), expected(&cluster_rules()));
@@ -390,7 +440,7 @@ fn renders_defaults() {
     // Without RBAC and ServiceAccount: only the workload and its Services.
     let bare = Manifests::render("rel", "ops", Some("rbac.create=false,serviceAccount.create=false"), &[]);
     let kinds: BTreeSet<String> = bare.objects().into_iter().map(|(k, _)| k).collect();
-    assert_eq!(kinds, ["Deployment".to_owned(), "Service".to_owned()].into());
+    assert_eq!(kinds, ["Deployment", "PodDisruptionBudget", "Service"].map(String::from).into());
     assert_eq!(bare.get("Deployment", full)["spec"]["template"]["spec"]["serviceAccountName"], "default");
 }
 
@@ -477,6 +527,76 @@ fn renders_what_the_values_promise() {
     assert_eq!(m.of_kind("RoleBinding").count(), 3, "{:?}", m.objects());
 }
 
+#[test]
+fn renders_replicas_peers_and_spread_as_set() {
+    let full = "rel-opamp-operator";
+    let pod_of = |m: &Manifests| m.get("Deployment", full)["spec"]["template"]["spec"].clone();
+
+    // One replica: no PodDisruptionBudget (maxUnavailable 1 would let a drain take the only
+    // pod, and minAvailable 1 would block it); none either when disabled.
+    for set in ["replicas=1", "replicas=3,podDisruptionBudget.enabled=false"] {
+        let m = Manifests::render("rel", "ops", Some(set), &[]);
+        assert!(m.find("PodDisruptionBudget", full).is_none(), "{set}");
+    }
+    assert!(
+        Manifests::render("rel", "ops", Some("replicas=3"), &[]).find("PodDisruptionBudget", full).is_some()
+    );
+
+    // Peers elsewhere: another port, an IPv6 bind address, another Lease duration.
+    let m =
+        Manifests::render("rel", "ops", Some("peers.port=9443,bindAddress=::,peers.leaseSeconds=30"), &[]);
+    let pod = pod_of(&m);
+    let c = named(&pod["containers"], "operator");
+    let args = strings(&c["args"]);
+    for arg in ["--peer-addr=[::]:9443", "--peer-lease-seconds=30"] {
+        assert!(args.iter().any(|a| a == arg), "{arg} not in {args:?}");
+    }
+    assert_binary_accepts(&args);
+    assert_eq!(named(&c["ports"], "peers")["containerPort"], 9443);
+    let svc = m.get("Service", &format!("{full}-peers"));
+    assert_eq!(named(&svc["spec"]["ports"], "peers")["port"], 9443);
+
+    // Peers off: no flag, no port, no token, no peers Service; TLS still mounted.
+    let m = Manifests::render("rel", "ops", Some("peers.enabled=false,tls.secretName=x"), &[]);
+    let pod = pod_of(&m);
+    let c = named(&pod["containers"], "operator");
+    let args = strings(&c["args"]);
+    assert!(!args.iter().any(|a| a.starts_with("--peer")), "{args:?}");
+    assert!(args.contains(&"--leader-election".to_owned()), "{args:?}");
+    assert_binary_accepts(&args);
+    let ports: Vec<&str> = c["ports"].as_sequence().unwrap().iter().map(|p| text(&p["name"])).collect();
+    assert_eq!(ports, ["opamp", "api", "metrics"]);
+    let volumes: Vec<&str> = pod["volumes"].as_sequence().unwrap().iter().map(|v| text(&v["name"])).collect();
+    assert_eq!(volumes, ["tls"]);
+    let mounts: Vec<&str> =
+        c["volumeMounts"].as_sequence().unwrap().iter().map(|v| text(&v["name"])).collect();
+    assert_eq!(mounts, ["tls"]);
+    assert!(m.find("Service", &format!("{full}-peers")).is_none());
+
+    // Spread constraints: replaced as given (a labelSelector given is kept, one left out is the
+    // release's pods), or none at all.
+    let zones = r#"topologySpreadConstraints=[
+        {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule"},
+        {"maxSkew": 2, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway",
+         "labelSelector": {"matchLabels": {"team": "obs"}}}]"#;
+    let m = Manifests::render("rel", "ops", None, &["--set-json", zones]);
+    let pod = pod_of(&m);
+    let spread = pod["topologySpreadConstraints"].as_sequence().unwrap();
+    assert_eq!(spread.len(), 2, "{spread:?}");
+    assert_eq!(
+        (text(&spread[0]["topologyKey"]), text(&spread[0]["whenUnsatisfiable"])),
+        ("topology.kubernetes.io/zone", "DoNotSchedule")
+    );
+    assert_eq!(spread[0]["labelSelector"]["matchLabels"]["app.kubernetes.io/instance"], "rel");
+    assert_eq!(spread[0]["labelSelector"]["matchLabels"]["app.kubernetes.io/name"], "opamp-operator");
+    let own = spread[1]["labelSelector"]["matchLabels"].as_mapping().unwrap();
+    assert_eq!(own.len(), 1, "{own:?}");
+    assert_eq!(spread[1]["labelSelector"]["matchLabels"]["team"], "obs");
+    assert_eq!(spread[1]["maxSkew"], 2);
+    let m = Manifests::render("rel", "ops", None, &["--set-json", "topologySpreadConstraints=[]"]);
+    assert!(pod_of(&m)["topologySpreadConstraints"].is_null());
+}
+
 // ---- on the local cluster ---------------------------------------------------------------------
 
 /// Runs a closure when dropped — also while a failing test unwinds: cluster-scoped objects
@@ -546,11 +666,15 @@ async fn installs_and_upgrades_on_a_cluster() {
     let out = helm_async(helm_args("install", &[])).await;
     assert!(out.contains("STATUS: deployed"), "{out}");
     assert!(out.contains(&format!("ws://{full}.{}.svc:4320/v1/opamp", ns.name)), "NOTES:\n{out}");
+    assert!(out.contains(&format!("get leases -l opamp.dev/peer-group={full}")), "NOTES:\n{out}");
     eprintln!("helm install: {:?}", started.elapsed());
 
     let deployments: Api<Deployment> = ns.api();
     let d = deployments.get(&full).await.expect("the Deployment exists");
-    assert_eq!(d.spec.as_ref().unwrap().replicas, Some(1));
+    assert_eq!(d.spec.as_ref().unwrap().replicas, Some(2));
+    let budgets: Api<PodDisruptionBudget> = ns.api();
+    let pdb = budgets.get(&full).await.expect("the PodDisruptionBudget exists");
+    assert_eq!(pdb.spec.unwrap().max_unavailable, Some(IntOrString::Int(1)));
     let services: Api<Service> = ns.api();
     for name in [full.clone(), format!("{full}-api"), format!("{full}-peers"), format!("{full}-metrics")] {
         services.get(&name).await.unwrap_or_else(|e| panic!("Service {name}: {e}"));
@@ -703,13 +827,21 @@ async fn bind_to_user(rbac: &mut Manifests, user: &str, ns: &TestNamespace) {
 }
 
 /// Starts the operator as `client`, managing `namespaces`, with leader election in
-/// `lease_namespace` (its Lease is what the chart's Role is for), and waits until it is ready:
-/// every cache listed (agentconfigs, capabilityslots, configmaps, secrets of each namespace).
-async fn start_operator(client: Client, namespaces: Vec<String>, lease_namespace: &str) -> Operator {
+/// `lease_namespace` (its Leases are what the chart's Role is for) and `peers` if given, and
+/// waits until it is ready: every cache listed (agentconfigs, capabilityslots, configmaps,
+/// secrets of each namespace).
+async fn start_operator(
+    client: Client,
+    namespaces: Vec<String>,
+    lease_namespace: &str,
+    peers: Option<PeersConfig>,
+) -> Operator {
     // (The test configuration lets a slot's callback go to loopback, refused by default.)
     let config = OperatorConfig {
         namespaces: Some(namespaces),
         leader_election: Some(LeaderElectionConfig::new(lease_namespace, IDENTITY)),
+        peers,
+        peer_addr: "127.0.0.1:0".parse().unwrap(),
         ..test_config()
     };
     let op = tokio::time::timeout(T, Operator::start(client, config))
@@ -792,11 +924,17 @@ async fn operator_runs_with_the_charts_rbac() {
         (("events.k8s.io", "events", "delete", ""), None),
         (("", "events", "create", ""), None),
         (("coordination.k8s.io", "leases", "create", ""), Some("default")),
-        (("coordination.k8s.io", "leases", "list", ""), Some(ns.name.as_str())),
-        (("coordination.k8s.io", "leases", "update", "another-lease"), Some(ns.name.as_str())),
+        (("coordination.k8s.io", "leases", "list", ""), Some("default")),
+        (("coordination.k8s.io", "leases", "delete", ""), Some("default")),
+        (("coordination.k8s.io", "leases", "list", ""), None),
+        (("coordination.k8s.io", "leases", "deletecollection", ""), Some(ns.name.as_str())),
     ] {
         assert!(!allowed(&operator, grant, namespace).await, "{grant:?} in {namespace:?} is granted");
     }
+    // Peers learn their own user (to accept their own tokens) with a SelfSubjectReview, which
+    // every authenticated user may create (system:basic-user): the chart need not grant it.
+    let whoami = ("authentication.k8s.io", "selfsubjectreviews", "create", "");
+    assert!(allowed(&operator, whoami, None).await, "SelfSubjectReview is refused");
 
     // What the operator works with: a token (the harness's), a ConfigMap, an AgentConfig, a
     // CapabilitySlot.
@@ -810,9 +948,14 @@ async fn operator_runs_with_the_charts_rbac() {
     .unwrap();
     ns.apply_yaml(&agent_config("rbac", "a")).await.unwrap();
 
-    // The operator, as the `operator` user.
+    // The operator, as the `operator` user, with peers on as the chart runs it (the group is
+    // the release's full name; the token a service account's, for the peer audience; the
+    // accepted user that service account, as the chart's pods accept their own).
+    let peer = common::peers::identity(&ns.name).await;
+    let mut peers = common::peers::peers_config(&ns.name, IDENTITY, &peer);
+    peers.group = full.clone();
     let started = std::time::Instant::now();
-    let op = start_operator(operator.clone(), vec![ns.name.clone()], &ns.name).await;
+    let op = start_operator(operator.clone(), vec![ns.name.clone()], &ns.name, Some(peers)).await;
     eprintln!("operator ready as `operator` in {:?}", started.elapsed());
     let leases: Api<Lease> = ns.api();
     let holder = |lease: Option<Lease>| lease?.spec?.holder_identity;
@@ -820,6 +963,24 @@ async fn operator_runs_with_the_charts_rbac() {
         (holder(leases.get_opt(LEASE).await.ok()?).as_deref() == Some(IDENTITY)).then_some(())
     })
     .await;
+    // Its own Lease carries its peer address; the peer address takes the peer token (a
+    // TokenReview, with the chart's ClusterRole) and refuses an agent's.
+    let peer_addr = op.peer_addr.expect("a peer address");
+    let member = format!("{full}-{IDENTITY}");
+    let own = wait_for("the replica's own Lease with its peer address", || async {
+        let lease = leases.get_opt(&member).await.ok()??;
+        (lease.annotations().get(ADDRESS_ANNOTATION) == Some(&peer_addr.to_string())).then_some(lease)
+    })
+    .await;
+    assert_eq!(own.labels().get(GROUP_LABEL), Some(&full));
+    assert_eq!(own.spec.and_then(|s| s.holder_identity).as_deref(), Some(IDENTITY));
+    let ping = |token: String| async move {
+        let url = format!("http://{peer_addr}/peer/v1/ping");
+        let resp = reqwest::Client::new().post(url).bearer_auth(token).send().await;
+        resp.expect("the peer address answers").status().as_u16()
+    };
+    assert_eq!(ping(peer.token.clone()).await, 200, "the peer token");
+    assert_eq!(ping(tenants.token.clone()).await, 403, "an agent's token");
 
     let mut spec = AgentSpec::new("rbac");
     spec.custom_capabilities = vec!["com.example.rbac".into()];
@@ -879,8 +1040,12 @@ async fn operator_runs_with_the_charts_rbac() {
 
     agent.stop().await;
     op.stop().await;
-    // A replica that stops hands the Lease back.
+    // A replica that stops hands the Lease back, and deletes its own.
     assert_eq!(holder(leases.get_opt(LEASE).await.unwrap()), None, "the Lease is released");
+    wait_for("the replica's own Lease deleted", || async {
+        leases.get_opt(&member).await.ok()?.is_none().then_some(())
+    })
+    .await;
     // Anything the API server refused shows up in the operator's log.
     let denied = denials();
     assert!(denied.is_empty(), "the operator was refused something:\n{}", denied.join("\n"));
@@ -938,6 +1103,14 @@ async fn operator_scoped_to_namespaces_runs_with_roles_there_only() {
         all_allowed(&operator, &granted).await.then_some(())
     })
     .await;
+    // Leases only in the release namespace, not in the other managed one.
+    for grant in NAMESPACE_RULES {
+        assert!(
+            !allowed(&operator, *grant, Some(&other.name)).await,
+            "{grant:?} is granted in {}",
+            other.name
+        );
+    }
     // Nothing on the namespaced resources cluster-wide, nor in a namespace it does not manage.
     for grant in NAMESPACED_RULES {
         assert!(!allowed(&operator, *grant, None).await, "{grant:?} is granted cluster-wide");
@@ -961,7 +1134,8 @@ async fn operator_scoped_to_namespaces_runs_with_roles_there_only() {
     other.apply_yaml(&agent_config("rbac", "a")).await.unwrap();
     outside.apply_yaml(&agent_config("rbac", "a")).await.unwrap();
 
-    let op = start_operator(operator.clone(), vec![home.name.clone(), other.name.clone()], &home.name).await;
+    let op =
+        start_operator(operator.clone(), vec![home.name.clone(), other.name.clone()], &home.name, None).await;
     let agent =
         RunningAgent::spawn(format!("ws://{}/v1/opamp", op.opamp_addr), Some(token), AgentSpec::new("rbac"));
 

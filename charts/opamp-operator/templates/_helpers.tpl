@@ -59,6 +59,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 /etc/opamp/tls
 {{- end }}
 
+{{/* Where the projected peer token is mounted (the default of --peer-token-file). */}}
+{{- define "opamp-operator.peerTokenDir" -}}
+/var/run/secrets/opamp.dev/peers
+{{- end }}
+
 {{/* The leader-election Lease: the operator's fixed name (controller/leader.rs). */}}
 {{- define "opamp-operator.leaseName" -}}
 opamp-operator
