@@ -205,6 +205,32 @@ async fn custom_message_delivered(
     assert!(at <= before + 1, "delivered at poll {at}, queued after poll {before}");
 }
 
+/// Waits until every replica of `ops` sees all the others.
+async fn membership_settled(ops: &[Operator]) {
+    for op in ops {
+        eventually(T, "every replica sees all the others", || async {
+            (op.peers.others().len() == ops.len() - 1).then_some(())
+        })
+        .await;
+    }
+}
+
+/// Changes the membership with the proxy holding polls, so that no poll lands while the
+/// replicas' views differ (for a moment, a poll could then be asked for its full state by
+/// two of them); the proxy sends polls to `targets` afterwards.
+async fn while_held<F: std::future::Future<Output = Vec<Operator>>>(
+    proxy: &Proxy,
+    targets: impl FnOnce(),
+    change: F,
+) -> Vec<Operator> {
+    proxy.set_open(false);
+    targets();
+    let ops = change.await;
+    membership_settled(&ops).await;
+    proxy.set_open(true);
+    ops
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_agent_polling_every_replica_in_turn_is_served_by_its_owner_alone() {
     let tenants = common::env::TestEnv::new("http-route").deadline(T).prepare().await;
@@ -216,16 +242,19 @@ async fn an_http_agent_polling_every_replica_in_turn_is_served_by_its_owner_alon
         common::operator::start(replica("replica-b")).await,
         common::operator::start(replica("replica-c")).await,
     ];
-    for op in &ops {
-        eventually(T, "each replica sees the two others", || async {
-            (op.peers.others().len() == 2).then_some(())
-        })
-        .await;
-    }
+    membership_settled(&ops).await;
+    // An agent replica-c owns when it is there; it is not, at first.
+    let uid = loop {
+        let uid = Uid::new_v7();
+        if owner_of(&ops, &uid) == 2 {
+            break uid;
+        }
+    };
+    ops.pop().unwrap().stop().await;
+    membership_settled(&ops).await;
     ns.apply(&edge_config("v: 1")).await;
 
     let (proxy, proxy_addr) = Proxy::start(ops.iter().map(|op| op.opamp_addr).collect()).await;
-    let uid = Uid::new_v7();
     let key = ns.key(uid);
     let mut agent = GoAgent::spawn(&[
         "-url",
@@ -243,7 +272,7 @@ async fn an_http_agent_polling_every_replica_in_turn_is_served_by_its_owner_alon
         CAPABILITY,
     ]);
     agent.wait_event(T, "connected").await;
-    let owner = owner_of(&ops, &uid);
+    let first_owner = owner_of(&ops, &uid);
 
     // The AgentConfig reaches it through its owner, and it reports APPLIED there.
     let v1 = agent
@@ -251,12 +280,12 @@ async fn an_http_agent_polling_every_replica_in_turn_is_served_by_its_owner_alon
         .await;
     let v1_hash = Bytes::from(hex_decode(v1["hash"].as_str().unwrap()));
     eventually(T, "the owner knows it runs v1", || async {
-        applied(&ops[owner].fleet, &key, &v1_hash).then_some(())
+        applied(&ops[first_owner].fleet, &key, &v1_hash).then_some(())
     })
     .await;
 
-    // Counted once, at every poll, while its polls go to every replica in turn.
-    counted_once(&proxy, &ops, &key, owner, 9).await;
+    // Counted once, at every poll, while its polls go to both replicas in turn.
+    counted_once(&proxy, &ops, &key, first_owner, 6).await;
     let polls = proxy.polls();
     for op in &ops {
         assert!(
@@ -267,38 +296,52 @@ async fn an_http_agent_polling_every_replica_in_turn_is_served_by_its_owner_alon
     assert!(polls.iter().all(|p| p.status == 200 && p.uid_header), "{polls:#?}");
     assert!(full_state_asks(&proxy) <= 1, "its full state asked once at most: {polls:#?}");
     assert_eq!(configs_sent(&proxy), vec![v1_hash.clone()], "v1 sent once");
-    for (i, op) in ops.iter().enumerate().filter(|(i, _)| *i != owner) {
-        let forwarded = metric(op, "opamp_http_forwarded_total{result=\"answered\"}").await;
-        assert!(forwarded >= 1.0, "replica {i} forwarded its polls to the owner");
-    }
-    assert!(metric(&ops[owner], "opamp_http_forwards_received_total").await >= 2.0);
+    let other = 1 - first_owner;
+    let forwarded = metric(&ops[other], "opamp_http_forwarded_total{result=\"answered\"}").await;
+    assert!(forwarded >= 1.0, "the other replica forwarded its polls to the owner");
+    assert!(metric(&ops[first_owner], "opamp_http_forwards_received_total").await >= 1.0);
 
     // A custom message queued on the owner goes out at the next poll.
-    custom_message_delivered(&proxy, &mut agent, &ops[owner], &key, "first").await;
+    custom_message_delivered(&proxy, &mut agent, &ops[first_owner], &key, "first").await;
 
-    // The owner stops (the Service drops it first): the agent is the new owner's, which asks
+    // replica-c joins and owns the agent now: the first owner marks it offline; replica-c asks
     // for its full state once and does not send again the config the agent runs.
-    proxy.set_open(false);
-    let stopped = ops.remove(owner);
-    proxy.targets.lock().retain(|a| *a != stopped.opamp_addr);
-    stopped.stop().await;
-    for op in &ops {
-        eventually(T, "the stopped replica left", || async { (op.peers.others().len() == 1).then_some(()) })
-            .await;
-    }
-    let asks_before = full_state_asks(&proxy);
-    proxy.set_open(true);
-    let owner = owner_of(&ops, &uid);
-    eventually(T, "the new owner knows it runs v1", || async {
-        applied(&ops[owner].fleet, &key, &v1_hash).then_some(())
+    let asks = full_state_asks(&proxy);
+    let joined = common::operator::start(replica("replica-c")).await;
+    let c_addr = joined.opamp_addr;
+    ops.push(joined);
+    let ops = while_held(&proxy, || proxy.targets.lock().push(c_addr), async { ops }).await;
+    assert_eq!(owner_of(&ops, &uid), 2);
+    eventually(T, "replica-c knows it runs v1", || async {
+        applied(&ops[2].fleet, &key, &v1_hash).then_some(())
     })
     .await;
-    counted_once(&proxy, &ops, &key, owner, 6).await;
-    assert!(full_state_asks(&proxy) <= asks_before + 1, "full state asked once per ownership change");
+    counted_once(&proxy, &ops, &key, 2, 6).await;
+    assert!(full_state_asks(&proxy) <= asks + 1, "full state asked once per ownership change");
     assert_eq!(configs_sent(&proxy), vec![v1_hash.clone()], "the config it runs is not sent again");
-    custom_message_delivered(&proxy, &mut agent, &ops[owner], &key, "second").await;
+    assert!(metric(&ops[first_owner], "opamp_http_agents_released_total").await >= 1.0);
+    custom_message_delivered(&proxy, &mut agent, &ops[2], &key, "second").await;
 
-    // A config change reaches it through the new owner, once.
+    // replica-c stops (the Service drops it first): the agent is its first owner's again.
+    let asks = full_state_asks(&proxy);
+    let mut ops = ops;
+    let stopped = ops.pop().unwrap();
+    let ops = while_held(&proxy, || proxy.targets.lock().retain(|a| *a != c_addr), async {
+        stopped.stop().await;
+        ops
+    })
+    .await;
+    assert_eq!(owner_of(&ops, &uid), first_owner);
+    eventually(T, "the first owner knows it runs v1", || async {
+        applied(&ops[first_owner].fleet, &key, &v1_hash).then_some(())
+    })
+    .await;
+    counted_once(&proxy, &ops, &key, first_owner, 4).await;
+    assert!(full_state_asks(&proxy) <= asks + 1, "full state asked once per ownership change");
+    assert_eq!(configs_sent(&proxy), vec![v1_hash.clone()], "the config it runs is not sent again");
+    custom_message_delivered(&proxy, &mut agent, &ops[first_owner], &key, "third").await;
+
+    // A config change reaches it through its owner, once.
     ns.apply(&edge_config("v: 2")).await;
     let v2 = agent
         .wait_for(T, "v2 applied", |e| {
@@ -306,14 +349,14 @@ async fn an_http_agent_polling_every_replica_in_turn_is_served_by_its_owner_alon
         })
         .await;
     let v2_hash = Bytes::from(hex_decode(v2["hash"].as_str().unwrap()));
-    eventually(T, "the new owner knows it runs v2", || async {
-        applied(&ops[owner].fleet, &key, &v2_hash).then_some(())
+    eventually(T, "the owner knows it runs v2", || async {
+        applied(&ops[first_owner].fleet, &key, &v2_hash).then_some(())
     })
     .await;
-    counted_once(&proxy, &ops, &key, owner, 4).await;
+    counted_once(&proxy, &ops, &key, first_owner, 4).await;
     assert_eq!(configs_sent(&proxy), vec![v1_hash, v2_hash]);
     assert_eq!(agent.count("remote_config_duplicate"), 0);
-    assert!(full_state_asks(&proxy) <= asks_before + 1);
+    assert!(full_state_asks(&proxy) <= asks + 1);
 
     agent.stop().await;
     for op in ops {
