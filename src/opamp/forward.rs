@@ -2,7 +2,6 @@
 //! uid a poll is for, forwarding it to the owner's peer route and passing the owner's answer
 //! on, and letting go of the HTTP agents another replica owns after a membership change.
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -13,6 +12,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::ServerMetrics;
+use super::server::Throttle;
 use crate::fleet::Fleet;
 use crate::peers::{Member, Peers};
 use crate::protocol::Uid;
@@ -63,9 +63,8 @@ pub(super) struct Forwarding {
     /// must live on one runtime that outlives them.
     runtime: Option<tokio::runtime::Handle>,
     slots: Arc<Semaphore>,
-    /// When a failed forward was last logged at warn level (ms since `started`).
-    last_warned: AtomicU64,
-    started: std::time::Instant,
+    /// Failed forwards are logged at warn level at most every [`WARN_EVERY`].
+    failure_warning: Throttle,
 }
 
 impl Forwarding {
@@ -76,17 +75,8 @@ impl Forwarding {
             peers,
             runtime: tokio::runtime::Handle::try_current().ok(),
             slots: Arc::new(Semaphore::new(max_forwards.clamp(1, Semaphore::MAX_PERMITS))),
-            last_warned: AtomicU64::new(0),
-            started: std::time::Instant::now(),
+            failure_warning: Throttle::new(WARN_EVERY),
         }
-    }
-
-    /// The replica that owns `uid`, when it is another one.
-    pub(super) fn owner(&self, uid: &Uid) -> Option<Member> {
-        if self.peers.others().is_empty() {
-            return None;
-        }
-        self.peers.owner(uid)
     }
 
     /// Sends a poll (its body as received) to `owner`'s peer route and reads its answer.
@@ -124,15 +114,7 @@ impl Forwarding {
 
     /// Logs a failed forward: at warn level at most every [`WARN_EVERY`], else at debug.
     pub(super) fn log_failure(&self, owner: &Member, error: &str) {
-        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let last = self.last_warned.load(Ordering::Relaxed);
-        let due = last == 0 || now.saturating_sub(last) >= WARN_EVERY.as_millis() as u64;
-        if due
-            && self
-                .last_warned
-                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if self.failure_warning.due() {
             tracing::warn!(owner = %owner.identity, error, "the owner of an HTTP agent did not answer: polls for it are handled here meanwhile");
         } else {
             tracing::debug!(owner = %owner.identity, error, "the owner of an HTTP agent did not answer: handled here");

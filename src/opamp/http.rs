@@ -78,7 +78,7 @@ pub(super) async fn post(
                 Err(e) => return undecodable(e, gzip_ok),
             },
         };
-        if let Some(owner) = uid.and_then(|uid| forwarding.owner(&uid)) {
+        if let Some(owner) = uid.and_then(|uid| forwarding.peers.owner(&uid)) {
             let result = |result| state.metrics.http_forwarded.get_or_create(&ResultLabel { result }).inc();
             match forwarding.forward(&owner, &headers, raw.clone()).await {
                 Forwarded::Answered(resp) => {
@@ -182,7 +182,7 @@ fn handle_here(state: &State, tenant: Tenant, msg: AgentToServer, gzip_ok: bool)
     let mut conn = state.fleet.connection(Transport::Http, tenant);
     let handled = request::handle(state, &mut conn, msg);
     if let (Some(forwarding), Some(uid)) = (&state.forwarding, conn.agent())
-        && forwarding.owner(&uid).is_some()
+        && forwarding.peers.owner(&uid).is_some()
         && state.fleet.release_http_agent(&AgentKey::new(conn.tenant().namespace.clone(), uid))
     {
         state.metrics.http_agents_released.inc();

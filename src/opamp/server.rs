@@ -495,8 +495,8 @@ struct Connections {
     max: usize,
     deadlines: [Duration; 5],
     metrics: Arc<ServerMetrics>,
-    /// When accepting last paused at the limit (ms since [`EPOCH`]), to log it once a minute.
-    last_paused: AtomicU64,
+    /// Accepting paused at the limit is logged once a minute at most.
+    paused_warning: Throttle,
 }
 
 impl Connections {
@@ -515,7 +515,7 @@ impl Connections {
                 c.idle_timeout,
             ],
             metrics: state.metrics.clone(),
-            last_paused: AtomicU64::new(0),
+            paused_warning: Throttle::new(Duration::from_secs(60)),
         }
     }
 
@@ -529,14 +529,7 @@ impl Connections {
             Ok(permit) => permit.forget(),
             Err(_) => {
                 self.metrics.connection_accepts_paused.inc();
-                let now = millis(Instant::now());
-                let last = self.last_paused.load(Ordering::Relaxed);
-                if (last == 0 || now.saturating_sub(last) >= 60_000)
-                    && self
-                        .last_paused
-                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                        .is_ok()
-                {
+                if self.paused_warning.due() {
                     tracing::warn!(
                         max_connections = self.max,
                         "OpAMP connection limit reached: accepting again as connections close"
@@ -556,6 +549,27 @@ struct Slot(Arc<Connections>);
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.slots.add_permits(1);
+    }
+}
+
+/// Says yes at most once per period: for warnings that would otherwise repeat at every request.
+pub(super) struct Throttle {
+    every_ms: u64,
+    /// When it last said yes (ms since [`EPOCH`]; 0: never).
+    last: AtomicU64,
+}
+
+impl Throttle {
+    pub(super) fn new(every: Duration) -> Self {
+        Self { every_ms: u64::try_from(every.as_millis()).unwrap_or(u64::MAX), last: AtomicU64::new(0) }
+    }
+
+    /// Whether the period has passed since it last said yes (always the first time).
+    pub(super) fn due(&self) -> bool {
+        let now = millis(Instant::now()).max(1);
+        let last = self.last.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= self.every_ms)
+            && self.last.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
     }
 }
 
