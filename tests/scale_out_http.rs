@@ -392,6 +392,41 @@ async fn polls_for_an_owner_that_does_not_answer_are_handled_where_they_land() {
         }
     };
     let key = ns.key(uid);
+
+    // A poll without OpAMP-Instance-UID (our sim agent sends none), gzipped, is routed by the
+    // uid it carries; the owner admits it by the agent's token and answers it uncompressed, as
+    // the agent asked (no Accept-Encoding).
+    let plain = ns.key(loop {
+        let other = Uid::new_v7();
+        if owner_of(&ops, &other) == 1 {
+            break other;
+        }
+    });
+    let hello = AgentToServer {
+        instance_uid: plain.uid.to_wire(),
+        agent_description: Some(Default::default()),
+        ..Default::default()
+    };
+    let post = |token: &str| {
+        reqwest::Client::new()
+            .post(format!("http://{}/v1/opamp", ops[0].opamp_addr))
+            .bearer_auth(token)
+            .header(header::CONTENT_TYPE, "application/x-protobuf")
+            .header(header::CONTENT_ENCODING, "gzip")
+            .body(codec::gzip(&hello.encode_to_vec()))
+            .send()
+    };
+    let resp = post(&ns.token).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/x-protobuf");
+    assert!(resp.headers().get(header::CONTENT_ENCODING).is_none());
+    let reply = ServerToAgent::decode(resp.bytes().await.unwrap()).unwrap();
+    assert_eq!(reply.instance_uid, plain.uid.to_wire());
+    assert!(ops[1].fleet.agent(&plain).is_some_and(|a| a.connected), "its owner holds it");
+    assert!(ops[0].fleet.agent(&plain).is_none(), "the replica it landed on does not");
+    // A token no namespace has is refused where the poll lands.
+    assert_eq!(post("no-such-token").await.unwrap().status(), 401);
+
     let (proxy, proxy_addr) = Proxy::start(vec![ops[0].opamp_addr]).await;
     let mut agent = GoAgent::spawn(&[
         "-url",
