@@ -204,6 +204,25 @@ mod tests {
     use super::*;
     use axum::http::HeaderValue;
 
+    fn member() -> Member {
+        Member { identity: "b".into(), incarnation: "1".into(), address: "127.0.0.1:9".into() }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_poll_that_finds_every_forwarding_slot_taken_is_refused_after_a_second() {
+        let forwarding = Forwarding::new(Peers::solo(), 1);
+        let taken = forwarding.slots.clone().try_acquire_owned().unwrap();
+        let started = tokio::time::Instant::now();
+        let forwarded = forwarding.forward(&member(), &HeaderMap::new(), Bytes::new()).await;
+        assert!(matches!(forwarded, Forwarded::Busy));
+        assert_eq!(started.elapsed(), SLOT_WAIT);
+        drop(taken);
+        // A free slot, and a call that cannot be made (this replica has no peer token).
+        let forwarded = forwarding.forward(&member(), &HeaderMap::new(), Bytes::new()).await;
+        assert!(matches!(forwarded, Forwarded::Failed(e) if e.contains("no peer token")));
+        assert_eq!(forwarding.slots.available_permits(), 1, "the slot is given back");
+    }
+
     #[test]
     fn polls_are_routed_by_a_valid_header_uid_or_their_wire_uid() {
         let uid = Uid::new_v7();
