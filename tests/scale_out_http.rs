@@ -393,7 +393,7 @@ async fn polls_for_an_owner_that_does_not_answer_are_handled_where_they_land() {
     };
     let key = ns.key(uid);
 
-    // A poll without OpAMP-Instance-UID (our sim agent sends none), gzipped, is routed by the
+    // A poll without OpAMP-Instance-UID (opamp-go before v0.23 sends none), gzipped, is routed by the
     // uid it carries; the owner admits it by the agent's token and answers it uncompressed, as
     // the agent asked (no Accept-Encoding).
     let plain = ns.key(loop {

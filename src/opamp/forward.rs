@@ -23,7 +23,7 @@ pub const PEER_OPAMP_PATH: &str = "/opamp";
 /// `Authorization` is the forwarding replica's peer token. Only the peer route reads it.
 pub const FORWARDED_AUTHORIZATION: HeaderName = HeaderName::from_static("opamp-forwarded-authorization");
 /// The instance uid of a plain-HTTP request as a UUID string (OpAMP specification; opamp-go
-/// sends it with every request since v0.20).
+/// sends it with every request since v0.23.0, older clients none).
 pub const INSTANCE_UID: HeaderName = HeaderName::from_static("opamp-instance-uid");
 /// Forwards in flight at once by default ([`super::ServerConfig::max_forwards`]).
 pub const MAX_FORWARDS_DEFAULT: usize = 64;
