@@ -1,5 +1,7 @@
 //! Serves `/v1/opamp`: a `GET` with an upgrade becomes a WebSocket, a `POST` is the plain-HTTP
-//! transport.
+//! transport. With other replicas ([`OpampServer::with_peers`]), the route their forwarded HTTP
+//! polls arrive on ([`OpampServer::peer_router`]) is served on the peer address, and a task
+//! marks offline the HTTP agents another replica owns after each membership change (`http.rs`).
 //!
 //! Connections are accepted by our own loop and served by hyper (HTTP/1.1, with upgrades), so
 //! that each one is under a deadline in every phase and their number is capped:
