@@ -23,7 +23,7 @@
 //! | `metrics` | `fleet`, `opamp`, `routes`, `controller`, `peers` (their metrics structs) |
 //! | `controller` | `fleet`, `routes`, `api`, `protocol`, `opamp` (the `Authenticator` it implements) |
 //! | `routes` | `fleet`, `api`, `protocol`, `http_server` (the bounded body read) |
-//! | `opamp` | `fleet`, `protocol`, `http_server` (the bounded body read) |
+//! | `opamp` | `fleet`, `protocol`, `http_server` (the bounded body read), `peers` (HTTP polls routed to their owner) |
 //! | `agents_api` | `access`, `fleet`, `protocol` |
 //! | `peers` | `protocol` |
 //! | `access` | `protocol` |

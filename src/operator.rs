@@ -232,11 +232,15 @@ impl Operator {
         let limits = config.api_limits.clone();
         tasks.spawn(crate::http_server::serve(api_listener, api, limits.clone(), shutdown.clone()));
 
+        let server = OpampServer::with_auth(fleet.clone(), config.server.clone(), auth)
+            .with_metrics(metrics.server.clone());
+        let server = if peer_listener.is_some() { server.with_peers(peers.clone()) } else { server };
         let peer_addr = match peer_listener {
             Some((listener, bound, peer_config, verifier)) => {
                 let me = peers.me().identity.clone();
                 let api = axum::Router::new()
-                    .route("/ping", axum::routing::post(move || async move { axum::Json(me.to_string()) }));
+                    .route("/ping", axum::routing::post(move || async move { axum::Json(me.to_string()) }))
+                    .merge(server.peer_router());
                 let app = axum::Router::new()
                     .nest(crate::peers::PREFIX, api)
                     .layer(axum::middleware::from_fn_with_state(verifier, crate::peers::auth::require_peer));
@@ -286,8 +290,6 @@ impl Operator {
             files.load().await?; // fail at start, clearly, on a bad certificate
         }
         let tls = config.tls.clone();
-        let server = OpampServer::with_auth(fleet.clone(), config.server.clone(), auth)
-            .with_metrics(metrics.server.clone());
         let server_shutdown = server.shutdown_token();
         let stop = shutdown.clone();
         tasks.spawn(async move {

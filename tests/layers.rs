@@ -11,7 +11,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("api", &[]),
     ("http_server", &[]),
     ("fleet", &["protocol"]),
-    ("opamp", &["fleet", "protocol", "http_server"]),
+    ("opamp", &["fleet", "protocol", "http_server", "peers"]),
     ("routes", &["fleet", "api", "protocol", "http_server"]),
     ("controller", &["fleet", "routes", "api", "protocol", "opamp"]),
     ("peers", &["protocol"]),

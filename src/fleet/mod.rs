@@ -669,6 +669,42 @@ impl Fleet {
         self.record(&key, Changes::DISCONNECTED);
     }
 
+    /// Marks one plain-HTTP agent offline, keeping its record (its report, desired state and
+    /// queued custom messages): another replica serves it now. Whether it was connected over
+    /// HTTP.
+    pub fn release_http_agent(&self, key: &AgentKey) -> bool {
+        let mut shard = self.shard(&key.uid);
+        let Some(agent) = shard.agents.get_mut(key).filter(|a| matches!(a.link, Link::Http)) else {
+            return false;
+        };
+        agent.go_offline(Instant::now());
+        drop(shard);
+        self.inner.connected.fetch_sub(1, Ordering::Relaxed);
+        self.record(key, Changes::DISCONNECTED);
+        true
+    }
+
+    /// Marks offline, as [`Fleet::release_http_agent`] does, every plain-HTTP agent whose uid
+    /// `keep` refuses (called under each shard's lock: keep it quick); how many.
+    pub fn release_http_agents(&self, mut keep: impl FnMut(&Uid) -> bool) -> usize {
+        let now = Instant::now();
+        let mut released = Vec::new();
+        for shard in self.inner.shards.iter() {
+            let mut shard = shard.lock();
+            for (key, agent) in shard.agents.iter_mut() {
+                if matches!(agent.link, Link::Http) && !keep(&key.uid) {
+                    agent.go_offline(now);
+                    released.push(key.clone());
+                }
+            }
+        }
+        self.inner.connected.fetch_sub(released.len(), Ordering::Relaxed);
+        for key in &released {
+            self.record(key, Changes::DISCONNECTED);
+        }
+        released.len()
+    }
+
     /// Sets what one agent should have, by hand (tests, tools): in a namespace with a plan, the
     /// next derivation from the plan replaces it. Connected WebSocket agents get it pushed at
     /// once, HTTP agents on their next poll. Returns whether anything changed.

@@ -14,6 +14,14 @@ pub struct KindLabel {
     pub kind: &'static str,
 }
 
+/// How forwarding a plain-HTTP poll to its owner went: `answered` (the owner's answer was
+/// passed on), `owner_unreachable` (handled here instead), `busy` (every forwarding slot was
+/// taken: refused with a Retry-After).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
 /// What the transports count.
 pub struct ServerMetrics {
     pub messages_in: Family<KindLabel, Counter>,
@@ -26,6 +34,12 @@ pub struct ServerMetrics {
     pub connection_accepts_paused: Counter,
     /// OpAMP connections closed at a deadline, by the phase they were in.
     pub connection_timeouts: Family<KindLabel, Counter>,
+    /// Plain-HTTP polls for an agent another replica owns, by how forwarding them went.
+    pub http_forwarded: Family<ResultLabel, Counter>,
+    /// Plain-HTTP polls another replica forwarded here (this replica owns the agent).
+    pub http_forwards_received: Counter,
+    /// Plain-HTTP agents marked offline here because another replica owns them now.
+    pub http_agents_released: Counter,
     /// The counters every message touches, resolved once.
     pub hot: MessageCounters,
 }
@@ -90,6 +104,9 @@ impl Default for ServerMetrics {
             connections_open: Gauge::default(),
             connection_accepts_paused: Counter::default(),
             connection_timeouts: Family::default(),
+            http_forwarded: Family::default(),
+            http_forwards_received: Counter::default(),
+            http_agents_released: Counter::default(),
         }
     }
 }
@@ -122,6 +139,21 @@ impl ServerMetrics {
             "connection_timeouts",
             "OpAMP connections closed at a deadline, by kind (tls_handshake, header, body, write, idle, websocket_first_message, websocket_silent)",
             self.connection_timeouts.clone(),
+        );
+        registry.register(
+            "http_forwarded",
+            "Plain-HTTP polls for an agent another replica owns, by result (answered, owner_unreachable, busy)",
+            self.http_forwarded.clone(),
+        );
+        registry.register(
+            "http_forwards_received",
+            "Plain-HTTP polls another replica forwarded to this one, the agent's owner",
+            self.http_forwards_received.clone(),
+        );
+        registry.register(
+            "http_agents_released",
+            "Plain-HTTP agents marked offline because another replica owns them now",
+            self.http_agents_released.clone(),
         );
     }
 }

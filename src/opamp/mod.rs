@@ -1,7 +1,9 @@
 //! The OpAMP endpoint: the two transports (WebSocket and plain HTTP) served on one path,
-//! `/v1/opamp`, over the fleet. The wire codec and the session state machine are in
-//! [`crate::protocol`].
+//! `/v1/opamp`, over the fleet, and with other replicas the peer route their forwarded HTTP
+//! polls arrive on (`http.rs`, `forward.rs`). The wire codec and the session state machine are
+//! in [`crate::protocol`].
 pub mod auth;
+mod forward;
 mod http;
 mod metrics;
 mod request;
@@ -10,6 +12,7 @@ pub mod tls;
 mod ws;
 
 pub use auth::{AuthError, Authenticator};
-pub use metrics::{KindLabel, MessageCounters, ServerMetrics, TransportLabel};
+pub use forward::{FORWARDED_AUTHORIZATION, INSTANCE_UID, MAX_FORWARDS_DEFAULT, PEER_OPAMP_PATH};
+pub use metrics::{KindLabel, MessageCounters, ResultLabel, ServerMetrics, TransportLabel};
 pub use server::{OPAMP_PATH, OpampServer, ServerConfig};
 pub use tls::TlsFiles;

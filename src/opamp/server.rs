@@ -1,5 +1,7 @@
 //! Serves `/v1/opamp`: a `GET` with an upgrade becomes a WebSocket, a `POST` is the plain-HTTP
-//! transport.
+//! transport. With other replicas ([`OpampServer::with_peers`]), the route their forwarded HTTP
+//! polls arrive on ([`OpampServer::peer_router`]) is served on the peer address, and a task
+//! marks offline the HTTP agents another replica owns after each membership change (`http.rs`).
 //!
 //! Connections are accepted by our own loop and served by hyper (HTTP/1.1, with upgrades), so
 //! that each one is under a deadline in every phase and their number is capped:
@@ -36,7 +38,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::get;
+use axum::routing::{get, post};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -47,9 +49,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::auth::{AdmitAll, Authenticator};
+use super::forward::{Forwarding, PEER_OPAMP_PATH};
 use super::metrics::{KindLabel, ServerMetrics};
 use super::tls::{TlsConfig, TlsError, TlsFiles};
 use crate::fleet::{Fleet, Tenant};
+use crate::peers::Peers;
 
 pub const OPAMP_PATH: &str = "/v1/opamp";
 
@@ -94,6 +98,10 @@ pub struct ServerConfig {
     /// derived from the soft open-file limit when serving starts
     /// ([`connections_for_open_file_limit`]).
     pub max_connections: Option<usize>,
+    /// Plain-HTTP polls forwarded to their agent's owner at once, at most (with peers, see
+    /// `http.rs`); each holds a connection to the owner's peer address. A poll that finds no
+    /// free slot within a second is refused with 503 and a Retry-After.
+    pub max_forwards: usize,
 }
 
 impl Default for ServerConfig {
@@ -110,6 +118,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(90),
             ws_first_message_timeout: Duration::from_secs(30),
             max_connections: None,
+            max_forwards: super::forward::MAX_FORWARDS_DEFAULT,
         }
     }
 }
@@ -153,6 +162,8 @@ pub(super) struct State {
     /// The WebSocket connections: upgraded connections are tasks of their own that the HTTP
     /// connections' tasks do not cover, so the event loops wait for these too.
     pub(super) websockets: TaskTracker,
+    /// With other replicas: routing HTTP polls to their agent's owner (`http.rs`).
+    pub(super) forwarding: Option<Forwarding>,
 }
 
 /// The OpAMP endpoint over a fleet.
@@ -170,7 +181,27 @@ impl OpampServer {
     pub fn with_auth(fleet: Fleet, config: ServerConfig, auth: Arc<dyn Authenticator>) -> Self {
         let metrics = Arc::default();
         let (shutdown, websockets) = (CancellationToken::new(), TaskTracker::new());
-        Self { state: Arc::new(State { fleet, metrics, auth, config, shutdown, websockets }) }
+        let forwarding = None;
+        Self { state: Arc::new(State { fleet, metrics, auth, config, shutdown, websockets, forwarding }) }
+    }
+
+    /// Acts as one endpoint with the other replicas: plain-HTTP polls for an agent another
+    /// replica owns are forwarded to it (see `http.rs`), and at each membership change the HTTP
+    /// agents others own now are marked offline here. Serve [`Self::peer_router`] on the peer
+    /// address. Call on the runtime peer calls should run on.
+    pub fn with_peers(mut self, peers: Peers) -> Self {
+        let state = Arc::get_mut(&mut self.state).expect("set before the server is cloned or served");
+        state.forwarding = Some(Forwarding::new(peers, state.config.max_forwards));
+        self
+    }
+
+    /// The peer routes (`/opamp`: polls other replicas forward), to be nested under
+    /// [`crate::peers::PREFIX`] behind the peer authentication.
+    pub fn peer_router(&self) -> Router {
+        Router::new()
+            .route(PEER_OPAMP_PATH, post(super::http::forwarded))
+            .layer(axum::extract::DefaultBodyLimit::disable())
+            .with_state(self.state.clone())
     }
 
     /// Counts into these metrics (each server has its own otherwise).
@@ -229,6 +260,10 @@ impl OpampServer {
         let abort = CancellationToken::new();
         let _abort_on_drop = abort.clone().drop_guard();
         let sweeper = tokio::spawn(self.state.fleet.clone().run_sweeper(abort.clone()));
+        let releaser = self.state.forwarding.as_ref().map(|f| {
+            let (fleet, metrics) = (self.state.fleet.clone(), self.state.metrics.clone());
+            tokio::spawn(super::forward::release_on_changes(fleet, f.peers.clone(), metrics, abort.clone()))
+        });
         let connections = Arc::new(Connections::new(&self.state));
         let router = self.router();
         let mut loops = Vec::new();
@@ -266,6 +301,9 @@ impl OpampServer {
             result = result.and(served);
         }
         sweeper.abort();
+        if let Some(releaser) = releaser {
+            releaser.abort();
+        }
         result
     }
 }
@@ -459,8 +497,8 @@ struct Connections {
     max: usize,
     deadlines: [Duration; 5],
     metrics: Arc<ServerMetrics>,
-    /// When accepting last paused at the limit (ms since [`EPOCH`]), to log it once a minute.
-    last_paused: AtomicU64,
+    /// Accepting paused at the limit is logged once a minute at most.
+    paused_warning: Throttle,
 }
 
 impl Connections {
@@ -479,7 +517,7 @@ impl Connections {
                 c.idle_timeout,
             ],
             metrics: state.metrics.clone(),
-            last_paused: AtomicU64::new(0),
+            paused_warning: Throttle::new(Duration::from_secs(60)),
         }
     }
 
@@ -493,14 +531,7 @@ impl Connections {
             Ok(permit) => permit.forget(),
             Err(_) => {
                 self.metrics.connection_accepts_paused.inc();
-                let now = millis(Instant::now());
-                let last = self.last_paused.load(Ordering::Relaxed);
-                if (last == 0 || now.saturating_sub(last) >= 60_000)
-                    && self
-                        .last_paused
-                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                        .is_ok()
-                {
+                if self.paused_warning.due() {
                     tracing::warn!(
                         max_connections = self.max,
                         "OpAMP connection limit reached: accepting again as connections close"
@@ -520,6 +551,27 @@ struct Slot(Arc<Connections>);
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.slots.add_permits(1);
+    }
+}
+
+/// Says yes at most once per period: for warnings that would otherwise repeat at every request.
+pub(super) struct Throttle {
+    every_ms: u64,
+    /// When it last said yes (ms since [`EPOCH`]; 0: never).
+    last: AtomicU64,
+}
+
+impl Throttle {
+    pub(super) fn new(every: Duration) -> Self {
+        Self { every_ms: u64::try_from(every.as_millis()).unwrap_or(u64::MAX), last: AtomicU64::new(0) }
+    }
+
+    /// Whether the period has passed since it last said yes (always the first time).
+    pub(super) fn due(&self) -> bool {
+        let now = millis(Instant::now()).max(1);
+        let last = self.last.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= self.every_ms)
+            && self.last.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
     }
 }
 

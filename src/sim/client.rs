@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::proto::{AgentToServer, ServerToAgent};
-use crate::protocol::codec;
+use crate::protocol::{Uid, codec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -154,14 +154,29 @@ impl HttpClient {
         }
     }
 
+    /// Sends one message, with its uid in the `OpAMP-Instance-UID` header as opamp-go does
+    /// (replicas route the poll by it without decoding).
     pub async fn send(&self, msg: &AgentToServer) -> Result<HttpReply, ClientError> {
         let body = msg.encode_to_vec();
-        self.post(body.into(), "application/x-protobuf").await
+        let uid = Uid::from_wire(&msg.instance_uid);
+        self.post_as(body.into(), "application/x-protobuf", uid).await
     }
 
     /// Posts any body (gzip-compressed when the client compresses).
     pub async fn post(&self, body: Bytes, content_type: &str) -> Result<HttpReply, ClientError> {
+        self.post_as(body, content_type, None).await
+    }
+
+    async fn post_as(
+        &self,
+        body: Bytes,
+        content_type: &str,
+        uid: Option<Uid>,
+    ) -> Result<HttpReply, ClientError> {
         let mut req = self.client.post(&self.url).header("content-type", content_type);
+        if let Some(uid) = uid {
+            req = req.header("opamp-instance-uid", uid.to_string());
+        }
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }
