@@ -643,4 +643,53 @@ mod tests {
         assert_eq!(answer.rest_from, Some(2));
         assert!(b.fleet.agent(&AgentKey::new(NS, uids[2])).is_some(), "the third is kept for the next ask");
     }
+
+    async fn call(app: &Router, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        use tower::ServiceExt;
+        let req = axum::http::Request::post(path)
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body.to_string()))
+            .unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+        (status, serde_json::from_slice(&body).unwrap_or_default())
+    }
+
+    /// The peer route trusts the peer for the token, not for the slot: an unknown slot, a
+    /// message type the slot does not allow and too many uids are refused; otherwise each
+    /// uid gets its outcome and the part is recorded.
+    #[tokio::test]
+    async fn the_enqueue_route_checks_the_slot_and_its_bounds() {
+        let routes = replica();
+        let app = router(routes.clone());
+        let uid = Uid::new_v7();
+        let mut conn = routes.fleet.connection(Transport::Http, Tenant::new(NS));
+        routes.fleet.handle(&mut conn, hello(uid)).unwrap();
+        let body = |slot: &str, t: &str, uids: Vec<Uid>| serde_json::json!({ "namespace": NS, "slot": slot, "id": "d1", "type": t, "data": "Z28=", "uids": uids });
+        assert_eq!(call(&app, ENQUEUE, body("nope", "start", vec![uid])).await.0, 404);
+        let too_many = (0..=MAX_AGENTS).map(|_| uid).collect();
+        assert_eq!(call(&app, ENQUEUE, body("jobs", "start", too_many)).await.0, 400);
+        let mut strict = routes.route(NS, "jobs").unwrap().0.as_ref().clone();
+        strict.message_types = vec!["stop".into()];
+        routes.publish(NS, vec![(strict, UpstreamStatus::default(), DownstreamStatus::default())]);
+        assert_eq!(call(&app, ENQUEUE, body("jobs", "start", vec![uid])).await.0, 400);
+        assert!(routes.dispatches.get(&(NS.into(), "jobs".into(), "d1".into())).is_none());
+
+        let other = Uid::new_v7();
+        let (status, answer) = call(&app, ENQUEUE, body("jobs", "stop", vec![uid, other, uid])).await;
+        assert_eq!(status, 200, "{answer}");
+        let answer: EnqueueAnswer = serde_json::from_value(answer).unwrap();
+        assert_eq!(answer.results, [(uid, Outcome::Queued), (other, Outcome::Rejected(Rejection::Unknown))]);
+        let part = routes.dispatches.get(&(NS.into(), "jobs".into(), "d1".into())).unwrap().part();
+        assert!(!part.origin && part.entries.len() == 1, "{part:?}");
+
+        let lookup = serde_json::json!({ "namespace": NS, "slot": "jobs", "id": "d1", "uids": [uid, other],
+                                         "selector": { "matchAttributes": {} } });
+        let (status, answer) = call(&app, LOOKUP, lookup).await;
+        assert_eq!(status, 200, "{answer}");
+        let answer: LookupAnswer = serde_json::from_value(answer).unwrap();
+        assert!(answer.taken);
+        assert_eq!(answer.agents.iter().map(|h| (h.uid, h.selected)).collect::<Vec<_>>(), [(uid, false)]);
+    }
 }
