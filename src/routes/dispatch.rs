@@ -259,6 +259,25 @@ fn truncated(s: &str, max: usize) -> Box<str> {
     format!("{}…", &s[..end]).into()
 }
 
+/// `targets` with `newer` laid over them: an agent's newer target replaces its older one in
+/// place, the other newer ones are appended.
+fn overlay(mut targets: Vec<Target>, newer: Vec<Target>) -> Vec<Target> {
+    let mut at: HashMap<Uid, usize> =
+        targets.iter().enumerate().filter_map(|(i, t)| Some((t.uid()?, i))).collect();
+    for t in newer {
+        match t.uid().and_then(|u| at.get(&u)) {
+            Some(&i) => targets[i] = t,
+            None => {
+                if let Some(u) = t.uid() {
+                    at.insert(u, targets.len());
+                }
+                targets.push(t);
+            }
+        }
+    }
+    targets
+}
+
 /// How many records and targets the store keeps, per namespace and in all.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Limits {
@@ -371,8 +390,26 @@ impl Store {
     /// Remembers a record, forgetting the oldest of its namespace, then of all, to stay within
     /// the limits (a record larger than a limit alone is kept alone); `false` if its key is
     /// taken.
+    #[cfg(test)]
     fn insert(&self, record: Arc<Record>) -> bool {
         self.records.lock().insert(record, &self.limits)
+    }
+
+    /// Remembers the record of the replica that took the `POST`; a record of its key made
+    /// meanwhile by a peer's part or a hand-over is folded into it (theirs are the newer
+    /// targets). `false` if another `POST`'s record has the key.
+    fn insert_origin(&self, record: Arc<Record>) -> bool {
+        let mut r = self.records.lock();
+        let old = match r.by_key.get(&*record.key) {
+            None => return r.insert(record, &self.limits),
+            Some((_, old)) if old.origin => return false,
+            Some((_, old)) => old.clone(),
+        };
+        let targets = overlay(record.targets.to_vec(), old.targets.to_vec()).into_boxed_slice();
+        r.remove(&record.key);
+        let folded =
+            Record { key: record.key.clone(), capability: record.capability.clone(), targets, origin: true };
+        r.insert(Arc::new(folded), &self.limits)
     }
 
     /// Adds `targets` to the record of `key` (made, not as the origin's, if there is none): an
@@ -380,26 +417,12 @@ impl Store {
     /// store stays within its limits.
     pub(crate) fn extend(&self, key: Arc<Key>, capability: &str, targets: Vec<Target>) {
         let mut r = self.records.lock();
-        let (origin, capability, mut all) = match r.by_key.get(&*key) {
-            Some((_, old)) => (old.origin, old.capability.clone(), old.targets.to_vec()),
-            None => (false, capability.into(), Vec::with_capacity(targets.len())),
+        let (origin, capability, all) = match r.by_key.get(&*key) {
+            Some((_, old)) => (old.origin, old.capability.clone(), overlay(old.targets.to_vec(), targets)),
+            None => (false, capability.into(), overlay(Vec::new(), targets)),
         };
-        let mut at: HashMap<Uid, usize> =
-            all.iter().enumerate().filter_map(|(i, t)| Some((t.uid()?, i))).collect();
-        for t in targets {
-            match t.uid().and_then(|u| at.get(&u)) {
-                Some(&i) => all[i] = t,
-                None => {
-                    if let Some(u) = t.uid() {
-                        at.insert(u, all.len());
-                    }
-                    all.push(t);
-                }
-            }
-        }
         r.remove(&key);
-        let record = Record { key, capability, targets: all.into_boxed_slice(), origin };
-        r.insert(Arc::new(record), &self.limits);
+        r.insert(Arc::new(Record { key, capability, targets: all.into_boxed_slice(), origin }), &self.limits);
     }
 
     pub(crate) fn get(&self, key: &Key) -> Option<Arc<Record>> {
@@ -865,7 +888,7 @@ async fn dispatch(
         return error(StatusCode::TOO_MANY_REQUESTS, "every target agent's queue is full; retry later");
     }
     routes.count_results(accepted_here, rejected_here);
-    if !routes.dispatches.insert(record.clone()) {
+    if !routes.dispatches.insert_origin(record.clone()) {
         return error(StatusCode::CONFLICT, format!("a dispatch with id {id:?} exists already"));
     }
     // Connected WebSocket agents are written to at once: report them sent, not queued.
@@ -1212,6 +1235,22 @@ mod tests {
         let record = store.get(&key("a", "d2")).expect("the record");
         assert!(record.origin && record.targets.len() == 2);
         assert!(store.key_of(&Ticket::new(Instant::now(), None)).is_none(), "an untracked ticket");
+        // A hand-over made a record before the POST's own: folded in, the POST's order first.
+        let moved = t(&store);
+        store.extend(Arc::new(key("a", "d3")), "c", vec![Target::Accepted(u2, moved.clone())]);
+        let post = Arc::new(Record {
+            key: Arc::new(key("a", "d3")),
+            capability: "c".into(),
+            targets: Box::new([Target::Remote(u1, Told::Queued), Target::Remote(u2, Told::Queued)]),
+            origin: true,
+        });
+        assert!(store.insert_origin(post.clone()));
+        let record = store.get(&key("a", "d3")).expect("the record");
+        assert!(record.origin);
+        assert!(
+            matches!(&record.targets[..], [Target::Remote(a, _), Target::Accepted(b, t)] if *a == u1 && *b == u2 && Arc::ptr_eq(t, &moved))
+        );
+        assert!(!store.insert_origin(post), "another POST of the id");
     }
 
     /// A record made under small limits by parts stays within them like any other.
