@@ -22,9 +22,9 @@
 //! | `main.rs`, `operator` | anything |
 //! | `metrics` | `fleet`, `opamp`, `routes`, `controller`, `peers` (their metrics structs) |
 //! | `controller` | `fleet`, `routes`, `api`, `protocol`, `opamp` (the `Authenticator` it implements) |
-//! | `routes` | `fleet`, `api`, `protocol`, `http_server` (the bounded body read) |
+//! | `routes` | `fleet`, `api`, `protocol`, `http_server` (the bounded body read), `peers` (dispatch across replicas) |
 //! | `opamp` | `fleet`, `protocol`, `http_server` (the bounded body read), `peers` (HTTP polls routed to their owner) |
-//! | `agents_api` | `access`, `fleet`, `protocol` |
+//! | `agents_api` | `access`, `fleet`, `protocol`, `peers` (the listing across replicas) |
 //! | `peers` | `protocol` |
 //! | `access` | `protocol` |
 //! | `sim` | `protocol` |

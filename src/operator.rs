@@ -192,9 +192,12 @@ impl Operator {
         let mut tasks = JoinSet::new();
 
         let egress = config.callback_egress.clone().resolve_api_server().await;
-        let routes = Routes::new(fleet.clone(), metrics.routes.clone(), egress);
+        let routes = Routes::with_peers(fleet.clone(), metrics.routes.clone(), egress, peers.clone());
         fleet.set_custom_message_sink(routes.clone());
         tasks.spawn(routes.clone().run_expiry(shutdown.clone()));
+        if config.peers.is_some() {
+            tasks.spawn(routes.clone().run_claims(shutdown.clone()));
+        }
         let scope = config.namespaces.clone().map(Scope::only).unwrap_or_default();
         let mut controller = Controller::new(
             client.clone(),
@@ -214,7 +217,7 @@ impl Operator {
         let ready = ready_rx.clone();
         let access = Arc::new(crate::access::KubeAccess::new(client.clone()));
         let api = crate::routes::dispatch::router(routes.clone())
-            .merge(crate::agents_api::router(fleet.clone(), access))
+            .merge(crate::agents_api::router(fleet.clone(), access, peers.clone()))
             .route("/healthz", get(|| async { "ok" }))
             .route(
                 "/readyz",
@@ -240,7 +243,9 @@ impl Operator {
                 let me = peers.me().identity.clone();
                 let api = axum::Router::new()
                     .route("/ping", axum::routing::post(move || async move { axum::Json(me.to_string()) }))
-                    .merge(server.peer_router());
+                    .merge(server.peer_router())
+                    .merge(crate::routes::peer::router(routes.clone()))
+                    .merge(crate::agents_api::peer_router(fleet.clone()));
                 let app = axum::Router::new()
                     .nest(crate::peers::PREFIX, api)
                     .layer(axum::middleware::from_fn_with_state(verifier, crate::peers::auth::require_peer));

@@ -12,11 +12,11 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("http_server", &[]),
     ("fleet", &["protocol"]),
     ("opamp", &["fleet", "protocol", "http_server", "peers"]),
-    ("routes", &["fleet", "api", "protocol", "http_server"]),
+    ("routes", &["fleet", "api", "protocol", "http_server", "peers"]),
     ("controller", &["fleet", "routes", "api", "protocol", "opamp"]),
     ("peers", &["protocol"]),
     ("access", &["protocol"]),
-    ("agents_api", &["access", "fleet", "protocol"]),
+    ("agents_api", &["access", "fleet", "protocol", "peers"]),
     ("sim", &["protocol"]),
     ("metrics", &["fleet", "opamp", "routes", "controller", "peers"]),
 ];

@@ -13,7 +13,11 @@
 //! mutexes (never held across an await; the only code called under them is a plan, a pure
 //! function), a connected WebSocket agent costs one `Notify` for pushes, HTTP agents cost no
 //! task at all, and no operation on one agent touches the others.
+//!
+//! With several replicas, an agent starting a session here is claimed from the others, who
+//! forget their record of it and hand over its queued messages ([`claims`]).
 mod agent;
+pub mod claims;
 mod metrics;
 mod outbox;
 #[cfg(test)]
@@ -34,6 +38,7 @@ use tokio::time::Instant;
 
 pub use agent::AgentSnapshot;
 use agent::{Agent, Link};
+pub use claims::{Claim, Handed};
 pub use metrics::{FleetMetrics, TransportLabel};
 pub use outbox::{EnqueueError, OUTBOX_LIMIT_DEFAULT, Ticket, TicketState};
 
@@ -294,6 +299,7 @@ struct Inner {
     plans: RwLock<Plans>,
     plan_versions: AtomicU64,
     sink: RwLock<Option<Arc<dyn CustomMessageSink>>>,
+    claims: claims::Claims,
 }
 
 /// The registry of agents. Cheap to clone; all clones share one fleet.
@@ -323,6 +329,7 @@ impl Fleet {
                 plans: RwLock::default(),
                 plan_versions: AtomicU64::new(0),
                 sink: RwLock::new(None),
+                claims: claims::Claims::default(),
             }),
         }
     }
@@ -469,6 +476,7 @@ impl Fleet {
         }
         let now = Instant::now();
 
+        let mut claim = None;
         let (mut reply, ingested) = {
             let mut shard = self.shard(&uid);
             let (agent, admitted) = match shard.agents.entry(key.clone()) {
@@ -487,6 +495,7 @@ impl Fleet {
                         self.admit()?;
                     }
                     agent.connected_since = SystemTime::now();
+                    claim = Some(agent.connected_since);
                 }
                 // Otherwise the same agent moved to another connection: the old one is stale.
                 agent.attach(conn);
@@ -514,6 +523,9 @@ impl Fleet {
             reply.agent_identification = Some(AgentIdentification { new_instance_uid: new_uid.to_wire() });
         }
         let custom = ingested.custom_message;
+        if let Some(since) = claim {
+            self.claim(&key, since);
+        }
         self.record(&key, ingested.changes);
         if let Some(message) = custom {
             self.route(&key, message);

@@ -1,5 +1,6 @@
 //! A bounded per-agent queue of custom messages waiting to be sent, each with an optional
-//! ticket through which the sender follows it (queued → sent, or expired).
+//! ticket through which the sender follows it (queued → sent, expired, or moved: handed over
+//! to another replica with its agent, see [`super::claims`]).
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -26,10 +27,13 @@ pub enum TicketState {
     Queued,
     Sent,
     Expired,
+    /// Handed over, still queued, to the replica the agent moved to (which follows it with a
+    /// ticket of its own); never sent nor expired here.
+    Moved,
 }
 
-/// Follows one queued message. Transitions happen once (queued → sent or expired), and the
-/// observer hears each.
+/// Follows one queued message. Transitions happen once (queued → sent, expired or moved), and
+/// the observer hears each.
 pub struct Ticket {
     state: AtomicU8,
     pub expires_at: Instant,
@@ -51,7 +55,8 @@ impl Ticket {
         match self.state.load(Ordering::Acquire) {
             0 => TicketState::Queued,
             1 => TicketState::Sent,
-            _ => TicketState::Expired,
+            2 => TicketState::Expired,
+            _ => TicketState::Moved,
         }
     }
 
@@ -60,6 +65,7 @@ impl Ticket {
             TicketState::Queued => return false,
             TicketState::Sent => 1,
             TicketState::Expired => 2,
+            TicketState::Moved => 3,
         };
         let moved = self.state.compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire).is_ok();
         if moved {
@@ -115,6 +121,21 @@ impl Outbox {
             }
         }
         None
+    }
+
+    /// Empties the queue for a hand-over: the messages still to be sent, in order, their
+    /// tickets moved (untracked messages go along as they are); expired ones stay behind.
+    pub(super) fn hand_over(&mut self, now: Instant) -> Vec<(CustomMessage, Option<Arc<Ticket>>)> {
+        let mut out = Vec::with_capacity(self.queue.len());
+        for o in self.queue.drain(..) {
+            match &o.ticket {
+                None => out.push((o.message, None)),
+                Some(t) if t.expire_if_due(now) => {}
+                Some(t) if t.transition(TicketState::Moved) => out.push((o.message, o.ticket)),
+                Some(_) => {}
+            }
+        }
+        out
     }
 
     pub(super) fn len(&self) -> usize {

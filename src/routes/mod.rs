@@ -4,9 +4,14 @@
 //! ([`dispatch`]). The controller publishes the slots' settings here ([`Routes::publish`]) and
 //! reads the counters back into the slots' status. Slots are written by tenants, so every
 //! route is bounded (queues, records) and callbacks only go where [`egress`] allows.
+//!
+//! With several replicas ([`crate::peers`]), the dispatch API answers from any of them for
+//! agents on any of them, and messages queued for an agent follow it to the replica it moves
+//! to ([`peer`]).
 pub mod dispatch;
 pub mod egress;
 mod metrics;
+pub mod peer;
 pub mod upstream;
 
 use std::collections::{HashMap, HashSet};
@@ -20,6 +25,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{AgentSelector, DownstreamStatus, UpstreamStatus};
 use crate::fleet::Fleet;
+use crate::peers::Peers;
 use egress::{EgressPolicy, Refusal};
 pub use metrics::{RouteMetrics, StateLabel};
 
@@ -171,10 +177,23 @@ pub struct Routes {
     /// Messages accepted for delivery and not yet delivered or failed.
     pending: AtomicU64,
     pub(crate) dispatches: dispatch::Store,
+    /// The other replicas (see [`peer`]).
+    peers: Peers,
 }
 
 impl Routes {
+    /// The routes of a replica alone.
     pub fn new(fleet: Fleet, metrics: Arc<RouteMetrics>, egress: EgressPolicy) -> Arc<Self> {
+        Self::with_peers(fleet, metrics, egress, Peers::solo())
+    }
+
+    /// The routes of a replica acting as one with `peers` (see [`peer`]).
+    pub fn with_peers(
+        fleet: Fleet,
+        metrics: Arc<RouteMetrics>,
+        egress: EgressPolicy,
+        peers: Peers,
+    ) -> Arc<Self> {
         let egress = Arc::new(egress);
         let http = reqwest::Client::builder()
             .dns_resolver(egress::Resolver(egress.clone()))
@@ -194,6 +213,7 @@ impl Routes {
             unrouted: AtomicU64::new(0),
             pending: AtomicU64::new(0),
             dispatches: dispatch::Store::default(),
+            peers,
         })
     }
 
@@ -279,6 +299,15 @@ impl Routes {
 
     pub(crate) fn count_upstream(&self, state: &'static str) {
         self.metrics.custom_messages_upstream.get_or_create(&StateLabel { state }).inc();
+    }
+
+    /// Counts dispatch targets accepted and rejected by this replica.
+    pub(crate) fn count_results(&self, accepted: u64, rejected: u64) {
+        for (state, n) in [("accepted", accepted), ("rejected", rejected)] {
+            if n > 0 {
+                self.metrics.dispatch_results.get_or_create(&StateLabel { state }).inc_by(n);
+            }
+        }
     }
 
     pub(crate) fn touch(&self, namespace: &str) {
