@@ -21,7 +21,7 @@
 //! | --- | --- |
 //! | `main.rs`, `operator` | anything |
 //! | `metrics` | `fleet`, `opamp`, `routes`, `controller` (their metrics structs) |
-//! | `controller` | `fleet`, `routes`, `api`, `protocol`, `opamp` (the `Authenticator` it implements) |
+//! | `controller` | `fleet`, `routes`, `api`, `protocol`, `opamp` (the `Authenticator` it implements), `peers` |
 //! | `routes` | `fleet`, `api`, `protocol`, `http_server` (the bounded body read) |
 //! | `opamp` | `fleet`, `protocol`, `http_server` (the bounded body read) |
 //! | `agents_api` | `access`, `fleet`, `protocol` |

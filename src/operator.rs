@@ -201,12 +201,14 @@ impl Operator {
             routes.clone(),
             scope,
             metrics.controller.clone(),
-        );
+        )
+        .with_peers(peers.clone());
         if let Some(election) = config.leader_election.clone() {
             let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
             controller = controller.with_leadership(leader_rx);
             tasks.spawn(leader::run(client.clone(), election, leader_tx, shutdown.clone()));
         }
+        let status_api = controller.peer_router();
         tasks.spawn(controller.run(shutdown.clone(), ready_tx));
 
         let ready = ready_rx.clone();
@@ -234,7 +236,8 @@ impl Operator {
             Some((listener, bound, peer_config, verifier)) => {
                 let me = peers.me().identity.clone();
                 let api = axum::Router::new()
-                    .route("/ping", axum::routing::post(move || async move { axum::Json(me.to_string()) }));
+                    .route("/ping", axum::routing::post(move || async move { axum::Json(me.to_string()) }))
+                    .merge(status_api);
                 let app = axum::Router::new()
                     .nest(crate::peers::PREFIX, api)
                     .layer(axum::middleware::from_fn_with_state(verifier, crate::peers::auth::require_peer));
