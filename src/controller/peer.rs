@@ -871,7 +871,7 @@ spec:
     }
 
     #[test]
-    fn a_partial_of_another_plan_holds_the_namespace_back() {
+    fn a_peers_partial_counts_against_the_same_plan_only_and_while_the_peer_is_a_member() {
         let idx = Arc::new(index());
         let fleet = fleet_with(&idx, 0..4);
         let namespaces = vec![("team-a".to_owned(), idx.clone())];
@@ -898,6 +898,12 @@ spec:
         assert!(gather.merge_into("team-a", &mut NamespaceStatus::new(&idx)).is_err(), "another plan");
         partial.plan ^= 1;
         gather.apply(vec![(peer.clone(), Ok(answer(&partial)))], &routes);
+        let mut st = NamespaceStatus::new(&idx);
+        gather.merge_into("team-a", &mut st).unwrap();
+        assert_eq!(st.configs[0].selected, 4);
+        // The peer does not answer: its last partial stays while it is a member.
+        let silent = Err(CallError::Token("unreachable".into()));
+        assert!(gather.apply(vec![(peer.clone(), silent)], &routes).is_empty());
         let mut st = NamespaceStatus::new(&idx);
         gather.merge_into("team-a", &mut st).unwrap();
         assert_eq!(st.configs[0].selected, 4);
