@@ -1,8 +1,9 @@
 //! Status over every replica's agents: each replica counts its own agents ("partials"), the
 //! leader gathers them and writes the sum.
 //!
-//! **Protocol.** Every tick (1 s) the leader POSTs `/peer/v1/status` ([`PATH`]) to each live
-//! peer, concurrently, each call within the peer call timeout: `{since, incarnation}`, where
+//! **Protocol.** Every tick (1 s; unless the previous round is still on its way) the leader
+//! POSTs `/peer/v1/status` ([`PATH`]) to each live peer, concurrently, each call within the
+//! peer call timeout: `{since, incarnation}`, where
 //! `since` is the change epoch the peer last answered to this leader and `incarnation` the
 //! peer's as membership tells it. The peer keeps a change log: each namespace with the epoch
 //! of its last change (its agents changed, it planned the namespace again, a slot counter of
@@ -986,5 +987,39 @@ spec:
         restarted.received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         gather.apply(vec![report(&restarted, "b2")], &routes);
         assert_eq!(mine.upstream().received, 121);
+    }
+
+    #[test]
+    fn a_peer_answers_only_the_namespaces_changed_since_the_askers_epoch() {
+        let idx = Arc::new(index());
+        let fleet = fleet_with(&idx, 0..3);
+        let shared = Arc::new(Shared::default());
+        let names = ["team-a".to_owned(), "team-b".to_owned()];
+        shared.index.write().extend(names.iter().map(|ns| (ns.clone(), idx.clone())));
+        shared.log.lock().note(&names);
+        let routes =
+            Routes::new(fleet.clone(), Arc::default(), crate::routes::egress::EgressPolicy::default());
+        let served = Served { shared: shared.clone(), fleet, routes, incarnation: "me1".into() };
+        let ask = |since: u64, incarnation: &str| {
+            let a = served.answer(&StatusRequest { since, incarnation: incarnation.into() });
+            let mut namespaces: Vec<String> = a.partials.iter().map(|p| p.namespace.clone()).collect();
+            namespaces.sort();
+            (a.epoch, a.full, namespaces)
+        };
+        let (epoch, full, all) = ask(0, "me1");
+        assert!(full);
+        assert_eq!(all, names);
+        assert_eq!(ask(epoch, "me1"), (epoch, false, vec![]), "nothing changed: nothing but the epoch");
+        shared.log.lock().note(&["team-b".to_owned()]);
+        let (later, full, changed) = ask(epoch, "me1");
+        assert!(later > epoch && !full);
+        assert_eq!(changed, ["team-b"]);
+        assert!(ask(later, "me0").1, "asked as another incarnation: everything");
+        assert!(ask(later + 10, "me1").1, "an epoch never given: everything");
+        let a = served.answer(&StatusRequest { since: 0, incarnation: "me1".into() });
+        let selected: BTreeMap<&str, u32> =
+            a.partials.iter().map(|p| (p.namespace.as_str(), p.partial.configs["base"].selected)).collect();
+        assert_eq!(selected, [("team-a", 3), ("team-b", 0)].into(), "its own agents, by namespace");
+        assert!(a.partials.iter().all(|p| p.partial.plan == fingerprint(&idx)));
     }
 }
