@@ -23,7 +23,9 @@
 //! planned the change yet, or has not answered since this replica became leader) stays dirty
 //! and is tried again next tick: no status is written half-merged. A peer that does not answer
 //! holds the namespaces back at most [`FIRST_ANSWER_GRACE`] after its last answer (or after
-//! it joined); after that its partials of other plans count as no agents.
+//! it joined), and a peer that does not come to the leader's plan (it does not manage the
+//! namespace, say) at most that long after the plan changed; after that its partials of
+//! other plans count as no agents.
 //!
 //! **Slot counters.** A replica reports its own increments since its counters started
 //! ([`SlotCounters::local`](crate::routes::SlotCounters::local)) with the counters' id; the
@@ -453,6 +455,8 @@ pub(super) struct Gather {
     /// Peers whose first answer is the baseline of their slot counters (alive when this
     /// replica became leader: what they reported before is in status already).
     baseline: HashSet<Arc<str>>,
+    /// Each namespace's plan fingerprint here, since when.
+    plans: HashMap<String, (u64, Instant)>,
 }
 
 impl Gather {
@@ -467,6 +471,7 @@ impl Gather {
             waiting: HashMap::new(),
             folds: HashMap::new(),
             baseline: HashSet::new(),
+            plans: HashMap::new(),
         };
         (g, rx)
     }
@@ -587,13 +592,28 @@ impl Gather {
         self.waiting.clear();
         self.folds.clear();
         self.baseline.clear();
+        self.plans.clear();
     }
 
     /// Adds the live peers' partials of `ns` to `st`; `Err` says why the namespace must wait
     /// (a peer's partial is of another plan, or missing).
-    pub(super) fn merge_into(&self, ns: &str, st: &mut NamespaceStatus<'_>) -> Result<(), String> {
+    pub(super) fn merge_into(&mut self, ns: &str, st: &mut NamespaceStatus<'_>) -> Result<(), String> {
         let plan = fingerprint(st.index);
         let now = Instant::now();
+        let since = match self.plans.get_mut(ns) {
+            Some((fp, since)) if *fp == plan => *since,
+            Some(entry) => {
+                *entry = (plan, now);
+                now
+            }
+            None => {
+                self.plans.insert(ns.to_owned(), (plan, now));
+                now
+            }
+        };
+        // A peer that does not come to this plan (it does not answer, or does not manage the
+        // namespace) holds it back no longer than the grace.
+        let plan_is_old = now.duration_since(since) >= FIRST_ANSWER_GRACE;
         for m in self.peers.others().iter() {
             let Some(cache) = self.cache.get(&m.incarnation) else {
                 if self
@@ -608,8 +628,8 @@ impl Gather {
             let silent = cache.answered.is_none_or(|at| now.duration_since(at) >= FIRST_ANSWER_GRACE);
             match cache.namespaces.get(ns) {
                 Some(p) if p.plan == plan => st.merge(p),
-                // A peer silent for long holds nothing back: its partials of this plan count.
-                _ if silent => {}
+                // Silent for long, or behind for long: its agents count as none.
+                _ if silent || plan_is_old => {}
                 Some(_) => return Err(format!("peer {} counted against another plan", m.identity)),
                 None => return Err(format!("peer {} has not planned the namespace", m.identity)),
             }
@@ -871,8 +891,8 @@ spec:
         assert!(t1.admitted_up_to.is_some(), "the first step admitted agents");
     }
 
-    #[test]
-    fn a_peers_partial_counts_against_the_same_plan_only_and_while_the_peer_is_a_member() {
+    #[tokio::test(start_paused = true)]
+    async fn a_peers_partial_counts_against_the_same_plan_only_and_while_the_peer_is_a_member() {
         let idx = Arc::new(index());
         let fleet = fleet_with(&idx, 0..4);
         let namespaces = vec![("team-a".to_owned(), idx.clone())];
@@ -897,6 +917,12 @@ spec:
         let dirty = gather.apply(vec![(peer.clone(), Ok(answer(&partial)))], &routes);
         assert!(dirty.contains("team-a"));
         assert!(gather.merge_into("team-a", &mut NamespaceStatus::new(&idx)).is_err(), "another plan");
+        // A peer that stays on another plan holds the status back no longer than the grace.
+        tokio::time::advance(FIRST_ANSWER_GRACE).await;
+        gather.apply(vec![(peer.clone(), Ok(answer(&partial)))], &routes);
+        let mut st = NamespaceStatus::new(&idx);
+        gather.merge_into("team-a", &mut st).unwrap();
+        assert_eq!(st.configs[0].selected, 0, "its agents count as none");
         partial.plan ^= 1;
         gather.apply(vec![(peer.clone(), Ok(answer(&partial)))], &routes);
         let mut st = NamespaceStatus::new(&idx);
