@@ -21,7 +21,7 @@
 //! | --- | --- |
 //! | `main.rs`, `operator` | anything |
 //! | `metrics` | `fleet`, `opamp`, `routes`, `controller`, `peers` (their metrics structs) |
-//! | `controller` | `fleet`, `routes`, `api`, `protocol`, `opamp` (the `Authenticator` it implements) |
+//! | `controller` | `fleet`, `routes`, `api`, `protocol`, `opamp` (the `Authenticator` it implements), `peers` (status over every replica) |
 //! | `routes` | `fleet`, `api`, `protocol`, `http_server` (the bounded body read), `peers` (dispatch across replicas) |
 //! | `opamp` | `fleet`, `protocol`, `http_server` (the bounded body read), `peers` (HTTP polls routed to their owner) |
 //! | `agents_api` | `access`, `fleet`, `protocol`, `peers` (the listing across replicas) |

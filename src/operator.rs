@@ -206,12 +206,14 @@ impl Operator {
             routes.clone(),
             scope,
             metrics.controller.clone(),
-        );
+        )
+        .with_peers(peers.clone());
         if let Some(election) = config.leader_election.clone() {
             let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
             controller = controller.with_leadership(leader_rx);
             tasks.spawn(leader::run(client.clone(), election, leader_tx, shutdown.clone()));
         }
+        let status_api = controller.peer_router();
         tasks.spawn(controller.run(shutdown.clone(), ready_tx));
 
         let ready = ready_rx.clone();
@@ -245,7 +247,8 @@ impl Operator {
                     .route("/ping", axum::routing::post(move || async move { axum::Json(me.to_string()) }))
                     .merge(server.peer_router())
                     .merge(crate::routes::peer::router(routes.clone()))
-                    .merge(crate::agents_api::peer_router(fleet.clone()));
+                    .merge(crate::agents_api::peer_router(fleet.clone()))
+                    .merge(status_api);
                 let app = axum::Router::new()
                     .nest(crate::peers::PREFIX, api)
                     .layer(axum::middleware::from_fn_with_state(verifier, crate::peers::auth::require_peer));

@@ -13,7 +13,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("fleet", &["protocol"]),
     ("opamp", &["fleet", "protocol", "http_server", "peers"]),
     ("routes", &["fleet", "api", "protocol", "http_server", "peers"]),
-    ("controller", &["fleet", "routes", "api", "protocol", "opamp"]),
+    ("controller", &["fleet", "routes", "api", "protocol", "opamp", "peers"]),
     ("peers", &["protocol"]),
     ("access", &["protocol"]),
     ("agents_api", &["access", "fleet", "protocol", "peers"]),

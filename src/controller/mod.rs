@@ -8,15 +8,17 @@
 //!   agent's desired state from it. Every replica plans, from what every replica sees, so an
 //!   agent gets the same files whichever replica it is connected to.
 //! - Status compute (leader only, at most once a second per namespace): counts the fleet's
-//!   agents against the index, advances progressive rollouts (the only decision taken on the
-//!   leader alone), and queues what changed for the [`writer`], which patches it with a
-//!   deadline. A slow API server delays status, never configs.
+//!   agents against the index and adds what the other replicas count of theirs ([`peer`]),
+//!   advances progressive rollouts (the only decision taken on the leader alone), and queues
+//!   what changed for the [`writer`], which patches it with a deadline. A slow API server
+//!   delays status, never configs.
 pub mod auth;
 pub mod error;
 pub mod index;
 pub mod leader;
 pub mod merge;
 mod metrics;
+pub mod peer;
 pub mod rollout;
 pub mod status;
 pub mod watch;
@@ -47,10 +49,12 @@ use self::watch::Cache;
 use self::writer::{ObjectKey, Status, StatusQueue, StatusWrite, Transition};
 use crate::api::{AGENT_TOKEN_SECRET_TYPE, AgentConfig, AgentConfigStatus, CapabilitySlot};
 use crate::fleet::{Fleet, Plan};
+use crate::peers::Peers;
 use crate::protocol::Uid;
 use crate::routes::Routes;
 
 pub const FIELD_MANAGER: &str = "opamp-operator";
+type PeerAnswer = Result<peer::StatusAnswer, crate::peers::CallError>;
 /// How often a namespace at its agent limit is told so again (an Event).
 const REFUSALS_EVERY: Duration = Duration::from_secs(60);
 
@@ -91,8 +95,12 @@ pub struct Controller {
     metrics: Arc<ControllerMetrics>,
     routes: Arc<Routes>,
     auth: Arc<TokenAuthenticator>,
-    /// The plan of each namespace, as last published.
-    index: HashMap<String, Arc<NamespaceIndex>>,
+    /// The plan of each namespace, as last published, and what changed when: shared with the
+    /// peer route ([`peer`]).
+    shared: Arc<peer::Shared>,
+    /// The other replicas' counts, on the leader.
+    gather: peer::Gather,
+    answers: Option<tokio::sync::mpsc::UnboundedReceiver<Vec<(crate::peers::Member, PeerAnswer)>>>,
     /// Progressive rollouts by `namespace/name`, on the leader (resumed from status).
     rollouts: HashMap<String, Tracker>,
     dirty: Arc<Dirty>,
@@ -107,6 +115,8 @@ pub struct Controller {
     /// Only the leader computes and writes status and events (always true without leader
     /// election).
     leader: tokio::sync::watch::Receiver<bool>,
+    /// This replica led at the last tick (the gathering of the others' counts is its own).
+    leading: bool,
 }
 
 /// The namespaces an operator manages (all by default).
@@ -143,6 +153,7 @@ impl Controller {
     ) -> Self {
         let reporter =
             Reporter { controller: FIELD_MANAGER.into(), instance: std::env::var("POD_NAME").ok() };
+        let (gather, answers) = peer::Gather::new(Peers::solo());
         Self {
             errors: Errors::new(metrics.clone(), Recorder::new(client.clone(), reporter)),
             client,
@@ -151,7 +162,9 @@ impl Controller {
             metrics,
             routes,
             auth,
-            index: HashMap::new(),
+            shared: Arc::default(),
+            gather,
+            answers: Some(answers),
             rollouts: HashMap::new(),
             dirty: Arc::default(),
             status_dirty: HashSet::new(),
@@ -159,6 +172,7 @@ impl Controller {
             failure_since: HashMap::new(),
             scope,
             leader: tokio::sync::watch::channel(true).1,
+            leading: false,
         }
     }
 
@@ -166,6 +180,24 @@ impl Controller {
     pub fn with_leadership(mut self, leader: tokio::sync::watch::Receiver<bool>) -> Self {
         self.leader = leader;
         self
+    }
+
+    /// Counts the agents of the other replicas `peers` too (see [`peer`]).
+    pub fn with_peers(mut self, peers: Peers) -> Self {
+        let (gather, answers) = peer::Gather::new(peers);
+        (self.gather, self.answers) = (gather, Some(answers));
+        self
+    }
+
+    /// The peer route answering this replica's counts to the leader (see [`peer`]), to merge
+    /// into the peer router.
+    pub fn peer_router(&self) -> axum::Router {
+        peer::router(Arc::new(peer::Served {
+            shared: self.shared.clone(),
+            fleet: self.fleet.clone(),
+            routes: self.routes.clone(),
+            incarnation: self.gather.peers().me().incarnation.clone(),
+        }))
     }
 
     /// Runs until `shutdown`; `ready` flips to true once every cache is synced.
@@ -230,32 +262,69 @@ impl Controller {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let fleet = self.fleet.clone();
         let dirty = self.dirty.clone();
+        let mut membership = self.gather.peers().changes();
+        let mut answers = self.answers.take().expect("run once");
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = dirty.notify.notified() => self.replan(&stores),
                 _ = fleet.changed() => {
-                    let changed = self.fleet.take_changes();
-                    self.status_dirty.extend(changed.into_keys().map(|k| k.namespace.to_string()));
+                    let changed: HashSet<String> =
+                        self.fleet.take_changes().into_keys().map(|k| k.namespace.to_string()).collect();
+                    self.changed(changed);
+                }
+                Ok(()) = membership.changed() => {
+                    // A replica left (its agents stop counting) or joined: now, not next tick.
+                    let gone = self.gather.membership();
+                    if self.leading {
+                        self.status_dirty.extend(gone);
+                        self.compute_statuses();
+                    }
+                }
+                Some(round) = answers.recv() => {
+                    if self.leading {
+                        let changed = self.gather.apply(round, &self.routes);
+                        self.status_dirty.extend(changed);
+                    }
                 }
                 _ = tick.tick() => {
-                    self.status_dirty.extend(self.routes.take_changed());
+                    let moved = self.routes.take_changed();
+                    self.changed(moved);
                     self.status_dirty.extend(self.queue.take_retry());
                     if !*self.leader.borrow() {
                         self.rollouts.clear(); // a new term resumes them from status
+                        self.gather.clear();
+                        self.leading = false;
                         continue; // followers plan and serve, and write nothing
                     }
-                    if self.leader.has_changed().unwrap_or(false) {
+                    if !self.leading || self.leader.has_changed().unwrap_or(false) {
                         // Just became the leader: everything may be stale.
                         self.leader.mark_unchanged();
-                        self.status_dirty.extend(self.index.keys().cloned());
+                        if !self.leading {
+                            let index = self.shared.index.read().clone();
+                            self.gather.take_over(&index, &self.routes);
+                            self.leading = true;
+                        }
+                        self.status_dirty.extend(self.shared.index.read().keys().cloned());
                     }
+                    self.gather.membership();
+                    self.gather.poll();
                     self.report_refusals();
                     self.compute_statuses();
                 }
             }
         }
         tasks.abort_all();
+    }
+
+    /// Namespaces whose counts may have changed here: their status is dirty, and the peer
+    /// route tells the leader.
+    fn changed(&mut self, namespaces: HashSet<String>) {
+        if namespaces.is_empty() {
+            return;
+        }
+        self.shared.log.lock().note(&namespaces);
+        self.status_dirty.extend(namespaces);
     }
 
     /// Re-resolves dirty namespaces and publishes their plans (and routes).
@@ -266,11 +335,14 @@ impl Controller {
         if all {
             namespaces.extend(stores.agent_configs.state().iter().filter_map(|o| o.namespace()));
             namespaces.extend(stores.slots.state().iter().filter_map(|o| o.namespace()));
-            namespaces.extend(self.index.keys().cloned());
+            namespaces.extend(self.shared.index.read().keys().cloned());
             namespaces.extend(self.scope.namespaces().into_iter().flatten().cloned());
         }
         namespaces.retain(|ns| self.scope.contains(ns));
         let mut plans: Vec<(Arc<str>, Arc<dyn Plan>)> = Vec::with_capacity(namespaces.len());
+        // Told to the leader once the new plans are in place (a peer asking in between counts
+        // against the old plan, and is asked again).
+        let replanned: Vec<String> = namespaces.iter().cloned().collect();
         for ns in namespaces {
             let started = std::time::Instant::now();
             let in_ns = |o: &Option<String>| o.as_deref() == Some(ns.as_str());
@@ -291,37 +363,40 @@ impl Controller {
             self.routes.publish(&ns, slot_routes);
             // Most changes the watches bring are status writes, which change no agent's desired
             // state: the plan is published only when it changed.
-            if self.index.get(&ns).is_none_or(|old| !old.same_plan(&idx)) {
+            let mut index = self.shared.index.write();
+            if index.get(&ns).is_none_or(|old| !old.same_plan(&idx)) {
                 plans.push((ns.as_str().into(), idx.clone()));
             }
-            self.index.insert(ns.clone(), idx);
+            index.insert(ns.clone(), idx);
+            drop(index);
             self.status_dirty.insert(ns);
             self.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
         }
         self.fleet.publish_plans(plans);
+        self.shared.log.lock().note(&replanned);
     }
 
     /// Computes the status of every object of the namespaces that changed (one pass over the
-    /// fleet), advances their rollouts and queues what changed for the writer.
+    /// fleet, plus the other replicas' counts), advances their rollouts and queues what changed
+    /// for the writer. A namespace whose peers' counts are not of its current plan yet waits.
     fn compute_statuses(&mut self) {
         let now = Time(k8s_openapi::jiff::Timestamp::now());
-        let namespaces: Vec<(String, Arc<NamespaceIndex>)> = std::mem::take(&mut self.status_dirty)
-            .into_iter()
-            .filter_map(|ns| self.index.get(&ns).cloned().map(|idx| (ns, idx)))
-            .collect();
-        let mut counts: HashMap<&str, NamespaceStatus<'_>> =
-            namespaces.iter().map(|(ns, idx)| (ns.as_str(), NamespaceStatus::new(idx))).collect();
-        if counts.is_empty() {
-            return;
-        }
-        self.fleet.for_each_view(|agent| {
-            if let Some(st) = counts.get_mut(&**agent.namespace) {
-                st.add(agent);
-            }
-        });
+        let namespaces: Vec<(String, Arc<NamespaceIndex>)> = {
+            let index = self.shared.index.read();
+            std::mem::take(&mut self.status_dirty)
+                .into_iter()
+                .filter_map(|ns| index.get(&ns).cloned().map(|idx| (ns, idx)))
+                .collect()
+        };
+        let mut counts: HashMap<&str, NamespaceStatus<'_>> = peer::count(&self.fleet, &namespaces);
         let mut active = HashSet::new();
         for (ns, idx) in &namespaces {
-            let Some(st) = counts.remove(ns.as_str()) else { continue };
+            let Some(mut st) = counts.remove(ns.as_str()) else { continue };
+            if let Err(why) = self.gather.merge_into(ns, &mut st) {
+                tracing::debug!(namespace = %ns, "status waits: {why}");
+                active.insert(ns.clone()); // tried again next tick
+                continue;
+            }
             if self.advance_rollouts(ns, idx, &st.facts) {
                 active.insert(ns.clone());
             }

@@ -18,22 +18,22 @@ use crate::protocol::Uid;
 pub const MAX_FAILURES: usize = 20;
 
 #[derive(Debug, Default, Clone)]
-struct Counts {
-    selected: u32,
-    applied: u32,
-    applying: u32,
-    failed: u32,
-    pending: u32,
-    unhealthy: u32,
-    failures: Vec<(Uid, String, Bytes)>,
+pub(super) struct Counts {
+    pub(super) selected: u32,
+    pub(super) applied: u32,
+    pub(super) applying: u32,
+    pub(super) failed: u32,
+    pub(super) pending: u32,
+    pub(super) unhealthy: u32,
+    pub(super) failures: Vec<(Uid, String, Bytes)>,
 }
 
 /// Accumulates one namespace's agents, then yields each object's status.
 pub struct NamespaceStatus<'a> {
-    index: &'a NamespaceIndex,
-    configs: Vec<Counts>,
-    selections: HashSet<Vec<usize>>,
-    supporting: Vec<u32>,
+    pub(super) index: &'a NamespaceIndex,
+    pub(super) configs: Vec<Counts>,
+    pub(super) selections: HashSet<Vec<usize>>,
+    pub(super) supporting: Vec<u32>,
     /// Per progressive config: what its rollout tracker needs of each selected agent.
     pub facts: BTreeMap<usize, Vec<AgentFacts>>,
 }
@@ -287,7 +287,9 @@ fn config_conditions(
             Desired::new(DEGRADED, true, "RolloutHalted", msg),
         ]
     } else if c.failed > 0 {
-        let first = c.failures.first().map(|(u, m, _)| format!(": {u}: {m}")).unwrap_or_default();
+        // The lowest uid: the same whichever replicas the failed agents are connected to.
+        let first =
+            c.failures.iter().min_by_key(|f| f.0).map(|(u, m, _)| format!(": {u}: {m}")).unwrap_or_default();
         let msg = format!("{} of {} agents failed to apply the config{first}", c.failed, c.selected);
         vec![
             Desired::new(READY, false, "AgentsFailed", msg.clone()),

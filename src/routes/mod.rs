@@ -65,7 +65,12 @@ pub struct DispatchRoute {
 }
 
 /// A slot's counters, shared by deliveries, dispatches and the status writer.
-#[derive(Debug, Default)]
+///
+/// With several replicas each one counts what passes through it; the leader writes the total
+/// (see `controller::peer`): the others report their own increments ([`Self::local`]), which
+/// the leader adds to its counters ([`Self::fold`]). What is not this replica's own (the seed
+/// from status and what was folded in) is kept apart in `base`, so `local` never reports it.
+#[derive(Debug)]
 pub struct SlotCounters {
     pub received: AtomicU64,
     pub delivered: AtomicU64,
@@ -75,6 +80,29 @@ pub struct SlotCounters {
     pub expired: AtomicU64,
     pub rejected: AtomicU64,
     last: Mutex<Last>,
+    /// Unique in this process: a replica's counters of a slot that start again (the slot
+    /// routed anew) are told apart from the ones before.
+    id: u64,
+    /// The part of each counter that is not this replica's own, in [`Self::all`] order.
+    base: Mutex<[u64; 7]>,
+}
+
+impl Default for SlotCounters {
+    fn default() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Self {
+            received: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            last: Mutex::default(),
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            base: Mutex::new([0; 7]),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -104,7 +132,89 @@ impl SlotCounters {
             send: down.last_send_time.clone(),
             error: up.last_error.clone(),
         };
+        *c.base.lock() = c.values();
         c
+    }
+
+    fn all(&self) -> [&AtomicU64; 7] {
+        [
+            &self.received,
+            &self.delivered,
+            &self.failed,
+            &self.accepted,
+            &self.sent,
+            &self.expired,
+            &self.rejected,
+        ]
+    }
+
+    fn values(&self) -> [u64; 7] {
+        self.all().map(|a| a.load(Ordering::Relaxed))
+    }
+
+    /// Tells these counters apart from others of the same slot in this process.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// What this replica counted itself since the counters started (neither the seed nor what
+    /// was folded in), with its last times and error.
+    pub fn local(&self) -> (UpstreamStatus, DownstreamStatus) {
+        let base = *self.base.lock();
+        let v = self.values();
+        let d: [u64; 7] = std::array::from_fn(|i| v[i].saturating_sub(base[i]));
+        let last = self.last.lock();
+        (
+            UpstreamStatus {
+                received: d[0],
+                delivered: d[1],
+                failed: d[2],
+                last_delivery_time: last.delivery.clone(),
+                last_error: last.error.clone(),
+            },
+            DownstreamStatus {
+                accepted: d[3],
+                sent: d[4],
+                expired: d[5],
+                rejected: d[6],
+                last_send_time: last.send.clone(),
+            },
+        )
+    }
+
+    /// Adds another replica's increments (`up`, `down` hold deltas) to these counters, not
+    /// to [`Self::local`]; the later of the times wins, and a new error replaces this one.
+    pub fn fold(&self, up: &UpstreamStatus, down: &DownstreamStatus) {
+        let delta =
+            [up.received, up.delivered, up.failed, down.accepted, down.sent, down.expired, down.rejected];
+        let mut base = self.base.lock();
+        for ((counter, b), d) in self.all().into_iter().zip(base.iter_mut()).zip(delta) {
+            counter.fetch_add(d, Ordering::Relaxed);
+            *b = b.saturating_add(d);
+        }
+        drop(base);
+        let mut last = self.last.lock();
+        if up.last_delivery_time.as_ref().is_some_and(|t| last.delivery.as_ref().is_none_or(|l| t > l)) {
+            last.delivery = up.last_delivery_time.clone();
+        }
+        if down.last_send_time.as_ref().is_some_and(|t| last.send.as_ref().is_none_or(|l| t > l)) {
+            last.send = down.last_send_time.clone();
+        }
+        if up.last_error.is_some() {
+            last.error = up.last_error.clone();
+        }
+    }
+
+    /// Starts again from what the status shows, nothing of it local (a new leader: the status
+    /// holds every replica's counts as the previous leader last folded them). Increments of
+    /// this replica not yet in that status are lost.
+    pub fn rebase(&self, up: &UpstreamStatus, down: &DownstreamStatus) {
+        let v = [up.received, up.delivered, up.failed, down.accepted, down.sent, down.expired, down.rejected];
+        let mut base = self.base.lock();
+        for (counter, value) in self.all().into_iter().zip(v) {
+            counter.store(value, Ordering::Relaxed);
+        }
+        *base = v;
     }
 
     pub fn delivered(&self) {
