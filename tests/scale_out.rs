@@ -75,10 +75,13 @@ fn edge_config(version: u32) -> String {
     )
 }
 
-/// Waits until the AgentConfig counts every agent once, applied: the status converged.
+/// Waits until the AgentConfig's status is of its current generation and counts every agent
+/// once, applied: the status converged.
 async fn converged(ns: &common::env::Tenant, what: &str) -> AgentConfigStatus {
+    let generation = ns.ns.api::<AgentConfig>().get("edge").await.unwrap().metadata.generation;
     ns.status_where::<AgentConfig>("edge", what, |s| {
-        s.selected_agents as usize == AGENTS
+        s.observed_generation == generation
+            && s.selected_agents as usize == AGENTS
             && s.applied_agents as usize == AGENTS
             && s.pending_agents == 0
             && s.applying_agents == 0
@@ -125,7 +128,6 @@ async fn leader(ns: &common::env::Tenant) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "until status, dispatch and listing merge across replicas"]
 async fn three_replica_processes_stay_one_operator_through_a_rolling_update_and_a_crash() {
     let tenants = TestEnv::new("scale").deadline(Duration::from_secs(60)).prepare().await;
     let ns: &common::env::Tenant = &tenants;
@@ -220,8 +222,6 @@ async fn three_replica_processes_stay_one_operator_through_a_rolling_update_and_
     .await;
     ns.apply(&edge_config(9)).await;
     converged(ns, "status converged after the crash").await;
-    let spec = ns.ns.api::<AgentConfig>().get("edge").await.unwrap();
-    assert_eq!(spec.status.unwrap().observed_generation, spec.metadata.generation);
     timings.push((format!("SIGKILL {leading} (the leader), apply"), started.elapsed()));
     let reply = dispatch_all(&replicas[0], &name, "after-crash").await;
     assert!(all_sent(&reply), "{reply:?}");
