@@ -194,6 +194,10 @@ struct OpampArgs {
     /// Seconds after a WebSocket upgrade for the agent's first message.
     #[arg(long, env = "OPAMP_WS_FIRST_MESSAGE_TIMEOUT_SECONDS", default_value_t = 30, value_parser = seconds())]
     ws_first_message_timeout_seconds: u64,
+    /// Plain-HTTP polls forwarded to the replica that owns their agent at once (with --peers);
+    /// beyond, a poll waits up to a second, then gets 503 with Retry-After.
+    #[arg(long, env = "OPAMP_MAX_HTTP_FORWARDS", default_value_t = opamp_operator::opamp::MAX_FORWARDS_DEFAULT, value_parser = clap::value_parser!(usize))]
+    max_http_forwards: usize,
     /// PEM certificate (chain) for TLS on the OpAMP endpoint (wss://, https://); reloaded when
     /// the file changes.
     #[arg(long, env = "OPAMP_TLS_CERT_FILE", requires = "tls_key_file")]
@@ -409,6 +413,7 @@ impl OpampArgs {
             idle_timeout: Duration::from_secs(self.idle_timeout_seconds),
             ws_first_message_timeout: Duration::from_secs(self.ws_first_message_timeout_seconds),
             max_connections: self.max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            max_forwards: self.max_http_forwards.max(1),
             ..Default::default()
         }
     }

@@ -106,6 +106,9 @@ impl Error {
     }
 }
 
+/// Connections the peer address holds open at once (from the other replicas only).
+pub const PEER_CONNECTIONS: usize = 1024;
+
 /// A running operator.
 pub struct Operator {
     pub fleet: Fleet,
@@ -252,7 +255,11 @@ impl Operator {
                 let app = axum::Router::new()
                     .nest(crate::peers::PREFIX, api)
                     .layer(axum::middleware::from_fn_with_state(verifier, crate::peers::auth::require_peer));
-                tasks.spawn(crate::http_server::serve(listener, app, limits.clone(), shutdown.clone()));
+                // Each peer may forward up to --max-http-forwards polls at once, each on a
+                // connection of its own: room for several peers' worth.
+                let peer_limits =
+                    crate::http_server::Limits { max_connections: PEER_CONNECTIONS, ..limits.clone() };
+                tasks.spawn(crate::http_server::serve(listener, app, peer_limits, shutdown.clone()));
                 // Join once the caches are synced: until then this replica cannot authenticate
                 // the agents routed to it.
                 let (client, peers, stop, mut ready) =

@@ -1,6 +1,7 @@
-//! The status writer: statuses computed on the leader go through a bounded queue to one task
-//! that patches them, each under a deadline, while this replica leads. A slow or failing API
-//! server delays status, never planning: configs reach agents whatever the writer does.
+//! The status writer: statuses computed on the leader go through a bounded queue to a task
+//! that patches them, up to [`WRITERS`] at once (never two of one object), each under a
+//! deadline, while this replica leads. A slow or failing API server delays status, never
+//! planning: configs reach agents whatever the writer does.
 //!
 //! The queue holds one update per object (a newer one replaces a waiting one, keeping its
 //! Events) and Events of their own, at most [`QUEUE_CAPACITY`] in all; beyond that updates are
@@ -26,6 +27,9 @@ use crate::api::{AgentConfig, AgentConfigStatus, CapabilitySlot, CapabilitySlotS
 
 /// Updates and Events waiting at most.
 pub const QUEUE_CAPACITY: usize = 1024;
+/// Patches (and Events) in flight at once: with an API server answering in `t`, at most
+/// `WRITERS / t` status writes a second.
+pub const WRITERS: usize = 8;
 /// How long one status patch or Event may take.
 pub const PATCH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -78,7 +82,7 @@ enum Job {
     Event(Box<(ObjectReference, Event)>),
 }
 
-/// What the writer does next (one at a time, short-lived: its size does not matter).
+/// What the writer does next (a few at a time, short-lived: its size does not matter).
 #[allow(clippy::large_enum_variant)]
 enum Next {
     Status(ObjectKey, StatusWrite),
@@ -93,6 +97,8 @@ struct State {
     sent: HashMap<ObjectKey, Status>,
     /// Namespaces to recompute (an update dropped, failed or timed out).
     retry: HashSet<String>,
+    /// Objects with a patch in flight: their next update waits for it.
+    in_flight: HashSet<ObjectKey>,
 }
 
 /// The bounded queue between status compute and the writer.
@@ -181,21 +187,34 @@ impl StatusQueue {
         state.retry.insert(key.namespace.clone());
     }
 
-    /// The next job; `None` when the queue is empty.
+    /// The next job; `None` when the queue is empty or holds only updates of objects with a
+    /// patch in flight (they keep their place).
     fn pop(&self) -> Option<Next> {
-        let mut state = self.state.lock();
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
         loop {
-            let job = state.jobs.pop_front()?;
+            let position = state.jobs.iter().position(|job| match job {
+                Job::Status(key) => !state.in_flight.contains(key),
+                Job::Event(_) => true,
+            })?;
+            let job = state.jobs.remove(position)?;
             self.metrics.status_queue_depth.set(state.jobs.len() as i64);
             match job {
                 Job::Status(key) => {
                     if let Some(write) = state.waiting.remove(&key) {
+                        state.in_flight.insert(key.clone());
                         return Some(Next::Status(key, write));
                     }
                 }
                 Job::Event(event) => return Some(Next::Event(event)),
             }
         }
+    }
+
+    /// The patch of `key` is over: its next update may go.
+    fn done(&self, key: &ObjectKey) {
+        self.state.lock().in_flight.remove(key);
+        self.notify.notify_one();
     }
 
     async fn next(&self) -> Next {
@@ -217,30 +236,41 @@ pub async fn run(
     leader: tokio::sync::watch::Receiver<bool>,
     shutdown: CancellationToken,
 ) {
-    let writer = Writer { client, errors, metrics: queue.metrics.clone() };
+    let writer = Arc::new(Writer { client, errors, metrics: queue.metrics.clone() });
+    let mut running = tokio::task::JoinSet::new();
     loop {
         let job = tokio::select! {
             _ = shutdown.cancelled() => return,
-            job = queue.next() => job,
+            Some(_) = running.join_next(), if !running.is_empty() => continue,
+            job = queue.next(), if running.len() < WRITERS => job,
         };
         if !*leader.borrow() {
             queue.clear(); // a follower writes nothing; the next leader computes anew
             continue;
         }
-        match job {
-            Next::Status(key, write) => {
-                if writer.status(&key, &write).await {
-                    for (type_, reason, note, action) in write.events {
-                        let ev =
-                            Event { type_, reason: reason.into(), note: Some(note), action, secondary: None };
-                        writer.event(&write.reference, &ev).await;
+        let (writer, queue) = (writer.clone(), queue.clone());
+        running.spawn(async move {
+            match job {
+                Next::Status(key, write) => {
+                    if writer.status(&key, &write).await {
+                        for (type_, reason, note, action) in write.events {
+                            let ev = Event {
+                                type_,
+                                reason: reason.into(),
+                                note: Some(note),
+                                action,
+                                secondary: None,
+                            };
+                            writer.event(&write.reference, &ev).await;
+                        }
+                    } else {
+                        queue.failed(&key);
                     }
-                } else {
-                    queue.failed(&key);
+                    queue.done(&key);
                 }
+                Next::Event(event) => writer.event(&event.0, &event.1).await,
             }
-            Next::Event(event) => writer.event(&event.0, &event.1).await,
-        }
+        });
     }
 }
 
@@ -358,6 +388,22 @@ mod tests {
     }
 
     #[test]
+    fn an_objects_next_update_waits_for_its_patch_in_flight_others_do_not() {
+        let q = StatusQueue::new(8, Arc::new(ControllerMetrics::default()));
+        assert!(q.push_status(key("a"), write(1, "e")));
+        let Some(Next::Status(first, _)) = q.pop() else { panic!("a status") };
+        assert_eq!(first, key("a"));
+        assert!(q.push_status(key("a"), write(2, "e")));
+        assert!(q.push_status(key("b"), write(1, "e")));
+        let Some(Next::Status(other, _)) = q.pop() else { panic!("b's status") };
+        assert_eq!(other, key("b"), "b goes while a is in flight");
+        assert!(q.pop().is_none(), "a's next update waits for its patch");
+        q.done(&key("a"));
+        let Some(Next::Status(again, w)) = q.pop() else { panic!("a's next status") };
+        assert_eq!((again, w.status), (key("a"), write(2, "").status));
+    }
+
+    #[test]
     fn statuses_differ_in_more_than_timestamps() {
         let a = write(1, "").status;
         assert!(!a.differs(Some(&a)));
@@ -416,6 +462,17 @@ mod tests {
         let category = super::super::metrics::CategoryLabel { category: "timeout" };
         assert_eq!(w.metrics.controller_errors.get_or_create(&category).get(), 1);
         assert_eq!(w.queue.last_sent(&key("a")), None, "recomputed on the next pass");
+        w.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_api_server_gets_several_patches_at_once() {
+        let w = Hanging::start(true);
+        for name in ["b", "c", "d"] {
+            assert!(w.queue.push_status(key(name), write(1, "e")));
+        }
+        tokio::time::sleep(PATCH_TIMEOUT + Duration::from_secs(1)).await;
+        assert_eq!(w.timeouts(), 4, "the four patches waited side by side, not one after another");
         w.stop().await;
     }
 
