@@ -151,11 +151,7 @@ impl Fleet {
         ticket: Option<Arc<Ticket>>,
         limit: usize,
     ) -> Result<usize, EnqueueError> {
-        let mut shard = self.shard(&key.uid);
-        let agent = shard.agents.get_mut(key).ok_or(EnqueueError::UnknownAgent)?;
-        let depth = agent.outbox.push(message, ticket, limit)?;
-        agent.wake();
-        Ok(depth)
+        self.push_message(key, message, ticket, limit, false)
     }
 }
 

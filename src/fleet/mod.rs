@@ -754,9 +754,22 @@ impl Fleet {
         ticket: Option<Arc<Ticket>>,
         limit: usize,
     ) -> Result<usize, EnqueueError> {
+        self.push_message(key, message, ticket, limit, true)
+    }
+
+    /// Queues a message in an agent's outbox and wakes it; with `declared`, only if the agent
+    /// declared the message's capability.
+    fn push_message(
+        &self,
+        key: &AgentKey,
+        message: CustomMessage,
+        ticket: Option<Arc<Ticket>>,
+        limit: usize,
+        declared: bool,
+    ) -> Result<usize, EnqueueError> {
         let mut shard = self.shard(&key.uid);
         let agent = shard.agents.get_mut(key).ok_or(EnqueueError::UnknownAgent)?;
-        if !agent.session.report.supports_custom_capability(&message.capability) {
+        if declared && !agent.session.report.supports_custom_capability(&message.capability) {
             return Err(EnqueueError::CapabilityNotSupported);
         }
         let depth = agent.outbox.push(message, ticket, limit)?;

@@ -237,7 +237,7 @@ impl Peers {
     }
 
     /// Sends a request with `headers` and `body` to `path` (under [`PREFIX`]) on `peer`, and
-    /// answers its status, headers and body as they are.
+    /// answers its status, headers and body (at most [`MAX_ANSWER_BYTES`]) as they are.
     pub async fn send(
         &self,
         peer: &Member,
@@ -247,7 +247,43 @@ impl Peers {
     ) -> Result<(u16, http::HeaderMap, Bytes), CallError> {
         let started = std::time::Instant::now();
         let sent = body.len() as u64;
-        let result = self.send_uncounted(peer, path, headers, body).await;
+        let result = async {
+            let token = match &self.inner.token {
+                Some(t) => t.get().map_err(CallError::Token)?,
+                None => return Err(CallError::Token("this replica has no peers".into())),
+            };
+            let url = format!("http://{}{PREFIX}{path}", peer.address);
+            let unreachable = |source| CallError::Unreachable { peer: peer.identity.clone(), source };
+            let too_large = || CallError::Unreadable {
+                peer: peer.identity.clone(),
+                message: format!("answer larger than {MAX_ANSWER_BYTES} bytes"),
+            };
+            let mut response = self
+                .inner
+                .http
+                .post(url)
+                .headers(headers)
+                .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+                .timeout(self.inner.call_timeout)
+                .body(body)
+                .send()
+                .await
+                .map_err(unreachable)?;
+            let status = response.status().as_u16();
+            let headers = response.headers().clone();
+            if response.content_length().is_some_and(|n| n > MAX_ANSWER_BYTES as u64) {
+                return Err(too_large());
+            }
+            let mut answer = bytes::BytesMut::new();
+            while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
+                if answer.len() + chunk.len() > MAX_ANSWER_BYTES {
+                    return Err(too_large());
+                }
+                answer.extend_from_slice(&chunk);
+            }
+            Ok((status, headers, answer.freeze()))
+        }
+        .await;
         let m = &self.inner.metrics;
         m.call_duration.observe(started.elapsed().as_secs_f64());
         m.bytes.get_or_create(&metrics::DirectionLabel { direction: "sent" }).inc_by(sent);
@@ -270,42 +306,6 @@ impl Peers {
     /// The metrics of peer calls (registered by the operator).
     pub fn metrics(&self) -> &Arc<PeerMetrics> {
         &self.inner.metrics
-    }
-
-    async fn send_uncounted(
-        &self,
-        peer: &Member,
-        path: &str,
-        headers: http::HeaderMap,
-        body: Bytes,
-    ) -> Result<(u16, http::HeaderMap, Bytes), CallError> {
-        let token = match &self.inner.token {
-            Some(t) => t.get().map_err(CallError::Token)?,
-            None => return Err(CallError::Token("this replica has no peers".into())),
-        };
-        let url = format!("http://{}{PREFIX}{path}", peer.address);
-        let unreachable = |source| CallError::Unreachable { peer: peer.identity.clone(), source };
-        let response = self
-            .inner
-            .http
-            .post(url)
-            .headers(headers)
-            .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
-            .timeout(self.inner.call_timeout)
-            .body(body)
-            .send()
-            .await
-            .map_err(unreachable)?;
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        if response.content_length().is_some_and(|n| n > MAX_ANSWER_BYTES as u64) {
-            return Err(CallError::Unreadable {
-                peer: peer.identity.clone(),
-                message: format!("answer larger than {MAX_ANSWER_BYTES} bytes"),
-            });
-        }
-        let body = response.bytes().await.map_err(unreachable)?;
-        Ok((status, headers, body))
     }
 }
 
