@@ -184,6 +184,12 @@ async fn three_replica_processes_stay_one_operator_through_a_rolling_update_and_
         agents.iter().all(|a| a.custom_message_types() == ["hello-0", "hello-1", "hello-2"]).then_some(())
     })
     .await;
+    // The slot's counters are the sum of what every replica sent.
+    let total = 3 * AGENTS as u64;
+    ns.status_where::<CapabilitySlot>("jobs", "the slot counts every replica's sends", |s| {
+        s.downstream.accepted == total && s.downstream.sent == total
+    })
+    .await;
 
     // A rolling update: each replica in turn stopped (SIGTERM) and replaced; its agents
     // reconnect through the Service to the others.

@@ -7,7 +7,8 @@
 //!   [`NamespaceIndex`], published to the fleet as the namespace's plan; the fleet derives each
 //!   agent's desired state from it. Every replica plans, from what every replica sees, so an
 //!   agent gets the same files whichever replica it is connected to.
-//! - Status compute (leader only, at most once a second per namespace): counts the fleet's
+//! - Status compute (leader only, at most twice a second per namespace: at the tick, and when
+//!   the other replicas' counts of a tick arrive): counts the fleet's
 //!   agents against the index and adds what the other replicas count of theirs ([`peer`]),
 //!   advances progressive rollouts (the only decision taken on the leader alone), and queues
 //!   what changed for the [`writer`], which patches it with a deadline. A slow API server
@@ -284,7 +285,12 @@ impl Controller {
                 Some(round) = answers.recv() => {
                     if self.leading {
                         let changed = self.gather.apply(round, &self.routes);
-                        self.status_dirty.extend(changed);
+                        // What the peers counted is written now, not a tick later (a status
+                        // is computed at most twice a tick: at the tick and at its answers).
+                        if !changed.is_empty() {
+                            self.status_dirty.extend(changed);
+                            self.compute_statuses();
+                        }
                     }
                 }
                 _ = tick.tick() => {
