@@ -16,7 +16,9 @@ pub struct CallLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DirectionLabel {
+pub struct BytesLabels {
+    /// The peer route.
+    pub path: String,
     /// `sent` or `received`.
     pub direction: &'static str,
 }
@@ -24,7 +26,7 @@ pub struct DirectionLabel {
 pub struct PeerMetrics {
     pub calls: Family<CallLabels, Counter>,
     pub call_duration: Histogram,
-    pub bytes: Family<DirectionLabel, Counter>,
+    pub bytes: Family<BytesLabels, Counter>,
     pub members: Gauge,
     pub refused: Counter,
 }
@@ -53,7 +55,11 @@ impl PeerMetrics {
             "Duration of one call to another replica",
             self.call_duration.clone(),
         );
-        registry.register("peer_bytes", "Bytes of calls to other replicas (bodies)", self.bytes.clone());
+        registry.register(
+            "peer_bytes",
+            "Bytes of calls to other replicas (bodies), by peer route and direction",
+            self.bytes.clone(),
+        );
         registry.register(
             "peer_members",
             "Live replicas of the group, this one included",

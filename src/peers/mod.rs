@@ -286,12 +286,11 @@ impl Peers {
         .await;
         let m = &self.inner.metrics;
         m.call_duration.observe(started.elapsed().as_secs_f64());
-        m.bytes.get_or_create(&metrics::DirectionLabel { direction: "sent" }).inc_by(sent);
+        let bytes = |direction| metrics::BytesLabels { path: path.to_owned(), direction };
+        m.bytes.get_or_create(&bytes("sent")).inc_by(sent);
         let outcome = match &result {
             Ok((status, _, body)) => {
-                m.bytes
-                    .get_or_create(&metrics::DirectionLabel { direction: "received" })
-                    .inc_by(body.len() as u64);
+                m.bytes.get_or_create(&bytes("received")).inc_by(body.len() as u64);
                 if *status == 200 { "ok" } else { "status" }
             }
             Err(CallError::Unreachable { .. }) => "unreachable",
