@@ -11,6 +11,7 @@ use common::{eventually, peers};
 use k8s_openapi::api::coordination::v1::Lease;
 use opamp_operator::api::{AgentConfig, AgentConfigStatus, CapabilitySlot};
 use opamp_operator::operator::Operator;
+use opamp_operator::protocol::Uid;
 use opamp_operator::sim::AgentSpec;
 
 const T: Duration = Duration::from_secs(30);
@@ -63,7 +64,10 @@ async fn replicas_find_each_other_through_leases_and_only_peers_may_call_them() 
     tenants.cleanup().await;
 }
 
+/// WebSocket agents, and one plain-HTTP agent that opens a new connection at each poll (so the
+/// Service sends each poll to the next replica).
 const AGENTS: usize = 30;
+const ALL: usize = AGENTS + 1;
 const CAP: &str = "io.example.jobs";
 const DISPATCH_TOKEN: &str = "dispatch-token-of-the-suite";
 
@@ -81,8 +85,8 @@ async fn converged(ns: &common::env::Tenant, what: &str) -> AgentConfigStatus {
     let generation = ns.ns.api::<AgentConfig>().get("edge").await.unwrap().metadata.generation;
     ns.status_where::<AgentConfig>("edge", what, |s| {
         s.observed_generation == generation
-            && s.selected_agents as usize == AGENTS
-            && s.applied_agents as usize == AGENTS
+            && s.selected_agents as usize == ALL
+            && s.applied_agents as usize == ALL
             && s.pending_agents == 0
             && s.applying_agents == 0
     })
@@ -90,8 +94,8 @@ async fn converged(ns: &common::env::Tenant, what: &str) -> AgentConfigStatus {
 }
 
 /// Dispatches one message of `kind` to every agent (a selector) through `via`: the HTTP status
-/// and the per-agent states.
-async fn dispatch_all(via: &Replica, ns: &str, kind: &str) -> (u16, Vec<String>) {
+/// and each agent's state.
+async fn dispatch_all(via: &Replica, ns: &str, kind: &str) -> (u16, Vec<(String, String)>) {
     let url = via.api_url(&format!("/api/v1/namespaces/{ns}/capabilityslots/jobs/messages"));
     let body = serde_json::json!({ "type": kind, "data": "", "selector": {} });
     let resp = reqwest::Client::new()
@@ -105,17 +109,19 @@ async fn dispatch_all(via: &Replica, ns: &str, kind: &str) -> (u16, Vec<String>)
     let status = resp.status().as_u16();
     let reply: serde_json::Value =
         serde_json::from_slice(&resp.bytes().await.unwrap()).expect("a JSON answer");
-    let states = reply["results"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|r| r["state"].as_str().unwrap_or("").to_owned());
+    let states = reply["results"].as_array().into_iter().flatten().map(|r| {
+        (r["agent"].as_str().unwrap_or("").to_owned(), r["state"].as_str().unwrap_or("").to_owned())
+    });
     (status, states.collect())
 }
 
-/// Dispatch through `via` reached every agent.
-fn all_sent((status, states): &(u16, Vec<String>)) -> bool {
-    *status == 200 && states.len() == AGENTS && states.iter().all(|s| s == "sent")
+/// Dispatch reached every agent: written to each WebSocket agent, queued for the HTTP agent's
+/// next poll (or written, if it was polling).
+fn all_reached((status, states): &(u16, Vec<(String, String)>), http: Uid) -> bool {
+    let http = http.to_string();
+    *status == 200
+        && states.len() == ALL
+        && states.iter().all(|(agent, state)| state == "sent" || (*agent == http && state == "queued"))
 }
 
 /// The Lease holder: the leader's identity.
@@ -139,13 +145,17 @@ async fn three_replica_processes_stay_one_operator_through_a_rolling_update_and_
     }
     let service = Service::start(replicas.iter().map(|r| r.opamp_addr).collect()).await;
     let url = format!("ws://{}/v1/opamp", service.addr);
-    let agents: Vec<RunningAgent> = (0..AGENTS)
-        .map(|_| {
-            let mut spec = AgentSpec::new("edge");
-            spec.custom_capabilities = vec![CAP.into()];
-            RunningAgent::spawn(url.clone(), Some(ns.token.clone()), spec)
-        })
-        .collect();
+    let spec = || {
+        let mut spec = AgentSpec::new("edge");
+        spec.custom_capabilities = vec![CAP.into()];
+        spec
+    };
+    let mut agents: Vec<RunningAgent> =
+        (0..AGENTS).map(|_| RunningAgent::spawn(url.clone(), Some(ns.token.clone()), spec())).collect();
+    let http_url = format!("http://{}/v1/opamp", service.addr);
+    let http = RunningAgent::spawn_http(http_url, Some(ns.token.clone()), spec(), Duration::from_millis(300));
+    let http_uid = http.uid;
+    agents.push(http);
     ns.apply(&format!(
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: dispatch}}\ntype: Opaque\nstringData: {{token: {DISPATCH_TOKEN}}}\n"
     ))
@@ -158,11 +168,24 @@ async fn three_replica_processes_stay_one_operator_through_a_rolling_update_and_
     ns.apply(&edge_config(1)).await;
     // Status counts the agents of all three replicas (the Service spreads them).
     let first = converged(ns, "every agent of every replica counted, applied").await;
-    assert_eq!(first.selected_agents as usize, AGENTS, "{first:?}");
+    assert_eq!(first.selected_agents as usize, ALL, "counted once each: {first:?}");
     ns.status_where::<CapabilitySlot>("jobs", "every agent supports the slot", |s| {
-        s.supporting_agents as usize == AGENTS
+        s.supporting_agents as usize == ALL
     })
     .await;
+    // Only the replicas' service account opens a replica's peer address.
+    let ping = |token: Option<&str>| {
+        let url = format!("http://{}/peer/v1/ping", replicas[0].peer_addr);
+        let req = reqwest::Client::new().post(url);
+        let req = match token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
+        async move { req.send().await.expect("the peer address answers").status().as_u16() }
+    };
+    assert_eq!(ping(Some(&group.peer.token)).await, 200);
+    assert_eq!(ping(Some(&ns.token)).await, 403, "an agent's token");
+    assert_eq!(ping(None).await, 401);
     // Dispatch through any replica reaches every agent, wherever it is connected.
     // (The slot reaches each replica's routes a moment after the apply: the first try of each
     // may be refused.)
@@ -172,7 +195,7 @@ async fn three_replica_processes_stay_one_operator_through_a_rolling_update_and_
             let reply = dispatch_all(r, &name, &kind).await;
             match reply.0 {
                 200 => {
-                    assert!(all_sent(&reply), "{reply:?}");
+                    assert!(all_reached(&reply, http_uid), "{reply:?}");
                     Some(())
                 }
                 _ => None,
@@ -185,7 +208,7 @@ async fn three_replica_processes_stay_one_operator_through_a_rolling_update_and_
     })
     .await;
     // The slot's counters are the sum of what every replica sent.
-    let total = 3 * AGENTS as u64;
+    let total = 3 * ALL as u64;
     ns.status_where::<CapabilitySlot>("jobs", "the slot counts every replica's sends", |s| {
         s.downstream.accepted == total && s.downstream.sent == total
     })
@@ -211,7 +234,7 @@ async fn three_replica_processes_stay_one_operator_through_a_rolling_update_and_
         converged(ns, "status converged after the rolling step").await;
         timings.push((format!("SIGTERM {identity}, replace, apply"), started.elapsed()));
         let reply = dispatch_all(&replicas[(i + 1) % 3], &name, &format!("roll-{i}")).await;
-        assert!(all_sent(&reply), "{reply:?}");
+        assert!(all_reached(&reply, http_uid), "{reply:?}");
     }
 
     // A crash: the leader killed outright; its Leases lapse (3 s), another replica leads.
@@ -230,7 +253,36 @@ async fn three_replica_processes_stay_one_operator_through_a_rolling_update_and_
     converged(ns, "status converged after the crash").await;
     timings.push((format!("SIGKILL {leading} (the leader), apply"), started.elapsed()));
     let reply = dispatch_all(&replicas[0], &name, "after-crash").await;
-    assert!(all_sent(&reply), "{reply:?}");
+    assert!(all_reached(&reply, http_uid), "{reply:?}");
+    // Every WebSocket agent received every message once. The HTTP agent received those sent
+    // while the replica holding its queue stayed up, once each (a replica stopped before the
+    // agent's next poll takes what it queued for it along: see docs/scaling.md).
+    let mut every = ["hello-0", "hello-1", "hello-2", "roll-0", "roll-1", "roll-2", "after-crash"];
+    every.sort();
+    eventually(T, "every agent received every message once", || async {
+        agents
+            .iter()
+            .filter(|a| a.uid != http_uid)
+            .all(|a| {
+                let mut got = a.custom_message_types();
+                got.sort();
+                got == every
+            })
+            .then_some(())
+    })
+    .await;
+    let http = agents.iter().find(|a| a.uid == http_uid).expect("the HTTP agent");
+    eventually(T, "the HTTP agent received the messages of stable replicas", || async {
+        let got = http.custom_message_types();
+        ["hello-0", "hello-1", "hello-2", "after-crash"]
+            .iter()
+            .all(|m| got.iter().filter(|g| g == m).count() == 1)
+            .then_some(())
+    })
+    .await;
+    let got = http.custom_message_types();
+    let distinct: std::collections::HashSet<_> = got.iter().collect();
+    assert_eq!(distinct.len(), got.len(), "no message twice: {got:?}");
 
     // No agent was ever sent a config it already ran.
     let duplicates: usize = agents.iter().map(|a| a.duplicate_configs()).sum();

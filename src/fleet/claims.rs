@@ -141,17 +141,11 @@ impl Fleet {
         Some(handed.into_iter().map(|(message, ticket)| Handed { message, ticket }).collect())
     }
 
-    /// Queues a message handed over by another replica for an agent held here, followed
-    /// through `ticket`, holding at most `limit` messages; unlike
+    /// Queues a message handed over by another replica for an agent held here (followed
+    /// through its ticket), holding at most `limit` messages; unlike
     /// [`Fleet::enqueue_tracked`], whether the agent declared the capability is not checked.
-    pub fn adopt(
-        &self,
-        key: &AgentKey,
-        message: CustomMessage,
-        ticket: Option<Arc<Ticket>>,
-        limit: usize,
-    ) -> Result<usize, EnqueueError> {
-        self.push_message(key, message, ticket, limit, false)
+    pub fn adopt(&self, key: &AgentKey, handed: Handed, limit: usize) -> Result<usize, EnqueueError> {
+        self.push_message(key, handed.message, handed.ticket, limit, false)
     }
 }
 
@@ -277,15 +271,21 @@ mod tests {
         let fleet = Fleet::new(FleetConfig::default());
         let uid = Uid::new_v7();
         let key = AgentKey::new("team-a", uid);
-        assert_eq!(fleet.adopt(&key, message("a"), None, 1), Err(EnqueueError::UnknownAgent));
+        assert_eq!(
+            fleet.adopt(&key, Handed { message: message("a"), ticket: None }, 1),
+            Err(EnqueueError::UnknownAgent)
+        );
         let mut ws = conn(&fleet, Transport::WebSocket);
         fleet.handle(&mut ws, AgentToServer { instance_uid: uid.to_wire(), ..Default::default() }).unwrap();
         assert_eq!(
             fleet.enqueue_custom_message(&key, message("a")),
             Err(EnqueueError::CapabilityNotSupported)
         );
-        assert_eq!(fleet.adopt(&key, message("a"), None, 1), Ok(1));
-        assert_eq!(fleet.adopt(&key, message("b"), None, 1), Err(EnqueueError::QueueFull(1)));
+        assert_eq!(fleet.adopt(&key, Handed { message: message("a"), ticket: None }, 1), Ok(1));
+        assert_eq!(
+            fleet.adopt(&key, Handed { message: message("b"), ticket: None }, 1),
+            Err(EnqueueError::QueueFull(1))
+        );
         assert_eq!(fleet.poll_push(&ws).and_then(|m| m.custom_message), Some(message("a")));
     }
 }

@@ -42,7 +42,7 @@ use super::dispatch::{
     wait_sent,
 };
 use crate::api::AgentSelector;
-use crate::fleet::{AgentKey, Claim, TicketState};
+use crate::fleet::{AgentKey, Claim, Handed, TicketState};
 use crate::peers::Member;
 use crate::proto::CustomMessage;
 use crate::protocol::{Uid, attribute};
@@ -488,7 +488,7 @@ impl Routes {
             let message = CustomMessage { capability: m.capability, r#type: m.r#type, data: data.into() };
             let default_limit = self.fleet.config().outbox_limit;
             let (Some((slot, id)), Some(remaining)) = (m.dispatch, m.remaining_ms) else {
-                if let Err(e) = self.fleet.adopt(&key, message, None, default_limit) {
+                if let Err(e) = self.fleet.adopt(&key, Handed { message, ticket: None }, default_limit) {
                     tracing::debug!(error = %e, agent = %key, "a handed-over message was not queued");
                 }
                 continue;
@@ -506,7 +506,7 @@ impl Routes {
             );
             let capability = message.capability.clone();
             let record = Arc::new((agent.namespace.clone(), slot, id));
-            if let Err(e) = self.fleet.adopt(&key, message, Some(ticket.clone()), limit) {
+            if let Err(e) = self.fleet.adopt(&key, Handed { message, ticket: Some(ticket.clone()) }, limit) {
                 tracing::debug!(error = %e, agent = %key, "a handed-over message was not queued");
                 ticket.expire_if_due(ticket.expires_at);
             }

@@ -154,6 +154,13 @@ impl HttpClient {
         }
     }
 
+    /// The same client opening a new connection for every request (a Service without session
+    /// affinity then sends each poll to a replica of its choice).
+    pub fn without_keepalive(mut self) -> Self {
+        self.client = reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client builds");
+        self
+    }
+
     /// Sends one message, with its uid in the `OpAMP-Instance-UID` header as opamp-go does
     /// (replicas route the poll by it without decoding).
     pub async fn send(&self, msg: &AgentToServer) -> Result<HttpReply, ClientError> {

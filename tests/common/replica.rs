@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use tokio::process::{Child, Command};
 
-use super::eventually;
 use super::peers::PeerIdentity;
 
 pub struct Replica {
@@ -59,8 +58,29 @@ impl Group {
         }
     }
 
-    /// Starts a replica and waits until it is ready.
+    /// Starts a replica and waits until it is ready. The loopback ports are picked free just
+    /// before; one taken meanwhile (the process exits: address in use) is tried again with others.
     pub async fn start(&self, identity: &str) -> Replica {
+        for _ in 0..5 {
+            let mut replica = self.spawn(identity);
+            let ready = format!("http://{}/readyz", replica.api_addr);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Ok(Some(status)) = replica.child.try_wait() {
+                    eprintln!("{identity} exited at start ({status}); trying other ports");
+                    break;
+                }
+                if reqwest::get(&ready).await.is_ok_and(|r| r.status() == 200) {
+                    return replica;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "{identity} not ready within 60 s");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        panic!("{identity} did not start in five tries");
+    }
+
+    fn spawn(&self, identity: &str) -> Replica {
         let (opamp_addr, api_addr, metrics_addr, peer_addr) =
             (free_port(), free_port(), free_port(), free_port());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_opamp-operator"));
@@ -90,14 +110,7 @@ impl Group {
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
         let child = cmd.spawn().expect("the operator binary starts");
-        let replica =
-            Replica { identity: identity.into(), opamp_addr, api_addr, metrics_addr, peer_addr, child };
-        let ready = format!("http://{api_addr}/readyz");
-        eventually(Duration::from_secs(60), &format!("{identity} ready"), || async {
-            reqwest::get(&ready).await.ok().filter(|r| r.status() == 200)
-        })
-        .await;
-        replica
+        Replica { identity: identity.into(), opamp_addr, api_addr, metrics_addr, peer_addr, child }
     }
 }
 

@@ -3,7 +3,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use opamp_operator::protocol::Uid;
-use opamp_operator::sim::{AgentSpec, SimAgent, WsClient};
+use opamp_operator::sim::{AgentSpec, HttpClient, SimAgent, WsClient};
 use tokio_util::sync::CancellationToken;
 
 pub struct RunningAgent {
@@ -52,6 +52,36 @@ impl RunningAgent {
                     ws.close().await;
                 }
                 tokio::select! { _ = st.cancelled() => {}, _ = tokio::time::sleep(Duration::from_millis(200)) => {} }
+            }
+        });
+        Self { uid, state, stop, task }
+    }
+
+    /// Polls `url` over plain HTTP every `every` (at once when it has something to answer),
+    /// a new connection for each poll, until stopped.
+    pub fn spawn_http(url: String, token: Option<String>, spec: AgentSpec, every: Duration) -> Self {
+        let uid = spec.uid;
+        let state = Arc::new(Mutex::new(SimAgent::new(spec)));
+        let stop = CancellationToken::new();
+        let (s, st) = (state.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let client = HttpClient::new(&url, token.as_deref(), false).without_keepalive();
+            let mut next = Some(s.lock().unwrap().full_state());
+            while !st.is_cancelled() {
+                let msg = next.take().unwrap_or_else(|| s.lock().unwrap().heartbeat());
+                let wait = match client.send(&msg).await {
+                    Ok(reply) => {
+                        next = reply.message.and_then(|m| s.lock().unwrap().on_message(&m));
+                        next.is_none()
+                    }
+                    Err(_) => {
+                        next = Some(msg); // not delivered: again after a pause, as agents retry
+                        true
+                    }
+                };
+                if wait {
+                    tokio::select! { _ = st.cancelled() => {}, _ = tokio::time::sleep(every) => {} }
+                }
             }
         });
         Self { uid, state, stop, task }
