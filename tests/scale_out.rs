@@ -28,16 +28,8 @@ async fn replicas_find_each_other_through_leases_and_only_peers_may_call_them() 
     let tenants = TestEnv::new("peers-member").with_token("agent-token-1").deadline(T).prepare().await;
     let ns = &tenants.tenant(0).ns.name;
     let id = peers::identity(ns).await;
-    let replica = |name: &str| peers::replica_config(ns, tenants.names(), name, &id);
-    let a = common::operator::start(replica("replica-a")).await;
-    let b = common::operator::start(replica("replica-b")).await;
-    let c = common::operator::start(replica("replica-c")).await;
-    for op in [&a, &b, &c] {
-        eventually(T, "each replica sees the two others", || async {
-            (op.peers.others().len() == 2).then_some(())
-        })
-        .await;
-    }
+    let ops = peers::start_replicas(ns, tenants.names(), &id, &["replica-a", "replica-b", "replica-c"]).await;
+    let [a, b, c] = <[Operator; 3]>::try_from(ops).ok().expect("three replicas");
     // Only the replicas' service account, with the peer audience, opens the peer address.
     assert_eq!(ping(&a, &id.token).await, 200);
     assert_eq!(ping(&a, "agent-token-1").await, 403, "an agent's token");

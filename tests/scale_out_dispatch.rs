@@ -265,16 +265,9 @@ async fn dispatch_get_and_listing_answer_from_any_replica_and_messages_follow_th
     let ns = tenants.tenant(0).ns.name.clone();
     let token = tenants.tenant(0).token.clone();
     let id = peers::identity(&ns).await;
-    let replica = |name: &str| peers::replica_config(&ns, tenants.names(), name, &id);
-    let a = common::operator::start(replica("replica-a")).await;
-    let b = common::operator::start(replica("replica-b")).await;
-    let c = common::operator::start(replica("replica-c")).await;
-    for op in [&a, &b, &c] {
-        eventually(T, "each replica sees the two others", || async {
-            (op.peers.others().len() == 2).then_some(())
-        })
-        .await;
-    }
+    let ops =
+        peers::start_replicas(&ns, tenants.names(), &id, &["replica-a", "replica-b", "replica-c"]).await;
+    let [a, b, c] = <[Operator; 3]>::try_from(ops).ok().expect("three replicas");
     tenants
         .apply(&format!(
             "apiVersion: v1\nkind: Secret\nmetadata: {{name: dispatch}}\ntype: Opaque\nstringData: {{token: {DISPATCH_TOKEN}}}\n"

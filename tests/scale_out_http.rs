@@ -205,16 +205,6 @@ async fn custom_message_delivered(
     assert!(at <= before + 1, "delivered at poll {at}, queued after poll {before}");
 }
 
-/// Waits until every replica of `ops` sees all the others.
-async fn membership_settled(ops: &[Operator]) {
-    for op in ops {
-        eventually(T, "every replica sees all the others", || async {
-            (op.peers.others().len() == ops.len() - 1).then_some(())
-        })
-        .await;
-    }
-}
-
 /// Changes the membership with the proxy holding polls, so that no poll lands while the
 /// replicas' views differ (for a moment, a poll could then be asked for its full state by
 /// two of them); the proxy sends polls to `targets` afterwards.
@@ -226,7 +216,7 @@ async fn while_held<F: std::future::Future<Output = Vec<Operator>>>(
     proxy.set_open(false);
     targets();
     let ops = change.await;
-    membership_settled(&ops).await;
+    peers::settled(&ops).await;
     proxy.set_open(true);
     ops
 }
@@ -237,12 +227,9 @@ async fn an_http_agent_polling_every_replica_in_turn_is_served_by_its_owner_alon
     let ns: &Tenant = &tenants;
     let id = peers::identity(&ns.ns.name).await;
     let replica = |name: &str| peers::replica_config(&ns.ns.name, tenants.names(), name, &id);
-    let mut ops = vec![
-        common::operator::start(replica("replica-a")).await,
-        common::operator::start(replica("replica-b")).await,
-        common::operator::start(replica("replica-c")).await,
-    ];
-    membership_settled(&ops).await;
+    let mut ops =
+        peers::start_replicas(&ns.ns.name, tenants.names(), &id, &["replica-a", "replica-b", "replica-c"])
+            .await;
     // An agent replica-c owns when it is there; it is not, at first.
     let uid = loop {
         let uid = Uid::new_v7();
@@ -251,7 +238,7 @@ async fn an_http_agent_polling_every_replica_in_turn_is_served_by_its_owner_alon
         }
     };
     ops.pop().unwrap().stop().await;
-    membership_settled(&ops).await;
+    peers::settled(&ops).await;
     ns.apply(&edge_config("v: 1")).await;
 
     let (proxy, proxy_addr) = Proxy::start(ops.iter().map(|op| op.opamp_addr).collect()).await;
@@ -373,17 +360,7 @@ async fn polls_for_an_owner_that_does_not_answer_are_handled_where_they_land() {
     let tenants = common::env::TestEnv::new("http-route-kill").deadline(T).prepare().await;
     let ns: &Tenant = &tenants;
     let id = peers::identity(&ns.ns.name).await;
-    let replica = |name: &str| peers::replica_config(&ns.ns.name, tenants.names(), name, &id);
-    let mut ops = vec![
-        common::operator::start(replica("replica-a")).await,
-        common::operator::start(replica("replica-b")).await,
-    ];
-    for op in &ops {
-        eventually(T, "each replica sees the other", || async {
-            (op.peers.others().len() == 1).then_some(())
-        })
-        .await;
-    }
+    let mut ops = peers::start_replicas(&ns.ns.name, tenants.names(), &id, &["replica-a", "replica-b"]).await;
     // An agent the second replica owns polls the first one only.
     let uid = loop {
         let uid = Uid::new_v7();

@@ -86,17 +86,9 @@ async fn status_counts_the_agents_of_every_live_replica() {
     let ns = tenants.tenant(0);
     let id = peers::identity(&ns.ns.name).await;
     let replica = |name: &str| peers::replica_config(&ns.ns.name, tenants.names(), name, &id);
-    let mut ops = vec![
-        ("replica-a", common::operator::start(replica("replica-a")).await),
-        ("replica-b", common::operator::start(replica("replica-b")).await),
-        ("replica-c", common::operator::start(replica("replica-c")).await),
-    ];
-    for (_, op) in &ops {
-        eventually(T, "each replica sees the two others", || async {
-            (op.peers.others().len() == 2).then_some(())
-        })
-        .await;
-    }
+    let names = ["replica-a", "replica-b", "replica-c"];
+    let started = peers::start_replicas(&ns.ns.name, tenants.names(), &id, &names).await;
+    let mut ops: Vec<_> = names.into_iter().zip(started).collect();
     // Six agents on each replica.
     let uids: Vec<Vec<Uid>> = (0..3).map(|_| (0..6).map(|_| Uid::new_v7()).collect()).collect();
     let mut running: Vec<Vec<RunningAgent>> =

@@ -92,3 +92,29 @@ pub fn replica_config(
         ..super::operator::test_config()
     }
 }
+
+/// Starts in-process replicas named `names` with their Leases in `namespace`, managing
+/// `namespaces`, and waits until each sees all the others.
+pub async fn start_replicas(
+    namespace: &str,
+    namespaces: Vec<String>,
+    peer: &PeerIdentity,
+    names: &[&str],
+) -> Vec<opamp_operator::operator::Operator> {
+    let mut ops = Vec::with_capacity(names.len());
+    for name in names {
+        ops.push(super::operator::start(replica_config(namespace, namespaces.clone(), name, peer)).await);
+    }
+    settled(&ops).await;
+    ops
+}
+
+/// Waits until every replica of `ops` sees all the others.
+pub async fn settled(ops: &[opamp_operator::operator::Operator]) {
+    for op in ops {
+        super::eventually(Duration::from_secs(30), "every replica sees all the others", || async {
+            (op.peers.others().len() == ops.len() - 1).then_some(())
+        })
+        .await;
+    }
+}
