@@ -51,6 +51,37 @@ impl Default for Limits {
 /// Serves `router` until `shutdown`, then lets the requests in flight finish (each within its
 /// deadline) and closes idle connections.
 pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdown: CancellationToken) {
+    serve_with(listener, router, limits, shutdown, None).await
+}
+
+/// The server configuration a new TLS connection takes (the current one: it may be replaced
+/// while serving, e.g. when a CA rotates), or `None` to refuse connections for now.
+pub type TlsSource = Arc<dyn Fn() -> Option<Arc<rustls::ServerConfig>> + Send + Sync>;
+
+/// The certificates a TLS client presented (verified by the server configuration's client
+/// verifier; empty when it presented none), in every request of its connection's extensions.
+#[derive(Debug, Clone, Default)]
+pub struct ClientCertificates(pub Arc<Vec<rustls::pki_types::CertificateDer<'static>>>);
+
+/// Like [`serve`], over TLS: the handshake is part of the header deadline, and each request
+/// carries its connection's [`ClientCertificates`].
+pub async fn serve_tls(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    shutdown: CancellationToken,
+    tls: TlsSource,
+) {
+    serve_with(listener, router, limits, shutdown, Some(tls)).await
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    shutdown: CancellationToken,
+    tls: Option<TlsSource>,
+) {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let connections = TaskTracker::new();
     loop {
@@ -71,39 +102,68 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdo
                 }
             },
         };
-        let (router, limits, shutdown) = (router.clone(), limits.clone(), shutdown.clone());
+        let (router, limits, shutdown, tls) = (router.clone(), limits.clone(), shutdown.clone(), tls.clone());
         connections.spawn(async move {
             let _slot = slot;
-            let timeout = limits.request_timeout;
-            let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-                let response = tower_service::Service::call(&mut router.clone(), req);
-                async move {
-                    Ok::<_, Infallible>(match tokio::time::timeout(timeout, response).await {
-                        Ok(Ok(response)) => response,
-                        Err(_) => (http::StatusCode::REQUEST_TIMEOUT, "request timed out").into_response(),
-                    })
-                }
-            });
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
-            let conn = builder.serve_connection(TokioIo::new(tcp), service);
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                served = conn.as_mut() => {
-                    if let Err(e) = served {
-                        tracing::debug!(error = %e, "HTTP connection ended");
-                    }
-                }
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(limits.request_timeout, conn).await;
-                }
-            }
+            let Some(tls) = tls else {
+                return serve_connection(TokioIo::new(tcp), router, limits, shutdown).await;
+            };
+            let Some(config) = tls() else {
+                tracing::debug!("TLS not configured yet: connection closed");
+                return;
+            };
+            let handshake = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+            let stream = match tokio::time::timeout(limits.header_read_timeout, handshake).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
+                Err(_) => return tracing::debug!("TLS handshake timed out"),
+            };
+            let certs = stream.get_ref().1.peer_certificates().map(|c| c.to_vec()).unwrap_or_default();
+            let certs = ClientCertificates(Arc::new(certs));
+            let router = router.layer(axum::Extension(certs));
+            serve_connection(TokioIo::new(stream), router, limits, shutdown).await
         });
     }
     drop(listener);
     connections.close();
     connections.wait().await;
+}
+
+/// Serves one connection's requests under `limits` until it closes or `shutdown`.
+async fn serve_connection<I>(io: TokioIo<I>, router: Router, limits: Limits, shutdown: CancellationToken)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let timeout = limits.request_timeout;
+    let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+        let response = tower_service::Service::call(&mut router.clone(), req);
+        async move {
+            Ok::<_, Infallible>(match tokio::time::timeout(timeout, response).await {
+                Ok(Ok(response)) => response,
+                Err(_) => (http::StatusCode::REQUEST_TIMEOUT, "request timed out").into_response(),
+            })
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    let conn = builder.serve_connection(io, service);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        served = conn.as_mut() => {
+            if let Err(e) = served {
+                tracing::debug!(error = %e, "HTTP connection ended");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(limits.request_timeout, conn).await;
+        }
+    }
+}
+
+/// Uses ring (already used by the Kubernetes client) as the process's rustls provider.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// A body over the limit.

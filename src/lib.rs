@@ -6,8 +6,9 @@
 //! - [`fleet`]: the registry of agents, their reported and desired state;
 //! - [`controller`]: custom resources into the fleet's desired state, and status back;
 //! - [`routes`]: custom-message routes (callbacks upstream, the dispatch API downstream);
-//! - [`api`]: the custom resources; [`access`] and [`agents_api`]: the API address's callers
-//!   and the fleet listing; [`http_server`]: the API and metrics addresses' HTTP server;
+//! - [`api`]: the custom resources; [`agents_api`]: the fleet for users (`kubectl get agents`
+//!   through the aggregated API, and a JSON listing), with [`access`] deciding who may see it;
+//!   [`http_server`]: the HTTP server of the API, aggregated-API and metrics addresses;
 //! - [`metrics`]: the one registry of the layers' metrics; [`operator`]: the wiring;
 //! - [`sim`]: a small OpAMP agent of our own, for tests and load.
 //!
@@ -24,7 +25,7 @@
 //! | `controller` | `fleet`, `routes`, `api`, `protocol`, `opamp` (the `Authenticator` it implements), `peers` (status over every replica) |
 //! | `routes` | `fleet`, `api`, `protocol`, `http_server` (the bounded body read), `peers` (dispatch across replicas) |
 //! | `opamp` | `fleet`, `protocol`, `http_server` (the bounded body read), `peers` (HTTP polls routed to their owner) |
-//! | `agents_api` | `access`, `fleet`, `protocol`, `peers` (the listing across replicas) |
+//! | `agents_api` | `access`, `fleet`, `protocol`, `peers` (the listing across replicas), `http_server` (TLS with client certificates) |
 //! | `peers` | `protocol` |
 //! | `access` | `protocol` |
 //! | `sim` | `protocol` |

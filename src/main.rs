@@ -87,6 +87,17 @@ struct RunArgs {
     /// Address of the metrics endpoint (`/metrics`, Prometheus text format).
     #[arg(long, env = "OPAMP_METRICS_ADDR", default_value = "0.0.0.0:9090")]
     metrics_addr: SocketAddr,
+    /// Address of the aggregated API (HTTPS; `agents` of `fleet.opamp.dev/v1alpha1`, called by
+    /// the API server through an APIService); `off` serves none.
+    #[arg(long, env = "OPAMP_AGGREGATED_API_ADDR", default_value = "0.0.0.0:8443")]
+    aggregated_api_addr: OptionalAddr,
+    /// The aggregated API's serving certificate (PEM; reloaded when it changes). Without it, a
+    /// self-signed one is made at start (the APIService then needs insecureSkipTLSVerify).
+    #[arg(long, env = "OPAMP_AGGREGATED_API_CERT_FILE", requires = "aggregated_api_key_file")]
+    aggregated_api_cert_file: Option<std::path::PathBuf>,
+    /// The key of `--aggregated-api-cert-file` (PEM).
+    #[arg(long, env = "OPAMP_AGGREGATED_API_KEY_FILE", requires = "aggregated_api_cert_file")]
+    aggregated_api_key_file: Option<std::path::PathBuf>,
     /// Admit agents without a token into this namespace (off by default).
     #[arg(long, env = "OPAMP_ANONYMOUS_AGENTS_NAMESPACE")]
     anonymous_agents_namespace: Option<String>,
@@ -292,7 +303,7 @@ async fn fleet_sim(args: FleetSimArgs) -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    use opamp_operator::operator::{Operator, OperatorConfig};
+    use opamp_operator::operator::{AggregatedApiConfig, Operator, OperatorConfig};
     opamp_operator::operator::raise_fd_limit();
     // Empty entries (an empty OPAMP_CALLBACK_ALLOW) allow nothing.
     let allow = args.callback_allow.iter().filter(|a| !a.trim().is_empty()).map(|a| a.parse());
@@ -335,6 +346,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         opamp_addr: args.opamp.opamp_addr,
         api_addr: args.api_addr,
         metrics_addr: Some(args.metrics_addr),
+        aggregated_api: args.aggregated_api_addr.0.map(|addr| AggregatedApiConfig {
+            addr,
+            files: args
+                .aggregated_api_cert_file
+                .clone()
+                .zip(args.aggregated_api_key_file.clone())
+                .map(|(cert, key)| opamp_operator::agents_api::frontproxy::ServingFiles { cert, key }),
+            names: vec!["localhost".into(), "127.0.0.1".into()],
+        }),
         anonymous_namespace: args.anonymous_agents_namespace,
         namespaces: args.namespaces,
         tls: args.opamp.tls(),
@@ -549,4 +569,19 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// A socket address, or `off` (also `none`, empty) for none.
+#[derive(Debug, Clone, Copy)]
+struct OptionalAddr(Option<SocketAddr>);
+
+impl std::str::FromStr for OptionalAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "" | "off" | "none" => Ok(Self(None)),
+            addr => addr.parse().map(|a| Self(Some(a))).map_err(|e| format!("{addr:?}: {e} (or `off`)")),
+        }
+    }
 }

@@ -11,6 +11,8 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::agents_api::aggregated::AggregatedApi;
+use crate::agents_api::frontproxy::{FrontProxy, ServingFiles};
 use crate::controller::auth::TokenAuthenticator;
 use crate::controller::leader::{self, LeaderElectionConfig};
 use crate::controller::{Controller, Scope};
@@ -30,6 +32,8 @@ pub struct OperatorConfig {
     pub api_addr: SocketAddr,
     /// The metrics endpoint (`/metrics`); `None` serves none.
     pub metrics_addr: Option<SocketAddr>,
+    /// The aggregated API (`agents` of `fleet.opamp.dev/v1alpha1`); `None` serves none.
+    pub aggregated_api: Option<AggregatedApiConfig>,
     /// Admit agents without a token into this namespace.
     pub anonymous_namespace: Option<String>,
     /// Manage only these namespaces (default: all).
@@ -62,6 +66,7 @@ impl Default for OperatorConfig {
             opamp_addr: ([0, 0, 0, 0], 4320).into(),
             api_addr: ([0, 0, 0, 0], 8080).into(),
             metrics_addr: None,
+            aggregated_api: None,
             anonymous_namespace: None,
             namespaces: None,
             tls: None,
@@ -75,6 +80,16 @@ impl Default for OperatorConfig {
             api_limits: Default::default(),
         }
     }
+}
+
+/// Where and how the aggregated API is served (see [`crate::agents_api::aggregated`]).
+#[derive(Debug, Clone)]
+pub struct AggregatedApiConfig {
+    pub addr: SocketAddr,
+    /// The serving certificate; `None`: self-signed for `names`.
+    pub files: Option<ServingFiles>,
+    /// DNS names and IPs of a self-signed certificate.
+    pub names: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +106,8 @@ pub enum Error {
     Tls(#[from] TlsError),
     #[error("cannot tell which user peers run as (a SelfSubjectReview): {0}")]
     PeerIdentity(#[source] kube::Error),
+    #[error(transparent)]
+    AggregatedApi(#[from] crate::agents_api::frontproxy::ServingError),
 }
 
 impl Error {
@@ -102,6 +119,7 @@ impl Error {
             Error::Listen { .. } => "listen",
             Error::Tls(_) => "tls",
             Error::PeerIdentity(_) => "peer_identity",
+            Error::AggregatedApi(_) => "aggregated_api",
         }
     }
 }
@@ -115,6 +133,8 @@ pub struct Operator {
     pub opamp_addr: SocketAddr,
     pub api_addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
+    /// The aggregated API's address, when served.
+    pub aggregated_api_addr: Option<SocketAddr>,
     /// The peer address, when replicas act as one.
     pub peer_addr: Option<SocketAddr>,
     /// This replica's view of the others.
@@ -221,6 +241,23 @@ impl Operator {
 
         let ready = ready_rx.clone();
         let access = Arc::new(crate::access::KubeAccess::new(client.clone()));
+        let aggregated_api_addr = match &config.aggregated_api {
+            Some(agg) => {
+                let listener = listen(agg.addr).await?;
+                let bound =
+                    listener.local_addr().map_err(|source| Error::Listen { addr: agg.addr, source })?;
+                let proxy = FrontProxy::new(agg.files.clone(), &agg.names)?;
+                tasks.spawn(proxy.clone().run(client.clone(), shutdown.clone()));
+                let tls = proxy.tls();
+                let state =
+                    AggregatedApi::new(fleet.clone(), access.clone(), peers.clone(), proxy, shutdown.clone());
+                let app = crate::agents_api::aggregated::router(Arc::new(state));
+                let limits = config.api_limits.clone();
+                tasks.spawn(crate::http_server::serve_tls(listener, app, limits, shutdown.clone(), tls));
+                Some(bound)
+            }
+            None => None,
+        };
         let api = crate::routes::dispatch::router(routes.clone())
             .merge(crate::agents_api::router(fleet.clone(), access, peers.clone()))
             .route("/healthz", get(|| async { "ok" }))
@@ -251,6 +288,7 @@ impl Operator {
                     .merge(server.peer_router())
                     .merge(crate::routes::peer::router(routes.clone()))
                     .merge(crate::agents_api::peer_router(fleet.clone()))
+                    .merge(crate::agents_api::aggregated::peer_router(fleet.clone()))
                     .merge(status_api);
                 let app = axum::Router::new()
                     .nest(crate::peers::PREFIX, api)
@@ -330,6 +368,7 @@ impl Operator {
             opamp_addr,
             api_addr,
             metrics_addr,
+            aggregated_api_addr,
             peer_addr,
             peers,
             routes,

@@ -16,7 +16,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("controller", &["fleet", "routes", "api", "protocol", "opamp", "peers"]),
     ("peers", &["protocol"]),
     ("access", &["protocol"]),
-    ("agents_api", &["access", "fleet", "protocol", "peers"]),
+    ("agents_api", &["access", "fleet", "protocol", "peers", "http_server"]),
     ("sim", &["protocol"]),
     ("metrics", &["fleet", "opamp", "routes", "controller", "peers"]),
 ];

@@ -231,6 +231,12 @@ impl Plan for NamespaceIndex {
         }
         DesiredState { remote_config: current.remote_config.clone(), ..ungated }
     }
+
+    fn selected_by(&self, report: &AgentReport) -> Vec<String> {
+        let desc = report.description.as_ref();
+        let selecting = (0..self.configs.len()).filter(|&i| self.configs[i].selects(desc));
+        selecting.map(|i| self.configs[i].object.name_any()).collect()
+    }
 }
 
 /// The route of a slot, with its Secrets read.

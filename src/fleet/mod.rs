@@ -169,6 +169,13 @@ pub trait Plan: Send + Sync {
     /// (`current`; a plan may keep it, e.g. while a progressive rollout has not admitted the
     /// agent yet).
     fn desired(&self, uid: &Uid, report: &AgentReport, current: &DesiredState) -> DesiredState;
+
+    /// The names of the resources that select an agent reporting `report` (for users to see;
+    /// none by default).
+    fn selected_by(&self, report: &AgentReport) -> Vec<String> {
+        let _ = report;
+        Vec::new()
+    }
 }
 
 /// A plan as published, with its version (versions grow with every publication).
@@ -795,6 +802,11 @@ impl Fleet {
     pub fn inspect<R>(&self, key: &AgentKey, f: impl FnOnce(&AgentView<'_>) -> R) -> Option<R> {
         let shard = self.shard(&key.uid);
         Some(f(&shard.agents.get(key)?.view(key)))
+    }
+
+    /// The plan the agents of `namespace` follow now, if any.
+    pub fn plan(&self, namespace: &str) -> Option<Arc<dyn Plan>> {
+        self.inner.plans.read().of(namespace).map(|p| p.plan.clone())
     }
 
     /// Visits every agent's view under its shard's lock: keep the closure short.

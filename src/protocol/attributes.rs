@@ -2,7 +2,7 @@
 //! APIs and callbacks show them.
 use std::borrow::Cow;
 
-use crate::proto::{AgentDescription, any_value};
+use crate::proto::{AgentDescription, AnyValue, any_value};
 
 /// An attribute of an agent's description, identifying or not, as a string.
 pub fn attribute<'a>(desc: Option<&'a AgentDescription>, key: &str) -> Option<Cow<'a, str>> {
@@ -12,7 +12,16 @@ pub fn attribute<'a>(desc: Option<&'a AgentDescription>, key: &str) -> Option<Co
         .iter()
         .chain(&desc.non_identifying_attributes)
         .find(|kv| kv.key == key)?;
-    Some(match kv.value.as_ref()?.value.as_ref()? {
+    value_str(kv.value.as_ref()?)
+}
+
+/// A scalar attribute value as a string (`None` for arrays, maps, bytes and empty values).
+pub fn any_value_string(v: &AnyValue) -> Option<String> {
+    value_str(v).map(Cow::into_owned)
+}
+
+fn value_str(v: &AnyValue) -> Option<Cow<'_, str>> {
+    Some(match v.value.as_ref()? {
         any_value::Value::StringValue(s) => Cow::Borrowed(s.as_str()),
         any_value::Value::BoolValue(b) => Cow::Owned(b.to_string()),
         any_value::Value::IntValue(i) => Cow::Owned(i.to_string()),

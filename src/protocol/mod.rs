@@ -8,7 +8,7 @@ mod headers;
 pub mod session;
 mod uid;
 
-pub use attributes::{attribute, attributes_json};
+pub use attributes::{any_value_string, attribute, attributes_json};
 pub use headers::bearer_token;
 pub use uid::{ParseUidError, Uid};
 

@@ -2,6 +2,7 @@
 //! conditions with deadlines (never sleep-and-hope).
 #![allow(dead_code)]
 
+pub mod aggregated;
 pub mod callback;
 pub mod cluster;
 pub mod env;

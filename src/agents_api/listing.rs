@@ -35,7 +35,7 @@ use axum::routing::{get, post};
 use k8s_openapi::jiff::Timestamp;
 use tokio::sync::Semaphore;
 
-use crate::access::{AGENTS_GROUP, KubeAccess, Request};
+use crate::access::{KubeAccess, Request};
 use crate::fleet::{AgentKey, AgentView, Fleet};
 use crate::peers::Peers;
 use crate::proto::RemoteConfigStatuses;
@@ -97,7 +97,7 @@ async fn namespaced(State(l): State<Arc<Listing>>, Path(ns): Path<String>, heade
 }
 
 async fn list(l: &Listing, headers: &HeaderMap, namespace: Option<&str>) -> Response {
-    let request = Request { verb: "list", group: AGENTS_GROUP, resource: "agents", namespace };
+    let request = Request::agents("list", namespace, None);
     if let Err(denied) = l.access.check(headers, &request).await {
         let body = serde_json::json!({ "error": denied.to_string() });
         return (denied.status(), axum::Json(body)).into_response();
