@@ -21,7 +21,7 @@
 //! | layer | may import |
 //! | --- | --- |
 //! | `main.rs`, `operator` | anything |
-//! | `metrics` | `fleet`, `opamp`, `routes`, `controller`, `peers` (their metrics structs) |
+//! | `metrics` | `fleet`, `opamp`, `routes`, `controller`, `peers`, `agents_api` (their metrics structs) |
 //! | `controller` | `fleet`, `routes`, `api`, `protocol`, `opamp` (the `Authenticator` it implements), `peers` (status over every replica) |
 //! | `routes` | `fleet`, `api`, `protocol`, `http_server` (the bounded body read), `peers` (dispatch across replicas) |
 //! | `opamp` | `fleet`, `protocol`, `http_server` (the bounded body read), `peers` (HTTP polls routed to their owner) |

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use prometheus_client::registry::Registry;
 
+use crate::agents_api::AgentsApiMetrics;
 use crate::controller::ControllerMetrics;
 use crate::fleet::{Fleet, FleetMetrics};
 use crate::opamp::ServerMetrics;
@@ -18,6 +19,7 @@ pub struct Metrics {
     pub routes: Arc<RouteMetrics>,
     pub controller: Arc<ControllerMetrics>,
     pub peers: Arc<PeerMetrics>,
+    pub agents_api: Arc<AgentsApiMetrics>,
 }
 
 impl Default for Metrics {
@@ -30,12 +32,14 @@ impl Default for Metrics {
             routes: Arc::default(),
             controller: Arc::default(),
             peers: Arc::default(),
+            agents_api: Arc::default(),
         };
         m.fleet.register(&mut registry);
         m.server.register(&mut registry);
         m.routes.register(&mut registry);
         m.controller.register(&mut registry);
         m.peers.register(&mut registry);
+        m.agents_api.register(&mut registry);
         Self { registry, ..m }
     }
 }

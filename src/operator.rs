@@ -249,8 +249,14 @@ impl Operator {
                 let proxy = FrontProxy::new(agg.files.clone(), &agg.names)?;
                 tasks.spawn(proxy.clone().run(client.clone(), shutdown.clone()));
                 let tls = proxy.tls();
-                let state =
-                    AggregatedApi::new(fleet.clone(), access.clone(), peers.clone(), proxy, shutdown.clone());
+                let state = AggregatedApi::new(
+                    fleet.clone(),
+                    access.clone(),
+                    peers.clone(),
+                    proxy,
+                    shutdown.clone(),
+                    metrics.agents_api.clone(),
+                );
                 let app = crate::agents_api::aggregated::router(Arc::new(state));
                 let limits = config.api_limits.clone();
                 tasks.spawn(crate::http_server::serve_tls(listener, app, limits, shutdown.clone(), tls));

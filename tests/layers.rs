@@ -18,7 +18,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("access", &["protocol"]),
     ("agents_api", &["access", "fleet", "protocol", "peers", "http_server"]),
     ("sim", &["protocol"]),
-    ("metrics", &["fleet", "opamp", "routes", "controller", "peers"]),
+    ("metrics", &["fleet", "opamp", "routes", "controller", "peers", "agents_api"]),
 ];
 
 /// Layers that may import anything.

@@ -40,6 +40,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::frontproxy::FrontProxy;
+use super::metrics::{AgentsApiMetrics, RequestLabels};
 use super::object::{API_VERSION, Agent, GROUP, KIND, PLURAL, SELECTABLE_FIELDS, VERSION};
 use super::selector::{FieldSelector, LabelSelector};
 use crate::access::{Denied, KubeAccess, Request, User};
@@ -69,6 +70,7 @@ pub struct AggregatedApi {
     pub shutdown: CancellationToken,
     turns: Semaphore,
     watches: Arc<Semaphore>,
+    metrics: Arc<AgentsApiMetrics>,
 }
 
 impl AggregatedApi {
@@ -78,8 +80,10 @@ impl AggregatedApi {
         peers: Peers,
         proxy: FrontProxy,
         shutdown: CancellationToken,
+        metrics: Arc<AgentsApiMetrics>,
     ) -> Self {
         Self {
+            metrics,
             fleet,
             access,
             peers,
@@ -105,7 +109,31 @@ pub fn router(api: Arc<AggregatedApi>) -> Router {
         .route(&format!("{base}/namespaces/{{ns}}/{PLURAL}"), get(list_namespace))
         .route(&format!("{base}/namespaces/{{ns}}/{PLURAL}/{{name}}"), get(get_one))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(api.clone(), count))
         .with_state(api)
+}
+
+/// Counts each request by verb and the code answered.
+async fn count(
+    State(api): State<Arc<AggregatedApi>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path();
+    let watch = req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+    let resource = path.split('/').skip(4).collect::<Vec<_>>();
+    let verb = if path.starts_with("/openapi") || !path.contains(&format!("/{PLURAL}")) {
+        if path.starts_with("/apis") || path.starts_with("/openapi") { "discovery" } else { "other" }
+    } else if watch {
+        "watch"
+    } else if resource.len() == 4 {
+        "get" // namespaces/{ns}/agents/{name}
+    } else {
+        "list"
+    };
+    let response = next.run(req).await;
+    api.metrics.requests.get_or_create(&RequestLabels { verb, code: response.status().as_u16() }).inc();
+    response
 }
 
 /// The peer route [`OBJECTS`] (nested under [`crate::peers::PREFIX`], behind the peers'
@@ -830,6 +858,15 @@ fn read_continue(token: &str) -> Result<(String, String), ()> {
     serde_json::from_slice(&bytes).map_err(|_| ())
 }
 
+/// Counts a watch open until dropped.
+struct OpenWatch(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for OpenWatch {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// One watch event as a JSON line.
 fn event(kind: &str, a: &Agent, format: Format, include: Option<&str>) -> Bytes {
     let object = match format {
@@ -888,8 +925,11 @@ fn serve_watch(api: Arc<AggregatedApi>, q: Compiled, format: Format, params: Par
     let timeout = params.timeout_seconds.map_or(MAX_WATCH, |s| Duration::from_secs(s).min(MAX_WATCH));
     let include = params.include_object.clone();
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let open = api.metrics.watches.clone();
     tokio::spawn(async move {
         let _permit = permit;
+        open.inc();
+        let _open = OpenWatch(open);
         let deadline = tokio::time::Instant::now() + timeout;
         let (first, _) = collect(&api, &q).await;
         if initial {

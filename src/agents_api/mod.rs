@@ -10,7 +10,9 @@
 pub mod aggregated;
 pub mod frontproxy;
 pub mod listing;
+mod metrics;
 pub mod object;
 pub mod selector;
 
 pub use listing::{AgentRow, CONCURRENT_LISTINGS, LIST, peer_router, router};
+pub use metrics::AgentsApiMetrics;
