@@ -603,9 +603,10 @@ fn warning(missing: &[String]) -> Option<(header::HeaderName, HeaderValue)> {
     HeaderValue::from_str(&text).ok().map(|v| (header::WARNING, v))
 }
 
-/// A list's resource version: milliseconds since the epoch on the serving replica.
+/// A list's resource version: microseconds since the epoch on the serving replica (an agent's
+/// is when it last changed, on the same scale).
 fn now_version() -> String {
-    Timestamp::now().as_millisecond().to_string()
+    super::object::micros(std::time::SystemTime::now()).to_string()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -884,27 +885,35 @@ fn event(kind: &str, a: &Agent, format: Format, include: Option<&str>) -> Bytes 
     Bytes::from(line)
 }
 
-/// What changed between two looks, as events (in (namespace, name) order).
-fn diff(before: &HashMap<(String, String), Agent>, now: &[Agent]) -> Vec<(&'static str, Agent)> {
+/// What a watch knows of each agent: the object last sent and its digest.
+type Known = HashMap<(String, String), (Agent, [u8; 32])>;
+
+fn known(agents: Vec<Agent>) -> Known {
+    agents
+        .into_iter()
+        .map(|a| {
+            let digest = a.digest();
+            ((a.metadata.namespace.clone(), a.metadata.name.clone()), (a, digest))
+        })
+        .collect()
+}
+
+/// What changed between two looks, as events (in (namespace, name) order, the deleted last).
+fn diff(before: &Known, now: &Known) -> Vec<(&'static str, Agent)> {
+    let mut keys: Vec<_> = now.keys().collect();
+    keys.sort();
     let mut events = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for a in now {
-        let key = (a.metadata.namespace.clone(), a.metadata.name.clone());
-        match before.get(&key) {
+    for key in keys {
+        let (a, digest) = &now[key];
+        match before.get(key) {
             None => events.push(("ADDED", a.clone())),
-            Some(old) if old.metadata.resource_version != a.metadata.resource_version => {
-                events.push(("MODIFIED", a.clone()))
-            }
+            Some((_, old)) if old != digest => events.push(("MODIFIED", a.clone())),
             Some(_) => {}
         }
-        seen.insert(key);
     }
-    let mut gone: Vec<_> =
-        before.iter().filter(|(k, _)| !seen.contains(*k)).map(|(_, a)| a.clone()).collect();
-    gone.sort_by(|a, b| {
-        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
-    });
-    events.extend(gone.into_iter().map(|a| ("DELETED", a)));
+    let mut gone: Vec<_> = before.iter().filter(|(k, _)| !now.contains_key(*k)).collect();
+    gone.sort_by(|a, b| a.0.cmp(b.0));
+    events.extend(gone.into_iter().map(|(_, (a, _))| ("DELETED", a.clone())));
     events
 }
 
@@ -921,6 +930,10 @@ fn serve_watch(api: Arc<AggregatedApi>, q: Compiled, format: Format, params: Par
     };
     let initial = truthy(&params.send_initial_events)
         || matches!(params.resource_version.as_deref(), None | Some("" | "0"));
+    // From a list's resource version: what changed since (an agent's resource version says
+    // when it last changed), so that nothing between the list and this watch is missed.
+    let since: Option<u64> =
+        params.resource_version.as_deref().and_then(|v| v.parse().ok()).filter(|_| !initial);
     let bookmark = truthy(&params.send_initial_events);
     let timeout = params.timeout_seconds.map_or(MAX_WATCH, |s| Duration::from_secs(s).min(MAX_WATCH));
     let include = params.include_object.clone();
@@ -932,11 +945,19 @@ fn serve_watch(api: Arc<AggregatedApi>, q: Compiled, format: Format, params: Par
         let _open = OpenWatch(open);
         let deadline = tokio::time::Instant::now() + timeout;
         let (first, _) = collect(&api, &q).await;
-        if initial {
-            for a in &first {
-                if tx.send(event("ADDED", a, format, include.as_deref())).await.is_err() {
-                    return;
-                }
+        let changed_since = |a: &Agent| {
+            since.is_some_and(|s| a.metadata.resource_version.parse::<u64>().is_ok_and(|v| v > s))
+        };
+        for a in &first {
+            let kind = if initial {
+                "ADDED"
+            } else if changed_since(a) {
+                "MODIFIED"
+            } else {
+                continue;
+            };
+            if tx.send(event(kind, a, format, include.as_deref())).await.is_err() {
+                return;
             }
         }
         if bookmark {
@@ -950,8 +971,7 @@ fn serve_watch(api: Arc<AggregatedApi>, q: Compiled, format: Format, params: Par
                 return;
             }
         }
-        let mut known: HashMap<(String, String), Agent> =
-            first.into_iter().map(|a| ((a.metadata.namespace.clone(), a.metadata.name.clone()), a)).collect();
+        let mut seen = known(first);
         loop {
             tokio::select! {
                 _ = api.shutdown.cancelled() => return,
@@ -964,15 +984,13 @@ fn serve_watch(api: Arc<AggregatedApi>, q: Compiled, format: Format, params: Par
                 // A replica that did not answer: its agents are not gone, only unseen this time.
                 continue;
             }
-            for (kind, a) in diff(&known, &now) {
+            let now = known(now);
+            for (kind, a) in diff(&seen, &now) {
                 if tx.send(event(kind, &a, format, include.as_deref())).await.is_err() {
                     return;
                 }
             }
-            known = now
-                .into_iter()
-                .map(|a| ((a.metadata.namespace.clone(), a.metadata.name.clone()), a))
-                .collect();
+            seen = now;
         }
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
@@ -1047,13 +1065,18 @@ mod tests {
 
     #[test]
     fn watch_events_follow_changes() {
-        let before: HashMap<_, _> = [agent("a", "1", true, "r1"), agent("a", "2", true, "r1")]
-            .into_iter()
-            .map(|a| ((a.metadata.namespace.clone(), a.metadata.name.clone()), a))
-            .collect();
-        let now = [agent("a", "1", false, "r2"), agent("a", "3", true, "r1")];
+        let before = known(vec![agent("a", "1", true, "r1"), agent("a", "2", true, "r1")]);
+        let mut unchanged = agent("a", "4", true, "r1");
+        let now = known(vec![agent("a", "1", false, "r2"), agent("a", "3", true, "r1"), unchanged.clone()]);
         let events: Vec<_> = diff(&before, &now).into_iter().map(|(k, a)| (k, a.metadata.name)).collect();
-        assert_eq!(events, [("MODIFIED", "1".into()), ("ADDED", "3".into()), ("DELETED", "2".into())]);
+        assert_eq!(
+            events,
+            [("MODIFIED", "1".into()), ("ADDED", "3".into()), ("ADDED", "4".into()), ("DELETED", "2".into())]
+        );
+        // Only lastSeen moved: nothing to tell.
+        let before = known(vec![unchanged.clone()]);
+        unchanged.status.last_seen = "2026-01-01T00:00:09Z".into();
+        assert!(diff(&before, &known(vec![unchanged])).is_empty());
     }
 
     #[test]

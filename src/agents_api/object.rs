@@ -52,7 +52,8 @@ pub struct Metadata {
     pub namespace: String,
     /// The instance uid again (an agent's identity is its instance uid in its namespace).
     pub uid: String,
-    /// Changes whenever the status does (except `lastSeen`).
+    /// When something of the agent other than `lastSeen` last changed, in microseconds since
+    /// the epoch on the replica holding it (comparable to a list's resource version).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub resource_version: String,
     /// The agent's attributes that are valid label keys and values.
@@ -185,6 +186,11 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+/// Microseconds since the epoch (0 before it).
+pub fn micros(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
 /// A time in nanoseconds since the epoch as RFC 3339 (`None` for 0, the protocol's unset).
 fn rfc3339_nanos(nanos: u64) -> Option<String> {
     (nanos > 0).then(|| Timestamp::from_nanosecond(i128::from(nanos)).ok().map(|t| t.to_string())).flatten()
@@ -246,7 +252,7 @@ impl Agent {
                 name: uid.clone(),
                 namespace: a.namespace.to_string(),
                 uid,
-                resource_version: String::new(),
+                resource_version: micros(a.changed).to_string(),
                 labels,
             },
             status: AgentStatus {
@@ -280,23 +286,19 @@ impl Agent {
                 last_seen: Timestamp::try_from(a.last_seen).map(|t| t.to_string()).unwrap_or_default(),
             },
         }
-        .versioned()
     }
 
-    /// Sets `metadata.resourceVersion` to a digest of the status without `lastSeen`: it changes
-    /// when something a user watches for does, not with every heartbeat.
-    fn versioned(mut self) -> Self {
+    /// A digest of what users see of the agent, but for `lastSeen` and the resource version:
+    /// it changes when something a watch reports does.
+    pub fn digest(&self) -> [u8; 32] {
         use sha2::{Digest, Sha256};
-        let last_seen = std::mem::take(&mut self.status.last_seen);
         let mut h = Sha256::new();
-        h.update(
-            serde_json::to_vec(&(&self.metadata.labels, &self.status)).expect("JSON serializes into memory"),
-        );
-        let digest = h.finalize();
-        self.status.last_seen = last_seen;
-        let n = u64::from_be_bytes(digest[..8].try_into().expect("8 bytes")) >> 11;
-        self.metadata.resource_version = n.to_string();
-        self
+        let mut status = serde_json::to_value(&self.status).expect("JSON serializes into memory");
+        if let Some(map) = status.as_object_mut() {
+            map.remove("lastSeen");
+        }
+        h.update(serde_json::to_vec(&(&self.metadata.labels, status)).expect("JSON serializes into memory"));
+        h.finalize().into()
     }
 
     /// `lastSeen` in milliseconds since the epoch (0 if unreadable).

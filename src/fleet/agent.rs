@@ -30,6 +30,8 @@ pub(super) struct Agent {
     pub(super) connected_since: SystemTime,
     pub(super) last_seen: Instant,
     pub(super) last_seen_wall: SystemTime,
+    /// When its link, report or desired state last changed (see `AgentView::changed`).
+    pub(super) changed: SystemTime,
     pub(super) desired: DesiredState,
     /// The version of its namespace's plan `desired` was derived from (0: none yet).
     pub(super) plan_version: u64,
@@ -46,6 +48,7 @@ impl Agent {
             connected_since: SystemTime::now(),
             last_seen: now,
             last_seen_wall: SystemTime::now(),
+            changed: SystemTime::now(),
             desired: DesiredState::default(),
             plan_version: 0,
             outbox: Outbox::default(),
@@ -71,6 +74,7 @@ impl Agent {
 
     pub(super) fn go_offline(&mut self, now: Instant) {
         self.link = Link::Offline { since: now };
+        self.changed = SystemTime::now();
     }
 
     pub(super) fn touch(&mut self, now: Instant) {
@@ -103,6 +107,7 @@ impl Agent {
             awaiting_full_state: self.session.awaiting_full_state(),
             desired: &self.desired,
             last_seen: self.last_seen_wall,
+            changed: self.changed,
         }
     }
 

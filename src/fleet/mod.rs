@@ -158,6 +158,9 @@ pub struct AgentView<'a> {
     pub awaiting_full_state: bool,
     pub desired: &'a DesiredState,
     pub last_seen: SystemTime,
+    /// When something users see of the agent last changed: its link, its report or its
+    /// desired state (not a bare heartbeat).
+    pub changed: SystemTime,
 }
 
 /// What the server wants the agents of one namespace to have: a pure function of the
@@ -512,6 +515,9 @@ impl Fleet {
             agent.touch(now);
             let mut ingested = agent.session.ingest(&mut msg);
             ingested.changes |= changes;
+            if !ingested.changes.is_empty() {
+                agent.changed = SystemTime::now();
+            }
             if ingested.changes.intersects(Changes::REPORT_PARTS) {
                 self.bound_report(agent, &conn.usage);
             }
@@ -919,6 +925,7 @@ fn set_desired(agent: &mut Agent, desired: DesiredState) -> bool {
         return false;
     }
     agent.desired = desired;
+    agent.changed = SystemTime::now();
     agent.wake();
     true
 }

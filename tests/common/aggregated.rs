@@ -34,7 +34,8 @@ pub fn serving_certificate(namespace: &str) -> Serving {
     let key = rcgen::KeyPair::generate().unwrap();
     let names = vec![format!("{SERVICE}.{namespace}.svc"), "localhost".to_owned()];
     let leaf = rcgen::CertificateParams::new(names).unwrap().signed_by(&key, &ca).unwrap();
-    let dir = std::env::temp_dir().join(format!("opamp-aggregated-{namespace}"));
+    // A directory of its own: an operator reloads its certificate when the files change.
+    let dir = std::env::temp_dir().join(format!("opamp-aggregated-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key_file) = (dir.join("tls.crt"), dir.join("tls.key"));
     std::fs::write(&cert, leaf.pem()).unwrap();
@@ -64,7 +65,7 @@ pub async fn register(namespace: &str, port: u16, ca_pem: &str) {
     let api_service = format!(
         "apiVersion: apiregistration.k8s.io/v1\nkind: APIService\nmetadata: {{name: {API_SERVICE}}}\n\
          spec:\n  group: fleet.opamp.dev\n  version: v1alpha1\n  groupPriorityMinimum: 1000\n  versionPriority: 15\n\
-         \x20 caBundle: {ca}\n  service: {{namespace: {namespace}, name: {SERVICE}, port: {port}}}\n"
+         \x20 insecureSkipTLSVerify: false\n  caBundle: {ca}\n  service: {{namespace: {namespace}, name: {SERVICE}, port: {port}}}\n"
     );
     apply_yaml(&admin, None, &api_service).await.expect("the APIService");
     eventually(Duration::from_secs(60), "the APIService to be Available", || async {
