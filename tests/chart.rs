@@ -64,6 +64,14 @@ const REVIEW_RULES: &[Grant] = &[
     ("authorization.k8s.io", "subjectaccessreviews", "create", ""),
 ];
 
+/// What the aggregated API's delegation adds in kube-system: reading the API server's
+/// authentication ConfigMap (the request-header CA and names), that one only.
+const AUTHENTICATION_CONFIG_RULES: &[Grant] = &[
+    ("", "configmaps", "get", "extension-apiserver-authentication"),
+    ("", "configmaps", "list", "extension-apiserver-authentication"),
+    ("", "configmaps", "watch", "extension-apiserver-authentication"),
+];
+
 /// Every permission the ClusterRole grants by default (all namespaces managed).
 fn cluster_rules() -> Vec<Grant> {
     [NAMESPACED_RULES, REVIEW_RULES].concat()
@@ -1227,6 +1235,36 @@ fn agent_config(name: &str, inline: &str) -> String {
     )
 }
 
+/// The aggregated API's RBAC of release `release` in `namespace` (aggregated-api-rbac.yaml:
+/// the delegation's two bindings and the agents-viewer ClusterRole), and a guard deleting it
+/// when dropped (it lies outside the test's namespace).
+async fn aggregated_api_rbac(release: &str, namespace: &str) -> (Manifests, [OnDrop; 2]) {
+    let chart = chart_dir();
+    let args = ["template", release, chart.to_str().unwrap(), "--namespace", namespace]
+        .into_iter()
+        .chain(["--show-only", "templates/aggregated-api-rbac.yaml"])
+        .map(String::from)
+        .collect();
+    let rbac = Manifests::parse(&helm_async(args).await);
+    assert_eq!(rbac.0.len(), 3, "{:?}", rbac.objects());
+    let full = format!("{release}-opamp-operator");
+    let kubeconfig = cluster().await.kubeconfig_path.clone();
+    let guards = [
+        delete_on_drop(
+            kubeconfig.clone(),
+            vec![
+                format!("clusterrolebinding/{full}-auth-delegator"),
+                format!("clusterrole/{full}-agents-viewer"),
+            ],
+        ),
+        delete_on_drop(
+            kubeconfig,
+            vec!["--namespace=kube-system".into(), format!("rolebinding/{full}-authentication-reader")],
+        ),
+    ];
+    (rbac, guards)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_runs_with_the_charts_rbac() {
     capture_logs();
@@ -1255,9 +1293,13 @@ async fn operator_runs_with_the_charts_rbac() {
             .await
             .unwrap_or_else(|e| panic!("cannot apply {doc:?}: {e}"));
     }
+    // The aggregated API's delegation, to the same user.
+    let (mut delegation, _delete_delegation) = aggregated_api_rbac(&release, &ns.name).await;
+    bind_to_user(&mut delegation, "operator", ns).await;
     // The authorizer's caches follow within moments; then the grants are exactly the chart's.
     let granted: Vec<_> = (cluster_rules().into_iter().map(|g| (g, None)))
         .chain(NAMESPACE_RULES.iter().map(|g| (*g, Some(ns.name.as_str()))))
+        .chain(AUTHENTICATION_CONFIG_RULES.iter().map(|g| (*g, Some("kube-system"))))
         .collect();
     eventually(T, "the chart's roles to take effect", || async {
         all_allowed(&operator, &granted).await.then_some(())
@@ -1442,11 +1484,15 @@ async fn operator_scoped_to_namespaces_runs_with_roles_there_only() {
         vec![format!("clusterrole/{full}"), format!("clusterrolebinding/{full}")],
     );
     bind_to_user(&mut rbac, &user, &home).await;
+    // The aggregated API's delegation, to the same user.
+    let (mut delegation, _delete_delegation) = aggregated_api_rbac(&release, &home.name).await;
+    bind_to_user(&mut delegation, &user, &home).await;
     let granted: Vec<_> = [home.name.as_str(), other.name.as_str()]
         .into_iter()
         .flat_map(|ns| NAMESPACED_RULES.iter().map(move |g| (*g, Some(ns))))
         .chain(REVIEW_RULES.iter().map(|g| (*g, None)))
         .chain(NAMESPACE_RULES.iter().map(|g| (*g, Some(home.name.as_str()))))
+        .chain(AUTHENTICATION_CONFIG_RULES.iter().map(|g| (*g, Some("kube-system"))))
         .collect();
     eventually(T, "the chart's roles to take effect", || async {
         all_allowed(&operator, &granted).await.then_some(())
