@@ -267,6 +267,9 @@ fn chart_lints() {
     assert!(out.contains("0 chart(s) failed"), "{out}");
     helm(&["lint", "--strict", chart]);
     helm(&["lint", "--strict", chart, "--set", SET]);
+    for aggregated in ["aggregatedApi.certManager.enabled=true", "aggregatedApi.enabled=false"] {
+        helm(&["lint", "--strict", chart, "--set", aggregated]);
+    }
 }
 
 #[test]
