@@ -20,12 +20,12 @@ use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::events::v1::Event as KubeEvent;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use opamp_operator::api::{AgentConfig, AgentConfigStatus, CapabilitySlot, CapabilitySlotStatus};
 use opamp_operator::controller::leader::LeaderElectionConfig;
@@ -64,6 +64,14 @@ const REVIEW_RULES: &[Grant] = &[
     ("authorization.k8s.io", "subjectaccessreviews", "create", ""),
 ];
 
+/// What the aggregated API's delegation adds in kube-system: reading the API server's
+/// authentication ConfigMap (the request-header CA and names), that one only.
+const AUTHENTICATION_CONFIG_RULES: &[Grant] = &[
+    ("", "configmaps", "get", "extension-apiserver-authentication"),
+    ("", "configmaps", "list", "extension-apiserver-authentication"),
+    ("", "configmaps", "watch", "extension-apiserver-authentication"),
+];
+
 /// Every permission the ClusterRole grants by default (all namespaces managed).
 fn cluster_rules() -> Vec<Grant> {
     [NAMESPACED_RULES, REVIEW_RULES].concat()
@@ -84,6 +92,9 @@ const NAMESPACE_RULES: &[Grant] = &[
 
 /// The operator's leader-election Lease.
 const LEASE: &str = "opamp-operator";
+
+/// The aggregated API's APIService (cluster-wide, named after its group version).
+const APISERVICE: &str = "v1alpha1.fleet.opamp.dev";
 
 type Grant = (&'static str, &'static str, &'static str, &'static str);
 
@@ -256,6 +267,9 @@ fn chart_lints() {
     assert!(out.contains("0 chart(s) failed"), "{out}");
     helm(&["lint", "--strict", chart]);
     helm(&["lint", "--strict", chart, "--set", SET]);
+    for aggregated in ["aggregatedApi.certManager.enabled=true", "aggregatedApi.enabled=false"] {
+        helm(&["lint", "--strict", chart, "--set", aggregated]);
+    }
 }
 
 #[test]
@@ -311,14 +325,27 @@ fn renders_defaults() {
         ("Service", format!("{full}-metrics")),
         ("Deployment", full.to_owned()),
         ("PodDisruptionBudget", full.to_owned()),
+        // The aggregated API.
+        ("Service", format!("{full}-aggregated-api")),
+        ("Secret", format!("{full}-aggregated-api-tls")),
+        ("APIService", APISERVICE.to_owned()),
+        ("ClusterRoleBinding", format!("{full}-auth-delegator")),
+        ("RoleBinding", format!("{full}-authentication-reader")),
+        ("ClusterRole", format!("{full}-agents-viewer")),
     ]
     .into_iter()
     .map(|(k, n)| (k.to_owned(), n))
     .collect();
     assert_eq!(m.objects(), want, "no ServiceMonitor unless enabled");
     for d in &m.0 {
-        let cluster_scoped = matches!(text(&d["kind"]), "ClusterRole" | "ClusterRoleBinding");
-        assert_eq!(d["metadata"]["namespace"].as_str(), (!cluster_scoped).then_some("ops"), "{d:?}");
+        let cluster_scoped = matches!(text(&d["kind"]), "ClusterRole" | "ClusterRoleBinding" | "APIService");
+        // The API server's authentication ConfigMap is read through a binding in kube-system.
+        let namespace = if d["metadata"]["name"] == format!("{full}-authentication-reader").as_str() {
+            "kube-system"
+        } else {
+            "ops"
+        };
+        assert_eq!(d["metadata"]["namespace"].as_str(), (!cluster_scoped).then_some(namespace), "{d:?}");
         assert_eq!(d["metadata"]["labels"]["app.kubernetes.io/instance"], "rel");
     }
 
@@ -335,7 +362,7 @@ fn renders_defaults() {
     assert_eq!(pod["spec"]["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
     // The peer token: the pod's ServiceAccount's, for the peer audience only.
     let volumes = pod["spec"]["volumes"].as_sequence().expect("volumes");
-    assert_eq!(volumes.len(), 1, "only the peer token without TLS: {volumes:?}");
+    assert_eq!(volumes.len(), 2, "the peer token and the aggregated API's certificate: {volumes:?}");
     let sources = named(&pod["spec"]["volumes"], "peer-token")["projected"]["sources"].as_sequence().unwrap();
     assert_eq!(sources.len(), 1, "{sources:?}");
     let sat = &sources[0]["serviceAccountToken"];
@@ -367,7 +394,7 @@ fn renders_defaults() {
         (&mount["mountPath"], &mount["readOnly"]),
         (&Value::from("/var/run/secrets/opamp.dev/peers"), &Value::from(true))
     );
-    assert_eq!(c["volumeMounts"].as_sequence().unwrap().len(), 1);
+    assert_eq!(c["volumeMounts"].as_sequence().unwrap().len(), 2);
     for flag in ["--tls-", "--anonymous-agents-namespace", "--namespaces", "--max-agents", "--callback-allow"]
     {
         assert!(!args.iter().any(|a| a.starts_with(flag)), "{flag} in {args:?}");
@@ -377,7 +404,9 @@ fn renders_defaults() {
     assert_eq!(named(&c["env"], "POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace");
     assert_eq!(named(&c["env"], "POD_IP")["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
     assert_eq!(named(&c["env"], "RUST_LOG")["value"], "info");
-    for (port, number) in [("opamp", 4320), ("api", 8080), ("metrics", 9090), ("peers", 8081)] {
+    for (port, number) in
+        [("opamp", 4320), ("api", 8080), ("metrics", 9090), ("peers", 8081), ("aggregated-api", 8443)]
+    {
         assert_eq!(named(&c["ports"], port)["containerPort"], number);
     }
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
@@ -409,6 +438,15 @@ fn renders_defaults() {
     let peers = m.get("Service", &format!("{full}-peers"));
     assert_eq!(peers["spec"]["clusterIP"], "None");
     assert_eq!(peers["spec"]["ports"].as_sequence().unwrap().len(), 1, "the peer port only");
+    // The aggregated API: port 443 (what the APIService names) to the container's HTTPS port.
+    let aggregated = m.get("Service", &format!("{full}-aggregated-api"));
+    for (k, v) in aggregated["spec"]["selector"].as_mapping().unwrap() {
+        assert_eq!(&pod_labels[k.as_str().unwrap()], v, "the aggregated API's Service selects the pods");
+    }
+    assert_eq!(aggregated["spec"]["type"], "ClusterIP");
+    let p = named(&aggregated["spec"]["ports"], "https");
+    assert_eq!((&p["port"], &p["targetPort"]), (&Value::from(443), &Value::from("aggregated-api")));
+    assert_eq!(p["appProtocol"], "https");
 
     // Several replicas: spread over nodes when possible, evicted one at a time.
     let spread = pod["spec"]["topologySpreadConstraints"].as_sequence().expect("topologySpreadConstraints");
@@ -440,7 +478,10 @@ fn renders_defaults() {
     // Without RBAC and ServiceAccount: only the workload and its Services.
     let bare = Manifests::render("rel", "ops", Some("rbac.create=false,serviceAccount.create=false"), &[]);
     let kinds: BTreeSet<String> = bare.objects().into_iter().map(|(k, _)| k).collect();
-    assert_eq!(kinds, ["Deployment", "PodDisruptionBudget", "Service"].map(String::from).into());
+    assert_eq!(
+        kinds,
+        ["APIService", "Deployment", "PodDisruptionBudget", "Secret", "Service"].map(String::from).into()
+    );
     assert_eq!(bare.get("Deployment", full)["spec"]["template"]["spec"]["serviceAccountName"], "default");
 }
 
@@ -524,7 +565,7 @@ fn renders_what_the_values_promise() {
         );
     }
     assert_eq!(m.of_kind("Role").count(), 3, "{:?}", m.objects());
-    assert_eq!(m.of_kind("RoleBinding").count(), 3, "{:?}", m.objects());
+    assert_eq!(m.of_kind("RoleBinding").count(), 4, "with kube-system's: {:?}", m.objects());
 }
 
 #[test]
@@ -565,12 +606,12 @@ fn renders_replicas_peers_and_spread_as_set() {
     assert!(args.contains(&"--leader-election".to_owned()), "{args:?}");
     assert_binary_accepts(&args);
     let ports: Vec<&str> = c["ports"].as_sequence().unwrap().iter().map(|p| text(&p["name"])).collect();
-    assert_eq!(ports, ["opamp", "api", "metrics"]);
+    assert_eq!(ports, ["opamp", "api", "metrics", "aggregated-api"]);
     let volumes: Vec<&str> = pod["volumes"].as_sequence().unwrap().iter().map(|v| text(&v["name"])).collect();
-    assert_eq!(volumes, ["tls"]);
+    assert_eq!(volumes, ["tls", "aggregated-api-tls"]);
     let mounts: Vec<&str> =
         c["volumeMounts"].as_sequence().unwrap().iter().map(|v| text(&v["name"])).collect();
-    assert_eq!(mounts, ["tls"]);
+    assert_eq!(mounts, ["tls", "aggregated-api-tls"]);
     assert!(m.find("Service", &format!("{full}-peers")).is_none());
 
     // Spread constraints: replaced as given (a labelSelector given is kept, one left out is the
@@ -595,6 +636,239 @@ fn renders_replicas_peers_and_spread_as_set() {
     assert_eq!(spread[1]["maxSkew"], 2);
     let m = Manifests::render("rel", "ops", None, &["--set-json", "topologySpreadConstraints=[]"]);
     assert!(pod_of(&m)["topologySpreadConstraints"].is_null());
+}
+
+/// The base64 value of `key` in a Secret's `data`, decoded.
+fn secret_data(secret: &Value, key: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(text(&secret["data"][key]))
+        .unwrap_or_else(|e| panic!("{key} is not base64: {e}"))
+}
+
+/// Checks with openssl that `cert` (PEM) is signed by `ca` (PEM), valid for `host`, and the
+/// certificate of `key` (PEM). `dir` (created) holds the files.
+fn assert_serving_certificate(dir: &Path, ca: &[u8], cert: &[u8], key: &[u8], host: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (file, pem) in [("ca.crt", ca), ("tls.crt", cert), ("tls.key", key)] {
+        std::fs::write(dir.join(file), pem).unwrap();
+    }
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {} failed:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    openssl(&["verify", "-CAfile", "ca.crt", "-verify_hostname", host, "-purpose", "sslserver", "tls.crt"]);
+    assert_eq!(
+        openssl(&["x509", "-in", "tls.crt", "-noout", "-pubkey"]),
+        openssl(&["pkey", "-in", "tls.key", "-pubout"]),
+        "tls.key is not the key of tls.crt"
+    );
+}
+
+#[test]
+fn renders_the_aggregated_api() {
+    let full = "rel-opamp-operator";
+    let svc = format!("{full}-aggregated-api");
+    let tmp =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("chart-aggregated-api-{}", std::process::id()));
+
+    // By default: the APIService routes fleet.opamp.dev/v1alpha1 to the Service on 443, and
+    // trusts the CA of the Secret the pods serve with.
+    let m = Manifests::render("rel", "ops", None, &[]);
+    let api = m.get("APIService", APISERVICE);
+    assert_eq!(api["apiVersion"], "apiregistration.k8s.io/v1");
+    let spec = &api["spec"];
+    assert_eq!((text(&spec["group"]), text(&spec["version"])), ("fleet.opamp.dev", "v1alpha1"));
+    assert_eq!(
+        (text(&spec["service"]["namespace"]), text(&spec["service"]["name"]), &spec["service"]["port"]),
+        ("ops", svc.as_str(), &Value::from(443))
+    );
+    assert_eq!(
+        (&spec["groupPriorityMinimum"], &spec["versionPriority"]),
+        (&Value::from(1000), &Value::from(15))
+    );
+    assert!(spec["insecureSkipTLSVerify"].is_null() || spec["insecureSkipTLSVerify"] == false, "{spec:?}");
+    assert!(api["metadata"]["annotations"].is_null(), "no cert-manager injection: {api:?}");
+    let secret = m.get("Secret", &format!("{svc}-tls"));
+    assert_eq!(secret["type"], "kubernetes.io/tls");
+    assert_eq!(spec["caBundle"], secret["data"]["ca.crt"], "the caBundle is the Secret's CA");
+    let (ca, cert, key) =
+        (secret_data(secret, "ca.crt"), secret_data(secret, "tls.crt"), secret_data(secret, "tls.key"));
+    // The API server checks the certificate for <service>.<namespace>.svc; in-cluster clients
+    // may use the other names.
+    for host in
+        [svc.clone(), format!("{svc}.ops"), format!("{svc}.ops.svc"), format!("{svc}.ops.svc.cluster.local")]
+    {
+        assert_serving_certificate(&tmp.join("default"), &ca, &cert, &key, &host);
+    }
+    // The pods serve it on the port the Service targets.
+    let pod = &m.get("Deployment", full)["spec"]["template"]["spec"];
+    let c = named(&pod["containers"], "operator");
+    let args = strings(&c["args"]);
+    for arg in [
+        "--aggregated-api-addr=0.0.0.0:8443",
+        "--aggregated-api-cert-file=/etc/opamp/aggregated-api/tls.crt",
+        "--aggregated-api-key-file=/etc/opamp/aggregated-api/tls.key",
+    ] {
+        assert!(args.iter().any(|a| a == arg), "{arg} not in {args:?}");
+    }
+    assert_eq!(named(&c["ports"], "aggregated-api")["containerPort"], 8443);
+    let mount = named(&c["volumeMounts"], "aggregated-api-tls");
+    assert_eq!(
+        (&mount["mountPath"], &mount["readOnly"]),
+        (&Value::from("/etc/opamp/aggregated-api"), &Value::from(true))
+    );
+    assert_eq!(
+        named(&pod["volumes"], "aggregated-api-tls")["secret"]["secretName"],
+        format!("{svc}-tls").as_str()
+    );
+    assert_binary_accepts(&args);
+    // `helm template` cannot look the Secret up: each render makes a new pair (an install or
+    // upgrade reuses the stored one: `installs_and_upgrades_on_a_cluster`).
+    let again = Manifests::render("rel", "ops", None, &[]);
+    assert_ne!(again.get("Secret", &format!("{svc}-tls"))["data"]["tls.crt"], secret["data"]["tls.crt"]);
+
+    // The delegation: reviews as system:auth-delegator, and the API server's authentication
+    // ConfigMap through the Role kube-system grants for it; both to the operator's account.
+    for (kind, name, namespace, role_kind, role) in [
+        (
+            "ClusterRoleBinding",
+            format!("{full}-auth-delegator"),
+            None,
+            "ClusterRole",
+            "system:auth-delegator",
+        ),
+        (
+            "RoleBinding",
+            format!("{full}-authentication-reader"),
+            Some("kube-system"),
+            "Role",
+            "extension-apiserver-authentication-reader",
+        ),
+    ] {
+        let b = m.get(kind, &name);
+        assert_eq!(b["metadata"]["namespace"].as_str(), namespace);
+        assert_eq!((text(&b["roleRef"]["kind"]), text(&b["roleRef"]["name"])), (role_kind, role));
+        let subjects = b["subjects"].as_sequence().unwrap();
+        assert_eq!(subjects.len(), 1, "{b:?}");
+        assert_eq!(
+            (text(&subjects[0]["kind"]), text(&subjects[0]["name"]), text(&subjects[0]["namespace"])),
+            ("ServiceAccount", full, "ops")
+        );
+    }
+    // For people: read agents, aggregated into view, edit and admin.
+    let viewer = m.get("ClusterRole", &format!("{full}-agents-viewer"));
+    assert_eq!(
+        rules(viewer),
+        expected(&[
+            ("fleet.opamp.dev", "agents", "get", ""),
+            ("fleet.opamp.dev", "agents", "list", ""),
+            ("fleet.opamp.dev", "agents", "watch", ""),
+        ])
+    );
+    for role in ["view", "edit", "admin"] {
+        assert_eq!(
+            viewer["metadata"]["labels"][format!("rbac.authorization.k8s.io/aggregate-to-{role}")],
+            "true"
+        );
+    }
+    // The operator's own ClusterRole keeps the reviews (the fleet listing needs them too).
+    assert_eq!(rules(m.get("ClusterRole", full)), expected(&cluster_rules()));
+
+    // Other port and priorities; no certificate check (then no caBundle: the API rejects both).
+    let m = Manifests::render(
+        "rel",
+        "ops",
+        Some(
+            "aggregatedApi.port=9443,aggregatedApi.groupPriorityMinimum=2000,aggregatedApi.versionPriority=20,\
+             aggregatedApi.insecureSkipTLSVerify=true,bindAddress=::",
+        ),
+        &[],
+    );
+    let spec = &m.get("APIService", APISERVICE)["spec"];
+    assert_eq!(
+        (&spec["groupPriorityMinimum"], &spec["versionPriority"]),
+        (&Value::from(2000), &Value::from(20))
+    );
+    assert_eq!(spec["insecureSkipTLSVerify"], true);
+    assert!(spec["caBundle"].is_null(), "{spec:?}");
+    assert_eq!(spec["service"]["port"], 443, "the Service's port, whatever the container's");
+    let c = named(&m.get("Deployment", full)["spec"]["template"]["spec"]["containers"], "operator").clone();
+    let args = strings(&c["args"]);
+    assert!(args.contains(&"--aggregated-api-addr=[::]:9443".to_owned()), "{args:?}");
+    assert_eq!(named(&c["ports"], "aggregated-api")["containerPort"], 9443);
+    assert_binary_accepts(&args);
+    m.get("Secret", &format!("{svc}-tls"));
+
+    // cert-manager: a self-signed Issuer, a Certificate for the Service's names into the Secret
+    // the pods mount, and the CA injected into the APIService.
+    let m = Manifests::render("rel", "ops", Some("aggregatedApi.certManager.enabled=true"), &[]);
+    assert!(m.find("Secret", &format!("{svc}-tls")).is_none(), "{:?}", m.objects());
+    let issuer = m.get("Issuer", &svc);
+    assert_eq!(issuer["apiVersion"], "cert-manager.io/v1");
+    assert!(issuer["spec"]["selfSigned"].is_mapping(), "{issuer:?}");
+    let certificate = m.get("Certificate", &svc);
+    assert_eq!(certificate["apiVersion"], "cert-manager.io/v1");
+    assert_eq!(certificate["metadata"]["namespace"], "ops");
+    let secret_name = format!("{svc}-cert-manager-tls");
+    assert_eq!(certificate["spec"]["secretName"], secret_name.as_str());
+    assert_eq!(
+        strings(&certificate["spec"]["dnsNames"]),
+        [svc.clone(), format!("{svc}.ops"), format!("{svc}.ops.svc"), format!("{svc}.ops.svc.cluster.local")]
+    );
+    assert_eq!(
+        (text(&certificate["spec"]["issuerRef"]["name"]), text(&certificate["spec"]["issuerRef"]["kind"])),
+        (svc.as_str(), "Issuer")
+    );
+    let api = m.get("APIService", APISERVICE);
+    assert_eq!(
+        api["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        format!("ops/{svc}").as_str()
+    );
+    assert!(api["spec"]["caBundle"].is_null() && api["spec"]["insecureSkipTLSVerify"].is_null(), "{api:?}");
+    let pod = &m.get("Deployment", full)["spec"]["template"]["spec"];
+    assert_eq!(named(&pod["volumes"], "aggregated-api-tls")["secret"]["secretName"], secret_name.as_str());
+    // … or the issuer given (then no Issuer of the chart's).
+    let m = Manifests::render(
+        "rel",
+        "ops",
+        Some("aggregatedApi.certManager.enabled=true"),
+        &["--set-json", r#"aggregatedApi.certManager.issuerRef={"name":"corp-ca","kind":"ClusterIssuer"}"#],
+    );
+    assert!(m.of_kind("Issuer").next().is_none(), "{:?}", m.objects());
+    let issuer_ref = &m.get("Certificate", &svc)["spec"]["issuerRef"];
+    assert_eq!((text(&issuer_ref["name"]), text(&issuer_ref["kind"])), ("corp-ca", "ClusterIssuer"));
+
+    // A long release name: the Service's name stays a DNS label.
+    let long = "a-release-name-of-fifty-characters-for-the-service";
+    let m = Manifests::render(long, "ops", None, &[]);
+    let name = text(&m.get("APIService", APISERVICE)["spec"]["service"]["name"]).to_owned();
+    assert!(name.len() <= 63 && name.ends_with("-aggregated-api"), "{name}");
+    m.get("Service", &name);
+
+    // Off: none of it.
+    let m = Manifests::render("rel", "ops", Some("aggregatedApi.enabled=false"), &[]);
+    let objects = m.objects();
+    assert!(
+        objects
+            .iter()
+            .all(|(kind, name)| kind != "APIService" && kind != "Secret" && !name.contains("aggregated")),
+        "{objects:?}"
+    );
+    assert!(m.find("ClusterRoleBinding", &format!("{full}-auth-delegator")).is_none());
+    assert!(m.find("ClusterRole", &format!("{full}-agents-viewer")).is_none());
+    let c = named(&m.get("Deployment", full)["spec"]["template"]["spec"]["containers"], "operator").clone();
+    assert!(!strings(&c["args"]).iter().any(|a| a.starts_with("--aggregated-api")), "{c:?}");
+    assert!(c["ports"].as_sequence().unwrap().iter().all(|p| p["name"] != "aggregated-api"));
+    assert!(c["volumeMounts"].as_sequence().unwrap().iter().all(|v| v["name"] != "aggregated-api-tls"));
+    let _ = std::fs::remove_dir_all(&tmp);
 }
 
 // ---- on the local cluster ---------------------------------------------------------------------
@@ -635,6 +909,34 @@ fn delete_on_drop(kubeconfig: PathBuf, objects: Vec<String>) -> OnDrop {
     })
 }
 
+/// The cluster's APIServices (apiregistration.k8s.io/v1; not among k8s-openapi's types).
+fn apiservices(client: &Client) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("apiregistration.k8s.io", "v1", "APIService");
+    Api::all_with(client.clone(), &ApiResource::from_gvk_with_plural(&gvk, "apiservices"))
+}
+
+/// The installed aggregated API's serving certificate (tls.crt of the Secret), after checking
+/// that the APIService names the chart's Service and trusts the Secret's CA.
+async fn serving_certificate(ns: &TestNamespace, apiservices: &Api<DynamicObject>, full: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    let secret = ns
+        .api::<Secret>()
+        .get(&format!("{full}-aggregated-api-tls"))
+        .await
+        .expect("the certificate's Secret");
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    let data = secret.data.unwrap_or_default();
+    let ca = &data.get("ca.crt").expect("ca.crt in the Secret").0;
+    let api = apiservices.get(APISERVICE).await.expect("the APIService exists");
+    let spec = &api.data["spec"];
+    assert_eq!(spec["service"]["name"], format!("{full}-aggregated-api").as_str(), "{spec}");
+    assert_eq!(spec["service"]["namespace"], ns.name.as_str(), "{spec}");
+    let bundle = spec["caBundle"].as_str().expect("a caBundle");
+    let bundle = base64::engine::general_purpose::STANDARD.decode(bundle).expect("caBundle is base64");
+    assert_eq!(&bundle, ca, "the APIService's caBundle is the Secret's ca.crt");
+    data.get("tls.crt").expect("tls.crt in the Secret").0.clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn installs_and_upgrades_on_a_cluster() {
     let cluster = cluster().await;
@@ -656,6 +958,13 @@ async fn installs_and_upgrades_on_a_cluster() {
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     };
+    // The APIService is cluster-wide and named after its group version: helm refuses to install
+    // over one it does not own (another suite's, or one left behind). Wait until there is none.
+    let apiservices = apiservices(&ns.client);
+    eventually(Duration::from_secs(60), "no APIService v1alpha1.fleet.opamp.dev in the cluster", || async {
+        apiservices.get_opt(APISERVICE).await.expect("get APIService").is_none().then_some(())
+    })
+    .await;
     let uninstall_args = helm_args("uninstall", &[]);
     let mut uninstall = OnDrop::new(move || {
         let args: Vec<&str> = uninstall_args.iter().map(String::as_str).collect();
@@ -667,6 +976,7 @@ async fn installs_and_upgrades_on_a_cluster() {
     assert!(out.contains("STATUS: deployed"), "{out}");
     assert!(out.contains(&format!("ws://{full}.{}.svc:4320/v1/opamp", ns.name)), "NOTES:\n{out}");
     assert!(out.contains(&format!("get leases -l opamp.dev/peer-group={full}")), "NOTES:\n{out}");
+    assert!(out.contains("kubectl get agents -A"), "NOTES:\n{out}");
     eprintln!("helm install: {:?}", started.elapsed());
 
     let deployments: Api<Deployment> = ns.api();
@@ -676,7 +986,13 @@ async fn installs_and_upgrades_on_a_cluster() {
     let pdb = budgets.get(&full).await.expect("the PodDisruptionBudget exists");
     assert_eq!(pdb.spec.unwrap().max_unavailable, Some(IntOrString::Int(1)));
     let services: Api<Service> = ns.api();
-    for name in [full.clone(), format!("{full}-api"), format!("{full}-peers"), format!("{full}-metrics")] {
+    for name in [
+        full.clone(),
+        format!("{full}-api"),
+        format!("{full}-peers"),
+        format!("{full}-metrics"),
+        format!("{full}-aggregated-api"),
+    ] {
         services.get(&name).await.unwrap_or_else(|e| panic!("Service {name}: {e}"));
     }
     ns.api::<ServiceAccount>().get(&full).await.expect("the ServiceAccount exists");
@@ -689,6 +1005,36 @@ async fn installs_and_upgrades_on_a_cluster() {
         .get(&full)
         .await
         .expect("the ClusterRoleBinding exists");
+
+    // The aggregated API: the APIService trusts the CA of the certificate in the Secret …
+    let serving = serving_certificate(ns, &apiservices, &full).await;
+    // … and the chart's identity holds what the delegation needs: reviews, and the API server's
+    // authentication ConfigMap (kube-system's Role grants that name only: list and watch it
+    // with a metadata.name field selector).
+    let sa = client_impersonating(&format!("system:serviceaccount:{}:{full}", ns.name)).await;
+    let cm = "extension-apiserver-authentication";
+    let delegation: Vec<(Grant, Option<&str>)> = vec![
+        (("", "configmaps", "get", cm), Some("kube-system")),
+        (("", "configmaps", "list", cm), Some("kube-system")),
+        (("", "configmaps", "watch", cm), Some("kube-system")),
+        (("authorization.k8s.io", "subjectaccessreviews", "create", ""), None),
+        (("authentication.k8s.io", "tokenreviews", "create", ""), None),
+    ];
+    eventually(T, "the chart's identity to hold the delegation's rights", || async {
+        all_allowed(&sa, &delegation).await.then_some(())
+    })
+    .await;
+    // Really read, as the chart's identity: the request-header CA the operator verifies with.
+    let by_name = ListParams::default().fields(&format!("metadata.name={cm}"));
+    let found =
+        Api::<ConfigMap>::namespaced(sa.clone(), "kube-system").list(&by_name).await.expect("list by name");
+    let data = found.items.first().and_then(|c| c.data.clone()).unwrap_or_default();
+    assert!(data.contains_key("requestheader-client-ca-file"), "{:?}", data.keys());
+    let role = |name: &str| format!("{full}-{name}");
+    Api::<ClusterRole>::all(ns.client.clone())
+        .get(&role("agents-viewer"))
+        .await
+        .expect("the viewer ClusterRole");
 
     // An upgrade with changed values reaches the objects.
     let started = std::time::Instant::now();
@@ -712,12 +1058,26 @@ async fn installs_and_upgrades_on_a_cluster() {
     let args = spec.template.spec.unwrap().containers[0].args.clone().unwrap_or_default();
     assert!(args.contains(&"--anonymous-agents-namespace=public".to_owned()), "{args:?}");
     assert_eq!(services.get(&full).await.unwrap().spec.unwrap().type_.as_deref(), Some("NodePort"));
+    // The serving certificate and the APIService's caBundle are kept (helm looks the Secret up).
+    assert_eq!(
+        serving_certificate(ns, &apiservices, &full).await,
+        serving,
+        "the certificate changed on upgrade"
+    );
 
     // Uninstall takes the cluster-scoped objects along.
     helm_async(helm_args("uninstall", &[])).await;
     uninstall.0 = None;
     let gone = cluster_roles.get_opt(&full).await.expect("get ClusterRole");
     assert!(gone.is_none(), "the ClusterRole outlives the release");
+    assert!(
+        apiservices.get_opt(APISERVICE).await.expect("get APIService").is_none(),
+        "the APIService outlives the release"
+    );
+    let bindings = Api::<ClusterRoleBinding>::all(ns.client.clone());
+    assert!(bindings.get_opt(&role("auth-delegator")).await.expect("get ClusterRoleBinding").is_none());
+    let kube_system = Api::<RoleBinding>::namespaced(ns.client.clone(), "kube-system");
+    assert!(kube_system.get_opt(&role("authentication-reader")).await.expect("get RoleBinding").is_none());
     tenants.cleanup().await;
 }
 
@@ -878,6 +1238,36 @@ fn agent_config(name: &str, inline: &str) -> String {
     )
 }
 
+/// The aggregated API's RBAC of release `release` in `namespace` (aggregated-api-rbac.yaml:
+/// the delegation's two bindings and the agents-viewer ClusterRole), and a guard deleting it
+/// when dropped (it lies outside the test's namespace).
+async fn aggregated_api_rbac(release: &str, namespace: &str) -> (Manifests, [OnDrop; 2]) {
+    let chart = chart_dir();
+    let args = ["template", release, chart.to_str().unwrap(), "--namespace", namespace]
+        .into_iter()
+        .chain(["--show-only", "templates/aggregated-api-rbac.yaml"])
+        .map(String::from)
+        .collect();
+    let rbac = Manifests::parse(&helm_async(args).await);
+    assert_eq!(rbac.0.len(), 3, "{:?}", rbac.objects());
+    let full = format!("{release}-opamp-operator");
+    let kubeconfig = cluster().await.kubeconfig_path.clone();
+    let guards = [
+        delete_on_drop(
+            kubeconfig.clone(),
+            vec![
+                format!("clusterrolebinding/{full}-auth-delegator"),
+                format!("clusterrole/{full}-agents-viewer"),
+            ],
+        ),
+        delete_on_drop(
+            kubeconfig,
+            vec!["--namespace=kube-system".into(), format!("rolebinding/{full}-authentication-reader")],
+        ),
+    ];
+    (rbac, guards)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_runs_with_the_charts_rbac() {
     capture_logs();
@@ -906,9 +1296,13 @@ async fn operator_runs_with_the_charts_rbac() {
             .await
             .unwrap_or_else(|e| panic!("cannot apply {doc:?}: {e}"));
     }
+    // The aggregated API's delegation, to the same user.
+    let (mut delegation, _delete_delegation) = aggregated_api_rbac(&release, &ns.name).await;
+    bind_to_user(&mut delegation, "operator", ns).await;
     // The authorizer's caches follow within moments; then the grants are exactly the chart's.
     let granted: Vec<_> = (cluster_rules().into_iter().map(|g| (g, None)))
         .chain(NAMESPACE_RULES.iter().map(|g| (*g, Some(ns.name.as_str()))))
+        .chain(AUTHENTICATION_CONFIG_RULES.iter().map(|g| (*g, Some("kube-system"))))
         .collect();
     eventually(T, "the chart's roles to take effect", || async {
         all_allowed(&operator, &granted).await.then_some(())
@@ -1093,11 +1487,15 @@ async fn operator_scoped_to_namespaces_runs_with_roles_there_only() {
         vec![format!("clusterrole/{full}"), format!("clusterrolebinding/{full}")],
     );
     bind_to_user(&mut rbac, &user, &home).await;
+    // The aggregated API's delegation, to the same user.
+    let (mut delegation, _delete_delegation) = aggregated_api_rbac(&release, &home.name).await;
+    bind_to_user(&mut delegation, &user, &home).await;
     let granted: Vec<_> = [home.name.as_str(), other.name.as_str()]
         .into_iter()
         .flat_map(|ns| NAMESPACED_RULES.iter().map(move |g| (*g, Some(ns))))
         .chain(REVIEW_RULES.iter().map(|g| (*g, None)))
         .chain(NAMESPACE_RULES.iter().map(|g| (*g, Some(home.name.as_str()))))
+        .chain(AUTHENTICATION_CONFIG_RULES.iter().map(|g| (*g, Some("kube-system"))))
         .collect();
     eventually(T, "the chart's roles to take effect", || async {
         all_allowed(&operator, &granted).await.then_some(())

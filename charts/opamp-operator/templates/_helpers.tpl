@@ -93,3 +93,25 @@ them, in a Role of each managed namespace when `namespaces` is set.
   resources: [events]
   verbs: [create, patch]
 {{- end }}
+
+{{/*
+The aggregated API's Service (and the stem of its certificate's objects): <fullname> cut to 48
+characters so that "<…>-aggregated-api" stays within the 63 characters of a DNS label.
+*/}}
+{{- define "opamp-operator.aggregatedApiName" -}}
+{{- printf "%s-aggregated-api" (include "opamp-operator.fullname" . | trunc 48 | trimSuffix "-") }}
+{{- end }}
+
+{{/* The Secret holding the aggregated API's serving certificate (tls.crt, tls.key, ca.crt). */}}
+{{- define "opamp-operator.aggregatedApiSecretName" -}}
+{{- if .Values.aggregatedApi.certManager.enabled }}
+{{- printf "%s-cert-manager-tls" (include "opamp-operator.aggregatedApiName" .) }}
+{{- else }}
+{{- printf "%s-tls" (include "opamp-operator.aggregatedApiName" .) }}
+{{- end }}
+{{- end }}
+
+{{/* Where the aggregated API's serving certificate is mounted. */}}
+{{- define "opamp-operator.aggregatedApiTlsDir" -}}
+/etc/opamp/aggregated-api
+{{- end }}
