@@ -195,7 +195,8 @@ impl ClusterInfo {
     }
 }
 
-/// The Helm chart's RBAC (ClusterRole, ClusterRoleBinding, Role, RoleBinding) as `helm template
+/// The Helm chart's RBAC (ClusterRole, ClusterRoleBinding, Role, RoleBinding, and the aggregated
+/// API's delegation: auth-delegator, the authentication ConfigMap's reader) as `helm template
 /// <release>` renders it for `namespace`, bound to the user `user` instead of the chart's
 /// ServiceAccount.
 pub async fn chart_rbac(release: &str, namespace: &str, user: &str) -> Vec<serde_yaml::Value> {
@@ -208,6 +209,7 @@ pub async fn chart_rbac(release: &str, namespace: &str, user: &str) -> Vec<serde
             "templates/clusterrolebinding.yaml",
         ])
         .args(["--show-only", "templates/role.yaml", "--show-only", "templates/rolebinding.yaml"])
+        .args(["--show-only", "templates/aggregated-api-rbac.yaml"])
         .current_dir(repo_root())
         .stdin(std::process::Stdio::null())
         .output()
