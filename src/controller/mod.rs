@@ -233,7 +233,8 @@ impl Controller {
         }))
     }
 
-    /// Runs until `shutdown`; `ready` flips to true once every cache is synced.
+    /// Runs until `shutdown`; `ready` flips to true once every cache is synced and every
+    /// object the AgentConfigs and CapabilitySlots reference has been read (or failed to be).
     pub async fn run(mut self, shutdown: CancellationToken, ready: tokio::sync::watch::Sender<bool>) {
         let (agent_configs, w1) = Cache::new(&self.scope);
         let (slots, w2) = Cache::new(&self.scope);
