@@ -170,8 +170,9 @@ async fn client_impersonating(user: &str) -> Client {
     Client::try_from(config).expect("a kube client")
 }
 
-/// Binds the chart's Role for a release managing only `ns` (`namespaces={ns}`) to `user`.
-async fn bind_namespace_role(ns: &TestNamespace, user: &str) {
+/// Binds the chart's Role for a release managing only `ns` (`namespaces={ns}`) to `user`;
+/// `without_get`: less the `get` of ConfigMaps and Secrets (their targeted reads are refused).
+async fn bind_namespace_role(ns: &TestNamespace, user: &str, without_get: bool) {
     let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/opamp-operator");
     let out = tokio::process::Command::new(tool("helm"))
         .args(["template", &ns.name, chart.to_str().unwrap(), "--namespace", &ns.name])
@@ -191,6 +192,13 @@ async fn bind_namespace_role(ns: &TestNamespace, user: &str) {
             continue;
         }
         kinds.push(object["kind"].as_str().unwrap().to_owned());
+        if object["kind"] == "Role" && without_get {
+            for rule in object["rules"].as_sequence_mut().unwrap() {
+                if rule["resources"].as_sequence().unwrap().iter().any(|r| r == "configmaps") {
+                    rule["verbs"] = serde_yaml::from_str("[list, watch]").unwrap();
+                }
+            }
+        }
         if object["kind"] == "RoleBinding" {
             object["subjects"] = serde_yaml::from_str(&format!(
                 "[{{kind: User, name: {user}, apiGroup: rbac.authorization.k8s.io}}]"
@@ -216,7 +224,7 @@ async fn with_namespaces_nothing_outside_them_is_read() {
 
     let user = format!("lp-{}", ns.name);
     let client = client_impersonating(&user).await;
-    bind_namespace_role(ns, &user).await;
+    bind_namespace_role(ns, &user, false).await;
     let (mine, theirs) =
         (Api::<Secret>::namespaced(client.clone(), &ns.name), Api::<Secret>::all(client.clone()));
     eventually(T, "the Role to take effect", || async { mine.list(&Default::default()).await.ok() }).await;
@@ -264,5 +272,58 @@ async fn with_namespaces_nothing_outside_them_is_read() {
     agent.stop().await;
     op.stop().await;
     outside.cleanup().await;
+    tenants.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_read_is_counted_and_retried_until_it_succeeds() {
+    let tenants = TestEnv::new("lp-refused").deadline(T).prepare().await;
+    let ns = &tenants.ns;
+    let user = format!("lp-{}", ns.name);
+    let client = client_impersonating(&user).await;
+    // The chart's Role less `get` on ConfigMaps and Secrets: the watches work, the reads not.
+    bind_namespace_role(ns, &user, true).await;
+    let (secrets, config_maps) = (
+        Api::<Secret>::namespaced(client.clone(), &ns.name),
+        Api::<ConfigMap>::namespaced(client.clone(), &ns.name),
+    );
+    eventually(T, "the Role to take effect", || async { secrets.list(&Default::default()).await.ok() }).await;
+    tenants.apply(&otel("v: 1")).await;
+    assert!(config_maps.get("otel").await.is_err(), "{user} may get ConfigMaps");
+    tenants.apply(&agent_config("lp", "collector.yaml", "otel", "collector.yaml")).await;
+
+    // Ready all the same (the first read was answered, with a refusal), nothing held in full
+    // but the token, the failure counted, and tried again.
+    let config = OperatorConfig { namespaces: Some(vec![ns.name.clone()]), ..test_config() };
+    let op = common::operator::start_as(client, config).await;
+    assert_eq!(cached(&op, "ConfigMap", "full").await, 0);
+    eventually(T, "the refused read counted, then retried", || async {
+        (errors(&op, "read").await >= 2.0).then_some(())
+    })
+    .await;
+    let url = format!("ws://{}/v1/opamp", op.opamp_addr);
+    let agent = RunningAgent::spawn(url, Some(tenants.token.clone()), AgentSpec::new("lp"));
+    let key = AgentKey::new(ns.name.as_str(), agent.uid);
+    eventually(T, "the agent connected", || async {
+        op.fleet.agent(&key).is_some_and(|a| a.connected).then_some(())
+    })
+    .await;
+    assert!(agent.effective("collector.yaml").is_none(), "no config before the ConfigMap is read");
+
+    // Granted: a retry reads it, and the agent gets its config.
+    bind_namespace_role(ns, &user, false).await;
+    eventually(T, "the agent runs the ConfigMap's file once it can be read", || async {
+        (agent.effective("collector.yaml").as_deref() == Some("v: 1")).then_some(())
+    })
+    .await;
+    assert_eq!(cached(&op, "ConfigMap", "full").await, 1);
+    tenants
+        .status_where::<AgentConfig>("lp", "applied", |s| {
+            s.applied_agents == 1 && s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+        })
+        .await;
+
+    agent.stop().await;
+    op.stop().await;
     tenants.cleanup().await;
 }
