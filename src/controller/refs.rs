@@ -416,6 +416,47 @@ mod tests {
     }
 
     #[test]
+    fn the_references_are_the_files_sources_and_the_slots_secrets() {
+        let config: AgentConfig = serde_yaml::from_str(
+            "
+apiVersion: opamp.dev/v1alpha1
+kind: AgentConfig
+metadata: {name: c, namespace: team-a}
+spec:
+  selector: {}
+  files:
+    a.yaml: {inline: 'a: 1'}
+    b.yaml: {configMapKeyRef: {name: otel, key: b}}
+    c.yaml: {configMapKeyRef: {name: otel, key: c}}
+    d.yaml: {secretKeyRef: {name: creds, key: d}}
+    e.yaml: {inline: 'e: 1', configMapKeyRef: {name: shadowed, key: e}}
+",
+        )
+        .unwrap();
+        let slot: CapabilitySlot = serde_yaml::from_str(
+            "
+apiVersion: opamp.dev/v1alpha1
+kind: CapabilitySlot
+metadata: {name: s, namespace: team-a}
+spec:
+  capability: com.example.s
+  callback: {url: 'http://x', signingSecretRef: {name: signing, key: k}}
+  dispatch: {tokenSecretRef: {name: dispatch, key: k}}
+",
+        )
+        .unwrap();
+        let keys = referenced("team-a", &[Arc::new(config)], &[Arc::new(slot)]);
+        let expected: BTreeSet<Key> = [
+            key(Kind::ConfigMap, "otel"),
+            key(Kind::Secret, "creds"),
+            key(Kind::Secret, "signing"),
+            key(Kind::Secret, "dispatch"),
+        ]
+        .into();
+        assert_eq!(keys, expected, "an inline file reads nothing");
+    }
+
+    #[test]
     fn a_reference_to_an_existing_object_is_read_before_the_namespace_is_planned() {
         let (refs, mut rx) = Refs::new();
         let (otel, absent) = (key(Kind::ConfigMap, "otel"), key(Kind::Secret, "absent"));
@@ -462,6 +503,30 @@ mod tests {
         let third = drain(&mut rx);
         assert_eq!(refs.answered(&third[0], Ok(Some(content("3", "v3")))), Answered::Replan("team-a".into()));
         assert_eq!(refs.value(&otel, "k"), Some(Some(Bytes::from("v3"))));
+    }
+
+    #[test]
+    fn after_a_relist_what_changed_meanwhile_is_read_again_or_missing() {
+        let (refs, mut rx) = Refs::new();
+        let (kept, changed, gone) =
+            (key(Kind::Secret, "kept"), key(Kind::Secret, "changed"), key(Kind::Secret, "gone"));
+        let cm = key(Kind::ConfigMap, "cm");
+        let all: BTreeSet<Key> = [kept.clone(), changed.clone(), gone.clone(), cm.clone()].into();
+        refs.want("team-a", all, |_| Some("1".into()));
+        for r in drain(&mut rx) {
+            refs.answered(&r, Ok(Some(content("1", "x"))));
+        }
+        // The Secrets' watch relisted: one changed, one was deleted while it was away.
+        let now = |k: &Key| match k.name.as_str() {
+            "changed" => Some("2".to_owned()),
+            "gone" => None,
+            _ => Some("1".to_owned()),
+        };
+        assert_eq!(refs.relisted(Kind::Secret, now), ["team-a".to_owned()].into());
+        assert_eq!(drain(&mut rx), [(changed.clone(), 1)], "only the changed one is read again");
+        assert_eq!(refs.value(&gone, "k"), None);
+        assert_eq!(refs.value(&kept, "k"), Some(Some(Bytes::from("x"))));
+        assert_eq!(refs.value(&cm, "k"), Some(Some(Bytes::from("x"))), "another kind's relist");
     }
 
     #[test]
