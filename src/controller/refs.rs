@@ -36,6 +36,7 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The kind's name, as in messages (`ConfigMap "otel" not found`).
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::ConfigMap => "ConfigMap",
@@ -53,6 +54,7 @@ pub struct Key {
 }
 
 impl Key {
+    /// The object `name` of `kind` in `namespace`.
     pub fn new(kind: Kind, namespace: &str, name: &str) -> Self {
         Self { kind, namespace: namespace.to_owned(), name: name.to_owned() }
     }
@@ -67,6 +69,7 @@ pub struct Content {
 }
 
 impl Content {
+    /// What is kept of a ConfigMap read.
     pub fn of_config_map(cm: ConfigMap) -> Self {
         let mut values: BTreeMap<String, Bytes> =
             cm.binary_data.unwrap_or_default().into_iter().map(|(k, v)| (k, Bytes::from(v.0))).collect();
@@ -75,6 +78,7 @@ impl Content {
         Self { resource_version: cm.metadata.resource_version.unwrap_or_default(), values }
     }
 
+    /// What is kept of a Secret read.
     pub fn of_secret(s: Secret) -> Self {
         let values = s.data.unwrap_or_default().into_iter().map(|(k, v)| (k, Bytes::from(v.0))).collect();
         Self { resource_version: s.metadata.resource_version.unwrap_or_default(), values }
@@ -328,7 +332,7 @@ impl Refs {
     }
 
     /// Makes the reads asked for, at most [`MAX_CONCURRENT_READS`] at a time, through `read`;
-    /// `answered` is told each namespace to plan again, `failed` each read that failed.
+    /// `replan` is told each namespace to plan again, `failed` each read that failed.
     pub async fn run<R, F>(
         self: Arc<Self>,
         mut requests: mpsc::UnboundedReceiver<Request>,
