@@ -50,8 +50,10 @@ const NAMESPACED_RULES: &[Grant] = &[
     ("opamp.dev", "capabilityslots", "watch", ""),
     ("opamp.dev", "agentconfigs/status", "patch", ""),
     ("opamp.dev", "capabilityslots/status", "patch", ""),
+    ("", "configmaps", "get", ""),
     ("", "configmaps", "list", ""),
     ("", "configmaps", "watch", ""),
+    ("", "secrets", "get", ""),
     ("", "secrets", "list", ""),
     ("", "secrets", "watch", ""),
     ("events.k8s.io", "events", "create", ""),
@@ -1188,8 +1190,8 @@ async fn bind_to_user(rbac: &mut Manifests, user: &str, ns: &TestNamespace) {
 
 /// Starts the operator as `client`, managing `namespaces`, with leader election in
 /// `lease_namespace` (its Leases are what the chart's Role is for) and `peers` if given, and
-/// waits until it is ready: every cache listed (agentconfigs, capabilityslots, configmaps,
-/// secrets of each namespace).
+/// waits until it is ready: every cache listed (agentconfigs, capabilityslots, the metadata of
+/// configmaps and secrets, agent-token secrets of each namespace) and the referenced objects read.
 async fn start_operator(
     client: Client,
     namespaces: Vec<String>,
@@ -1310,7 +1312,7 @@ async fn operator_runs_with_the_charts_rbac() {
     .await;
     // … and nothing beyond them.
     for (grant, namespace) in [
-        (("", "secrets", "get", ""), Some(ns.name.as_str())),
+        (("", "secrets", "delete", ""), Some(ns.name.as_str())),
         (("", "secrets", "create", ""), None),
         (("", "configmaps", "update", ""), None),
         (("opamp.dev", "agentconfigs", "update", ""), None),

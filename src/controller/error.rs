@@ -49,6 +49,16 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// The read of a ConfigMap or Secret an AgentConfig or CapabilitySlot refers to failed (it
+    /// is retried with back-off; see [`super::refs`]).
+    #[error("read of {kind} {namespace}/{name} failed: {source}")]
+    Read {
+        kind: &'static str,
+        namespace: String,
+        name: String,
+        #[source]
+        source: Box<kube::Error>,
+    },
     /// A ConfigMap or Secret an AgentConfig or CapabilitySlot refers to, or its key, is missing.
     #[error("{kind} {name:?} {}", match .key { Some(key) => format!("has no key {key:?}"), None => "not found".into() })]
     Reference {
@@ -65,6 +75,7 @@ impl Error {
     pub fn category(&self) -> &'static str {
         match self {
             Error::Watch { .. } => "watch",
+            Error::Read { .. } => "read",
             Error::InvalidObject { .. } => "invalid-object",
             Error::Patch { .. } => "patch",
             Error::PatchTimeout { .. } => "timeout",
@@ -91,14 +102,14 @@ impl Error {
             Error::InvalidObject { object, .. }
             | Error::Patch { object, .. }
             | Error::PatchTimeout { object, .. } => Some(object),
-            Error::Watch { .. } | Error::Event { .. } | Error::Reference { .. } => None,
+            Error::Watch { .. } | Error::Read { .. } | Error::Event { .. } | Error::Reference { .. } => None,
         }
     }
 
     /// What the controller was doing (the Event's action).
     fn action(&self) -> &'static str {
         match self {
-            Error::Watch { .. } | Error::InvalidObject { .. } => "Read",
+            Error::Watch { .. } | Error::Read { .. } | Error::InvalidObject { .. } => "Read",
             Error::Patch { .. } | Error::PatchTimeout { .. } => "WriteStatus",
             Error::Event { .. } => "RecordEvent",
             Error::Reference { .. } => "Resolve",
@@ -211,6 +222,7 @@ fn count(metrics: &ControllerMetrics, error: &Error) {
         // Logged at debug: the failure to tell about something else is the lesser news.
         Error::Event { .. } => tracing::debug!(category, error = %error, "event not recorded"),
         Error::Watch { .. } => tracing::warn!(category, error = %error, "watch error (retrying)"),
+        Error::Read { .. } => tracing::warn!(category, error = %error, "read error (retrying)"),
         Error::Patch { .. } | Error::PatchTimeout { .. } => {
             tracing::warn!(category, error = %error, "status patch failed")
         }

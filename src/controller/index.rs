@@ -7,14 +7,12 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::ResourceExt;
-use kube::runtime::reflector::ObjectRef;
 
 use super::error::Error;
 use super::merge::{self, File, Source, display_hash};
+use super::refs::{Key, Kind, Refs};
 use super::rollout::{parse_threshold, rollout_key};
-use super::watch::Cache;
 use crate::api::RolloutStrategy;
 use crate::api::{AgentConfig, CapabilitySlot, ConfigFile, KeyRef, RolloutState};
 use crate::fleet::{DesiredState, Plan};
@@ -100,12 +98,10 @@ impl NamespaceIndex {
     pub fn resolve(
         mut configs: Vec<Arc<AgentConfig>>,
         mut slots: Vec<Arc<CapabilitySlot>>,
-        config_maps: &Cache<ConfigMap>,
-        secrets: &Cache<Secret>,
+        refs: &Refs,
     ) -> Self {
         configs.sort_by_key(|c| c.name_any());
-        let configs =
-            configs.into_iter().map(|object| resolve_config(object, config_maps, secrets)).collect();
+        let configs = configs.into_iter().map(|object| resolve_config(object, refs)).collect();
         slots.sort_by(|a, b| {
             a.metadata
                 .creation_timestamp
@@ -240,12 +236,11 @@ impl Plan for NamespaceIndex {
 }
 
 /// The route of a slot, with its Secrets read.
-pub fn slot_route(slot: &CapabilitySlot, secrets: &Cache<Secret>) -> crate::routes::SlotRoute {
+pub fn slot_route(slot: &CapabilitySlot, refs: &Refs) -> crate::routes::SlotRoute {
     use std::time::Duration;
     let ns = slot.namespace().unwrap_or_default();
     let secret = |r: &KeyRef| -> Result<Vec<u8>, String> {
-        let s = secrets.get(&ObjectRef::new(&r.name).within(&ns));
-        let value = s.map(|s| s.data.as_ref().and_then(|d| d.get(&r.key)).map(|b| b.0.clone()));
+        let value = refs.value(&Key::new(Kind::Secret, &ns, &r.name), &r.key).map(|v| v.map(|b| b.to_vec()));
         lookup("Secret", r, value).map_err(|e| e.to_string())
     };
     crate::routes::SlotRoute {
@@ -268,16 +263,12 @@ pub fn slot_route(slot: &CapabilitySlot, secrets: &Cache<Secret>) -> crate::rout
     }
 }
 
-fn resolve_config(
-    object: Arc<AgentConfig>,
-    config_maps: &Cache<ConfigMap>,
-    secrets: &Cache<Secret>,
-) -> ResolvedConfig {
+fn resolve_config(object: Arc<AgentConfig>, refs: &Refs) -> ResolvedConfig {
     let ns = object.namespace().unwrap_or_default();
     let mut files = BTreeMap::new();
     let mut missing = Vec::new();
     for (name, file) in &object.spec.files {
-        match read_file(&ns, file, config_maps, secrets) {
+        match read_file(&ns, file, refs) {
             Ok(body) => {
                 let content_type = file.content_type.clone().unwrap_or_default();
                 files.insert(name.clone(), File { content_type, body });
@@ -315,36 +306,17 @@ fn admission(object: &AgentConfig, own_hash: Option<&[u8; 32]>) -> Admission {
     }
 }
 
-fn read_file(
-    ns: &str,
-    file: &ConfigFile,
-    config_maps: &Cache<ConfigMap>,
-    secrets: &Cache<Secret>,
-) -> Result<bytes::Bytes, String> {
+fn read_file(ns: &str, file: &ConfigFile, refs: &Refs) -> Result<bytes::Bytes, String> {
     if let Some(inline) = &file.inline {
         return Ok(bytes::Bytes::from(inline.clone()));
     }
-    if let Some(r) = &file.config_map_key_ref {
-        let cm = config_maps.get(&ObjectRef::new(&r.name).within(ns));
-        let value = cm.map(|cm| {
-            cm.data.as_ref().and_then(|d| d.get(&r.key)).map(|s| bytes::Bytes::from(s.clone())).or_else(
-                || {
-                    cm.binary_data
-                        .as_ref()
-                        .and_then(|d| d.get(&r.key))
-                        .map(|b| bytes::Bytes::from(b.0.clone()))
-                },
-            )
-        });
-        return lookup("ConfigMap", r, value).map_err(|e| e.to_string());
-    }
-    if let Some(r) = &file.secret_key_ref {
-        let secret = secrets.get(&ObjectRef::new(&r.name).within(ns));
-        let value = secret
-            .map(|s| s.data.as_ref().and_then(|d| d.get(&r.key)).map(|b| bytes::Bytes::from(b.0.clone())));
-        return lookup("Secret", r, value).map_err(|e| e.to_string());
-    }
-    Err("no source set".into())
+    let (kind, r) = match (&file.config_map_key_ref, &file.secret_key_ref) {
+        (Some(r), _) => (Kind::ConfigMap, r),
+        (None, Some(r)) => (Kind::Secret, r),
+        (None, None) => return Err("no source set".into()),
+    };
+    let value = refs.value(&Key::new(kind, ns, &r.name), &r.key);
+    lookup(kind.as_str(), r, value).map_err(|e| e.to_string())
 }
 
 /// A referenced key's value: `found` is `None` without the object, `Some(None)` without the key.
@@ -379,10 +351,7 @@ spec:
     }
 
     fn plan(config: Arc<AgentConfig>) -> NamespaceIndex {
-        let scope = crate::controller::Scope::default();
-        let (config_maps, _) = Cache::new(&scope);
-        let (secrets, _) = Cache::new(&scope);
-        NamespaceIndex::resolve(vec![config], vec![], &config_maps, &secrets)
+        NamespaceIndex::resolve(vec![config], vec![], &Refs::new().0)
     }
 
     fn hello(uid: Uid) -> AgentToServer {

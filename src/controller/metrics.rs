@@ -1,5 +1,5 @@
-//! The controller's metrics: re-planning durations, status patches and the status writer's queue (registered with the
-//! others by [`crate::metrics`]).
+//! The controller's metrics: re-planning durations, status patches, the status writer's queue
+//! and the objects held in memory (registered with the others by [`crate::metrics`]).
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -14,6 +14,14 @@ pub struct CategoryLabel {
     pub category: &'static str,
 }
 
+/// The objects the controller holds: `kind` (`ConfigMap`, `Secret`) and `content` (`full`: with
+/// their data; `metadata`: name, namespace and version only).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CachedLabel {
+    pub kind: &'static str,
+    pub content: &'static str,
+}
+
 pub struct ControllerMetrics {
     pub reconcile_duration: Histogram,
     pub status_patches: Family<StateLabel, Counter>,
@@ -22,6 +30,8 @@ pub struct ControllerMetrics {
     pub status_queue_depth: Gauge,
     /// The controller's failures, by `controller::Error::category`.
     pub controller_errors: Family<CategoryLabel, Counter>,
+    /// ConfigMaps and Secrets held in memory, with their content or by their metadata only.
+    pub cached_objects: Family<CachedLabel, Gauge>,
 }
 
 impl Default for ControllerMetrics {
@@ -32,6 +42,7 @@ impl Default for ControllerMetrics {
             status_updates_dropped: Counter::default(),
             status_queue_depth: Gauge::default(),
             controller_errors: Family::default(),
+            cached_objects: Family::default(),
         }
     }
 }
@@ -60,8 +71,14 @@ impl ControllerMetrics {
         );
         registry.register(
             "controller_errors",
-            "Controller failures, by category (watch, invalid-object, patch, timeout, event, reference)",
+            "Controller failures, by category (watch, read, invalid-object, patch, timeout, event, reference)",
             self.controller_errors.clone(),
+        );
+        registry.register(
+            "controller_cached_objects",
+            "ConfigMaps and Secrets held in memory, by kind and content (full: with their data, \
+             only agent-token Secrets and referenced objects; metadata: name and version only)",
+            self.cached_objects.clone(),
         );
     }
 }

@@ -1,7 +1,10 @@
 //! The control loop, in one direction: watch → plan (every replica) → status compute → status
 //! writer (leader only).
 //!
-//! - Watches keep reflector caches of AgentConfigs, CapabilitySlots, ConfigMaps and Secrets.
+//! - Watches keep caches of AgentConfigs, CapabilitySlots and agent-token Secrets, and of the
+//!   metadata only of every other ConfigMap and Secret ([`watch`]); the content of the ones
+//!   AgentConfigs and CapabilitySlots reference is read on its own ([`refs`]). The gauge
+//!   `opamp_controller_cached_objects{kind,content}` tells what is held.
 //! - Planning: any change in a namespace (a resource, a referenced ConfigMap or Secret, the
 //!   rollout progress the leader wrote into status) resolves it again into a
 //!   [`NamespaceIndex`], published to the fleet as the namespace's plan; the fleet derives each
@@ -20,6 +23,7 @@ pub mod leader;
 pub mod merge;
 mod metrics;
 pub mod peer;
+pub mod refs;
 pub mod rollout;
 pub mod status;
 pub mod watch;
@@ -33,7 +37,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::core::DeserializeGuard;
+use kube::core::{DeserializeGuard, PartialObjectMeta};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
 use tokio::sync::Notify;
@@ -43,7 +47,9 @@ use self::auth::TokenAuthenticator;
 pub use self::error::{Error, Errors};
 use self::index::NamespaceIndex;
 use self::merge::display_hash;
+use self::metrics::CachedLabel;
 pub use self::metrics::ControllerMetrics;
+use self::refs::Refs;
 use self::rollout::{AgentFacts, Tracker};
 use self::status::NamespaceStatus;
 use self::watch::Cache;
@@ -53,6 +59,7 @@ use crate::fleet::{Fleet, Plan};
 use crate::peers::Peers;
 use crate::protocol::Uid;
 use crate::routes::Routes;
+use kube::runtime::watcher;
 
 pub const FIELD_MANAGER: &str = "opamp-operator";
 type PeerAnswer = Result<peer::StatusAnswer, crate::peers::CallError>;
@@ -81,13 +88,42 @@ impl Dirty {
     }
 }
 
-/// The caches of watched objects (see [`watch`]).
+/// The caches of watched objects (see [`watch`]), and the referenced objects' content (see
+/// [`refs`]).
 #[derive(Clone)]
 struct Stores {
     agent_configs: Cache<AgentConfig>,
     slots: Cache<CapabilitySlot>,
-    config_maps: Cache<ConfigMap>,
-    secrets: Cache<Secret>,
+    /// Every ConfigMap and Secret, by its metadata.
+    config_maps: Cache<PartialObjectMeta<ConfigMap>>,
+    secrets: Cache<PartialObjectMeta<Secret>>,
+    /// The Secrets of type `opamp.dev/agent-token`, in full.
+    tokens: Cache<Secret>,
+    refs: Arc<Refs>,
+}
+
+impl Stores {
+    /// The `resourceVersion` of `key` as the metadata watches know it (`None`: not there).
+    fn version(&self, key: &refs::Key) -> Option<String> {
+        fn at<K: Resource<DynamicType = ()>>(key: &refs::Key) -> kube::runtime::reflector::ObjectRef<K> {
+            kube::runtime::reflector::ObjectRef::new(&key.name).within(&key.namespace)
+        }
+        match key.kind {
+            refs::Kind::ConfigMap => refs::version_of(self.config_maps.get(&at(key))),
+            refs::Kind::Secret => refs::version_of(self.secrets.get(&at(key))),
+        }
+    }
+
+    /// Sets `opamp_controller_cached_objects`.
+    fn observe(&self, metrics: &ControllerMetrics) {
+        let set = |kind, content, n: usize| {
+            metrics.cached_objects.get_or_create(&CachedLabel { kind, content }).set(n as i64);
+        };
+        set("ConfigMap", "metadata", self.config_maps.len());
+        set("Secret", "metadata", self.secrets.len());
+        set("ConfigMap", "full", self.refs.held(refs::Kind::ConfigMap));
+        set("Secret", "full", self.refs.held(refs::Kind::Secret) + self.tokens.len());
+    }
 }
 
 pub struct Controller {
@@ -136,10 +172,6 @@ impl Scope {
     /// `None`: every namespace.
     pub fn namespaces(&self) -> Option<&HashSet<String>> {
         self.0.as_deref()
-    }
-
-    fn secrets(&self, all: Vec<Arc<Secret>>) -> Vec<Arc<Secret>> {
-        all.into_iter().filter(|s| self.contains(s.namespace().as_deref().unwrap_or_default())).collect()
     }
 }
 
@@ -201,13 +233,16 @@ impl Controller {
         }))
     }
 
-    /// Runs until `shutdown`; `ready` flips to true once every cache is synced.
+    /// Runs until `shutdown`; `ready` flips to true once every cache is synced and every
+    /// object the AgentConfigs and CapabilitySlots reference has been read (or failed to be).
     pub async fn run(mut self, shutdown: CancellationToken, ready: tokio::sync::watch::Sender<bool>) {
         let (agent_configs, w1) = Cache::new(&self.scope);
         let (slots, w2) = Cache::new(&self.scope);
         let (config_maps, w3) = Cache::new(&self.scope);
         let (secrets, w4) = Cache::new(&self.scope);
-        let stores = Stores { agent_configs, slots, config_maps, secrets };
+        let (tokens, w5) = Cache::new(&self.scope);
+        let (refs, reads) = Refs::new();
+        let stores = Stores { agent_configs, slots, config_maps, secrets, tokens, refs };
         let watches = watch::Context {
             client: self.client.clone(),
             dirty: self.dirty.clone(),
@@ -217,30 +252,64 @@ impl Controller {
         };
         let mut tasks = tokio::task::JoinSet::new();
         // Custom resources through a guard: one that does not read is reported and skipped.
-        watches.spawn::<DeserializeGuard<AgentConfig>>(&mut tasks, w1, None);
-        watches.spawn::<DeserializeGuard<CapabilitySlot>>(&mut tasks, w2, None);
-        watches.spawn::<ConfigMap>(&mut tasks, w3, None);
-        let (auth, secret_store, scope) = (self.auth.clone(), stores.secrets.clone(), self.scope.clone());
-        let on_secret: watch::Hook<Secret> = Arc::new(move |s: Option<&Secret>| {
-            if s.is_none_or(|s| s.type_.as_deref() == Some(AGENT_TOKEN_SECRET_TYPE)) {
-                auth.rebuild(&scope.secrets(secret_store.state()));
-            }
+        watches.spawn::<DeserializeGuard<AgentConfig>>(&mut tasks, w1, watch::Options::default());
+        watches.spawn::<DeserializeGuard<CapabilitySlot>>(&mut tasks, w2, watch::Options::default());
+        // ConfigMaps and Secrets by their metadata: a change plans a namespace again only when
+        // it references the object (once its new version is read).
+        let hook = self.metadata_hook(&stores, refs::Kind::ConfigMap, stores.config_maps.clone());
+        let options = watch::Options { hook: Some(hook), replans: false, ..Default::default() };
+        watches.spawn::<PartialObjectMeta<ConfigMap>>(&mut tasks, w3, options);
+        let hook = self.metadata_hook(&stores, refs::Kind::Secret, stores.secrets.clone());
+        let options = watch::Options { hook: Some(hook), replans: false, ..Default::default() };
+        watches.spawn::<PartialObjectMeta<Secret>>(&mut tasks, w4, options);
+        // Agent tokens: only Secrets of their type are listed, in full.
+        let (auth, token_store, metrics, all) =
+            (self.auth.clone(), stores.tokens.clone(), self.metrics.clone(), stores.clone());
+        let on_token: watch::Hook<Secret> = Arc::new(move |_: Option<&Secret>| {
+            auth.rebuild(&token_store.state());
+            all.observe(&metrics);
         });
-        watches.spawn::<Secret>(&mut tasks, w4, Some(on_secret));
+        let tokens = watcher::Config::default().fields(&format!("type={AGENT_TOKEN_SECRET_TYPE}"));
+        let options = watch::Options { config: tokens, hook: Some(on_token), replans: false };
+        watches.spawn::<Secret>(&mut tasks, w5, options);
+        // Targeted reads of the referenced objects.
+        let (client, dirty, errors) = (self.client.clone(), self.dirty.clone(), self.errors.clone());
+        let (all, metrics) = (stores.clone(), self.metrics.clone());
+        tasks.spawn(stores.refs.clone().run(
+            reads,
+            move |key| refs::read(client.clone(), key),
+            move |ns| {
+                all.observe(&metrics);
+                dirty.mark(Some(ns));
+            },
+            move |key, source| {
+                let (kind, namespace, name) = (key.kind.as_str(), key.namespace.clone(), key.name.clone());
+                errors.count(&Error::Read { kind, namespace, name, source: Box::new(source) });
+            },
+        ));
 
         let synced = async {
             let _ = tokio::join!(
                 stores.agent_configs.wait_until_ready(),
                 stores.slots.wait_until_ready(),
                 stores.config_maps.wait_until_ready(),
-                stores.secrets.wait_until_ready()
+                stores.secrets.wait_until_ready(),
+                stores.tokens.wait_until_ready()
             );
         };
         tokio::select! {
             _ = synced => {}
             _ = shutdown.cancelled() => return,
         }
-        self.auth.rebuild(&self.scope.secrets(stores.secrets.state()));
+        self.auth.rebuild(&stores.tokens.state());
+        // Planning every namespace asks for the referenced objects; ready once they are read.
+        self.dirty.mark_all();
+        self.replan(&stores);
+        tokio::select! {
+            _ = stores.refs.wait_until_answered() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        stores.observe(&self.metrics);
         // Namespaces without objects get an empty plan: agents that run a config of ours are
         // released. Managing every namespace, that is the plan of any namespace without one of
         // its own; managing some, each of them gets a plan (see `replan`), and agents of any
@@ -249,6 +318,7 @@ impl Controller {
             self.fleet.publish_fallback_plan(Arc::new(NamespaceIndex::default()));
         }
         self.dirty.mark_all();
+        self.replan(&stores);
         tracing::info!(tokens = self.auth.len(), "caches synced");
         let _ = ready.send(true);
         tasks.spawn(writer::run(
@@ -323,6 +393,37 @@ impl Controller {
         tasks.abort_all();
     }
 
+    /// What follows a change the metadata watch of `kind` saw: a referenced object is read
+    /// again (or known gone), and its namespace planned again.
+    fn metadata_hook<K>(
+        &self,
+        stores: &Stores,
+        kind: refs::Kind,
+        cache: Cache<PartialObjectMeta<K>>,
+    ) -> watch::Hook<PartialObjectMeta<K>>
+    where
+        K: Resource<DynamicType = ()> + Send + Sync + 'static,
+    {
+        let (stores, dirty, metrics) = (stores.clone(), self.dirty.clone(), self.metrics.clone());
+        Arc::new(move |object: Option<&PartialObjectMeta<K>>| {
+            match object {
+                Some(o) => {
+                    let meta = o.meta();
+                    let (ns, name) = (meta.namespace.as_deref().unwrap_or_default(), meta.name.as_deref());
+                    let key = refs::Key::new(kind, ns, name.unwrap_or_default());
+                    let now = refs::version_of(cache.get(&watch::key(meta)));
+                    dirty.mark(stores.refs.seen(&key, now.as_deref()));
+                }
+                None => {
+                    for ns in stores.refs.relisted(kind, |k| stores.version(k)) {
+                        dirty.mark(Some(ns));
+                    }
+                }
+            }
+            stores.observe(&metrics);
+        })
+    }
+
     /// Namespaces whose counts may have changed here: their status is dirty, and the peer
     /// route tells the leader.
     fn changed(&mut self, namespaces: HashSet<String>) {
@@ -355,7 +456,13 @@ impl Controller {
             let configs: Vec<_> =
                 stores.agent_configs.state().into_iter().filter(|o| in_ns(&o.namespace())).collect();
             let slots: Vec<_> = stores.slots.state().into_iter().filter(|o| in_ns(&o.namespace())).collect();
-            let idx = Arc::new(NamespaceIndex::resolve(configs, slots, &stores.config_maps, &stores.secrets));
+            // Planned once what it references is read (or known missing): until then it keeps
+            // its plan, and the reads mark it dirty again when they are in.
+            let wanted = refs::referenced(&ns, &configs, &slots);
+            if !stores.refs.want(&ns, wanted, |k| stores.version(k)) {
+                continue;
+            }
+            let idx = Arc::new(NamespaceIndex::resolve(configs, slots, &stores.refs));
             let slot_routes = idx
                 .slots
                 .slots
@@ -363,7 +470,7 @@ impl Controller {
                 .filter(|s| !idx.slots.conflicting.contains_key(&s.name_any()))
                 .map(|s| {
                     let st = s.status.clone().unwrap_or_default();
-                    (index::slot_route(s, &stores.secrets), st.upstream, st.downstream)
+                    (index::slot_route(s, &stores.refs), st.upstream, st.downstream)
                 })
                 .collect();
             self.routes.publish(&ns, slot_routes);
@@ -380,6 +487,7 @@ impl Controller {
         }
         self.fleet.publish_plans(plans);
         self.shared.log.lock().note(&replanned);
+        stores.observe(&self.metrics); // content nothing references any more is dropped
     }
 
     /// Computes the status of every object of the namespaces that changed (one pass over the

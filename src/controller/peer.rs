@@ -691,9 +691,8 @@ fn increments(prev: &SlotIncrements, now: &SlotIncrements) -> SlotIncrements {
 mod tests {
     use super::*;
     use crate::api::{AgentConfig, CapabilitySlot};
-    use crate::controller::Scope;
+    use crate::controller::refs::Refs;
     use crate::controller::rollout::Tracker;
-    use crate::controller::watch::Cache;
     use crate::fleet::{AgentKey, Tenant};
     use crate::proto::{
         AgentDescription, AgentToServer, AnyValue, CustomCapabilities, KeyValue, RemoteConfigStatus,
@@ -740,11 +739,10 @@ spec:
             .map(|d| AgentConfig::deserialize(d).unwrap())
             .collect();
         let slot: CapabilitySlot = serde_yaml::from_str(SLOT).unwrap();
-        let (config_maps, _) = Cache::new(&Scope::default());
-        let (secrets, _) = Cache::new(&Scope::default());
+        let refs = Refs::new().0;
         let resolve = |configs: &[AgentConfig]| {
             let configs = configs.iter().cloned().map(Arc::new).collect();
-            NamespaceIndex::resolve(configs, vec![Arc::new(slot.clone())], &config_maps, &secrets)
+            NamespaceIndex::resolve(configs, vec![Arc::new(slot.clone())], &refs)
         };
         let hash = resolve(&configs).configs[2].own_hash.unwrap();
         configs[2].status = Some(crate::api::AgentConfigStatus {
@@ -948,8 +946,7 @@ spec:
         let idx = Arc::new(index());
         let routes =
             Routes::new(Fleet::default(), Arc::default(), crate::routes::egress::EgressPolicy::default());
-        let slot =
-            crate::controller::index::slot_route(&idx.slots.slots[0], &Cache::new(&Scope::default()).0);
+        let slot = crate::controller::index::slot_route(&idx.slots.slots[0], &Refs::new().0);
         let seed = UpstreamStatus { received: 100, ..Default::default() };
         routes.publish("team-a", vec![(slot, seed.clone(), DownstreamStatus::default())]);
         let mine = routes.counters("team-a", "pprof").unwrap();

@@ -1,6 +1,14 @@
-//! The controller's caches of the objects it watches: AgentConfigs, CapabilitySlots, ConfigMaps
-//! and Secrets, each kind watched cluster-wide, or with `--namespaces` once per namespace (so the
-//! operator needs rights in those namespaces only).
+//! The controller's caches of the objects it watches, each kind watched cluster-wide, or with
+//! `--namespaces` once per namespace (so the operator needs rights in those namespaces only, and
+//! reads nothing outside them):
+//!
+//! - AgentConfigs and CapabilitySlots, in full;
+//! - Secrets of type `opamp.dev/agent-token`, in full (a field selector on the type: no other
+//!   Secret is listed with its content);
+//! - every other ConfigMap and Secret by its metadata only (a watch of
+//!   `PartialObjectMeta`, and only name,
+//!   namespace and `resourceVersion` kept): the content of the ones AgentConfigs and
+//!   CapabilitySlots reference is read on its own ([`super::refs`]).
 //!
 //! Custom resources are watched through [`DeserializeGuard`]: one stored under another schema,
 //! that no longer reads as its type, is reported (a Warning Event on it, the
@@ -10,10 +18,12 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::ObjectMeta;
 use kube::core::DeserializeGuard;
+use kube::core::PartialObjectMeta;
 use kube::core::error_boundary::InvalidObject;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, watcher};
@@ -39,6 +49,16 @@ pub trait Watched:
 
     /// The object, or why it does not read as one.
     fn into_object(self) -> Result<Self::Object, Box<InvalidObject>>;
+}
+
+fn api<K: Resource<DynamicType = (), Scope = NamespaceResourceScope>>(
+    client: Client,
+    namespace: Option<&str>,
+) -> Api<K> {
+    match namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    }
 }
 
 impl<K> Watched for DeserializeGuard<K>
@@ -71,6 +91,23 @@ macro_rules! unguarded {
     )*};
 }
 unguarded!(ConfigMap, Secret);
+
+/// Built-in kinds watched by their metadata only: what is kept of each is its name, namespace,
+/// uid and `resourceVersion` (not its labels, annotations or managed fields).
+macro_rules! metadata_only {
+    ($($kind:ty),*) => {$(
+        impl Watched for PartialObjectMeta<$kind> {
+            type Object = Self;
+
+            fn into_object(self) -> Result<Self, Box<InvalidObject>> {
+                let ObjectMeta { name, namespace, uid, resource_version, .. } = self.metadata;
+                let metadata = ObjectMeta { name, namespace, uid, resource_version, ..Default::default() };
+                Ok(Self { metadata, ..Default::default() })
+            }
+        }
+    )*};
+}
+metadata_only!(ConfigMap, Secret);
 
 /// The objects of one kind, fed by one watch per namespace of the scope (or one cluster-wide).
 pub struct Cache<K: Resource<DynamicType = ()>> {
@@ -122,6 +159,16 @@ impl<K: Resource<DynamicType = ()>> Cache<K> {
     pub fn get(&self, r: &ObjectRef<K>) -> Option<Arc<K>> {
         let shard = self.shards.iter().find(|s| s.namespace.is_none() || s.namespace == r.namespace)?;
         shard.objects.read().get(r).cloned()
+    }
+
+    /// How many objects are cached.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.objects.read().len()).sum()
+    }
+
+    /// Whether no object is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Every cached object.
@@ -222,7 +269,8 @@ fn check<W: Watched>(watched: W) -> (ObjectRef<W::Object>, Result<W::Object, Err
     (key, watched.into_object().map_err(Error::invalid::<W::Object>))
 }
 
-fn key<K: Resource<DynamicType = ()>>(meta: &ObjectMeta) -> ObjectRef<K> {
+/// The cache key of an object with metadata `meta`.
+pub fn key<K: Resource<DynamicType = ()>>(meta: &ObjectMeta) -> ObjectRef<K> {
     let r = ObjectRef::new(meta.name.as_deref().unwrap_or_default());
     match &meta.namespace {
         Some(ns) => r.within(ns),
@@ -230,8 +278,24 @@ fn key<K: Resource<DynamicType = ()>>(meta: &ObjectMeta) -> ObjectRef<K> {
     }
 }
 
-/// Called after each change of a cache: with the changed object, or `None` after a list.
+/// Called after each change of a cache: with the changed object (as it is now, or as it was
+/// when deleted: the cache tells which), or `None` after a list.
 pub type Hook<K> = Arc<dyn Fn(Option<&K>) + Send + Sync>;
+
+/// How a kind is watched.
+pub struct Options<K> {
+    /// The list and watch parameters (e.g. a field selector).
+    pub config: watcher::Config,
+    pub hook: Option<Hook<K>>,
+    /// Whether a changed object makes its namespace planned again (otherwise the hook decides).
+    pub replans: bool,
+}
+
+impl<K> Default for Options<K> {
+    fn default() -> Self {
+        Self { config: watcher::Config::default(), hook: None, replans: true }
+    }
+}
 
 /// What every watch task shares.
 #[derive(Clone)]
@@ -251,25 +315,25 @@ impl Context {
         &self,
         tasks: &mut tokio::task::JoinSet<()>,
         writers: Vec<Writer<W::Object>>,
-        hook: Option<Hook<W::Object>>,
+        options: Options<W::Object>,
     ) {
         for writer in writers {
-            let api: Api<W> = match writer.namespace() {
-                Some(ns) => Api::namespaced(self.client.clone(), ns),
-                None => Api::all(self.client.clone()),
-            };
-            tasks.spawn(self.clone().reflect(api, writer, hook.clone()));
+            let api: Api<W> = api(self.client.clone(), writer.namespace());
+            let stream = watcher(api, options.config.clone()).boxed();
+            let (hook, replans) = (options.hook.clone(), options.replans);
+            tasks.spawn(self.clone().reflect(stream, writer, hook, replans));
         }
     }
 
     /// Keeps a writer's part of a cache and marks the namespaces of changed objects dirty.
     async fn reflect<W: Watched>(
         self,
-        api: Api<W>,
+        stream: BoxStream<'static, watcher::Result<watcher::Event<W>>>,
         mut writer: Writer<W::Object>,
         hook: Option<Hook<W::Object>>,
+        replans: bool,
     ) {
-        let stream = watcher(api, watcher::Config::default()).default_backoff();
+        let stream = stream.default_backoff();
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             let event = match event {
@@ -291,13 +355,17 @@ impl Context {
             match change {
                 Change::Nothing => {}
                 Change::Listed => {
-                    self.dirty.mark_all();
+                    if replans {
+                        self.dirty.mark_all();
+                    }
                     if let Some(hook) = &hook {
                         hook(None);
                     }
                 }
                 Change::Object(namespace, object) => {
-                    self.dirty.mark(namespace);
+                    if replans {
+                        self.dirty.mark(namespace);
+                    }
                     if let (Some(hook), Some(object)) = (&hook, object) {
                         hook(Some(&object));
                     }
@@ -400,6 +468,36 @@ mod tests {
         writers[0].apply(watcher::Event::<ConfigMap>::InitDone);
         assert!(cache.get(&ObjectRef::new("cm").within("x")).is_none());
         assert!(cache.get(&ObjectRef::new("cm").within("y")).is_some());
+    }
+
+    #[test]
+    fn of_other_config_maps_and_secrets_only_name_and_version_are_kept() {
+        let (cache, mut writers) = Cache::<PartialObjectMeta<Secret>>::new(&Scope::default());
+        let w = &mut writers[0];
+        let big = "x".repeat(10_000);
+        let meta: PartialObjectMeta<Secret> = serde_json::from_value(serde_json::json!({
+            "apiVersion": "meta.k8s.io/v1",
+            "kind": "PartialObjectMetadata",
+            "metadata": {
+                "name": "s", "namespace": "a", "resourceVersion": "7", "uid": "u",
+                "labels": {"l": big}, "annotations": {"kubectl.kubernetes.io/last-applied-configuration": big},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}],
+            },
+        }))
+        .unwrap();
+        w.apply(watcher::Event::<PartialObjectMeta<Secret>>::Init);
+        w.apply(watcher::Event::InitApply(meta));
+        w.apply(watcher::Event::<PartialObjectMeta<Secret>>::InitDone);
+        let kept = cache.get(&ObjectRef::new("s").within("a")).unwrap();
+        let expected = ObjectMeta {
+            name: Some("s".into()),
+            namespace: Some("a".into()),
+            resource_version: Some("7".into()),
+            uid: Some("u".into()),
+            ..Default::default()
+        };
+        assert_eq!(kept.metadata, expected);
+        assert_eq!(cache.len(), 1);
     }
 
     #[test]

@@ -82,11 +82,13 @@ them, in a Role of each managed namespace when `namespaces` is set.
 - apiGroups: [opamp.dev]
   resources: [agentconfigs/status, capabilityslots/status]
   verbs: [patch]
-# Caches: files referenced by AgentConfigs (configMapKeyRef, secretKeyRef), agent tokens
-# (Secrets of type opamp.dev/agent-token), callback signing and dispatch tokens.
+# ConfigMaps and Secrets: watched by their metadata only (list, watch), except agent tokens
+# (Secrets of type opamp.dev/agent-token, listed in full through a field selector); the ones
+# AgentConfigs (configMapKeyRef, secretKeyRef) and CapabilitySlots (signing and dispatch
+# tokens) reference are read one by one (get).
 - apiGroups: [""]
   resources: [configmaps, secrets]
-  verbs: [list, watch]
+  verbs: [get, list, watch]
 # Events about AgentConfigs, CapabilitySlots and Namespaces, in their namespaces (kube-runtime's
 # Recorder creates an Event, then patches it when the same event repeats).
 - apiGroups: [events.k8s.io]
