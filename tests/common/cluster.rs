@@ -152,7 +152,9 @@ impl ClusterInfo {
     /// test, which checks it starts without any rights.)
     pub async fn client_as_chart_identity(&self, namespace: &str) -> Client {
         let admin = self.client().await;
-        for rbac in chart_rbac("e2e", namespace, "e2e-operator").await {
+        let mut rbac = chart_rbac("e2e", namespace, "e2e-operator").await;
+        rbac.extend(chart_delegation_rbac("e2e", namespace, "e2e-operator").await);
+        for rbac in rbac {
             apply_yaml(&admin, Some(namespace), &serde_yaml::to_string(&rbac).unwrap())
                 .await
                 .unwrap_or_else(|e| panic!("cannot bind the chart's RBAC: {e}"));
@@ -195,26 +197,36 @@ impl ClusterInfo {
     }
 }
 
-/// The Helm chart's RBAC (ClusterRole, ClusterRoleBinding, Role, RoleBinding, and the aggregated
-/// API's delegation: auth-delegator, the authentication ConfigMap's reader) as `helm template
+/// The Helm chart's RBAC (ClusterRole, ClusterRoleBinding, Role, RoleBinding) as `helm template
 /// <release>` renders it for `namespace`, bound to the user `user` instead of the chart's
 /// ServiceAccount.
 pub async fn chart_rbac(release: &str, namespace: &str, user: &str) -> Vec<serde_yaml::Value> {
-    let rendered = tokio::process::Command::new(tool("helm"))
-        .args(["template", release, "charts/opamp-operator", "--namespace", namespace])
-        .args([
-            "--show-only",
-            "templates/clusterrole.yaml",
-            "--show-only",
-            "templates/clusterrolebinding.yaml",
-        ])
-        .args(["--show-only", "templates/role.yaml", "--show-only", "templates/rolebinding.yaml"])
-        .args(["--show-only", "templates/aggregated-api-rbac.yaml"])
-        .current_dir(repo_root())
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .expect("helm runs");
+    let templates = ["clusterrole.yaml", "clusterrolebinding.yaml", "role.yaml", "rolebinding.yaml"];
+    chart_templates(release, namespace, user, &templates).await
+}
+
+/// The chart's RBAC for the aggregated API's delegation (aggregated-api-rbac.yaml: the
+/// auth-delegator and authentication-reader bindings, the agents-viewer ClusterRole), bound to
+/// `user`.
+pub async fn chart_delegation_rbac(release: &str, namespace: &str, user: &str) -> Vec<serde_yaml::Value> {
+    chart_templates(release, namespace, user, &["aggregated-api-rbac.yaml"]).await
+}
+
+/// The chart's `templates` as `helm template <release>` renders them for `namespace`, bindings
+/// bound to the user `user`.
+async fn chart_templates(
+    release: &str,
+    namespace: &str,
+    user: &str,
+    templates: &[&str],
+) -> Vec<serde_yaml::Value> {
+    let mut helm = tokio::process::Command::new(tool("helm"));
+    helm.args(["template", release, "charts/opamp-operator", "--namespace", namespace]);
+    for t in templates {
+        helm.arg("--show-only").arg(format!("templates/{t}"));
+    }
+    let rendered =
+        helm.current_dir(repo_root()).stdin(std::process::Stdio::null()).output().await.expect("helm runs");
     assert!(rendered.status.success(), "helm template: {}", String::from_utf8_lossy(&rendered.stderr));
     let text = String::from_utf8(rendered.stdout).unwrap();
     let subjects = format!("[{{kind: User, name: {user}, apiGroup: rbac.authorization.k8s.io}}]");
