@@ -223,6 +223,10 @@ async fn kubectl_shows_agents_as_rbac_allows() {
         kubectl(&["get", "agent", "0193a5c4-0000-7000-8000-000000000000", "-n", &na], Some("alice")).await;
     assert!(!ok && (err.contains("NotFound") || err.contains("not found")), "{err}");
 
+    // Read-only: what agents run is said by AgentConfigs.
+    let (ok, _, err) = kubectl(&["delete", "agent", &good_uid, "-n", &na], None).await;
+    assert!(!ok && err.contains("MethodNotAllowed") && err.contains("read-only"), "{err}");
+
     // kubectl explain reads the served OpenAPI.
     let explained =
         kubectl_until(&["explain", "agents.status.config"], None, "explain", |o| o.contains("selectedBy"))

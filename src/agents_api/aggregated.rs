@@ -105,9 +105,9 @@ pub fn router(api: Arc<AggregatedApi>) -> Router {
         .route("/openapi/v2", get(openapi_v2))
         .route("/openapi/v3", get(openapi_v3_paths))
         .route(&format!("/openapi/v3/apis/{GROUP}/{VERSION}"), get(openapi_v3))
-        .route(&format!("{base}/{PLURAL}"), get(list_all))
-        .route(&format!("{base}/namespaces/{{ns}}/{PLURAL}"), get(list_namespace))
-        .route(&format!("{base}/namespaces/{{ns}}/{PLURAL}/{{name}}"), get(get_one))
+        .route(&format!("{base}/{PLURAL}"), get(list_all).fallback(read_only))
+        .route(&format!("{base}/namespaces/{{ns}}/{PLURAL}"), get(list_namespace).fallback(read_only))
+        .route(&format!("{base}/namespaces/{{ns}}/{PLURAL}/{{name}}"), get(get_one).fallback(read_only))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(api.clone(), count))
         .with_state(api)
@@ -194,6 +194,19 @@ fn denied(d: Denied) -> Response {
         _ => d.to_string(),
     };
     status(code, reason, message, Some(json!({"group": GROUP, "kind": PLURAL})))
+}
+
+/// Agents are read-only: what they run is said by AgentConfigs.
+async fn read_only() -> Response {
+    let message = format!(
+        "{PLURAL}.{GROUP} are read-only (get, list, watch): change what agents run with AgentConfigs"
+    );
+    status(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "MethodNotAllowed",
+        message,
+        Some(json!({"group": GROUP, "kind": PLURAL})),
+    )
 }
 
 async fn not_found() -> Response {
