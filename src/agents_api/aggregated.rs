@@ -243,6 +243,20 @@ fn caller(
 
 type Certs = Option<axum::Extension<ClientCertificates>>;
 
+/// `doc()` to any caller the API server authenticated: discovery and OpenAPI, as Kubernetes
+/// serves them to `system:authenticated`.
+fn to_authenticated(
+    api: &AggregatedApi,
+    certs: Certs,
+    headers: &HeaderMap,
+    doc: impl FnOnce() -> Value,
+) -> Response {
+    match caller(api, certs.as_deref(), headers) {
+        Ok(_) => json_response(&doc()),
+        Err(r) => r.into_response(),
+    }
+}
+
 /// What the caller accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Format {
@@ -317,20 +331,21 @@ fn group_doc() -> Value {
 }
 
 async fn api_group_list(State(api): State<Arc<AggregatedApi>>, certs: Certs, headers: HeaderMap) -> Response {
-    if let Err(r) = caller(&api, certs.as_deref(), &headers) {
-        return r.into_response();
-    }
-    json_response(&json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group_doc()]}))
+    to_authenticated(
+        &api,
+        certs,
+        &headers,
+        || json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group_doc()]}),
+    )
 }
 
 async fn api_group(State(api): State<Arc<AggregatedApi>>, certs: Certs, headers: HeaderMap) -> Response {
-    if let Err(r) = caller(&api, certs.as_deref(), &headers) {
-        return r.into_response();
-    }
-    let mut doc = group_doc();
-    doc["kind"] = "APIGroup".into();
-    doc["apiVersion"] = "v1".into();
-    json_response(&doc)
+    to_authenticated(&api, certs, &headers, || {
+        let mut doc = group_doc();
+        doc["kind"] = "APIGroup".into();
+        doc["apiVersion"] = "v1".into();
+        doc
+    })
 }
 
 /// The resources of `fleet.opamp.dev/v1alpha1`: `agents`.
@@ -349,10 +364,7 @@ async fn api_resource_list(
     certs: Certs,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = caller(&api, certs.as_deref(), &headers) {
-        return r.into_response();
-    }
-    json_response(&api_resource_list_doc())
+    to_authenticated(&api, certs, &headers, api_resource_list_doc)
 }
 
 /// The name of the Agent schema in the OpenAPI documents.
@@ -430,31 +442,31 @@ fn paths(v3: bool) -> Value {
 
 /// The OpenAPI 3.0 document of `fleet.opamp.dev/v1alpha1`.
 pub fn openapi_v3_doc() -> Value {
-    let (agent, list) = schemas();
-    json!({
-        "openapi": "3.0.0",
-        "info": {"title": "opamp-operator fleet API", "version": VERSION},
-        "paths": paths(true),
-        "components": {"schemas": {SCHEMA_NAME: agent, LIST_SCHEMA_NAME: list}},
-    })
+    openapi_doc(true)
 }
 
 /// The Swagger 2.0 document (the aggregator still merges `/openapi/v2`).
 pub fn openapi_v2_doc() -> Value {
+    openapi_doc(false)
+}
+
+fn openapi_doc(v3: bool) -> Value {
     let (agent, list) = schemas();
-    json!({
-        "swagger": "2.0",
-        "info": {"title": "opamp-operator fleet API", "version": VERSION},
-        "paths": paths(false),
-        "definitions": {SCHEMA_NAME: agent, LIST_SCHEMA_NAME: list},
-    })
+    let schemas = json!({SCHEMA_NAME: agent, LIST_SCHEMA_NAME: list});
+    let mut doc =
+        json!({"info": {"title": "opamp-operator fleet API", "version": VERSION}, "paths": paths(v3)});
+    if v3 {
+        doc["openapi"] = "3.0.0".into();
+        doc["components"] = json!({"schemas": schemas});
+    } else {
+        doc["swagger"] = "2.0".into();
+        doc["definitions"] = schemas;
+    }
+    doc
 }
 
 async fn openapi_v2(State(api): State<Arc<AggregatedApi>>, certs: Certs, headers: HeaderMap) -> Response {
-    if let Err(r) = caller(&api, certs.as_deref(), &headers) {
-        return r.into_response();
-    }
-    json_response(&openapi_v2_doc())
+    to_authenticated(&api, certs, &headers, openapi_v2_doc)
 }
 
 async fn openapi_v3_paths(
@@ -462,24 +474,16 @@ async fn openapi_v3_paths(
     certs: Certs,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = caller(&api, certs.as_deref(), &headers) {
-        return r.into_response();
-    }
-    let hash = {
+    to_authenticated(&api, certs, &headers, || {
         use sha2::{Digest, Sha256};
-        hex::encode(&Sha256::digest(openapi_v3_doc().to_string().as_bytes())[..16])
-    };
-    let path = format!("apis/{GROUP}/{VERSION}");
-    json_response(
-        &json!({"paths": {path.clone(): {"serverRelativeURL": format!("/openapi/v3/{path}?hash={hash}")}}}),
-    )
+        let hash = hex::encode(&Sha256::digest(openapi_v3_doc().to_string().as_bytes())[..16]);
+        let path = format!("apis/{GROUP}/{VERSION}");
+        json!({"paths": {path.clone(): {"serverRelativeURL": format!("/openapi/v3/{path}?hash={hash}")}}})
+    })
 }
 
 async fn openapi_v3(State(api): State<Arc<AggregatedApi>>, certs: Certs, headers: HeaderMap) -> Response {
-    if let Err(r) = caller(&api, certs.as_deref(), &headers) {
-        return r.into_response();
-    }
-    json_response(&openapi_v3_doc())
+    to_authenticated(&api, certs, &headers, openapi_v3_doc)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -745,17 +749,10 @@ async fn get_one(
     headers: HeaderMap,
     Query(params): Query<Params>,
 ) -> Response {
-    let user = match caller(&api, certs.as_deref(), &headers) {
-        Ok(u) => u,
-        Err(r) => return r.into_response(),
-    };
-    let format = match negotiate(&headers) {
+    let format = match admit(&api, certs, &headers, Request::agents("get", Some(&ns), Some(&name))).await {
         Ok(f) => f,
-        Err(r) => return r.into_response(),
+        Err(r) => return r,
     };
-    if let Err(d) = api.access.check_user(&user, &Request::agents("get", Some(&ns), Some(&name))).await {
-        return denied(d);
-    }
     let Ok(_turn) = api.turns.acquire().await else {
         return StatusCode::SERVICE_UNAVAILABLE.into_response();
     };
@@ -764,16 +761,13 @@ async fn get_one(
     let (agents, missing) = collect(&api, &q).await;
     let Some(agent) = agents.into_iter().next() else {
         let message = format!("{PLURAL}.{GROUP} \"{name}\" not found");
-        let mut r = status(
+        let r = status(
             StatusCode::NOT_FOUND,
             "NotFound",
             message,
             Some(json!({"name": name, "group": GROUP, "kind": PLURAL})),
         );
-        if let Some((k, v)) = warning(&missing) {
-            r.headers_mut().insert(k, v);
-        }
-        return r.into_response();
+        return with_warning(r, &missing);
     };
     let body = match format {
         Format::Object => serde_json::to_value(&agent).expect("JSON serializes"),
@@ -782,8 +776,26 @@ async fn get_one(
             table(v, std::slice::from_ref(&agent), params.include_object.as_deref(), json!({}))
         }
     };
-    let mut r = formatted(format, &body);
-    if let Some((k, v)) = warning(&missing) {
+    with_warning(formatted(format, &body), &missing)
+}
+
+/// Who calls (the front proxy's user), what it accepts, and whether RBAC lets it do `request`:
+/// the format to answer in, or the refusal.
+async fn admit(
+    api: &AggregatedApi,
+    certs: Certs,
+    headers: &HeaderMap,
+    request: Request<'_>,
+) -> Result<Format, Response> {
+    let user = caller(api, certs.as_deref(), headers).map_err(IntoResponse::into_response)?;
+    let format = negotiate(headers).map_err(IntoResponse::into_response)?;
+    api.access.check_user(&user, &request).await.map_err(denied)?;
+    Ok(format)
+}
+
+/// `r` with a `Warning` naming the replicas that did not answer, if any.
+fn with_warning(mut r: Response, missing: &[String]) -> Response {
+    if let Some((k, v)) = warning(missing) {
         r.headers_mut().insert(k, v);
     }
     r
@@ -796,19 +808,12 @@ async fn serve_list(
     params: Params,
     ns: Option<String>,
 ) -> Response {
-    let user = match caller(&api, certs.as_deref(), &headers) {
-        Ok(u) => u,
-        Err(r) => return r.into_response(),
-    };
-    let format = match negotiate(&headers) {
-        Ok(f) => f,
-        Err(r) => return r.into_response(),
-    };
     let watch = truthy(&params.watch);
     let verb = if watch { "watch" } else { "list" };
-    if let Err(d) = api.access.check_user(&user, &Request::agents(verb, ns.as_deref(), None)).await {
-        return denied(d);
-    }
+    let format = match admit(&api, certs, &headers, Request::agents(verb, ns.as_deref(), None)).await {
+        Ok(f) => f,
+        Err(r) => return r,
+    };
     let after = match params.continue_token.as_deref().filter(|c| !c.is_empty()).map(read_continue) {
         Some(Ok(pos)) => Some(pos),
         Some(Err(())) => {
@@ -856,11 +861,7 @@ async fn serve_list(
         }),
         Format::Table(v) => table(v, &agents, params.include_object.as_deref(), list_meta),
     };
-    let mut r = formatted(format, &body);
-    if let Some((k, v)) = warning(&missing) {
-        r.headers_mut().insert(k, v);
-    }
-    r
+    with_warning(formatted(format, &body), &missing)
 }
 
 fn write_continue(ns: &str, name: &str) -> String {
