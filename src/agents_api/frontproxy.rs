@@ -87,7 +87,10 @@ pub enum Unauthenticated {
         "no client certificate of the API server's front proxy: only the Kubernetes API server may call this API"
     )]
     NoCertificate,
-    #[error("the API server's request-header settings are not known yet")]
+    #[error(
+        "the API server's request-header settings are not known (kube-system/extension-apiserver-authentication \
+         unreadable, or without requestheader-client-ca-file)"
+    )]
     NotConfigured,
     #[error("client certificate {0:?} is not among the allowed front-proxy names")]
     NameNotAllowed(String),
@@ -179,9 +182,9 @@ impl FrontProxy {
         certs: &ClientCertificates,
         headers: &HeaderMap,
     ) -> Result<User, Unauthenticated> {
-        let leaf = certs.0.first().ok_or(Unauthenticated::NoCertificate)?;
         let current = self.current.read().unwrap_or_else(|e| e.into_inner());
         let rh = current.request_header.as_ref().ok_or(Unauthenticated::NotConfigured)?;
+        let leaf = certs.0.first().ok_or(Unauthenticated::NoCertificate)?;
         authenticate(rh, leaf, headers)
     }
 
@@ -432,6 +435,15 @@ mod tests {
             proxy.authenticate(&ClientCertificates::default(), &h),
             Err(Unauthenticated::NoCertificate)
         );
+    }
+
+    /// Until the API server's settings are read, nobody is believed, and the answer says why.
+    #[test]
+    fn nothing_is_believed_before_the_settings_are_known() {
+        let proxy = FrontProxy::new(None, &["localhost".into()]).unwrap();
+        let certs = ClientCertificates(Arc::new(vec![cert("front-proxy-client")]));
+        let h = headers(&[("X-Remote-User", "alice")]);
+        assert_eq!(proxy.authenticate(&certs, &h), Err(Unauthenticated::NotConfigured));
     }
 
     fn pem_of_self_signed() -> String {
