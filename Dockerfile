@@ -19,5 +19,5 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /opamp-operator /opamp-operator
 USER 65532:65532
 # OpAMP (/v1/opamp), API (/healthz, /readyz, /api/v1/...), metrics (/metrics).
-EXPOSE 4320 8080 9090
+EXPOSE 4320 8080 8081 8443 9090
 ENTRYPOINT ["/opamp-operator", "run"]

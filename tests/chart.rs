@@ -867,7 +867,9 @@ fn renders_the_aggregated_api() {
     assert!(m.find("ClusterRoleBinding", &format!("{full}-auth-delegator")).is_none());
     assert!(m.find("ClusterRole", &format!("{full}-agents-viewer")).is_none());
     let c = named(&m.get("Deployment", full)["spec"]["template"]["spec"]["containers"], "operator").clone();
-    assert!(!strings(&c["args"]).iter().any(|a| a.starts_with("--aggregated-api")), "{c:?}");
+    let aggregated: Vec<_> =
+        strings(&c["args"]).into_iter().filter(|a| a.starts_with("--aggregated-api")).collect();
+    assert_eq!(aggregated, ["--aggregated-api-addr=off"], "the operator serves no aggregated API either");
     assert!(c["ports"].as_sequence().unwrap().iter().all(|p| p["name"] != "aggregated-api"));
     assert!(c["volumeMounts"].as_sequence().unwrap().iter().all(|v| v["name"] != "aggregated-api-tls"));
     let _ = std::fs::remove_dir_all(&tmp);
