@@ -421,6 +421,8 @@ async fn run_waits_for_an_api_server_that_is_not_up_yet_then_serves() {
             "127.0.0.1:0",
             "--metrics-addr",
             "127.0.0.1:0",
+            "--aggregated-api-addr",
+            "127.0.0.1:0",
             "--namespaces",
             &ns.name,
         ])

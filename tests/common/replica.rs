@@ -88,6 +88,7 @@ impl Group {
             .args(["--opamp-addr", &opamp_addr.to_string()])
             .args(["--api-addr", &api_addr.to_string()])
             .args(["--metrics-addr", &metrics_addr.to_string()])
+            .args(["--aggregated-api-addr", "off"])
             .args(["--peer-addr", &peer_addr.to_string()])
             .args(["--peer-advertise", &peer_addr.to_string()])
             .args(["--peers", "--peer-group", "opamp-e2e", "--peer-lease-seconds", "3"])
