@@ -189,13 +189,15 @@ impl FrontProxy {
     }
 
     /// Keeps the request-header settings and the serving certificate current until `shutdown`:
-    /// reads the ConfigMap every [`CONFIG_REFRESH`] and checks the files every two seconds.
+    /// reads the ConfigMap every [`CONFIG_REFRESH`] (every two seconds while it cannot be read)
+    /// and checks the files every two seconds.
     pub async fn run(self, client: Client, shutdown: CancellationToken) {
         let api: Api<ConfigMap> = Api::namespaced(client, AUTHENTICATION_CONFIG_MAP.0);
         let mut last_read: Option<tokio::time::Instant> = None;
         let mut seen_files = self.serving.modified();
         let mut request_header = None;
         let mut configured = false;
+        let mut failing_since = None;
         loop {
             let due = last_read.is_none_or(|at| at.elapsed() >= CONFIG_REFRESH);
             let mut changed = false;
@@ -203,6 +205,7 @@ impl FrontProxy {
                 last_read = Some(tokio::time::Instant::now());
                 match api.get_opt(AUTHENTICATION_CONFIG_MAP.1).await {
                     Ok(cm) => {
+                        failing_since = None;
                         let read = cm.as_ref().and_then(RequestHeader::from_config_map);
                         if read.is_none() {
                             tracing::warn!(
@@ -213,11 +216,21 @@ impl FrontProxy {
                         changed |= read != request_header;
                         request_header = read;
                     }
-                    Err(e) => tracing::warn!(
-                        error = %e,
-                        "cannot read kube-system/extension-apiserver-authentication (the Role \
-                         extension-apiserver-authentication-reader grants it)"
-                    ),
+                    Err(e) => {
+                        // Tried again at the next look (every two seconds) until it is read,
+                        // told once a refresh period.
+                        if failing_since.is_none_or(|at: tokio::time::Instant| at.elapsed() >= CONFIG_REFRESH)
+                        {
+                            tracing::warn!(
+                                error = %e,
+                                "cannot read kube-system/extension-apiserver-authentication (the Role \
+                                 extension-apiserver-authentication-reader grants it): the aggregated API \
+                                 refuses every request until it is read"
+                            );
+                            failing_since = Some(tokio::time::Instant::now());
+                        }
+                        last_read = None;
+                    }
                 }
             }
             let files = self.serving.modified();
