@@ -7,7 +7,8 @@
 //! header timeout, which also closes a kept-alive connection idle for that long, is what is
 //! wanted here (they reconnect).
 //!
-//! Also the bounded body read that the OpAMP endpoint and the dispatch API share (`read_body`).
+//! Also the bounded body read that the OpAMP endpoint and the dispatch API share (`read_body`),
+//! and the PEM serving identity that the OpAMP endpoint and the aggregated API read (`read_identity`).
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -164,6 +165,37 @@ where
 /// Uses ring (already used by the Kubernetes client) as the process's rustls provider.
 pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A serving identity: its certificate chain and key.
+pub type Identity =
+    (Vec<rustls::pki_types::CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>);
+
+/// Reads a certificate chain and its key from PEM files (two small files: blocking the runtime
+/// for that is cheaper than a thread hop); a clear error when either is missing or invalid.
+pub fn read_identity(cert: &std::path::Path, key: &std::path::Path) -> std::io::Result<Identity> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let invalid = |what: &str, e: &dyn std::fmt::Display| std::io::Error::other(format!("{what}: {e}"));
+    let (cert, key) = (std::fs::read(cert)?, std::fs::read(key)?);
+    let chain = CertificateDer::pem_slice_iter(&cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid("invalid certificate PEM", &e))?;
+    if chain.is_empty() {
+        return Err(std::io::Error::other("no certificate in the certificate file"));
+    }
+    let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| invalid("invalid private key PEM", &e))?;
+    Ok((chain, key))
+}
+
+/// When a certificate and key file last changed (`None` when either cannot be read), to reload
+/// them on a change.
+pub fn modified(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Option<(std::time::SystemTime, std::time::SystemTime)> {
+    let m = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    Some((m(cert)?, m(key)?))
 }
 
 /// A body over the limit.

@@ -256,39 +256,21 @@ impl FrontProxy {
 }
 
 impl Serving {
-    fn identity(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ServingError> {
+    fn identity(&self) -> Result<crate::http_server::Identity, ServingError> {
         match self {
             Serving::SelfSigned { chain, key_der } => {
                 let key =
                     PrivateKeyDer::try_from(key_der.clone()).map_err(|e| ServingError(e.to_string()))?;
                 Ok((chain.clone(), key))
             }
-            Serving::Files(f) => {
-                let read = |p: &PathBuf| {
-                    std::fs::read(p).map_err(|e| ServingError(format!("cannot read {}: {e}", p.display())))
-                };
-                let (cert, key) = (read(&f.cert)?, read(&f.key)?);
-                let chain =
-                    CertificateDer::pem_slice_iter(&cert).collect::<Result<Vec<_>, _>>().map_err(|e| {
-                        ServingError(format!("invalid certificate PEM in {}: {e}", f.cert.display()))
-                    })?;
-                if chain.is_empty() {
-                    return Err(ServingError(format!("no certificate in {}", f.cert.display())));
-                }
-                let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| {
-                    ServingError(format!("invalid private key PEM in {}: {e}", f.key.display()))
-                })?;
-                Ok((chain, key))
-            }
+            Serving::Files(f) => crate::http_server::read_identity(&f.cert, &f.key)
+                .map_err(|e| ServingError(format!("{} / {}: {e}", f.cert.display(), f.key.display()))),
         }
     }
 
     fn modified(&self) -> Option<(SystemTime, SystemTime)> {
         match self {
-            Serving::Files(f) => {
-                let m = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-                Some((m(&f.cert)?, m(&f.key)?))
-            }
+            Serving::Files(f) => crate::http_server::modified(&f.cert, &f.key),
             Serving::SelfSigned { .. } => None,
         }
     }

@@ -5,8 +5,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -26,10 +24,8 @@ pub struct TlsError {
     source: std::io::Error,
 }
 
-/// Uses ring (already used by the Kubernetes client) as the process's rustls provider.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
+/// Uses ring as the process's rustls provider (shared with the other TLS addresses).
+pub use crate::http_server::install_crypto_provider;
 
 /// The current server configuration, swapped in place on reload: each new connection takes
 /// the one current when it was accepted.
@@ -49,8 +45,7 @@ impl TlsConfig {
 
 impl TlsFiles {
     fn modified(&self) -> Option<(SystemTime, SystemTime)> {
-        let m = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        Some((m(&self.cert)?, m(&self.key)?))
+        crate::http_server::modified(&self.cert, &self.key)
     }
 
     pub(super) fn error(&self, source: std::io::Error) -> TlsError {
@@ -63,22 +58,13 @@ impl TlsFiles {
         Ok(TlsConfig(Arc::new(RwLock::new(Arc::new(config)))))
     }
 
-    /// Reads two small files: blocking the runtime for that is cheaper than a thread hop.
     fn server_config(&self) -> std::io::Result<rustls::ServerConfig> {
-        install_crypto_provider();
-        let invalid = |what: &str, e: &dyn std::fmt::Display| std::io::Error::other(format!("{what}: {e}"));
-        let (cert, key) = (std::fs::read(&self.cert)?, std::fs::read(&self.key)?);
-        let chain = CertificateDer::pem_slice_iter(&cert)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| invalid("invalid certificate PEM", &e))?;
-        if chain.is_empty() {
-            return Err(std::io::Error::other("no certificate in the certificate file"));
-        }
-        let key = PrivateKeyDer::from_pem_slice(&key).map_err(|e| invalid("invalid private key PEM", &e))?;
-        let mut config = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .map_err(|e| invalid("certificate and key do not make a server identity", &e))?;
+        crate::http_server::install_crypto_provider();
+        let (chain, key) = crate::http_server::read_identity(&self.cert, &self.key)?;
+        let mut config =
+            rustls::ServerConfig::builder().with_no_client_auth().with_single_cert(chain, key).map_err(
+                |e| std::io::Error::other(format!("certificate and key do not make a server identity: {e}")),
+            )?;
         // HTTP/1.1 only: WebSocket upgrades need it, and the endpoint serves no HTTP/2.
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(config)
