@@ -600,16 +600,11 @@ async fn collect(api: &AggregatedApi, q: &Compiled) -> (Vec<Agent>, Vec<String>)
 
 /// One object per agent, sorted by (namespace, name): of two, the connected one, then the
 /// most recently seen.
-fn merge(mut all: Vec<Agent>) -> Vec<Agent> {
-    all.sort_by(|a, b| {
-        (&a.metadata.namespace, &a.metadata.name)
-            .cmp(&(&b.metadata.namespace, &b.metadata.name))
-            .then((b.status.connected, b.last_seen_millis()).cmp(&(a.status.connected, a.last_seen_millis())))
-    });
-    all.dedup_by(|later, first| {
-        later.metadata.namespace == first.metadata.namespace && later.metadata.name == first.metadata.name
-    });
-    all
+fn merge(all: Vec<Agent>) -> Vec<Agent> {
+    super::one_per_agent(all, |a| {
+        let agent = (a.metadata.namespace.clone(), a.metadata.name.clone());
+        (agent, a.status.connected, a.last_seen_millis())
+    })
 }
 
 fn warning(missing: &[String]) -> Option<(header::HeaderName, HeaderValue)> {

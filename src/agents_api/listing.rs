@@ -268,14 +268,8 @@ async fn merged(l: &Listing, namespace: Option<&str>) -> Response {
 
 /// One row per agent, sorted by namespace and uid: of an agent's rows, the connected one wins,
 /// then the most recently seen, then the first given.
-fn winners(mut rows: Vec<Row>) -> Vec<Row> {
-    rows.sort_by(|a, b| {
-        (&a.namespace, a.uid)
-            .cmp(&(&b.namespace, b.uid))
-            .then((b.connected, b.last_seen).cmp(&(a.connected, a.last_seen)))
-    });
-    rows.dedup_by(|later, first| later.namespace == first.namespace && later.uid == first.uid);
-    rows
+fn winners(rows: Vec<Row>) -> Vec<Row> {
+    super::one_per_agent(rows, |r| ((r.namespace.clone(), r.uid), r.connected, r.last_seen))
 }
 
 /// What users see of one agent.
