@@ -18,9 +18,10 @@
 //!   (any change but `lastSeen`) and `DELETED` (forgotten after the offline retention) events;
 //!   at most [`MAX_WATCHES`] at once on a replica, each ending after `timeoutSeconds` (at most
 //!   [`MAX_WATCH`]). From `resourceVersion` unset or `0` (or `sendInitialEvents`) it starts with an
-//!   `ADDED` event per agent; from a list's `resourceVersion` it sends what changed from the first
-//!   comparison on (there is no history to replay: a change between the list and the watch's
-//!   start is not seen, as with an expired resource version).
+//!   `ADDED` event per agent; from a list's `resourceVersion` it starts with a `MODIFIED` event for
+//!   each agent that changed since (an agent's resource version is when it last changed), so a
+//!   change between the list and the watch is not missed. There is no history to replay: an
+//!   agent forgotten in between is not told `DELETED`.
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -302,8 +303,7 @@ fn negotiate(headers: &HeaderMap) -> Result<Format, Refusal> {
 }
 
 fn json_response(value: &impl Serialize) -> Response {
-    let body = serde_json::to_vec(value).expect("JSON serializes into memory");
-    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    formatted(Format::Object, value)
 }
 
 /// The media type an answer in `format` is (what kube-apiserver says of its own).
@@ -317,7 +317,7 @@ fn content_type(format: Format) -> &'static str {
 }
 
 /// `value` in `format`'s media type.
-fn formatted(format: Format, value: &Value) -> Response {
+fn formatted(format: Format, value: &impl Serialize) -> Response {
     let body = serde_json::to_vec(value).expect("JSON serializes into memory");
     ([(header::CONTENT_TYPE, content_type(format))], body).into_response()
 }

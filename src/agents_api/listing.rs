@@ -38,7 +38,6 @@ use tokio::sync::Semaphore;
 use crate::access::{KubeAccess, Request};
 use crate::fleet::{AgentKey, AgentView, Fleet};
 use crate::peers::Peers;
-use crate::proto::RemoteConfigStatuses;
 use crate::protocol::{Uid, attributes_json};
 
 /// Listings built at the same time; more wait their turn.
@@ -306,9 +305,7 @@ impl<'a> AgentRow<'a> {
             attributes: attributes_json(a.report.description.as_ref()),
             healthy: a.report.health.as_ref().map(|h| h.healthy),
             remote_config: status.map(|s| RemoteConfigRow {
-                status: RemoteConfigStatuses::try_from(s.status)
-                    .map(|x| x.as_str_name().trim_start_matches("RemoteConfigStatuses_"))
-                    .unwrap_or("UNKNOWN"),
+                status: super::object::remote_config_status_name(s.status),
                 hash: hex::encode(&s.last_remote_config_hash),
                 error: &s.error_message,
             }),

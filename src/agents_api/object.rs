@@ -218,11 +218,7 @@ impl Agent {
         let desired_hash = desired.map(|c| hex::encode(&c.config_hash));
         let reported_hash =
             reported.map(|s| hex::encode(&s.last_remote_config_hash)).filter(|h| !h.is_empty());
-        let reported_status = reported.map(|s| {
-            RemoteConfigStatuses::try_from(s.status)
-                .map(|x| x.as_str_name().trim_start_matches("RemoteConfigStatuses_").to_owned())
-                .unwrap_or_else(|_| "UNKNOWN".to_owned())
-        });
+        let reported_status = reported.map(|s| remote_config_status_name(s.status).to_owned());
         let status =
             config_status(desired_hash.as_deref(), reported_hash.as_deref(), reported_status.as_deref());
         let desired_files = desired
@@ -347,6 +343,14 @@ fn config_status(desired: Option<&str>, reported: Option<&str>, reported_status:
         (None, Some(_)) => reported_status.unwrap_or_default().to_owned(),
         (None, None) => String::new(),
     }
+}
+
+/// A `RemoteConfigStatus.status` as users read it: `APPLIED`, `APPLYING`, `FAILED`, `UNSET`
+/// (`UNKNOWN` for a value the protocol does not define).
+pub fn remote_config_status_name(status: i32) -> &'static str {
+    RemoteConfigStatuses::try_from(status)
+        .map(|x| x.as_str_name().trim_start_matches("RemoteConfigStatuses_"))
+        .unwrap_or("UNKNOWN")
 }
 
 fn value_string(v: Option<&AnyValue>) -> Option<String> {
