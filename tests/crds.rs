@@ -216,7 +216,10 @@ async fn crds_install_and_reject_invalid_objects() {
     let crd = crds.get("agentconfigs.opamp.dev").await.expect("the AgentConfig CRD");
     let columns: Vec<String> =
         crd.spec.versions[0].additional_printer_columns.iter().flatten().map(|c| c.name.clone()).collect();
-    assert_eq!(columns, ["Selected", "Applied", "Failed", "Unhealthy", "Ready", "Age"]);
+    assert_eq!(
+        columns,
+        ["Selected", "Applied", "Failed", "Unhealthy", "Rollout", "Revision", "Ready", "Age"]
+    );
 
     // kubectl resolves the category and the short names, and prints the columns.
     let info = cluster().await;
@@ -236,7 +239,7 @@ async fn crds_install_and_reject_invalid_objects() {
             let header: Vec<&str> = stdout.lines().next().unwrap_or_default().split_whitespace().collect();
             assert_eq!(
                 header,
-                ["NAME", "SELECTED", "APPLIED", "FAILED", "UNHEALTHY", "READY", "AGE"],
+                ["NAME", "SELECTED", "APPLIED", "FAILED", "UNHEALTHY", "ROLLOUT", "READY", "AGE"],
                 "\n{stdout}"
             );
         } else {

@@ -119,13 +119,21 @@ async fn apply_edit_fail_and_status() {
     assert_eq!(condition(&s3, "Degraded").0, "True");
     assert_eq!(condition(&s3, "Ready").0, "False");
     assert_eq!(s3.failures.len(), 3);
+    // Three of three failed: more than the failed gate's 20% (an Immediate rollout is gated too).
+    let s3 = status_where(&env, "checkout", "halted", |x| {
+        x.rollout.as_ref().is_some_and(|r| r.state == opamp_operator::api::RolloutState::Halted)
+    })
+    .await;
+    assert_eq!(condition(&s3, "Degraded").1, "RolloutHalted");
+    let gate = s3.rollout.as_ref().and_then(|r| r.tripped.clone()).expect("the tripped gate");
+    assert_eq!(gate.gate, "FailedRatio");
     assert!(s3.failures.iter().any(|f| f.instance_uid == go_uid.to_string() && f.message == "config rejected: contains FAIL_ME"));
     // Events tell the story.
     let events: kube::Api<KubeEvent> = env.ns.api();
     let reasons = eventually(T, "events", || async {
         let list = events.list(&Default::default()).await.ok()?;
         let r: Vec<String> = list.items.into_iter().filter_map(|e| e.reason).collect();
-        (r.iter().any(|x| x == "AgentsFailed") && r.iter().any(|x| x == "RolloutComplete")).then_some(r)
+        (r.iter().any(|x| x == "RolloutHalted") && r.iter().any(|x| x == "RolloutComplete")).then_some(r)
     })
     .await;
     assert!(reasons.iter().any(|x| x == "RolloutStarted"), "{reasons:?}");

@@ -22,6 +22,8 @@ use super::{AgentSelector, KeyRef};
     printcolumn = r#"{"name":"Applied","type":"integer","jsonPath":".status.appliedAgents"}"#,
     printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.failedAgents"}"#,
     printcolumn = r#"{"name":"Unhealthy","type":"integer","jsonPath":".status.unhealthyAgents"}"#,
+    printcolumn = r#"{"name":"Rollout","type":"string","jsonPath":".status.rollout.state"}"#,
+    printcolumn = r#"{"name":"Revision","type":"string","priority":1,"jsonPath":".status.currentRevision"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -40,7 +42,19 @@ pub struct AgentConfigSpec {
     /// How the files reach the selected agents.
     #[serde(default)]
     pub rollout: Rollout,
+    /// How many revisions (ControllerRevisions `<name>-<hash>`, one per distinct set of files)
+    /// are kept; the current, updating and last healthy ones are never removed. Default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub revision_history_limit: Option<u32>,
 }
+
+/// Revisions kept per AgentConfig when `revisionHistoryLimit` is not set.
+pub const REVISION_HISTORY_LIMIT_DEFAULT: u32 = 10;
+
+/// The annotation that retries a halted or rolled back rollout of the same spec: set it (or
+/// change its value) and the rollout starts over at its first step.
+pub const RETRY_ANNOTATION: &str = "opamp.dev/retry";
 
 /// One file of the remote config: exactly one of `inline`, `configMapKeyRef`, `secretKeyRef`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
@@ -89,11 +103,78 @@ pub struct Rollout {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub min_healthy_seconds: Option<u32>,
-    /// Progressive: more FAILED agents than this halt the rollout (condition Degraded) until
-    /// the spec changes.
+    /// More FAILED agents than this trip the failed gate; when set it replaces
+    /// `gates.maxFailedPercent` (a count instead of a share).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub max_failures: Option<u32>,
+    /// What a tripped gate does: `Halt` (no more agents are given this version; those that have
+    /// it keep it) or `Rollback` (those that took it are sent the files of
+    /// `status.lastHealthyRevision`; the spec is left as it is). Default `Halt`.
+    #[serde(default)]
+    pub on_failure: OnFailure,
+    /// The health gates, watched at every step and during the soak; see each for its default.
+    #[serde(default)]
+    pub gates: Gates,
+    /// How long the gates are still watched once the last step is done, before the rollout is
+    /// complete and its revision becomes the last healthy one. Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub soak_seconds: Option<u32>,
+}
+
+/// What a tripped gate does.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+pub enum OnFailure {
+    #[default]
+    Halt,
+    Rollback,
+}
+
+/// The gates of a rollout: shares (percent) of the agents given the new version that may go
+/// wrong before the rollout stops. A share above the limit trips the gate.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Gates {
+    /// Agents reporting FAILED, of those given the version. Default 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_failed_percent: Option<u8>,
+    /// Agents unhealthy, of the connected ones that applied the version. Default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_unhealthy_percent: Option<u8>,
+    /// Agents gone for 30 s or more, of those that applied the version. Default 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_disconnected_percent: Option<u8>,
+    /// Connected agents that still do not report the version applied (or failed)
+    /// `applyDeadlineSeconds` after their step began. Default 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 100))]
+    pub max_not_applied_percent: Option<u8>,
+    /// How long agents have to apply a version before they count as not applying it. Default 600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub apply_deadline_seconds: Option<u32>,
+}
+
+impl Gates {
+    pub fn failed_percent(&self) -> u8 {
+        self.max_failed_percent.unwrap_or(20)
+    }
+    pub fn unhealthy_percent(&self) -> u8 {
+        self.max_unhealthy_percent.unwrap_or(10)
+    }
+    pub fn disconnected_percent(&self) -> u8 {
+        self.max_disconnected_percent.unwrap_or(20)
+    }
+    pub fn not_applied_percent(&self) -> u8 {
+        self.max_not_applied_percent.unwrap_or(20)
+    }
+    pub fn apply_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.apply_deadline_seconds.unwrap_or(600)))
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
@@ -132,6 +213,24 @@ pub struct AgentConfigStatus {
     /// Selected agents, connected, whose last health report says they are not healthy.
     #[serde(default)]
     pub unhealthy_agents: u32,
+    /// Selected agents that lack a collector component these files use (by their
+    /// AvailableComponents): they are not sent the config, and are named in `failures`.
+    #[serde(default)]
+    pub incompatible_agents: u32,
+    /// Selected agents that report `updateRevision` applied.
+    #[serde(default)]
+    pub updated_agents: u32,
+    /// The revision most selected agents run (`updateRevision` once more than half of them
+    /// applied it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_revision: Option<String>,
+    /// The revision of the files the spec asks for now (ControllerRevision `<name>-<hash>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_revision: Option<String>,
+    /// The last revision whose rollout completed with every gate passing: what a rollback
+    /// sends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_healthy_revision: Option<String>,
     /// Progress of the rollout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutStatus>,
@@ -158,6 +257,25 @@ pub struct RolloutStatus {
     /// rollout advances; unset before the first step and for Immediate rollouts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admitted_up_to: Option<String>,
+    /// The gate that stopped this rollout (Halted or RolledBack).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tripped: Option<TrippedGate>,
+    /// RolledBack: the revision the agents that took this one were sent instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back_to: Option<String>,
+    /// The value of the `opamp.dev/retry` annotation this rollout started with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<String>,
+}
+
+/// A gate that tripped.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrippedGate {
+    /// `FailedRatio`, `UnhealthyRatio`, `DisconnectedRatio` or `NotAppliedRatio`.
+    pub gate: String,
+    /// What was seen, e.g. "3 of 10 agents failed (more than 20%)".
+    pub message: String,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
@@ -166,6 +284,8 @@ pub enum RolloutState {
     Progressing,
     Paused,
     Halted,
+    /// A gate tripped and the agents that took this version were sent the last healthy one.
+    RolledBack,
     Complete,
 }
 

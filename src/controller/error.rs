@@ -59,6 +59,9 @@ pub enum Error {
         #[source]
         source: Box<kube::Error>,
     },
+    /// A write of a revision (ControllerRevision) failed; it is tried again at a later pass.
+    #[error("revision {revision} not written: {reason}")]
+    Revision { revision: String, reason: String },
     /// A ConfigMap or Secret an AgentConfig or CapabilitySlot refers to, or its key, is missing.
     #[error("{kind} {name:?} {}", match .key { Some(key) => format!("has no key {key:?}"), None => "not found".into() })]
     Reference {
@@ -81,6 +84,7 @@ impl Error {
             Error::PatchTimeout { .. } => "timeout",
             Error::Event { .. } => "event",
             Error::Reference { .. } => "reference",
+            Error::Revision { .. } => "revision",
         }
     }
 
@@ -102,7 +106,11 @@ impl Error {
             Error::InvalidObject { object, .. }
             | Error::Patch { object, .. }
             | Error::PatchTimeout { object, .. } => Some(object),
-            Error::Watch { .. } | Error::Read { .. } | Error::Event { .. } | Error::Reference { .. } => None,
+            Error::Watch { .. }
+            | Error::Read { .. }
+            | Error::Event { .. }
+            | Error::Reference { .. }
+            | Error::Revision { .. } => None,
         }
     }
 
@@ -113,6 +121,7 @@ impl Error {
             Error::Patch { .. } | Error::PatchTimeout { .. } => "WriteStatus",
             Error::Event { .. } => "RecordEvent",
             Error::Reference { .. } => "Resolve",
+            Error::Revision { .. } => "WriteRevision",
         }
     }
 
@@ -234,6 +243,9 @@ fn count(metrics: &ControllerMetrics, error: &Error) {
             "invalid object ignored"
         ),
         Error::Reference { .. } => tracing::debug!(category, error = %error, "reference not found"),
+        Error::Revision { .. } => {
+            tracing::warn!(category, error = %error, "revision write failed (retrying)")
+        }
     }
 }
 

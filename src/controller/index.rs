@@ -9,12 +9,16 @@ use parking_lot::Mutex;
 
 use kube::ResourceExt;
 
+use k8s_openapi::api::apps::v1::ControllerRevision;
+
+use super::components::{self, Needed};
 use super::error::Error;
 use super::merge::{self, File, Source, display_hash};
 use super::refs::{Key, Kind, Refs};
+use super::revisions;
 use super::rollout::{parse_threshold, rollout_key};
-use crate::api::RolloutStrategy;
 use crate::api::{AgentConfig, CapabilitySlot, ConfigFile, KeyRef, RolloutState};
+use crate::api::{RETRY_ANNOTATION, RolloutStatus, RolloutStrategy};
 use crate::fleet::{DesiredState, Plan};
 use crate::proto::{AgentDescription, AgentRemoteConfig, CustomCapabilities};
 use crate::protocol::session::AgentReport;
@@ -32,6 +36,26 @@ pub struct ResolvedConfig {
     pub own_hash: Option<[u8; 32]>,
     /// Which agents may be given this version.
     pub admission: Admission,
+    /// The collector components the files use.
+    pub needed: Needed,
+    /// The revision of the files the spec asks for (`<name>-<hash>`).
+    pub update_revision: Option<String>,
+    /// The revision a rollback sends, by name, with its files or why they cannot be had:
+    /// `rollout.rolledBackTo` while rolled back, else `lastHealthyRevision` (unless that is
+    /// the update revision).
+    pub fallback: Option<(String, Result<Revision, String>)>,
+    /// Rolled back, with the fallback's files at hand: the agents the rollout admitted get them.
+    pub rolled_back: bool,
+    /// The rollout of this version is not over: the leader's tracker needs each agent's facts.
+    pub tracking: bool,
+}
+
+/// An earlier revision's files, resolved.
+#[derive(Debug)]
+pub struct Revision {
+    pub source: Source,
+    pub hash: [u8; 32],
+    pub needed: Needed,
 }
 
 /// Which agents a resource's current version may reach.
@@ -52,6 +76,28 @@ impl ResolvedConfig {
 
     pub fn is_progressive(&self) -> bool {
         self.object.spec.rollout.strategy == RolloutStrategy::Progressive
+    }
+
+    /// The files agents the rollout admitted get: the spec's, or the fallback's once rolled back.
+    pub fn effective(&self) -> Option<&Source> {
+        match &self.fallback {
+            Some((_, Ok(revision))) if self.rolled_back => Some(&revision.source),
+            _ => self.source.as_ref(),
+        }
+    }
+
+    /// The collector components an agent reporting `report` lacks for the files it would get
+    /// (`None`: none missing, or the agent reports no components).
+    pub fn missing(&self, report: &AgentReport) -> Option<Vec<String>> {
+        let needed = match &self.fallback {
+            Some((_, Ok(revision))) if self.rolled_back => &revision.needed,
+            _ => &self.needed,
+        };
+        if needed.is_empty() {
+            return None;
+        }
+        let available = report.available_components.as_ref()?;
+        components::missing(needed, available).filter(|m| !m.is_empty())
     }
 
     /// Whether `uid` may be given this resource's current version: always for Immediate
@@ -75,15 +121,18 @@ pub struct ResolvedSlots {
     pub conflicting: BTreeMap<String, String>,
 }
 
+/// The selecting configs, and whether at their update revisions.
+type MergedKey = (Vec<usize>, bool);
+
 /// Everything the controller knows of one namespace.
 #[derive(Debug, Default)]
 pub struct NamespaceIndex {
     /// Sorted by name.
     pub configs: Vec<ResolvedConfig>,
     pub slots: ResolvedSlots,
-    /// Merged remote configs by the set of contributing configs, shared by every agent with
-    /// the same selection.
-    merged: Mutex<HashMap<Vec<usize>, Arc<AgentRemoteConfig>>>,
+    /// Merged remote configs by the set of contributing configs (and whether of their update
+    /// revisions), shared by every agent with the same selection.
+    merged: Mutex<HashMap<MergedKey, Arc<AgentRemoteConfig>>>,
     capabilities: Mutex<HashMap<Vec<usize>, Arc<CustomCapabilities>>>,
 }
 
@@ -98,10 +147,11 @@ impl NamespaceIndex {
     pub fn resolve(
         mut configs: Vec<Arc<AgentConfig>>,
         mut slots: Vec<Arc<CapabilitySlot>>,
+        revisions: &[Arc<ControllerRevision>],
         refs: &Refs,
     ) -> Self {
         configs.sort_by_key(|c| c.name_any());
-        let configs = configs.into_iter().map(|object| resolve_config(object, refs)).collect();
+        let configs = configs.into_iter().map(|object| resolve_config(object, revisions, refs)).collect();
         slots.sort_by(|a, b| {
             a.metadata
                 .creation_timestamp
@@ -129,7 +179,8 @@ impl NamespaceIndex {
     pub fn same_plan(&self, other: &NamespaceIndex) -> bool {
         let config = |c: &ResolvedConfig| {
             let m = &c.object.metadata;
-            (m.uid.clone(), m.generation, c.own_hash, c.admission, c.source.is_some())
+            let fallback = c.rolled_back.then(|| c.effective().map(|s| merge::hash_files(s.files.iter())));
+            (m.uid.clone(), m.generation, c.own_hash, c.admission, c.source.is_some(), fallback, c.tracking)
         };
         let slot = |s: &Arc<CapabilitySlot>| (s.metadata.uid.clone(), s.metadata.generation);
         self.configs.iter().map(config).eq(other.configs.iter().map(config))
@@ -144,31 +195,46 @@ impl NamespaceIndex {
             .collect()
     }
 
-    /// The desired state with every selecting resource at its current version. `has_remote_config`
-    /// says whether the agent runs a remote config now (then an agent no longer selected is sent
-    /// the empty config, releasing it).
+    /// The desired state with every selecting resource at its current version (its effective
+    /// files: the spec's, or a rollback's). `has_remote_config` says whether the agent runs a
+    /// remote config now (then an agent no longer selected is sent the empty config, releasing
+    /// it).
     pub fn desired_ungated(
         &self,
         selected: Vec<usize>,
         desc: Option<&AgentDescription>,
         has_remote_config: bool,
     ) -> DesiredState {
-        let remote_config = if selected.is_empty() {
-            has_remote_config.then(empty_config)
-        } else {
-            let mut cache = self.merged.lock();
-            Some(
-                cache
-                    .entry(selected.clone())
-                    .or_insert_with(|| {
-                        let sources: Vec<&Source> =
-                            selected.iter().filter_map(|&i| self.configs[i].source.as_ref()).collect();
-                        Arc::new(merge::remote_config(&merge::merge(&sources)))
-                    })
-                    .clone(),
-            )
-        };
+        let remote_config = self.merged(selected, has_remote_config, false);
         DesiredState { remote_config, custom_capabilities: self.custom_capabilities(desc) }
+    }
+
+    /// The hash of the config an agent gets with every selecting resource at the files its spec
+    /// asks for (its update revision, rolled back or not).
+    pub fn update_hash(&self, selected: Vec<usize>, has_remote_config: bool) -> Option<bytes::Bytes> {
+        self.merged(selected, has_remote_config, true).map(|c| c.config_hash.clone())
+    }
+
+    fn merged(
+        &self,
+        selected: Vec<usize>,
+        has_remote_config: bool,
+        update: bool,
+    ) -> Option<Arc<AgentRemoteConfig>> {
+        if selected.is_empty() {
+            return has_remote_config.then(empty_config);
+        }
+        let mut cache = self.merged.lock();
+        let merged = cache.entry((selected, update)).or_insert_with_key(|(selected, update)| {
+            let sources: Vec<&Source> = selected
+                .iter()
+                .filter_map(|&i| {
+                    if *update { self.configs[i].source.as_ref() } else { self.configs[i].effective() }
+                })
+                .collect();
+            Arc::new(merge::remote_config(&merge::merge(&sources)))
+        });
+        Some(merged.clone())
     }
 
     fn custom_capabilities(&self, desc: Option<&AgentDescription>) -> Option<Arc<CustomCapabilities>> {
@@ -218,11 +284,13 @@ impl Plan for NamespaceIndex {
         let desc = report.description.as_ref();
         let selected = self.selecting(desc);
         let admitted = selected.iter().all(|&i| self.configs[i].admits(uid));
+        // An agent lacking a component the files use is not sent them.
+        let compatible = selected.iter().all(|&i| self.configs[i].missing(report).is_none());
         let ungated = self.desired_ungated(selected, desc, report.has_remote_config());
         // An agent that already runs this version (e.g. given it before a restart) keeps it.
         let reported = report.remote_config_status.as_ref().map(|s| &s.last_remote_config_hash);
         let runs = ungated.remote_config.as_ref().is_some_and(|c| Some(&c.config_hash) == reported);
-        if admitted || runs {
+        if (admitted && compatible) || runs {
             return ungated;
         }
         DesiredState { remote_config: current.remote_config.clone(), ..ungated }
@@ -263,7 +331,11 @@ pub fn slot_route(slot: &CapabilitySlot, refs: &Refs) -> crate::routes::SlotRout
     }
 }
 
-fn resolve_config(object: Arc<AgentConfig>, refs: &Refs) -> ResolvedConfig {
+fn resolve_config(
+    object: Arc<AgentConfig>,
+    revisions: &[Arc<ControllerRevision>],
+    refs: &Refs,
+) -> ResolvedConfig {
     let ns = object.namespace().unwrap_or_default();
     let mut files = BTreeMap::new();
     let mut missing = Vec::new();
@@ -282,20 +354,80 @@ fn resolve_config(object: Arc<AgentConfig>, refs: &Refs) -> ResolvedConfig {
         priority: object.spec.priority,
         files: Arc::new(files),
     });
-    let admission = admission(&object, own_hash.as_ref());
-    ResolvedConfig { object, source, missing, own_hash, admission }
+    let needed = source.as_ref().map_or_else(Needed::default, |s| needed_by(&s.files));
+    let rollout = current_rollout(&object, own_hash.as_ref());
+    let admission = admission(&object, rollout);
+    let update_revision = own_hash.map(|h| revisions::name(&object.name_any(), &h));
+    let state = rollout.map(|r| r.state);
+    let status = object.status.as_ref();
+    let fallback_name = match rollout {
+        Some(r) if r.state == RolloutState::RolledBack => r.rolled_back_to.clone(),
+        _ => status
+            .and_then(|s| s.last_healthy_revision.clone())
+            .filter(|n| Some(n) != update_revision.as_ref()),
+    };
+    let fallback = fallback_name.map(|name| {
+        let revision = revisions::find(revisions, &object, &name)
+            .ok_or_else(|| format!("revision {name} not found"))
+            .and_then(|r| revisions::files(r, &ns, refs))
+            .map(|files| Revision {
+                hash: merge::hash_files(files.iter()),
+                needed: needed_by(&files),
+                source: Source {
+                    key: format!("{ns}/{}", object.name_any()),
+                    priority: object.spec.priority,
+                    files: Arc::new(files),
+                },
+            });
+        (name, revision)
+    });
+    let rolled_back = state == Some(RolloutState::RolledBack)
+        && source.is_some()
+        && fallback.as_ref().is_some_and(|(_, r)| r.is_ok());
+    let same_spec = status.is_some_and(|s| s.observed_generation == object.metadata.generation);
+    let ended = match state {
+        Some(RolloutState::Complete) => true,
+        Some(RolloutState::Halted | RolloutState::RolledBack) => same_spec,
+        _ => false,
+    };
+    ResolvedConfig {
+        object,
+        source,
+        missing,
+        own_hash,
+        admission,
+        needed,
+        update_revision,
+        fallback,
+        rolled_back,
+        tracking: !ended,
+    }
+}
+
+fn needed_by(files: &BTreeMap<String, File>) -> Needed {
+    components::needed(files.iter().map(|(n, f)| (n.as_str(), f.content_type.as_str(), &f.body[..])))
+}
+
+/// The rollout in an AgentConfig's status, when it is of the current files and retry.
+pub fn current_rollout<'a>(
+    object: &'a AgentConfig,
+    own_hash: Option<&[u8; 32]>,
+) -> Option<&'a RolloutStatus> {
+    let status = object.status.as_ref()?;
+    let hash = own_hash.map(|h| display_hash(h));
+    if status.config_hash.is_none() || status.config_hash != hash {
+        return None;
+    }
+    let retry = object.annotations().get(RETRY_ANNOTATION);
+    status.rollout.as_ref().filter(|r| r.retry.as_ref() == retry)
 }
 
 /// What the rollout progress in an AgentConfig's status admits of its current version.
-fn admission(object: &AgentConfig, own_hash: Option<&[u8; 32]>) -> Admission {
+fn admission(object: &AgentConfig, rollout: Option<&RolloutStatus>) -> Admission {
     if object.spec.rollout.strategy != RolloutStrategy::Progressive {
         return Admission::All;
     }
-    let status = object.status.as_ref();
-    let Some(rollout) = status
-        .filter(|s| own_hash.is_some_and(|h| s.config_hash.as_deref() == Some(display_hash(h).as_str())))
-        .and_then(|s| s.rollout.as_ref())
-    else {
+    let Some(rollout) = rollout else {
         return Admission::Nobody;
     };
     match rollout.admitted_up_to.as_deref().and_then(parse_threshold) {
@@ -351,7 +483,7 @@ spec:
     }
 
     fn plan(config: Arc<AgentConfig>) -> NamespaceIndex {
-        NamespaceIndex::resolve(vec![config], vec![], &Refs::new().0)
+        NamespaceIndex::resolve(vec![config], vec![], &[], &Refs::new().0)
     }
 
     fn hello(uid: Uid) -> AgentToServer {
@@ -391,12 +523,12 @@ spec:
                 applied: false,
                 failed: false,
                 healthy: true,
-                has_version: false,
+                ..Default::default()
             })
             .collect();
-        let mut tracker = Tracker::new(hash, Some(1));
+        let mut tracker = Tracker::new(hash, Some(1), None);
         let rollout = &config.object.spec.rollout;
-        assert!(tracker.advance(rollout, &facts, tokio::time::Instant::now()));
+        assert!(tracker.advance(rollout, &facts, tokio::time::Instant::now(), Err("none")));
         let status = AgentConfigStatus {
             observed_generation: Some(1),
             config_hash: Some(display_hash(&hash)),
@@ -436,6 +568,7 @@ spec:
                     step: 1,
                     state: RolloutState::Progressing,
                     admitted_up_to: up_to.map(str::to_owned),
+                    ..Default::default()
                 }),
                 ..Default::default()
             })))

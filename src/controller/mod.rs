@@ -17,6 +17,7 @@
 //!   what changed for the [`writer`], which patches it with a deadline. A slow API server
 //!   delays status, never configs.
 pub mod auth;
+pub mod components;
 pub mod error;
 pub mod index;
 pub mod leader;
@@ -24,6 +25,7 @@ pub mod merge;
 mod metrics;
 pub mod peer;
 pub mod refs;
+pub mod revisions;
 pub mod rollout;
 pub mod status;
 pub mod watch;
@@ -35,6 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use k8s_openapi::api::apps::v1::ControllerRevision;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::core::{DeserializeGuard, PartialObjectMeta};
@@ -54,7 +57,7 @@ use self::rollout::{AgentFacts, Tracker};
 use self::status::NamespaceStatus;
 use self::watch::Cache;
 use self::writer::{ObjectKey, Status, StatusQueue, StatusWrite, Transition};
-use crate::api::{AGENT_TOKEN_SECRET_TYPE, AgentConfig, AgentConfigStatus, CapabilitySlot};
+use crate::api::{AGENT_TOKEN_SECRET_TYPE, AgentConfig, AgentConfigStatus, CapabilitySlot, RETRY_ANNOTATION};
 use crate::fleet::{Fleet, Plan};
 use crate::peers::Peers;
 use crate::protocol::Uid;
@@ -99,6 +102,8 @@ struct Stores {
     secrets: Cache<PartialObjectMeta<Secret>>,
     /// The Secrets of type `opamp.dev/agent-token`, in full.
     tokens: Cache<Secret>,
+    /// Our ControllerRevisions (see [`revisions`]).
+    revisions: Cache<ControllerRevision>,
     refs: Arc<Refs>,
 }
 
@@ -154,6 +159,8 @@ pub struct Controller {
     leader: tokio::sync::watch::Receiver<bool>,
     /// This replica led at the last tick (the gathering of the others' counts is its own).
     leading: bool,
+    /// The revisions as watched, and the leader's writes of them (set by `run`).
+    revisions: Option<(Cache<ControllerRevision>, revisions::Writer)>,
 }
 
 /// The namespaces an operator manages (all by default).
@@ -206,6 +213,7 @@ impl Controller {
             scope,
             leader: tokio::sync::watch::channel(true).1,
             leading: false,
+            revisions: None,
         }
     }
 
@@ -241,8 +249,11 @@ impl Controller {
         let (config_maps, w3) = Cache::new(&self.scope);
         let (secrets, w4) = Cache::new(&self.scope);
         let (tokens, w5) = Cache::new(&self.scope);
+        let (revisions, w6) = Cache::new(&self.scope);
         let (refs, reads) = Refs::new();
-        let stores = Stores { agent_configs, slots, config_maps, secrets, tokens, refs };
+        let stores = Stores { agent_configs, slots, config_maps, secrets, tokens, revisions, refs };
+        let writer = revisions::Writer::start(self.client.clone(), self.errors.clone());
+        self.revisions = Some((stores.revisions.clone(), writer));
         let watches = watch::Context {
             client: self.client.clone(),
             dirty: self.dirty.clone(),
@@ -272,6 +283,14 @@ impl Controller {
         let tokens = watcher::Config::default().fields(&format!("type={AGENT_TOKEN_SECRET_TYPE}"));
         let options = watch::Options { config: tokens, hook: Some(on_token), replans: false };
         watches.spawn::<Secret>(&mut tasks, w5, options);
+        // Our revisions (a rollback plans from them).
+        let (label, value) = revisions::MANAGED_BY;
+        let ours = watcher::Config::default().labels(&format!("{label}={value}"));
+        watches.spawn::<ControllerRevision>(
+            &mut tasks,
+            w6,
+            watch::Options { config: ours, ..Default::default() },
+        );
         // Targeted reads of the referenced objects.
         let (client, dirty, errors) = (self.client.clone(), self.dirty.clone(), self.errors.clone());
         let (all, metrics) = (stores.clone(), self.metrics.clone());
@@ -294,7 +313,8 @@ impl Controller {
                 stores.slots.wait_until_ready(),
                 stores.config_maps.wait_until_ready(),
                 stores.secrets.wait_until_ready(),
-                stores.tokens.wait_until_ready()
+                stores.tokens.wait_until_ready(),
+                stores.revisions.wait_until_ready()
             );
         };
         tokio::select! {
@@ -462,7 +482,9 @@ impl Controller {
             if !stores.refs.want(&ns, wanted, |k| stores.version(k)) {
                 continue;
             }
-            let idx = Arc::new(NamespaceIndex::resolve(configs, slots, &stores.refs));
+            let revisions: Vec<_> =
+                stores.revisions.state().into_iter().filter(|o| in_ns(&o.namespace())).collect();
+            let idx = Arc::new(NamespaceIndex::resolve(configs, slots, &revisions, &stores.refs));
             let slot_routes = idx
                 .slots
                 .slots
@@ -516,6 +538,7 @@ impl Controller {
             }
             let since = self.failure_since.entry(ns.clone()).or_default();
             let config_statuses = st.agent_configs(&now, since, &self.rollouts);
+            self.write_revisions(ns, idx, &config_statuses);
             let slot_statuses = st.capability_slots(&now, &self.routes);
             for (config, status) in idx.configs.iter().zip(config_statuses) {
                 let cached = config.object.status.clone().map(Status::Config);
@@ -529,8 +552,8 @@ impl Controller {
         self.status_dirty.extend(active);
     }
 
-    /// Moves each progressive rollout of a namespace forward (the leader's decision; the
-    /// status written carries it to every replica's plan); true while one is in progress.
+    /// Moves each rollout of a namespace forward (the leader's decision; the status written
+    /// carries it to every replica's plan); true while one is in progress.
     fn advance_rollouts(
         &mut self,
         ns: &str,
@@ -540,28 +563,57 @@ impl Controller {
         let now = tokio::time::Instant::now();
         let mut present = HashSet::new();
         for (i, config) in idx.configs.iter().enumerate() {
-            let (Some(source), Some(hash), true) = (&config.source, config.own_hash, config.is_progressive())
-            else {
-                continue;
-            };
+            let (Some(source), Some(hash)) = (&config.source, config.own_hash) else { continue };
             present.insert(source.key.as_str());
             let generation = config.object.metadata.generation;
+            let retry = config.object.annotations().get(RETRY_ANNOTATION).cloned();
             let status = config.object.status.as_ref();
-            let tracker = self
-                .rollouts
-                .entry(source.key.clone())
-                .or_insert_with(|| Tracker::resume(hash, &display_hash(&hash), generation, status));
-            if tracker.hash != hash {
-                *tracker = Tracker::new(hash, generation); // a new version starts over
-            } else if tracker.generation != generation {
-                tracker.generation = generation; // a spec change resumes a halted rollout
-                tracker.halted = false;
+            let tracker = self.rollouts.entry(source.key.clone()).or_insert_with(|| {
+                Tracker::resume(hash, &display_hash(&hash), generation, retry.clone(), status)
+            });
+            // A new version, a retry, or a spec change after a halt or rollback starts over.
+            if tracker.hash != hash
+                || tracker.retry != retry
+                || (tracker.stopped() && tracker.generation != generation)
+            {
+                *tracker = Tracker::new(hash, generation, retry);
             }
-            tracker.advance(&config.object.spec.rollout, facts.get(&i).map_or(&[], |f| f.as_slice()), now);
+            tracker.generation = generation;
+            let rollback_to = match &config.fallback {
+                Some((name, Ok(_))) => Ok(name.as_str()),
+                Some((_, Err(why))) => Err(why.as_str()),
+                None => Err("no healthy revision to roll back to"),
+            };
+            let agents = facts.get(&i).map_or(&[][..], |f| f.as_slice());
+            tracker.advance(&config.object.spec.rollout, agents, now, rollback_to);
         }
         let prefix = format!("{ns}/");
         self.rollouts.retain(|key, _| !key.starts_with(&prefix) || present.contains(key.as_str()));
-        present.iter().any(|key| self.rollouts.get(*key).is_some_and(|t| !t.complete && !t.halted))
+        present.iter().any(|key| self.rollouts.get(*key).is_some_and(|t| t.end.is_none()))
+    }
+
+    /// Brings the revisions of a namespace's AgentConfigs to what their statuses say (leader
+    /// only; see [`revisions`]).
+    fn write_revisions(&mut self, ns: &str, idx: &NamespaceIndex, statuses: &[AgentConfigStatus]) {
+        let Some((cache, writer)) = self.revisions.as_mut() else { return };
+        let in_ns: Vec<Arc<ControllerRevision>> =
+            cache.state().into_iter().filter(|r| r.metadata.namespace.as_deref() == Some(ns)).collect();
+        for (config, status) in idx.configs.iter().zip(statuses) {
+            let (Some(source), Some(hash), Some(update)) =
+                (&config.source, config.own_hash, &config.update_revision)
+            else {
+                continue;
+            };
+            let rolled_back_to = status.rollout.as_ref().and_then(|r| r.rolled_back_to.clone());
+            let keep =
+                [status.current_revision.clone(), status.last_healthy_revision.clone(), rolled_back_to];
+            let wanted = revisions::Wanted {
+                config: &config.object,
+                update: (update.clone(), hash, &source.files),
+                keep: keep.into_iter().flatten().collect(),
+            };
+            writer.reconcile(&wanted, &in_ns);
+        }
     }
 
     /// Queues an object's status when it differs from what the object has and from what is
@@ -672,6 +724,9 @@ fn transitions(old: &[Condition], new: &[Condition]) -> Vec<Transition> {
         }
         let event = match (c.type_.as_str(), c.status.as_str(), c.reason.as_str()) {
             ("Ready", _, "ReferenceNotFound") => Some((EventType::Warning, "ReferenceNotFound")),
+            ("Degraded", "True", "RolledBack") => Some((EventType::Warning, "RolledBack")),
+            ("Degraded", "True", "RolloutHalted") => Some((EventType::Warning, "RolloutHalted")),
+            ("Degraded", "True", "ComponentsMissing") => Some((EventType::Warning, "ComponentsMissing")),
             ("Degraded", "True", _) => Some((EventType::Warning, "AgentsFailed")),
             ("Conflict", "True", _) => Some((EventType::Warning, "Conflict")),
             _ => None,

@@ -105,10 +105,14 @@ pub struct ConfigPart {
     pub failed: u32,
     pub pending: u32,
     pub unhealthy: u32,
+    #[serde(default)]
+    pub incompatible: u32,
+    #[serde(default)]
+    pub updated: u32,
     /// At most [`MAX_FAILURES`] (the lowest uids).
     #[serde(default)]
     pub failures: Vec<FailurePart>,
-    /// Rollout facts of each selected agent (Progressive rollouts not complete).
+    /// Rollout facts of each selected agent (rollouts not over).
     #[serde(default)]
     pub facts: Vec<Fact>,
 }
@@ -123,7 +127,7 @@ pub struct FailurePart {
 }
 
 /// [`AgentFacts`] on the wire: the rollout key and flags (1 applied, 2 failed, 4 healthy,
-/// 8 has the version).
+/// 8 has the version, 16 disconnected).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Fact(pub u64, pub u8);
 
@@ -132,7 +136,8 @@ impl From<&AgentFacts> for Fact {
         let flags = u8::from(f.applied)
             | u8::from(f.failed) << 1
             | u8::from(f.healthy) << 2
-            | u8::from(f.has_version) << 3;
+            | u8::from(f.has_version) << 3
+            | u8::from(f.disconnected) << 4;
         Fact(f.key, flags)
     }
 }
@@ -145,6 +150,7 @@ impl From<Fact> for AgentFacts {
             failed: flags & 2 != 0,
             healthy: flags & 4 != 0,
             has_version: flags & 8 != 0,
+            disconnected: flags & 16 != 0,
         }
     }
 }
@@ -206,7 +212,10 @@ pub fn fingerprint(idx: &NamespaceIndex) -> u64 {
             }
             Admission::Nobody => h.update([3]),
         }
-        h.update([u8::from(c.source.is_some())]);
+        h.update([u8::from(c.source.is_some()), u8::from(c.tracking), u8::from(c.rolled_back)]);
+        if let Some(source) = c.effective().filter(|_| c.rolled_back) {
+            h.update(super::merge::hash_files(source.files.iter()));
+        }
     }
     h.update([0xff]);
     for s in &idx.slots.slots {
@@ -248,9 +257,9 @@ impl NamespaceStatus<'_> {
                 let mut failures: Vec<&(Uid, String, Bytes)> = c.failures.iter().collect();
                 failures.sort_by_key(|f| f.0);
                 failures.truncate(MAX_FAILURES);
-                let facts = match config.admission {
-                    Admission::All => Vec::new(), // complete: the tracker needs no facts
-                    _ => self.facts.get(&i).map_or_else(Vec::new, |f| f.iter().map(Fact::from).collect()),
+                let facts = match config.tracking {
+                    false => Vec::new(), // over: the tracker needs no facts
+                    true => self.facts.get(&i).map_or_else(Vec::new, |f| f.iter().map(Fact::from).collect()),
                 };
                 let part = ConfigPart {
                     selected: c.selected,
@@ -259,6 +268,8 @@ impl NamespaceStatus<'_> {
                     failed: c.failed,
                     pending: c.pending,
                     unhealthy: c.unhealthy,
+                    incompatible: c.incompatible,
+                    updated: c.updated,
                     failures: failures
                         .into_iter()
                         .map(|(uid, message, hash)| FailurePart {
@@ -309,6 +320,8 @@ impl NamespaceStatus<'_> {
             c.failed = c.failed.saturating_add(part.failed);
             c.pending = c.pending.saturating_add(part.pending);
             c.unhealthy = c.unhealthy.saturating_add(part.unhealthy);
+            c.incompatible = c.incompatible.saturating_add(part.incompatible);
+            c.updated = c.updated.saturating_add(part.updated);
             for f in part.failures.iter().take(MAX_FAILURES) {
                 let uid = hex::decode(&f.uid).ok().and_then(|b| Uid::from_wire(&b));
                 let (Some(uid), Ok(hash)) = (uid, hex::decode(&f.hash)) else { continue };
@@ -742,7 +755,7 @@ spec:
         let refs = Refs::new().0;
         let resolve = |configs: &[AgentConfig]| {
             let configs = configs.iter().cloned().map(Arc::new).collect();
-            NamespaceIndex::resolve(configs, vec![Arc::new(slot.clone())], &refs)
+            NamespaceIndex::resolve(configs, vec![Arc::new(slot.clone())], &[], &refs)
         };
         let hash = resolve(&configs).configs[2].own_hash.unwrap();
         configs[2].status = Some(crate::api::AgentConfigStatus {
@@ -752,6 +765,7 @@ spec:
                 step: 1,
                 state: crate::api::RolloutState::Progressing,
                 admitted_up_to: Some("7fffffffffffffff".into()),
+                ..Default::default()
             }),
             ..Default::default()
         });
@@ -868,23 +882,24 @@ spec:
         assert_eq!(sorted_facts(&leader), sorted_facts(&whole));
         let config = &idx.configs[2];
         let (mut t1, mut t2) = (
-            Tracker::new(config.own_hash.unwrap(), Some(1)),
-            Tracker::new(config.own_hash.unwrap(), Some(1)),
+            Tracker::new(config.own_hash.unwrap(), Some(1), None),
+            Tracker::new(config.own_hash.unwrap(), Some(1), None),
         );
         let now = Instant::now();
         let mut rollout = config.object.spec.rollout.clone();
         rollout.steps = vec![90]; // more than the agents that run the version already
-        assert!(t1.advance(&rollout, &whole.facts[&2], now));
-        t2.advance(&rollout, &leader.facts[&2], now);
+        rollout.max_failures = Some(0);
+        assert!(t1.advance(&rollout, &whole.facts[&2], now, Err("none")));
+        t2.advance(&rollout, &leader.facts[&2], now, Err("none"));
         assert_eq!(t1, t2);
-        assert!(t1.halted, "failed agents of both replicas are more than maxFailures (0)");
+        assert!(t1.stopped(), "failed agents of both replicas are more than maxFailures (0)");
         rollout.max_failures = Some(24);
         let (mut t1, mut t2) = (
-            Tracker::new(config.own_hash.unwrap(), Some(1)),
-            Tracker::new(config.own_hash.unwrap(), Some(1)),
+            Tracker::new(config.own_hash.unwrap(), Some(1), None),
+            Tracker::new(config.own_hash.unwrap(), Some(1), None),
         );
-        assert!(t1.advance(&rollout, &whole.facts[&2], now));
-        t2.advance(&rollout, &leader.facts[&2], now);
+        assert!(t1.advance(&rollout, &whole.facts[&2], now, Err("none")));
+        t2.advance(&rollout, &leader.facts[&2], now, Err("none"));
         assert_eq!(t1, t2);
         assert!(t1.admitted_up_to.is_some(), "the first step admitted agents");
     }

@@ -8,7 +8,7 @@ use kube::ResourceExt;
 
 use super::index::NamespaceIndex;
 use super::merge::display_hash;
-use super::rollout::{AgentFacts, Tracker, rollout_key};
+use super::rollout::{AgentFacts, DISCONNECTED_GRACE, Tracker, rollout_key};
 use crate::api::conditions::{self, CONFLICT, DEGRADED, Desired, PROGRESSING, READY};
 use crate::api::{AgentConfigStatus, AgentFailure, CapabilitySlotStatus, RolloutState, RolloutStatus};
 use crate::fleet::AgentView;
@@ -25,6 +25,8 @@ pub(super) struct Counts {
     pub(super) failed: u32,
     pub(super) pending: u32,
     pub(super) unhealthy: u32,
+    pub(super) incompatible: u32,
+    pub(super) updated: u32,
     pub(super) failures: Vec<(Uid, String, Bytes)>,
 }
 
@@ -55,44 +57,54 @@ impl<'a> NamespaceStatus<'a> {
         let desc = agent.report.description.as_ref();
         let desired_hash = agent.desired.remote_config.as_ref().map(|c| &c.config_hash);
         let reported = agent.report.remote_config_status.as_ref();
+        let reported_hash = reported.map(|r| &r.last_remote_config_hash);
         let mut selecting = Vec::new();
-        let ungated_hash = || {
-            let selected = self.index.selecting(desc);
-            self.index
-                .desired_ungated(selected, desc, agent.report.has_remote_config())
-                .remote_config
-                .map(|c| c.config_hash.clone())
-        };
+        let mut update_hash = None;
+        let gone = !agent.connected
+            && std::time::SystemTime::now().duration_since(agent.last_seen).unwrap_or_default()
+                >= DISCONNECTED_GRACE;
         for (i, config) in self.index.configs.iter().enumerate() {
             if !config.selects(desc) {
                 continue;
-            }
-            if config.is_progressive() && config.source.is_some() && agent.connected {
-                let on = |s: RemoteConfigStatuses| {
-                    reported.is_some_and(|r| {
-                        Some(&r.last_remote_config_hash) == desired_hash && r.status == s as i32
-                    })
-                };
-                let has_version =
-                    reported.is_some_and(|r| Some(&r.last_remote_config_hash) == ungated_hash().as_ref());
-                let healthy = agent.report.health.as_ref().is_none_or(|h| h.healthy);
-                let key = config.source.as_ref().map_or(0, |s| rollout_key(&s.key, &uid));
-                let facts = AgentFacts {
-                    key,
-                    applied: on(RemoteConfigStatuses::Applied),
-                    failed: on(RemoteConfigStatuses::Failed),
-                    healthy,
-                    has_version,
-                };
-                self.facts.entry(i).or_default().push(facts);
             }
             let c = &mut self.configs[i];
             c.selected += 1;
             if agent.connected && agent.report.health.as_ref().is_some_and(|h| !h.healthy) {
                 c.unhealthy += 1;
             }
-            let gated = !config.admits(&uid);
-            if config.source.is_none() || !agent.connected || desired_hash.is_none() || gated {
+            let Some(source) = config.source.as_ref() else {
+                c.pending += 1;
+                continue;
+            };
+            // The config of every selecting resource at its update revision: what an agent runs
+            // once this version reached it.
+            let update = update_hash.get_or_insert_with(|| {
+                self.index.update_hash(self.index.selecting(desc), agent.report.has_remote_config())
+            });
+            let has_version = reported_hash.is_some() && reported_hash == update.as_ref();
+            let on = |hash: Option<&Bytes>, s: RemoteConfigStatuses| {
+                reported.is_some_and(|r| hash == Some(&r.last_remote_config_hash) && r.status == s as i32)
+            };
+            if on(update.as_ref(), RemoteConfigStatuses::Applied) {
+                c.updated += 1;
+            }
+            if let Some(missing) = config.missing(agent.report) {
+                c.incompatible += 1;
+                let hash = Bytes::copy_from_slice(&config.own_hash.unwrap_or_default());
+                c.failures.push((uid, format!("missing components: {}", missing.join(", ")), hash));
+                continue;
+            }
+            if config.tracking {
+                self.facts.entry(i).or_default().push(AgentFacts {
+                    key: rollout_key(&source.key, &uid),
+                    applied: on(desired_hash, RemoteConfigStatuses::Applied),
+                    failed: on(desired_hash, RemoteConfigStatuses::Failed),
+                    healthy: agent.report.health.as_ref().is_none_or(|h| h.healthy),
+                    has_version,
+                    disconnected: gone,
+                });
+            }
+            if !agent.connected || desired_hash.is_none() || !config.admits(&uid) {
                 c.pending += 1;
                 continue;
             }
@@ -156,21 +168,32 @@ impl<'a> NamespaceStatus<'a> {
                 let tracker = config
                     .source
                     .as_ref()
-                    .filter(|_| config.is_progressive())
                     .and_then(|s| rollouts.get(&s.key))
                     .filter(|t| Some(t.hash) == config.own_hash);
                 let settled = c.pending == 0 && c.applying == 0;
                 let rollout = match tracker {
-                    Some(t) if t.halted => t.status(RolloutState::Halted),
-                    Some(t) if !(t.complete && settled) => t.status(RolloutState::Progressing),
+                    Some(t) if t.stopped() => t.status(t.state()),
+                    Some(t) if !(t.complete() && settled) => t.status(RolloutState::Progressing),
                     Some(t) => t.status(RolloutState::Complete),
-                    None if settled && !config.is_progressive() => {
-                        RolloutStatus { step: 1, state: RolloutState::Complete, admitted_up_to: None }
-                    }
-                    None => RolloutStatus { step: 1, state: RolloutState::Progressing, admitted_up_to: None },
+                    None => RolloutStatus {
+                        step: 1,
+                        state: if settled { RolloutState::Complete } else { RolloutState::Progressing },
+                        ..Default::default()
+                    },
                 };
-                let state = rollout.state;
-                let desired = config_conditions(config.missing.as_slice(), c, lost, state);
+                let update = config.update_revision.clone();
+                let last_healthy = match rollout.state {
+                    RolloutState::Complete => update.clone(),
+                    _ => current.last_healthy_revision.clone(),
+                };
+                let current_revision = if c.selected == 0 || c.updated * 2 > c.selected {
+                    update.clone()
+                } else if let Some(to) = &rollout.rolled_back_to {
+                    Some(to.clone())
+                } else {
+                    current.current_revision.clone().or_else(|| last_healthy.clone())
+                };
+                let desired = config_conditions(config.missing.as_slice(), c, lost, &rollout);
                 let generation = config.object.metadata.generation;
                 AgentConfigStatus {
                     observed_generation: generation,
@@ -181,6 +204,11 @@ impl<'a> NamespaceStatus<'a> {
                     failed_agents: c.failed,
                     pending_agents: c.pending,
                     unhealthy_agents: c.unhealthy,
+                    incompatible_agents: c.incompatible,
+                    updated_agents: c.updated,
+                    current_revision: config.source.as_ref().and(current_revision),
+                    update_revision: update,
+                    last_healthy_revision: last_healthy,
                     rollout: config.source.as_ref().map(|_| rollout),
                     failures,
                     conditions: conditions::merge(&current.conditions, desired, generation, now),
@@ -266,9 +294,32 @@ fn config_conditions(
     missing: &[String],
     c: &Counts,
     lost: Option<&BTreeMap<String, String>>,
-    state: RolloutState,
+    rollout: &RolloutStatus,
 ) -> Vec<Desired> {
+    let state = rollout.state;
     let progress = format!("{}/{} agents applied", c.applied, c.selected);
+    let gate = rollout.tripped.as_ref().map(|g| format!("gate {} tripped {}", g.gate, g.message));
+    let gate = gate.unwrap_or_else(|| "a gate tripped".to_owned());
+    // The lowest uid: the same whichever replicas the agents are connected to.
+    let first = |pick: &dyn Fn(&str) -> bool| {
+        c.failures
+            .iter()
+            .filter(|f| pick(&f.1))
+            .min_by_key(|f| f.0)
+            .map(|(u, m, _)| format!(": {u}: {m}"))
+            .unwrap_or_default()
+    };
+    let stopped = |reason: &'static str, msg: String| {
+        vec![
+            Desired::new(READY, false, reason, msg.clone()),
+            Desired::new(PROGRESSING, false, reason, msg.clone()),
+            Desired::new(DEGRADED, true, reason, msg),
+        ]
+    };
+    let progressing = || match state {
+        RolloutState::Progressing => Desired::new(PROGRESSING, true, "RolloutInProgress", progress.clone()),
+        _ => Desired::new(PROGRESSING, false, "RolloutComplete", progress.clone()),
+    };
     let mut out = if !missing.is_empty() {
         let what = missing.join("; ");
         vec![
@@ -276,27 +327,42 @@ fn config_conditions(
             Desired::new(PROGRESSING, false, "ReferenceNotFound", what),
             Desired::new(DEGRADED, false, "ReferenceNotFound", "nothing is sent until the reference exists"),
         ]
+    } else if state == RolloutState::RolledBack {
+        let to = rollout.rolled_back_to.as_deref().unwrap_or_default();
+        stopped(
+            "RolledBack",
+            format!(
+                "{gate}; rolled back to {to}, {progress}; change the spec or set annotation opamp.dev/retry to \
+                 try again"
+            ),
+        )
     } else if state == RolloutState::Halted {
+        stopped(
+            "RolloutHalted",
+            format!(
+                "{gate}; rollout halted ({} agents failed); change the spec or set annotation opamp.dev/retry \
+                 to resume",
+                c.failed
+            ),
+        )
+    } else if c.incompatible > 0 {
         let msg = format!(
-            "rollout halted: {} agents failed (more than maxFailures); change the spec to resume",
-            c.failed
+            "{} of {} agents lack collector components the files use and are not sent them{}",
+            c.incompatible,
+            c.selected,
+            first(&|m| m.starts_with("missing components: "))
         );
         vec![
-            Desired::new(READY, false, "RolloutHalted", msg.clone()),
-            Desired::new(PROGRESSING, false, "RolloutHalted", msg.clone()),
-            Desired::new(DEGRADED, true, "RolloutHalted", msg),
+            Desired::new(READY, false, "ComponentsMissing", msg.clone()),
+            progressing(),
+            Desired::new(DEGRADED, true, "ComponentsMissing", msg),
         ]
     } else if c.failed > 0 {
-        // The lowest uid: the same whichever replicas the failed agents are connected to.
-        let first =
-            c.failures.iter().min_by_key(|f| f.0).map(|(u, m, _)| format!(": {u}: {m}")).unwrap_or_default();
-        let msg = format!("{} of {} agents failed to apply the config{first}", c.failed, c.selected);
+        let msg =
+            format!("{} of {} agents failed to apply the config{}", c.failed, c.selected, first(&|_| true));
         vec![
             Desired::new(READY, false, "AgentsFailed", msg.clone()),
-            match state {
-                RolloutState::Progressing => Desired::new(PROGRESSING, true, "RolloutInProgress", progress),
-                _ => Desired::new(PROGRESSING, false, "RolloutComplete", progress),
-            },
+            progressing(),
             Desired::new(DEGRADED, true, "AgentsFailed", msg),
         ]
     } else if state == RolloutState::Complete {

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::ControllerRevision;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::ObjectMeta;
 use kube::core::DeserializeGuard;
@@ -90,7 +91,7 @@ macro_rules! unguarded {
         }
     )*};
 }
-unguarded!(ConfigMap, Secret);
+unguarded!(ConfigMap, Secret, ControllerRevision);
 
 /// Built-in kinds watched by their metadata only: what is kept of each is its name, namespace,
 /// uid and `resourceVersion` (not its labels, annotations or managed fields).

@@ -89,6 +89,12 @@ them, in a Role of each managed namespace when `namespaces` is set.
 - apiGroups: [""]
   resources: [configmaps, secrets]
   verbs: [get, list, watch]
+# Revisions of AgentConfigs (ControllerRevisions labelled app.kubernetes.io/managed-by=
+# opamp-operator, owned by their AgentConfig): every replica watches them, the leader creates,
+# renumbers (patch) and prunes (delete) them.
+- apiGroups: [apps]
+  resources: [controllerrevisions]
+  verbs: [list, watch, create, patch, delete]
 # Events about AgentConfigs, CapabilitySlots and Namespaces, in their namespaces (kube-runtime's
 # Recorder creates an Event, then patches it when the same event repeats).
 - apiGroups: [events.k8s.io]
