@@ -6,7 +6,7 @@ mod common;
 use common::argocd::{self, HEADER, Health, MAX_INSTRUCTIONS, MAX_MEMORY};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use opamp_operator::api::conditions::{self, DEGRADED, Desired, PROGRESSING, READY};
-use opamp_operator::api::{AgentConfigStatus, RolloutState, RolloutStatus};
+use opamp_operator::api::{AgentConfig, AgentConfigStatus, RolloutState, RolloutStatus};
 use serde_json::{Value, json};
 
 /// An AgentConfig at `generation` as the API server returns it, without status.
@@ -85,6 +85,15 @@ fn ready_for_the_current_generation_is_healthy_with_readys_message() {
         ],
     );
     assert_eq!(argocd::health(&o), health("Healthy", "3/3 agents applied"));
+}
+
+#[test]
+fn a_typed_agent_config_reads_the_same() {
+    let o = with_status(5, 5, &[(READY, true, "Applied", "3/3 agents applied")]);
+    let typed: AgentConfig = serde_json::from_value(o.clone()).unwrap();
+    let back = serde_json::to_value(&typed).unwrap();
+    assert_eq!(argocd::health(&back), argocd::health(&o));
+    assert_eq!(argocd::health(&back).status, "Healthy");
 }
 
 #[test]

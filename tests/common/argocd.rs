@@ -73,8 +73,9 @@ pub fn extract(markdown: &str) -> Option<String> {
     None
 }
 
-/// What Argo CD shows for `object` (a whole AgentConfig as `kubectl get -o json` gives it) with
-/// the README's health script. Panics with Lua's message if the script fails.
+/// What Argo CD shows for `object` (a whole AgentConfig as `kubectl get -o json` gives it, or
+/// `serde_json::to_value` of an `AgentConfig` read with kube) with the README's health script.
+/// Panics with Lua's message if the script fails.
 pub fn health(object: &Json) -> Health {
     health_with(&script(), object)
 }
