@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod aggregated;
+pub mod argocd;
 pub mod callback;
 pub mod cluster;
 pub mod env;
