@@ -316,6 +316,73 @@ async fn progressive_rollout_halts_at_max_failures_and_resumes_on_spec_change() 
     env.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tripped_gate_rolls_the_admitted_agents_back_to_the_last_healthy_revision() {
+    use opamp_operator::api::RolloutState;
+    let env = TestEnv::new("e2e-rollback").with_token("tok-rb").start().await;
+    let url = env.ws_url();
+    let agents: Vec<RunningAgent> =
+        (0..4).map(|_| RunningAgent::spawn(url.clone(), Some("tok-rb".into()), spec("edge"))).collect();
+    eventually(T, "4 agents connected", || async { (env.op.fleet.connected_count() == 4).then_some(()) })
+        .await;
+    let rollout = "  rollout: {strategy: Progressive, steps: [25, 50], onFailure: Rollback}\n";
+    env.apply(&agent_config("edge", "{}", &inline("edge.yaml", "v: 1"), rollout)).await;
+    let v1 = status_where(&env, "edge", "v1 complete", |s| {
+        s.applied_agents == 4 && s.rollout.as_ref().is_some_and(|r| r.state == RolloutState::Complete)
+    })
+    .await;
+    let healthy = v1.last_healthy_revision.clone().expect("a last healthy revision");
+    assert_eq!(v1.update_revision.as_ref(), Some(&healthy));
+    assert_eq!(v1.current_revision.as_ref(), Some(&healthy));
+    let before: Vec<usize> = agents.iter().map(RunningAgent::configs_received).collect();
+
+    env.apply(&agent_config("edge", "{}", &inline("edge.yaml", "FAIL_ME"), rollout)).await;
+    let back = status_where(&env, "edge", "rolled back, and the agent that took it applied v1 again", |s| {
+        s.rollout.as_ref().is_some_and(|r| r.state == RolloutState::RolledBack) && s.applied_agents == 4
+    })
+    .await;
+    let r = back.rollout.as_ref().unwrap();
+    assert_eq!(r.rolled_back_to.as_ref(), Some(&healthy));
+    assert_eq!(r.tripped.as_ref().map(|g| g.gate.as_str()), Some("FailedRatio"));
+    assert_ne!(back.update_revision.as_ref(), Some(&healthy));
+    assert_eq!(back.current_revision.as_ref(), Some(&healthy));
+    assert_eq!(back.last_healthy_revision.as_ref(), Some(&healthy));
+    assert_eq!(condition(&back, "Degraded").1, "RolledBack");
+    let after: Vec<usize> = agents.iter().map(RunningAgent::configs_received).collect();
+    let sent: Vec<usize> = before.iter().zip(&after).map(|(b, a)| a - b).collect();
+    // The first step's agent got the bad version and then v1 again; the others nothing.
+    let mut sorted = sent.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, [0, 0, 0, 2], "configs sent per agent since v1: {sent:?}");
+    for a in &agents {
+        assert_eq!(a.effective("edge.yaml").as_deref(), Some("v: 1\n"));
+    }
+    let revisions: kube::Api<k8s_openapi::api::apps::v1::ControllerRevision> = env.ns.api();
+    let names = eventually(T, "two revisions", || async {
+        let list = revisions.list(&Default::default()).await.ok()?;
+        let names: Vec<String> = list.items.iter().filter_map(|r| r.metadata.name.clone()).collect();
+        (names.len() == 2).then_some(names)
+    })
+    .await;
+    assert!(names.contains(&healthy), "{names:?}");
+    let events: kube::Api<KubeEvent> = env.ns.api();
+    eventually(T, "a RolledBack event", || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        list.items.iter().any(|e| e.reason.as_deref() == Some("RolledBack")).then_some(())
+    })
+    .await;
+    // Argo CD shows it Degraded, saying why.
+    let object: kube::Api<AgentConfig> = env.ns.api();
+    let json = serde_json::to_value(object.get("edge").await.unwrap()).unwrap();
+    let health = common::argocd::health(&json);
+    assert_eq!(health.status, "Degraded");
+    assert!(health.message.starts_with("RolledBack: gate FailedRatio"), "{}", health.message);
+    for a in agents {
+        a.stop().await;
+    }
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn an_unreachable_api_server_is_a_clear_error() {
     let mut config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());

@@ -104,7 +104,11 @@ impl<'a> NamespaceStatus<'a> {
                     disconnected: gone,
                 });
             }
-            if !agent.connected || desired_hash.is_none() || !config.admits(&uid) {
+            // Rolled back, every agent is where it should be once it runs what it is to have
+            // (the agents never given the bad version keep theirs); otherwise an agent the
+            // rollout has not reached waits for it.
+            let gated = !config.admits(&uid) && !config.rolled_back;
+            if !agent.connected || desired_hash.is_none() || gated {
                 c.pending += 1;
                 continue;
             }
