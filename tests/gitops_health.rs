@@ -44,7 +44,12 @@ fn with_status(generation: i64, observed: i64, desired: &[(&'static str, bool, &
         config_hash: Some("sha256:9f2c".into()),
         selected_agents: 3,
         applied_agents: 1,
-        rollout: Some(RolloutStatus { step: 1, state: RolloutState::Progressing, admitted_up_to: None }),
+        rollout: Some(RolloutStatus {
+            step: 1,
+            state: RolloutState::Progressing,
+            admitted_up_to: None,
+            ..Default::default()
+        }),
         conditions: conditions::merge(&[], desired, Some(observed), &now),
         ..Default::default()
     };
