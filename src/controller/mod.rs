@@ -238,6 +238,7 @@ impl Controller {
             fleet: self.fleet.clone(),
             routes: self.routes.clone(),
             incarnation: self.gather.peers().me().incarnation.clone(),
+            peers: self.gather.peers().clone(),
         }))
     }
 
@@ -524,7 +525,8 @@ impl Controller {
                 .filter_map(|ns| index.get(&ns).cloned().map(|idx| (ns, idx)))
                 .collect()
         };
-        let mut counts: HashMap<&str, NamespaceStatus<'_>> = peer::count(&self.fleet, &namespaces);
+        let mut counts: HashMap<&str, NamespaceStatus<'_>> =
+            peer::count(&self.fleet, self.gather.peers(), &namespaces);
         let mut active = HashSet::new();
         for (ns, idx) in &namespaces {
             let Some(mut st) = counts.remove(ns.as_str()) else { continue };

@@ -227,15 +227,22 @@ pub fn fingerprint(idx: &NamespaceIndex) -> u64 {
     u64::from_be_bytes(h.finalize()[..8].try_into().expect("8 bytes"))
 }
 
-/// Counts this replica's agents of `namespaces` (one pass over the fleet).
+/// Counts this replica's agents of `namespaces` (one pass over the fleet). An offline record of
+/// a plain-HTTP agent that another replica owns is left out: the agent polled here while its
+/// owner did not answer, and is counted by the owner (otherwise it would count twice, once
+/// pending, until this record is forgotten).
 pub(super) fn count<'a>(
     fleet: &Fleet,
+    peers: &Peers,
     namespaces: &'a [(String, Arc<NamespaceIndex>)],
 ) -> HashMap<&'a str, NamespaceStatus<'a>> {
     let mut counts: HashMap<&str, NamespaceStatus<'_>> =
         namespaces.iter().map(|(ns, idx)| (ns.as_str(), NamespaceStatus::new(idx))).collect();
     if !counts.is_empty() {
         fleet.for_each_view(|agent| {
+            if agent.http && !agent.connected && peers.owner(&agent.uid).is_some() {
+                return;
+            }
             if let Some(st) = counts.get_mut(&**agent.namespace) {
                 st.add(agent);
             }
@@ -387,6 +394,8 @@ pub(super) struct Served {
     pub(super) fleet: Fleet,
     pub(super) routes: Arc<Routes>,
     pub(super) incarnation: Arc<str>,
+    /// Who owns which agent (see [`count`]).
+    pub(super) peers: Peers,
 }
 
 impl Served {
@@ -407,7 +416,7 @@ impl Served {
             .filter(|(ns, _)| changed.as_ref().is_none_or(|c| c.contains(*ns)))
             .map(|(ns, idx)| (ns.clone(), idx.clone()))
             .collect();
-        let counts = count(&self.fleet, &namespaces);
+        let counts = count(&self.fleet, &self.peers, &namespaces);
         let partials = namespaces
             .iter()
             .filter_map(|(ns, _)| {
@@ -737,6 +746,38 @@ spec:
   files: {rolled.yaml: {inline: 'v: 1'}}
   rollout: {strategy: Progressive, steps: [50]}
 ";
+    #[test]
+    fn an_offline_http_agent_another_replica_owns_is_counted_there_only() {
+        let idx = Arc::new(index());
+        let fleet = Fleet::default();
+        fleet.publish_plan("team-a", idx.clone());
+        let peers = Peers::solo();
+        let other =
+            Member { identity: "replica-b".into(), incarnation: "1".into(), address: "127.0.0.1:9".into() };
+        peers.set_others(vec![other]);
+        let uid = (1..=255u8).map(|i| Uid([i; 16])).find(|u| peers.owner(u).is_some()).expect("one of them");
+        let mut conn = fleet.connection(Transport::Http, Tenant::new("team-a"));
+        let desc = AgentDescription {
+            identifying_attributes: vec![attr("service.name", "edge")],
+            non_identifying_attributes: vec![],
+        };
+        let hello = AgentToServer {
+            instance_uid: uid.to_wire(),
+            capabilities: 0x7,
+            agent_description: Some(desc),
+            ..Default::default()
+        };
+        fleet.handle(&mut conn, hello).unwrap();
+        let namespaces = vec![("team-a".to_owned(), idx.clone())];
+        let selected = |peers: &Peers| count(&fleet, peers, &namespaces)["team-a"].configs[0].selected;
+        // Polled here while its owner did not answer: counted here while online.
+        assert_eq!(selected(&peers), 1);
+        // The owner answers again (a membership change): released here, counted by the owner.
+        fleet.release_http_agents(|uid| peers.owner(uid).is_none());
+        assert_eq!(selected(&peers), 0, "the owner counts it");
+        assert_eq!(selected(&Peers::solo()), 1, "alone, an offline agent counts (pending)");
+    }
+
     const SLOT: &str = "
 apiVersion: opamp.dev/v1alpha1
 kind: CapabilitySlot
@@ -863,9 +904,9 @@ spec:
             fleet_with(&idx, (0..24).filter(|i| i % 2 == 1)),
         );
 
-        let whole = count(&one, &namespaces).remove("team-a").unwrap();
-        let mut leader = count(&a, &namespaces).remove("team-a").unwrap();
-        let follower = count(&b, &namespaces).remove("team-a").unwrap();
+        let whole = count(&one, &Peers::solo(), &namespaces).remove("team-a").unwrap();
+        let mut leader = count(&a, &Peers::solo(), &namespaces).remove("team-a").unwrap();
+        let follower = count(&b, &Peers::solo(), &namespaces).remove("team-a").unwrap();
         // The follower's partial travels as JSON.
         let wire = serde_json::to_vec(&follower.to_partial("team-a", None)).unwrap();
         let partial: Partial = serde_json::from_slice(&wire).unwrap();
@@ -909,7 +950,7 @@ spec:
         let idx = Arc::new(index());
         let fleet = fleet_with(&idx, 0..4);
         let namespaces = vec![("team-a".to_owned(), idx.clone())];
-        let mut partial = count(&fleet, &namespaces)["team-a"].to_partial("team-a", None);
+        let mut partial = count(&fleet, &Peers::solo(), &namespaces)["team-a"].to_partial("team-a", None);
         let peers = Peers::solo();
         let (mut gather, _rx) = Gather::new(peers.clone());
         let peer = Member { identity: "b".into(), incarnation: "b1".into(), address: "b:1".into() };
@@ -1037,7 +1078,8 @@ spec:
         shared.log.lock().note(&names);
         let routes =
             Routes::new(fleet.clone(), Arc::default(), crate::routes::egress::EgressPolicy::default());
-        let served = Served { shared: shared.clone(), fleet, routes, incarnation: "me1".into() };
+        let served =
+            Served { shared: shared.clone(), fleet, routes, incarnation: "me1".into(), peers: Peers::solo() };
         let ask = |since: u64, incarnation: &str| {
             let a = served.answer(&StatusRequest { since, incarnation: incarnation.into() });
             let mut namespaces: Vec<String> = a.partials.iter().map(|p| p.namespace.clone()).collect();

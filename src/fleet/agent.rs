@@ -13,9 +13,16 @@ use crate::protocol::{Transport, Uid};
 
 #[derive(Debug)]
 pub(super) enum Link {
-    WebSocket { conn: u64, notify: Arc<Notify> },
+    WebSocket {
+        conn: u64,
+        notify: Arc<Notify>,
+    },
     Http,
-    Offline { since: Instant },
+    /// `http`: it was a plain-HTTP agent when it went offline.
+    Offline {
+        since: Instant,
+        http: bool,
+    },
 }
 
 impl Link {
@@ -44,7 +51,7 @@ impl Agent {
     pub(super) fn new(now: Instant) -> Self {
         Self {
             session: Session::new(),
-            link: Link::Offline { since: now },
+            link: Link::Offline { since: now, http: false },
             connected_since: SystemTime::now(),
             last_seen: now,
             last_seen_wall: SystemTime::now(),
@@ -73,7 +80,8 @@ impl Agent {
     }
 
     pub(super) fn go_offline(&mut self, now: Instant) {
-        self.link = Link::Offline { since: now };
+        let http = matches!(self.link, Link::Http | Link::Offline { http: true, .. });
+        self.link = Link::Offline { since: now, http };
         self.changed = SystemTime::now();
     }
 
@@ -104,6 +112,7 @@ impl Agent {
             transport: self.transport(),
             report: &self.session.report,
             connected: self.link.is_online(),
+            http: matches!(self.link, Link::Http | Link::Offline { http: true, .. }),
             awaiting_full_state: self.session.awaiting_full_state(),
             desired: &self.desired,
             last_seen: self.last_seen_wall,

@@ -155,6 +155,8 @@ pub struct AgentView<'a> {
     pub transport: Option<Transport>,
     pub report: &'a AgentReport,
     pub connected: bool,
+    /// A plain-HTTP agent (connected, or when it went offline).
+    pub http: bool,
     pub awaiting_full_state: bool,
     pub desired: &'a DesiredState,
     pub last_seen: SystemTime,
@@ -849,7 +851,7 @@ impl Fleet {
                         self.inner.connected.fetch_sub(1, Ordering::Relaxed);
                         changed.push((key.clone(), Changes::DISCONNECTED));
                     }
-                    Link::Offline { since } if now.saturating_duration_since(since) > retention => {
+                    Link::Offline { since, .. } if now.saturating_duration_since(since) > retention => {
                         self.inner.known.fetch_sub(1, Ordering::Relaxed);
                         forgotten.push((key.namespace.clone(), agent.reported_bytes));
                         changed.push((key.clone(), Changes::REMOVED));
