@@ -377,6 +377,9 @@ async fn a_tripped_gate_rolls_the_admitted_agents_back_to_the_last_healthy_revis
     let health = common::argocd::health(&json);
     assert_eq!(health.status, "Degraded");
     assert!(health.message.starts_with("RolledBack: gate FailedRatio"), "{}", health.message);
+    let text = reqwest::get(env.metrics_url()).await.unwrap().text().await.unwrap();
+    let line = "opamp_rollouts_stopped_total{gate=\"FailedRatio\",outcome=\"RolledBack\"} 1";
+    assert!(text.lines().any(|l| l == line), "{line} missing from:\n{text}");
     for a in agents {
         a.stop().await;
     }

@@ -22,6 +22,14 @@ pub struct CachedLabel {
     pub content: &'static str,
 }
 
+/// A rollout a gate stopped: the gate (`FailedRatio`, …) and what followed (`Halted`,
+/// `RolledBack`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GateLabel {
+    pub gate: String,
+    pub outcome: &'static str,
+}
+
 pub struct ControllerMetrics {
     pub reconcile_duration: Histogram,
     pub status_patches: Family<StateLabel, Counter>,
@@ -32,6 +40,8 @@ pub struct ControllerMetrics {
     pub controller_errors: Family<CategoryLabel, Counter>,
     /// ConfigMaps and Secrets held in memory, with their content or by their metadata only.
     pub cached_objects: Family<CachedLabel, Gauge>,
+    /// Rollouts stopped by a gate, on the leader that decided it.
+    pub rollouts_stopped: Family<GateLabel, Counter>,
 }
 
 impl Default for ControllerMetrics {
@@ -43,6 +53,7 @@ impl Default for ControllerMetrics {
             status_queue_depth: Gauge::default(),
             controller_errors: Family::default(),
             cached_objects: Family::default(),
+            rollouts_stopped: Family::default(),
         }
     }
 }
@@ -71,7 +82,7 @@ impl ControllerMetrics {
         );
         registry.register(
             "controller_errors",
-            "Controller failures, by category (watch, read, invalid-object, patch, timeout, event, reference)",
+            "Controller failures, by category (watch, read, invalid-object, patch, timeout, event, reference, revision)",
             self.controller_errors.clone(),
         );
         registry.register(
@@ -79,6 +90,12 @@ impl ControllerMetrics {
             "ConfigMaps and Secrets held in memory, by kind and content (full: with their data, \
              only agent-token Secrets and referenced objects; metadata: name and version only)",
             self.cached_objects.clone(),
+        );
+        registry.register(
+            "rollouts_stopped",
+            "Rollouts a gate stopped, by gate (FailedRatio, UnhealthyRatio, DisconnectedRatio, \
+             NotAppliedRatio) and outcome (Halted, RolledBack)",
+            self.rollouts_stopped.clone(),
         );
     }
 }

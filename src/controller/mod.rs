@@ -587,7 +587,18 @@ impl Controller {
                 None => Err("no healthy revision to roll back to"),
             };
             let agents = facts.get(&i).map_or(&[][..], |f| f.as_slice());
-            tracker.advance(&config.object.spec.rollout, agents, now, rollback_to);
+            if tracker.advance(&config.object.spec.rollout, agents, now, rollback_to) {
+                let stopped = match &tracker.end {
+                    Some(rollout::End::Halted(gate)) => Some((gate, "Halted")),
+                    Some(rollout::End::RolledBack(gate, _)) => Some((gate, "RolledBack")),
+                    _ => None,
+                };
+                if let Some((gate, outcome)) = stopped {
+                    let label = metrics::GateLabel { gate: gate.gate.clone(), outcome };
+                    self.metrics.rollouts_stopped.get_or_create(&label).inc();
+                    tracing::warn!(agent_config = %source.key, gate = %gate.gate, outcome, "{}", gate.message);
+                }
+            }
         }
         let prefix = format!("{ns}/");
         self.rollouts.retain(|key, _| !key.starts_with(&prefix) || present.contains(key.as_str()));
