@@ -180,7 +180,7 @@ impl NamespaceIndex {
         let config = |c: &ResolvedConfig| {
             let m = &c.object.metadata;
             let fallback = c.rolled_back.then(|| c.effective().map(|s| merge::hash_files(s.files.iter())));
-            (m.uid.clone(), m.generation, c.own_hash, c.admission, c.source.is_some(), fallback, c.tracking)
+            (m.uid.clone(), m.generation, c.own_hash, c.admission, c.source.is_some(), fallback)
         };
         let slot = |s: &Arc<CapabilitySlot>| (s.metadata.uid.clone(), s.metadata.generation);
         self.configs.iter().map(config).eq(other.configs.iter().map(config))
