@@ -17,6 +17,7 @@
 //!   what changed for the [`writer`], which patches it with a deadline. A slow API server
 //!   delays status, never configs.
 pub mod auth;
+pub mod components;
 pub mod error;
 pub mod index;
 pub mod leader;
