@@ -56,6 +56,11 @@ const NAMESPACED_RULES: &[Grant] = &[
     ("", "secrets", "get", ""),
     ("", "secrets", "list", ""),
     ("", "secrets", "watch", ""),
+    ("apps", "controllerrevisions", "list", ""),
+    ("apps", "controllerrevisions", "watch", ""),
+    ("apps", "controllerrevisions", "create", ""),
+    ("apps", "controllerrevisions", "patch", ""),
+    ("apps", "controllerrevisions", "delete", ""),
     ("events.k8s.io", "events", "create", ""),
     ("events.k8s.io", "events", "patch", ""),
 ];
@@ -1004,7 +1009,7 @@ async fn installs_and_upgrades_on_a_cluster() {
     ns.api::<RoleBinding>().get(&full).await.expect("the RoleBinding exists");
     let cluster_roles: Api<ClusterRole> = Api::all(ns.client.clone());
     let role = cluster_roles.get(&full).await.expect("the ClusterRole exists");
-    assert_eq!(role.rules.as_ref().map(Vec::len), Some(6));
+    assert_eq!(role.rules.as_ref().map(Vec::len), Some(7));
     Api::<ClusterRoleBinding>::all(ns.client.clone())
         .get(&full)
         .await
