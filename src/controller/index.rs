@@ -508,6 +508,69 @@ spec:
         files.config_map.get("edge.yaml").map(|f| f.body.clone())
     }
 
+    const KAFKA: &str = "
+apiVersion: opamp.dev/v1alpha1
+kind: AgentConfig
+metadata: {name: edge, namespace: team-a, generation: 1}
+spec:
+  selector: {matchAttributes: {service.name: edge}}
+  files:
+    edge.yaml: {inline: 'exporters: {kafka: {}, debug: {}}'}
+    notes.txt: {inline: 'not a collector config'}
+";
+
+    fn components(exporters: &[&str]) -> crate::proto::AvailableComponents {
+        use crate::proto::ComponentDetails;
+        let kind = |types: &[&str]| ComponentDetails {
+            metadata: vec![],
+            sub_component_map: types.iter().map(|t| (t.to_string(), ComponentDetails::default())).collect(),
+        };
+        crate::proto::AvailableComponents {
+            components: [("receivers".into(), kind(&["otlp"])), ("exporters".into(), kind(exporters))].into(),
+            hash: bytes::Bytes::from_static(b"h"),
+        }
+    }
+
+    #[test]
+    fn an_agent_lacking_a_component_the_files_use_is_not_sent_them_and_is_counted_incompatible() {
+        let config: AgentConfig = serde_yaml::from_str(KAFKA).unwrap();
+        let idx = Arc::new(plan(Arc::new(config)));
+        let fleet = Fleet::default();
+        fleet.publish_plan("team-a", idx.clone());
+        let agents = [
+            (Uid([1; 16]), Some(components(&["debug"]))), // lacks kafka
+            (Uid([2; 16]), Some(components(&["debug", "kafka"]))), // has both
+            (Uid([3; 16]), None),                         // reports none: not checked
+        ];
+        for (uid, available) in &agents {
+            let mut conn = fleet.connection(Transport::WebSocket, Tenant::new("team-a"));
+            let msg = AgentToServer { available_components: available.clone(), ..hello(*uid) };
+            fleet.handle(&mut conn, msg).unwrap();
+            std::mem::forget(conn);
+        }
+        let sent = |uid: Uid| {
+            let desired = fleet.desired_state(&crate::fleet::AgentKey::new("team-a", uid)).unwrap();
+            desired.remote_config.is_some()
+        };
+        assert_eq!((sent(agents[0].0), sent(agents[1].0), sent(agents[2].0)), (false, true, true));
+        let namespaces = vec![("team-a".to_owned(), idx.clone())];
+        let counts = super::super::peer::count(&fleet, &crate::peers::Peers::solo(), &namespaces);
+        let st = &counts["team-a"];
+        let status = st.agent_configs(
+            &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+            &mut HashMap::new(),
+            &HashMap::new(),
+        );
+        let status = &status[0];
+        assert_eq!((status.selected_agents, status.incompatible_agents), (3, 1));
+        assert_eq!(status.failures.len(), 1);
+        assert_eq!(status.failures[0].instance_uid, agents[0].0.to_string());
+        assert_eq!(status.failures[0].message, "missing components: exporters/kafka");
+        let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+        assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "ComponentsMissing"));
+        assert!(degraded.message.contains("1 of 3 agents lack collector components"), "{}", degraded.message);
+    }
+
     #[test]
     fn a_leader_and_a_follower_plan_the_same_desired_state_for_the_same_agent() {
         let uids: Vec<Uid> = (0..8u8).map(|i| Uid([i; 16])).collect();
