@@ -182,16 +182,8 @@ fn admitted<'a>(s: &AgentConfigStatus, members: &'a [Member]) -> (Vec<&'a Member
 
 /// Checks a rollback to v1 (whose snapshots are `v1`): every admitted agent (waited for) runs
 /// v1 again, failed ones included; every other agent was sent nothing since and still runs v1;
-/// the status, once settled (nothing failed or applying), counts every selected agent.
-///
-/// A status that settles counting fewer than every agent applied is returned as a problem,
-/// not a panic, so that a test goes on to check the rest and fails at its end.
-async fn rolled_back_to_v1(
-    tenant: &Tenant,
-    s: &AgentConfigStatus,
-    members: &[Member],
-    v1: &[Snapshot],
-) -> Option<String> {
+/// the status counts every selected agent applied again.
+async fn rolled_back_to_v1(tenant: &Tenant, s: &AgentConfigStatus, members: &[Member], v1: &[Snapshot]) {
     let (taken, others) = admitted(s, members);
     eventually(T, "every admitted agent runs v1 again, the failed ones too", || async {
         taken.iter().all(|m| m.runs(&v1[m.rank])).then_some(())
@@ -206,24 +198,12 @@ async fn rolled_back_to_v1(
         );
     }
     let all = members.len() as u32;
-    let settled = tenant
-        .status_where::<AgentConfig>(NAME, "nothing failed or applying, every agent counted", |x| {
-            x.failed_agents == 0
-                && x.applying_agents == 0
-                && x.applied_agents as usize >= taken.len()
-                && x.applied_agents + x.pending_agents == all
+    let back = tenant
+        .status_where::<AgentConfig>(NAME, "every agent counted applied again", |x| {
+            x.applied_agents == all && x.failed_agents == 0 && x.pending_agents == 0
         })
         .await;
-    assert_eq!(settled.selected_agents, all, "{settled:#?}");
-    (settled.applied_agents != all).then(|| {
-        format!(
-            "after the rollback every agent reports v1 ({}) applied, but status says appliedAgents {} and \
-             pendingAgents {} (of {all} selected)",
-            s.rollout.as_ref().and_then(|r| r.rolled_back_to.clone()).unwrap_or_default(),
-            settled.applied_agents,
-            settled.pending_agents,
-        )
-    })
+    assert_eq!(back.selected_agents, all, "{back:#?}");
 }
 
 /// The `fleet` ControllerRevisions as `kubectl get controllerrevisions -n NS -o json` lists
@@ -315,7 +295,7 @@ async fn gates_trip_at_the_configured_share_and_rollback_reaches_every_admitted_
     let (taken, _) = admitted(&s2, &members);
     assert_eq!(taken.len(), AGENTS / 10, "the first step admits 10 %");
     assert_eq!(taken.iter().filter(|m| m.failing).count(), 30, "30 % of them fail");
-    let mut problems: Vec<String> = rolled_back_to_v1(&env, &s2, &members, &v1).await.into_iter().collect();
+    rolled_back_to_v1(&env, &s2, &members, &v1).await;
     lap("v1 back on every admitted agent", &mut since);
     let health = argo_health(&env).await;
     assert_eq!(health.status, "Degraded", "{health:?}");
@@ -365,7 +345,7 @@ async fn gates_trip_at_the_configured_share_and_rollback_reaches_every_admitted_
     let r = s3.rollout.clone().unwrap();
     assert_eq!((r.step, r.tripped.as_ref().map(|g| g.gate.as_str())), (1, Some("FailedRatio")), "{s3:#?}");
     assert_eq!(r.admitted_up_to, rollout.admitted_up_to, "the retry's first step admits the same agents");
-    problems.extend(rolled_back_to_v1(&env, &s3, &members, &v1).await);
+    rolled_back_to_v1(&env, &s3, &members, &v1).await;
     let (taken, _) = admitted(&s3, &members);
     assert!(
         taken.iter().all(|m| m.agent.configs_received() >= received[m.rank] + 2),
@@ -398,7 +378,6 @@ async fn gates_trip_at_the_configured_share_and_rollback_reaches_every_admitted_
         eprintln!("  {what}: {took:.1?}");
     }
     eprintln!("  total: {:.1?}", started.elapsed());
-    assert!(problems.is_empty(), "{problems:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -437,7 +416,7 @@ async fn several_replicas_roll_back_together() {
         assert!(here.iter().any(|m| m.failing), "failing admitted agents on {}", replica.identity);
         assert!(here.iter().any(|m| !m.failing), "applying admitted agents on {}", replica.identity);
     }
-    let problem = rolled_back_to_v1(ns, &s2, &members, &v1).await;
+    rolled_back_to_v1(ns, &s2, &members, &v1).await;
     let health = argo_health(ns).await;
     assert_eq!(health.status, "Degraded", "{health:?}");
     assert!(health.message.starts_with("RolledBack: gate FailedRatio"), "{health:?}");
@@ -467,5 +446,4 @@ async fn several_replicas_roll_back_together() {
     }
     tenants.cleanup().await;
     eprintln!("several_replicas_roll_back_together ({AGENTS} agents, 2 replicas): {:.1?}", started.elapsed());
-    assert_eq!(problem, None);
 }
