@@ -189,6 +189,14 @@ async fn rolled_back_to_v1(tenant: &Tenant, s: &AgentConfigStatus, members: &[Me
         taken.iter().all(|m| m.runs(&v1[m.rank])).then_some(())
     })
     .await;
+    let all = members.len() as u32;
+    let back = tenant
+        .status_where::<AgentConfig>(NAME, "every agent counted applied again", |x| {
+            x.applied_agents == all && x.failed_agents == 0 && x.pending_agents == 0
+        })
+        .await;
+    assert_eq!(back.selected_agents, all, "{back:#?}");
+    // Settled: the others were never sent anything.
     for m in &others {
         let now = m.snapshot();
         assert_eq!(
@@ -197,13 +205,6 @@ async fn rolled_back_to_v1(tenant: &Tenant, s: &AgentConfigStatus, members: &[Me
             m.agent.uid, m.rank
         );
     }
-    let all = members.len() as u32;
-    let back = tenant
-        .status_where::<AgentConfig>(NAME, "every agent counted applied again", |x| {
-            x.applied_agents == all && x.failed_agents == 0 && x.pending_agents == 0
-        })
-        .await;
-    assert_eq!(back.selected_agents, all, "{back:#?}");
 }
 
 /// The `fleet` ControllerRevisions as `kubectl get controllerrevisions -n NS -o json` lists
@@ -238,14 +239,14 @@ fn revision_name(name: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gates_trip_at_the_configured_share_and_rollback_reaches_every_admitted_agent() {
     const AGENTS: usize = 1000;
-    let started = Instant::now();
+    let env = TestEnv::new("fleet-gates").deadline(T).start().await;
+    let started = Instant::now(); // the operator started (and the harness's lock taken)
     let mut timings: Vec<(&str, Duration)> = Vec::new();
     let mut lap = |what: &'static str, since: &mut Instant| {
         timings.push((what, since.elapsed()));
         *since = Instant::now();
     };
     let mut since = Instant::now();
-    let env = TestEnv::new("fleet-gates").deadline(T).start().await;
     let members = fleet(&env, AGENTS, &[env.ws_url()]);
     eventually(T, "a thousand agents connected", || async {
         (env.op.fleet.connected_count() == AGENTS).then_some(())
@@ -383,8 +384,8 @@ async fn gates_trip_at_the_configured_share_and_rollback_reaches_every_admitted_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_replicas_roll_back_together() {
     const AGENTS: usize = 200;
-    let started = Instant::now();
     let tenants = TestEnv::new("fleet-replicas").deadline(T).prepare().await;
+    let started = Instant::now(); // the harness's lock taken
     let ns: &Tenant = &tenants;
     let group = Group::new(&ns.ns.name, tenants.names()).await;
     let replicas: Vec<Replica> = vec![group.start("replica-a").await, group.start("replica-b").await];
