@@ -239,6 +239,13 @@ fn revision_name(name: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gates_trip_at_the_configured_share_and_rollback_reaches_every_admitted_agent() {
     const AGENTS: usize = 1000;
+    // Both ends of every agent's connection are in this process: two files each, more than a
+    // default soft limit of 1,024 allows. Raised as the operator's binary raises it.
+    let files = opamp_operator::operator::raise_fd_limit();
+    assert!(
+        files >= 4 * AGENTS as u64,
+        "{AGENTS} agents need more open files than the limit allows ({files})"
+    );
     let env = TestEnv::new("fleet-gates").deadline(T).start().await;
     let started = Instant::now(); // the operator started (and the harness's lock taken)
     let mut timings: Vec<(&str, Duration)> = Vec::new();
