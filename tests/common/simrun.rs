@@ -15,8 +15,20 @@ pub struct RunningAgent {
 
 impl RunningAgent {
     /// Connects to `url` and keeps the agent connected (reconnecting every 200 ms when the
-    /// connection drops) until stopped.
+    /// connection drops) until stopped, with a heartbeat every second.
     pub fn spawn(url: String, token: Option<String>, spec: AgentSpec) -> Self {
+        Self::spawn_with_heartbeat(url, token, spec, Duration::from_secs(1))
+    }
+
+    /// [`RunningAgent::spawn`] with a heartbeat every `heartbeat` once nothing else was sent
+    /// (a fleet of a thousand in one test keeps the CPU for the operator with a longer one;
+    /// WebSocket agents are not taken for gone when they are quiet).
+    pub fn spawn_with_heartbeat(
+        url: String,
+        token: Option<String>,
+        spec: AgentSpec,
+        heartbeat: Duration,
+    ) -> Self {
         let uid = spec.uid;
         let state = Arc::new(Mutex::new(SimAgent::new(spec)));
         let stop = CancellationToken::new();
@@ -42,7 +54,7 @@ impl RunningAgent {
                                     }
                                     Err(_) => break,
                                 },
-                                _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                                _ = tokio::time::sleep(heartbeat) => {
                                     let hb = s.lock().unwrap().heartbeat();
                                     if ws.send(&hb).await.is_err() { break; }
                                 }
@@ -89,6 +101,11 @@ impl RunningAgent {
 
     pub fn configs_received(&self) -> usize {
         self.state.lock().unwrap().configs_received
+    }
+
+    /// What the agent last reported of its remote config (hash, APPLIED or FAILED, error).
+    pub fn remote_config_status(&self) -> Option<opamp_operator::proto::RemoteConfigStatus> {
+        self.state.lock().unwrap().remote_config_status().cloned()
     }
 
     pub fn duplicate_configs(&self) -> usize {
