@@ -352,6 +352,32 @@ macro_rules! scalars {
     };
 }
 
+/// What a section and the top level make of anything but a mapping: it is counted and yields
+/// nothing (`None`), except an empty value (`~`, or no value), which yields `$empty`.
+macro_rules! not_a_mapping {
+    ($empty:expr) => {
+        scalars!(None);
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+            self.0.node().map(|()| None)
+        }
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+            self.0.node().map(|()| $empty)
+        }
+        fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
+            self.visit_unit()
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            self.deserialize(d)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+            Skip(self.0).visit_seq(seq).map(|()| None)
+        }
+        fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<Self::Value, A::Error> {
+            Skip(self.0).visit_enum(data).map(|()| None)
+        }
+    };
+}
+
 /// Skips one node, counting everything in it.
 #[derive(Clone, Copy)]
 struct Skip<'w>(&'w Walk);
@@ -462,25 +488,7 @@ impl<'de> Visitor<'de> for Section<'_> {
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a section of a collector config")
     }
-    scalars!(None);
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        self.0.node().map(|()| None)
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        self.0.node().map(|()| Some(BTreeSet::new()))
-    }
-    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-        self.visit_unit()
-    }
-    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        self.deserialize(d)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        Skip(self.0).visit_seq(seq).map(|()| None)
-    }
-    fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<Self::Value, A::Error> {
-        Skip(self.0).visit_enum(data).map(|()| None)
-    }
+    not_a_mapping!(Some(BTreeSet::new()));
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         self.0.nested(|| {
             let mut ids = BTreeSet::new();
@@ -594,25 +602,7 @@ impl<'de> Visitor<'de> for TopLevel<'_> {
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a YAML document")
     }
-    scalars!(None);
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        self.0.node().map(|()| None)
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        self.0.node().map(|()| None)
-    }
-    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-        self.visit_unit()
-    }
-    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        self.deserialize(d)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        Skip(self.0).visit_seq(seq).map(|()| None)
-    }
-    fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<Self::Value, A::Error> {
-        Skip(self.0).visit_enum(data).map(|()| None)
-    }
+    not_a_mapping!(None);
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         self.0.nested(|| {
             let mut explicit = Sections::default();

@@ -508,17 +508,6 @@ spec:
         files.config_map.get("edge.yaml").map(|f| f.body.clone())
     }
 
-    const KAFKA: &str = "
-apiVersion: opamp.dev/v1alpha1
-kind: AgentConfig
-metadata: {name: edge, namespace: team-a, generation: 1}
-spec:
-  selector: {matchAttributes: {service.name: edge}}
-  files:
-    edge.yaml: {inline: 'exporters: {kafka: {}, debug: {}}'}
-    notes.txt: {inline: 'not a collector config'}
-";
-
     fn components(exporters: &[&str]) -> crate::proto::AvailableComponents {
         use crate::proto::ComponentDetails;
         let kind = |types: &[&str]| ComponentDetails {
@@ -533,7 +522,14 @@ spec:
 
     #[test]
     fn an_agent_lacking_a_component_the_files_use_is_not_sent_them_and_is_counted_incompatible() {
-        let config: AgentConfig = serde_yaml::from_str(KAFKA).unwrap();
+        let mut config: AgentConfig = serde_yaml::from_str(PROGRESSIVE).unwrap();
+        config.spec.rollout = Default::default();
+        let file = |body: &str| ConfigFile { inline: Some(body.into()), ..Default::default() };
+        config.spec.files = [
+            ("edge.yaml".to_owned(), file("exporters: {kafka: {}, debug: {}}")),
+            ("notes.txt".to_owned(), file("not a collector config")),
+        ]
+        .into();
         let idx = Arc::new(plan(Arc::new(config)));
         let fleet = Fleet::default();
         fleet.publish_plan("team-a", idx.clone());
