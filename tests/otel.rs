@@ -5,20 +5,26 @@
 //! status; and a CapabilitySlot carries the custom messages of our test extension
 //! (`tests/interop/otelcol/echoextension`, registered through the collector's
 //! `opampcustommessages` registry) to a callback, and dispatched messages to the extension and
-//! back. Everything is built by `make tools-otel` (collector and supervisor v0.149.0).
+//! back. With two collectors: a Progressive rollout of a config the collector validates but
+//! cannot run (its port is taken) trips a gate and is rolled back, the collector healthy again on
+//! the last healthy revision and the other never sent it; and a config using an exporter the
+//! build lacks is never sent, its collectors reported incompatible. Everything is built by
+//! `make tools-otel` (collector and supervisor v0.149.0).
 mod common;
 
 use std::time::Duration;
 
 use common::callback::{CallbackServer, b64encode};
 use common::env::{TestEnv, TestEnvBuilder};
-use common::supervisor::Supervisor;
+use common::supervisor::{DEBUG_LOGS, Supervisor};
 use common::{eventually, poll_until, within};
-use opamp_operator::api::{AgentConfig, AgentConfigStatus};
-use opamp_operator::fleet::AgentSnapshot;
+use k8s_openapi::api::core::v1::Event as KubeEvent;
+use opamp_operator::api::{AgentConfig, AgentConfigStatus, RolloutState};
+use opamp_operator::controller::rollout::rollout_key;
+use opamp_operator::fleet::{AgentSnapshot, Fleet};
 use opamp_operator::operator::OperatorConfig;
-use opamp_operator::proto::{AvailableComponents, any_value};
-use opamp_operator::protocol::Transport;
+use opamp_operator::proto::{AvailableComponents, RemoteConfigStatuses, any_value};
+use opamp_operator::protocol::{Transport, Uid};
 use serde_json::{Value, json};
 
 /// Collectors start, restart and validate configs: generous, and only ever the upper bound.
@@ -360,4 +366,451 @@ async fn wait_callback(
     .unwrap_or_else(|seen| {
         panic!("timed out after {T:?} waiting for {what}; callbacks so far: {seen:#?}\n{}", sup.logs())
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several collectors: rollouts, rollback and the compatibility check.
+
+/// A Progressive rollout to half the collectors first that rolls back on a tripped gate.
+const ROLLBACK: &str = "  rollout: {strategy: Progressive, steps: [50], onFailure: Rollback}\n";
+
+/// [`agent_config`] with `rollout` (an indented `rollout:` line of the spec).
+fn agent_config_with(name: &str, collector_yaml: &str, rollout: &str) -> String {
+    agent_config(name, collector_yaml).replacen("spec:\n", &format!("spec:\n{rollout}"), 1)
+}
+
+fn healthy(agent: &AgentSnapshot) -> bool {
+    agent.report.health.as_ref().is_some_and(|h| h.healthy)
+}
+
+/// The hex of the config hash the operator wants the agent to run.
+fn desired_hash(agent: &AgentSnapshot) -> String {
+    agent.desired_config_hash.as_ref().map(hex::encode).unwrap_or_default()
+}
+
+/// The agent's RemoteConfigStatus on the wire: status, hash (hex) and error.
+fn config_status(agent: &AgentSnapshot) -> Option<(RemoteConfigStatuses, String, String)> {
+    let s = agent.report.remote_config_status.as_ref()?;
+    let status = RemoteConfigStatuses::try_from(s.status).unwrap_or(RemoteConfigStatuses::Unset);
+    Some((status, hex::encode(&s.last_remote_config_hash), s.error_message.clone()))
+}
+
+fn rollout_state(s: &AgentConfigStatus) -> Option<RolloutState> {
+    s.rollout.as_ref().map(|r| r.state)
+}
+
+fn condition<'a>(s: &'a AgentConfigStatus, t: &str) -> (&'a str, &'a str, &'a str) {
+    let c = s.conditions.iter().find(|c| c.type_ == t).unwrap_or_else(|| panic!("no condition {t}: {s:#?}"));
+    (c.status.as_str(), c.reason.as_str(), c.message.as_str())
+}
+
+/// Every supervisor's and collector's logs, for failure messages.
+fn all_logs(sups: &[Supervisor]) -> String {
+    sups.iter().enumerate().map(|(i, s)| format!("=== collector {i} ===\n{}\n", s.logs())).collect()
+}
+
+impl Env {
+    /// A WebSocket supervisor that logs the remote configs it receives
+    /// ([`Supervisor::received_config_hashes`]) and gives its collector the README's 5 s to
+    /// come up healthy after a config (`config_apply_timeout`; APPLIED then, FAILED at once if
+    /// the collector exits): 2 s is short for a collector restarting on two busy cores.
+    fn logged_supervisor(&self) -> Supervisor {
+        Supervisor::spawn_with(&self.ws_url(), &self.token, |c| {
+            c.replace("config_apply_timeout: 2s", "config_apply_timeout: 5s") + DEBUG_LOGS
+        })
+    }
+
+    /// Waits until the namespace holds one agent per supervisor, each satisfying `pred`;
+    /// returns them in the supervisors' order (matched by the instance uid each supervisor
+    /// keeps in its storage).
+    async fn collectors_where(
+        &self,
+        sups: &[Supervisor],
+        what: &str,
+        pred: impl Fn(&AgentSnapshot) -> bool,
+    ) -> Vec<AgentSnapshot> {
+        poll_until(T, || async {
+            let agents: Vec<_> =
+                self.op.fleet.agents().into_iter().filter(|a| a.namespace == self.ns.name).collect();
+            let mut ours = Vec::new();
+            for sup in sups {
+                let id = sup.persistent_state().map(|p| p.instance_id).unwrap_or_default();
+                match agents.iter().find(|a| a.uid.to_string().eq_ignore_ascii_case(&id)) {
+                    Some(a) if pred(a) => ours.push(a.clone()),
+                    _ => return Err(agents),
+                }
+            }
+            if agents.len() == sups.len() { Ok(ours) } else { Err(agents) }
+        })
+        .await
+        .unwrap_or_else(|agents| {
+            panic!(
+                "timed out after {T:?} waiting for the collectors: {what}; agents: {agents:#?}\n{}",
+                all_logs(sups)
+            )
+        })
+    }
+
+    /// [`Env::status_where`] showing every collector's logs on timeout.
+    async fn status_of_all(
+        &self,
+        sups: &[Supervisor],
+        name: &str,
+        what: &str,
+        pred: impl Fn(&AgentConfigStatus) -> bool,
+    ) -> AgentConfigStatus {
+        self.0.status_where_or::<AgentConfig>(name, what, pred, || all_logs(sups)).await
+    }
+
+    /// The names `kubectl get controllerrevisions` lists in the namespace.
+    async fn kubectl_revisions(&self) -> Vec<String> {
+        let out = common::cluster::cluster()
+            .await
+            .kubectl()
+            .args(["get", "controllerrevisions", "-n", &self.ns.name, "-o", "name"])
+            .output()
+            .await
+            .expect("run kubectl");
+        assert!(out.status.success(), "kubectl: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.trim_start_matches("controllerrevision.apps/").to_owned())
+            .collect()
+    }
+
+    /// The Events of the namespace with this reason: (type, message).
+    async fn events(&self, reason: &str) -> Vec<(String, String)> {
+        let events: kube::Api<KubeEvent> = self.ns.api();
+        let list = events.list(&Default::default()).await.map(|l| l.items).unwrap_or_default();
+        list.into_iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .map(|e| (e.type_.unwrap_or_default(), e.message.unwrap_or_default()))
+            .collect()
+    }
+}
+
+/// What the operator saw of one agent at a moment (consecutive duplicates dropped): the hash
+/// it wanted the agent to run, the RemoteConfigStatus and health the supervisor reported, and
+/// whether the effective config holds `marker`.
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    desired: String,
+    config_status: Option<(RemoteConfigStatuses, String, String)>,
+    healthy: Option<bool>,
+    last_error: String,
+    effective_has_marker: bool,
+}
+
+/// Records, every 20 ms until dropped, what the fleet holds of some agents ([`Seen`]).
+struct Recorder {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Vec<Seen>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Recorder {
+    fn start(fleet: Fleet, ns: String, uids: Vec<Uid>, marker: String) -> Self {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(vec![Vec::new(); uids.len()]));
+        let into = seen.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let agents = fleet.agents();
+                for (i, uid) in uids.iter().enumerate() {
+                    let Some(a) = agents.iter().find(|a| a.namespace == ns && a.uid == *uid) else {
+                        continue;
+                    };
+                    let now = Seen {
+                        desired: desired_hash(a),
+                        config_status: config_status(a),
+                        healthy: a.report.health.as_ref().map(|h| h.healthy),
+                        last_error: a
+                            .report
+                            .health
+                            .as_ref()
+                            .map(|h| h.last_error.clone())
+                            .unwrap_or_default(),
+                        effective_has_marker: effective(a).contains(&marker),
+                    };
+                    let mut seen = into.lock().unwrap();
+                    if seen[i].last() != Some(&now) {
+                        seen[i].push(now);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        Self { seen, task }
+    }
+
+    fn seen(&self, i: usize) -> Vec<Seen> {
+        self.seen.lock().unwrap()[i].clone()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Prints what an agent reported over time, shortening hashes (for the test's log).
+fn show(what: &str, seen: &[Seen]) -> String {
+    let short = |h: &str| h.chars().take(10).collect::<String>();
+    let mut out = format!("{what}:\n");
+    for s in seen {
+        let status = match &s.config_status {
+            Some((st, hash, err)) => format!("{} {} {err:?}", st.as_str_name(), short(hash)),
+            None => "none".into(),
+        };
+        out.push_str(&format!(
+            "  desired {} | remote config status {status} | healthy {:?} {:?} | effective has marker: {}\n",
+            short(&s.desired),
+            s.healthy,
+            s.last_error,
+            s.effective_has_marker
+        ));
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_config_the_collector_cannot_run_is_rolled_back_and_the_collector_is_healthy_again() {
+    let started = std::time::Instant::now();
+    let env = Env::new("otel-rb").await;
+    // The port v2's receiver binds: held by the test throughout.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let v2_endpoint = format!("127.0.0.1:{port}");
+    let sups = [env.logged_supervisor(), env.logged_supervisor()];
+    // Configs are given once the supervisors run their collectors (see
+    // collector_health_changes_show_in_the_status).
+    env.collectors_where(&sups, "both running", |a| a.report.effective_config.is_some()).await;
+
+    // v1: OTLP on a port the OS picks (`127.0.0.1:0`, which the collector accepts): one config
+    // for two collectors on one host, each listening on a port of its own.
+    env.apply(&agent_config_with("collectors", &collector("127.0.0.1:0", "debug"), ROLLBACK)).await;
+    let v1 = env
+        .status_of_all(&sups, "collectors", "v1 complete on both", |s| {
+            s.applied_agents == 2 && rollout_state(s) == Some(RolloutState::Complete)
+        })
+        .await;
+    let healthy_revision = v1.last_healthy_revision.clone().expect("a last healthy revision");
+    assert_eq!(v1.update_revision.as_ref(), Some(&healthy_revision));
+    assert_eq!(v1.current_revision.as_ref(), Some(&healthy_revision));
+    assert_eq!((v1.failed_agents, v1.unhealthy_agents), (0, 0), "{v1:#?}");
+    let runs_v1 = |a: &AgentSnapshot| {
+        let e = effective(a);
+        e.contains("endpoint: 127.0.0.1:0") && !e.contains(&v2_endpoint)
+    };
+    let agents = env.collectors_where(&sups, "both healthy on v1", |a| healthy(a) && runs_v1(a)).await;
+    let v1_hash = desired_hash(&agents[0]);
+    assert_eq!(desired_hash(&agents[1]), v1_hash);
+    eprintln!("v1 complete on both collectors after {:?}", started.elapsed());
+
+    // The first step (half of two) takes the collector with the lower rollout key.
+    let key = |a: &AgentSnapshot| rollout_key(&format!("{}/collectors", env.ns.name), &a.uid);
+    let (first, other) = if key(&agents[0]) < key(&agents[1]) { (0, 1) } else { (1, 0) };
+    let received_before: Vec<usize> = sups.iter().map(|s| s.received_config_hashes().len()).collect();
+    let recorder = Recorder::start(
+        env.op.fleet.clone(),
+        env.ns.name.clone(),
+        vec![agents[first].uid, agents[other].uid],
+        v2_endpoint.clone(),
+    );
+
+    // v2: valid (the supervisor's validation passes), but the collector cannot bind its port.
+    env.apply(&agent_config_with("collectors", &collector(&v2_endpoint, "debug"), ROLLBACK)).await;
+    let back = env
+        .status_of_all(
+            &sups,
+            "collectors",
+            "rolled back, and the collector that took v2 applied v1 again",
+            |s| rollout_state(s) == Some(RolloutState::RolledBack) && s.applied_agents == 2,
+        )
+        .await;
+    let agents = env
+        .collectors_where(&sups, "both healthy on v1 again", |a| {
+            healthy(a)
+                && runs_v1(a)
+                && desired_hash(a) == v1_hash
+                && config_status(a)
+                    .is_some_and(|(s, h, _)| s == RemoteConfigStatuses::Applied && h == v1_hash)
+        })
+        .await;
+    eprintln!("rolled back and healthy again after {:?}", started.elapsed());
+    let took = recorder.seen(0);
+    let spared = recorder.seen(1);
+    drop(recorder);
+    eprintln!("{}", show("the collector of the first step (v2, then v1 again)", &took));
+    eprintln!("{}", show("the other collector", &spared));
+
+    // The collector of the first step was given v2, reported it, and was given v1 again.
+    let v2_hash = took.iter().map(|s| s.desired.clone()).find(|h| *h != v1_hash).expect("v2 was sent");
+    assert_ne!(v2_hash, v1_hash);
+    let v2_failed = took.iter().any(|s| {
+        s.config_status
+            .as_ref()
+            .is_some_and(|(st, h, _)| *st == RemoteConfigStatuses::Failed && *h == v2_hash)
+    });
+    let v2_unhealthy = took.iter().any(|s| s.healthy == Some(false));
+    assert!(v2_failed || v2_unhealthy, "v2 neither failed nor made the collector unhealthy");
+    let received: Vec<Vec<String>> =
+        sups.iter().zip(&received_before).map(|(s, n)| s.received_config_hashes().split_off(*n)).collect();
+    assert_eq!(
+        received[first],
+        [v2_hash.clone(), v1_hash.clone()],
+        "configs the collector of the first step received since v1"
+    );
+    // The other collector was never sent anything: v2 never in its effective config, nor
+    // wanted for it.
+    assert_eq!(received[other], Vec::<String>::new(), "configs the other collector received since v1");
+    assert!(spared.iter().all(|s| s.desired == v1_hash && !s.effective_has_marker), "{spared:#?}");
+    assert!(healthy(&agents[other]) && runs_v1(&agents[other]));
+
+    // Status: which gate tripped (the one the supervisor's reports decide), what runs where.
+    let r = back.rollout.as_ref().unwrap();
+    let gate = r.tripped.as_ref().expect("the tripped gate").gate.clone();
+    assert_eq!(gate, if v2_failed { "FailedRatio" } else { "UnhealthyRatio" }, "{r:#?}");
+    assert_eq!(r.rolled_back_to.as_ref(), Some(&healthy_revision));
+    assert_eq!(back.last_healthy_revision.as_ref(), Some(&healthy_revision));
+    assert_eq!(back.current_revision.as_ref(), Some(&healthy_revision));
+    let update_revision = back.update_revision.clone().expect("an update revision");
+    assert_ne!(update_revision, healthy_revision);
+    assert_eq!(back.updated_agents, 0, "{back:#?}");
+    let (status, reason, message) = condition(&back, "Degraded");
+    assert_eq!((status, reason), ("True", "RolledBack"), "{message}");
+    assert!(message.contains(&format!("gate {gate}")) && message.contains(&healthy_revision), "{message}");
+    // A Warning Event says so.
+    let events = eventually(T, "a RolledBack event", || async {
+        let events = env.events("RolledBack").await;
+        (!events.is_empty()).then_some(events)
+    })
+    .await;
+    assert!(events.iter().all(|(t, _)| t == "Warning"), "{events:?}");
+    // `kubectl get controllerrevisions` lists both revisions.
+    let mut revisions = env.kubectl_revisions().await;
+    revisions.sort();
+    let mut want = vec![healthy_revision.clone(), update_revision];
+    want.sort();
+    assert_eq!(revisions, want);
+    // Argo CD shows it Degraded, saying why.
+    let object = env.ns.api::<AgentConfig>().get("collectors").await.unwrap();
+    let health = common::argocd::health(&serde_json::to_value(object).unwrap());
+    assert_eq!(health.status, "Degraded");
+    assert!(health.message.starts_with(&format!("RolledBack: gate {gate}")), "{}", health.message);
+
+    drop(taken);
+    for mut sup in sups {
+        sup.stop().await;
+    }
+    env.stop().await;
+    eprintln!("test took {:?}", started.elapsed());
+}
+
+/// A collector config whose pipeline exports with `exporter` (configured by `settings`).
+fn collector_exporting(exporter: &str, settings: &str) -> String {
+    format!(
+        r#"receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: 127.0.0.1:0
+exporters:
+  {exporter}: {settings}
+service:
+  pipelines:
+    traces:
+      receivers: [otlp]
+      exporters: [{exporter}]
+"#
+    )
+}
+
+#[tokio::test]
+async fn a_config_using_an_exporter_the_build_lacks_is_never_sent_and_reported_incompatible() {
+    let started = std::time::Instant::now();
+    let env = Env::new("otel-compat").await;
+    let sups = [env.logged_supervisor(), env.logged_supervisor()];
+    let agents = env
+        .collectors_where(&sups, "both running, their components reported", |a| {
+            a.report.effective_config.is_some()
+                && a.report.available_components.as_ref().is_some_and(|c| !c.components.is_empty())
+        })
+        .await;
+    for a in &agents {
+        let available = a.report.available_components.as_ref().unwrap();
+        assert!(!components(available, "exporters").contains(&"otlphttp".to_owned()), "{available:#?}");
+    }
+    // A config the build can run first.
+    env.apply(&agent_config("collectors", &collector_exporting("debug", "{sampling_initial: 3}"))).await;
+    env.status_of_all(&sups, "collectors", "applied by both", |s| s.applied_agents == 2).await;
+    let agents = env
+        .collectors_where(&sups, "both healthy on it", |a| {
+            healthy(a)
+                && effective(a).contains("sampling_initial: 3")
+                && config_status(a)
+                    .is_some_and(|(s, h, _)| s == RemoteConfigStatuses::Applied && h == desired_hash(a))
+        })
+        .await;
+    let good_hash = desired_hash(&agents[0]);
+    let good_effective: Vec<String> = agents.iter().map(effective).collect();
+    let received_before: Vec<usize> = sups.iter().map(|s| s.received_config_hashes().len()).collect();
+    let saved_before: Vec<_> =
+        sups.iter().map(|s| s.persistent_state().unwrap().last_remote_config_status).collect();
+
+    // The build has no otlphttp exporter: the config is not sent, and the status says why.
+    env.apply(&agent_config(
+        "collectors",
+        &collector_exporting("otlphttp", "{endpoint: http://127.0.0.1:9}"),
+    ))
+    .await;
+    let status = env
+        .status_of_all(&sups, "collectors", "both collectors incompatible", |s| {
+            s.observed_generation == Some(2) && s.incompatible_agents == 2
+        })
+        .await;
+    assert_eq!(
+        (status.selected_agents, status.applied_agents, status.failed_agents),
+        (2, 0, 0),
+        "{status:#?}"
+    );
+    let uids: std::collections::BTreeSet<String> = agents.iter().map(|a| a.uid.to_string()).collect();
+    let named: std::collections::BTreeSet<String> = status
+        .failures
+        .iter()
+        .filter(|f| f.message.contains("exporters/otlphttp"))
+        .map(|f| f.instance_uid.clone())
+        .collect();
+    assert_eq!(named, uids, "each collector is named with the missing exporter: {:#?}", status.failures);
+    let (degraded, reason, message) = condition(&status, "Degraded");
+    assert_eq!((degraded, reason), ("True", "ComponentsMissing"), "{message}");
+    assert!(message.contains("exporters/otlphttp"), "{message}");
+    // The collectors keep running the previous config: nothing was sent, nothing changed.
+    let agents = env.collectors_where(&sups, "still healthy", healthy).await;
+    for (i, a) in agents.iter().enumerate() {
+        assert_eq!(effective(a), good_effective[i], "the effective config is unchanged");
+        assert_eq!(
+            config_status(a).map(|(s, h, _)| (s, h)),
+            Some((RemoteConfigStatuses::Applied, good_hash.clone()))
+        );
+        assert_eq!(sups[i].received_config_hashes().len(), received_before[i], "nothing was sent");
+        assert_eq!(sups[i].persistent_state().unwrap().last_remote_config_status, saved_before[i]);
+    }
+
+    // Fixed: it reaches both collectors.
+    env.apply(&agent_config("collectors", &collector_exporting("debug", "{sampling_initial: 7}"))).await;
+    let status = env
+        .status_of_all(&sups, "collectors", "the fixed config applied by both", |s| {
+            s.observed_generation == Some(3) && s.applied_agents == 2 && s.incompatible_agents == 0
+        })
+        .await;
+    assert_eq!(condition(&status, "Degraded").0, "False", "{status:#?}");
+    env.collectors_where(&sups, "both healthy on the fixed config", |a| {
+        healthy(a) && effective(a).contains("sampling_initial: 7")
+    })
+    .await;
+    for mut sup in sups {
+        sup.stop().await;
+    }
+    env.stop().await;
+    eprintln!("test took {:?}", started.elapsed());
 }

@@ -110,3 +110,83 @@ impl Drop for Supervisor {
 fn signal(sig: &str, target: &str) {
     let _ = std::process::Command::new("kill").args([sig, "--", target]).stderr(Stdio::null()).status();
 }
+
+/// The supervisor's own log at debug level, appended to [`config`]: it then logs each remote
+/// config it receives, with its hash ("Received remote config from server"), which
+/// [`Supervisor::received_config_hashes`] reads.
+pub const DEBUG_LOGS: &str = "telemetry:\n  logs:\n    level: debug\n";
+
+/// What the supervisor keeps of itself in its storage (`persistent_state.yaml`): its instance
+/// uid and the last remote config status it reported.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+pub struct PersistentState {
+    /// The instance uid it reports (a UUID).
+    #[serde(default)]
+    pub instance_id: String,
+    #[serde(default)]
+    pub last_remote_config_status: Option<SavedConfigStatus>,
+}
+
+/// The last RemoteConfigStatus the supervisor reported, as it saved it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+pub struct SavedConfigStatus {
+    /// The `RemoteConfigStatuses` number (1 APPLIED, 2 APPLYING, 3 FAILED).
+    #[serde(default)]
+    pub status: i32,
+    /// The hash of the remote config it is about, as the supervisor writes it.
+    #[serde(default)]
+    pub last_remote_config_hash: String,
+    #[serde(default)]
+    pub error_message: String,
+}
+
+impl Supervisor {
+    /// [`Supervisor::spawn`] with the configuration [`config`] writes passed through `edit`
+    /// first (e.g. another `config_apply_timeout`, or [`DEBUG_LOGS`] appended).
+    pub fn spawn_with(endpoint: &str, token: &str, edit: impl FnOnce(String) -> String) -> Self {
+        let dir = std::env::temp_dir().join(format!("opamp-supervisor-{}", uuid::Uuid::new_v4()));
+        let storage = dir.join("storage");
+        std::fs::create_dir_all(&storage).unwrap();
+        let path = dir.join("supervisor.yaml");
+        let yaml = edit(config(endpoint, token, &tool("otelcol-opamp-test"), &storage));
+        std::fs::write(&path, yaml).unwrap();
+        let log = std::fs::File::create(dir.join("supervisor.log")).unwrap();
+        let child = Command::new(tool("opampsupervisor"))
+            .arg("--config")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn opampsupervisor");
+        let group = child.id().expect("a running child has a pid");
+        Self { child, group, dir }
+    }
+
+    /// The supervisor's persistent state, once it wrote it.
+    pub fn persistent_state(&self) -> Option<PersistentState> {
+        let text = std::fs::read_to_string(self.dir.join("storage").join("persistent_state.yaml")).ok()?;
+        serde_yaml::from_str(&text).ok()
+    }
+
+    /// The hashes (lowercase hex) of the remote configs the supervisor received from the
+    /// server, in order: one per AgentRemoteConfig message it processed. Only logged with
+    /// [`DEBUG_LOGS`].
+    pub fn received_config_hashes(&self) -> Vec<String> {
+        let log = std::fs::read_to_string(self.dir.join("supervisor.log")).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("Received remote config from server"))
+            .filter_map(logged_hash)
+            .collect()
+    }
+}
+
+/// The value of the `hash` field of a supervisor log line (console or JSON encoding).
+fn logged_hash(line: &str) -> Option<String> {
+    let rest = &line[line.find("\"hash\"")? + "\"hash\"".len()..];
+    let rest = rest.trim_start_matches([':', ' ', '"']);
+    let hex: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
+    Some(hex.to_ascii_lowercase())
+}
