@@ -478,6 +478,18 @@ impl Env {
             .collect()
     }
 
+    /// The namespace's rows of the operator's agents listing (`GET
+    /// /api/v1/namespaces/{ns}/agents`, as a cluster admin), by instance uid.
+    async fn listed_agents(&self) -> std::collections::BTreeMap<String, Value> {
+        let url = self.api_url(&format!("/api/v1/namespaces/{}/agents", self.ns.name));
+        let admin = common::cluster::cluster().await.admin_token.clone();
+        let resp = reqwest::Client::new().get(&url).bearer_auth(admin).send().await.expect("GET agents");
+        assert_eq!(resp.status(), 200, "{url}");
+        let body: Value = serde_json::from_slice(&resp.bytes().await.expect("a listing")).expect("JSON");
+        let rows = body["agents"].as_array().cloned().unwrap_or_default();
+        rows.into_iter().map(|r| (r["instanceUid"].as_str().unwrap_or_default().to_owned(), r)).collect()
+    }
+
     /// The Events of the namespace with this reason: (type, message).
     async fn events(&self, reason: &str) -> Vec<(String, String)> {
         let events: kube::Api<KubeEvent> = self.ns.api();
@@ -665,6 +677,16 @@ async fn a_config_the_collector_cannot_run_is_rolled_back_and_the_collector_is_h
     assert_eq!(received[other], Vec::<String>::new(), "configs the other collector received since v1");
     assert!(spared.iter().all(|s| s.desired == v1_hash && !s.effective_has_marker), "{spared:#?}");
     assert!(healthy(&agents[other]) && runs_v1(&agents[other]));
+    // What the operator's agents listing shows: both healthy, both running v1.
+    let listed = env.listed_agents().await;
+    assert_eq!(listed.len(), 2, "{listed:#?}");
+    for a in &agents {
+        let row = &listed[&a.uid.to_string()];
+        assert_eq!(row["healthy"], true, "{row:#}");
+        assert_eq!(row["remoteConfig"]["status"], "APPLIED", "{row:#}");
+        assert_eq!(row["remoteConfig"]["hash"], v1_hash.as_str(), "{row:#}");
+        assert_eq!(row["desiredHash"], v1_hash.as_str(), "{row:#}");
+    }
 
     // Status: which gate tripped (the one the supervisor's reports decide), what runs where.
     let r = back.rollout.as_ref().unwrap();
@@ -794,6 +816,16 @@ async fn a_config_using_an_exporter_the_build_lacks_is_never_sent_and_reported_i
         );
         assert_eq!(sups[i].received_config_hashes().len(), received_before[i], "nothing was sent");
         assert_eq!(sups[i].persistent_state().unwrap().last_remote_config_status, saved_before[i]);
+    }
+    // The operator's agents listing: APPLIED with the previous hash, and no other config wanted
+    // for them.
+    let listed = env.listed_agents().await;
+    for a in &agents {
+        let row = &listed[&a.uid.to_string()];
+        assert_eq!(row["healthy"], true, "{row:#}");
+        assert_eq!(row["remoteConfig"]["status"], "APPLIED", "{row:#}");
+        assert_eq!(row["remoteConfig"]["hash"], good_hash.as_str(), "{row:#}");
+        assert_eq!(row["desiredHash"], good_hash.as_str(), "{row:#}");
     }
 
     // Fixed: it reaches both collectors.
