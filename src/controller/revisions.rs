@@ -442,4 +442,63 @@ spec:
         let (refs, _) = Refs::new();
         assert!(super::files(&rev, "team-a", &refs).unwrap_err().contains("does not hold the files"));
     }
+
+    /// A writer whose jobs land in the returned receiver.
+    fn writer() -> (Writer, mpsc::Receiver<Job>) {
+        let (jobs, rx) = mpsc::channel(QUEUE);
+        (Writer { jobs, sent: HashMap::new() }, rx)
+    }
+
+    fn stored(name: &str, revision: i64) -> Arc<ControllerRevision> {
+        let config = config();
+        Arc::new(ControllerRevision {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("team-a".into()),
+                owner_references: Some(vec![owner(&config, "u-1".into())]),
+                ..Default::default()
+            },
+            data: None,
+            revision,
+        })
+    }
+
+    fn drain(rx: &mut mpsc::Receiver<Job>) -> Vec<String> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|job| match job {
+                Job::Create(r) => format!("create {} #{}", r.name_any(), r.revision),
+                Job::Renumber { name, revision, .. } => format!("renumber {name} #{revision}"),
+                Job::Delete { name, .. } => format!("delete {name}"),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_leader_creates_renumbers_and_prunes_revisions_keeping_the_ones_status_names() {
+        let mut config = config();
+        config.spec.revision_history_limit = Some(2);
+        let files = resolved();
+        let hash = hash_files(files.iter());
+        let update = name("edge", &hash);
+        let wanted =
+            |keep: Vec<String>| Wanted { config: &config, update: (update.clone(), hash, &files), keep };
+        let (mut w, mut rx) = writer();
+        // None yet: the update revision is created, numbered 1; asked again at once, not again.
+        w.reconcile(&wanted(vec![]), &[]);
+        w.reconcile(&wanted(vec![]), &[]);
+        assert_eq!(drain(&mut rx), [format!("create {update} #1")]);
+        // A spec back to older files: that revision is renumbered after the newest.
+        let (mut w, mut rx) = writer();
+        let held = [stored(&update, 1), stored("edge-b", 2), stored("edge-c", 3)];
+        w.reconcile(&wanted(vec!["edge-c".into()]), &held);
+        // Three held, two kept: the oldest the status does not name goes (edge-b; the update
+        // revision and edge-c are kept).
+        assert_eq!(drain(&mut rx), [format!("renumber {update} #4"), "delete edge-b".to_owned()]);
+        // Another AgentConfig's revisions are not ours to count or prune.
+        let (mut w, mut rx) = writer();
+        let mut foreign = (*stored("other-a", 1)).clone();
+        foreign.metadata.owner_references = Some(vec![owner(&config, "u-2".into())]);
+        w.reconcile(&wanted(vec![]), &[stored(&update, 1), Arc::new(foreign)]);
+        assert!(drain(&mut rx).is_empty());
+    }
 }
