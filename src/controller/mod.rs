@@ -527,6 +527,18 @@ impl Controller {
         };
         let mut counts: HashMap<&str, NamespaceStatus<'_>> =
             peer::count(&self.fleet, self.gather.peers(), &namespaces);
+        // The revisions of those namespaces, gathered in one pass.
+        let mut revisions: HashMap<String, Vec<Arc<ControllerRevision>>> = HashMap::new();
+        if let Some((cache, _)) = &self.revisions
+            && !namespaces.is_empty()
+        {
+            let wanted: HashSet<&str> = namespaces.iter().map(|(ns, _)| ns.as_str()).collect();
+            for r in cache.state() {
+                if let Some(ns) = r.metadata.namespace.as_deref().filter(|ns| wanted.contains(ns)) {
+                    revisions.entry(ns.to_owned()).or_default().push(r);
+                }
+            }
+        }
         let mut active = HashSet::new();
         for (ns, idx) in &namespaces {
             let Some(mut st) = counts.remove(ns.as_str()) else { continue };
@@ -540,7 +552,7 @@ impl Controller {
             }
             let since = self.failure_since.entry(ns.clone()).or_default();
             let config_statuses = st.agent_configs(&now, since, &self.rollouts);
-            self.write_revisions(ns, idx, &config_statuses);
+            self.write_revisions(idx, &config_statuses, revisions.get(ns).map_or(&[], Vec::as_slice));
             let slot_statuses = st.capability_slots(&now, &self.routes);
             for (config, status) in idx.configs.iter().zip(config_statuses) {
                 let cached = config.object.status.clone().map(Status::Config);
@@ -607,10 +619,13 @@ impl Controller {
 
     /// Brings the revisions of a namespace's AgentConfigs to what their statuses say (leader
     /// only; see [`revisions`]).
-    fn write_revisions(&mut self, ns: &str, idx: &NamespaceIndex, statuses: &[AgentConfigStatus]) {
-        let Some((cache, writer)) = self.revisions.as_mut() else { return };
-        let in_ns: Vec<Arc<ControllerRevision>> =
-            cache.state().into_iter().filter(|r| r.metadata.namespace.as_deref() == Some(ns)).collect();
+    fn write_revisions(
+        &mut self,
+        idx: &NamespaceIndex,
+        statuses: &[AgentConfigStatus],
+        in_ns: &[Arc<ControllerRevision>],
+    ) {
+        let Some((_, writer)) = self.revisions.as_mut() else { return };
         for (config, status) in idx.configs.iter().zip(statuses) {
             let (Some(source), Some(hash), Some(update)) =
                 (&config.source, config.own_hash, &config.update_revision)
@@ -625,7 +640,7 @@ impl Controller {
                 update: (update.clone(), hash, &source.files),
                 keep: keep.into_iter().flatten().collect(),
             };
-            writer.reconcile(&wanted, &in_ns);
+            writer.reconcile(&wanted, in_ns);
         }
     }
 
