@@ -386,6 +386,39 @@ async fn a_tripped_gate_rolls_the_admitted_agents_back_to_the_last_healthy_revis
     env.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_rollout_holds_until_resumed() {
+    use opamp_operator::api::RolloutState;
+    let env = TestEnv::new("e2e-paused").with_token("tok-pause").start().await;
+    let url = env.ws_url();
+    let agents: Vec<RunningAgent> =
+        (0..4).map(|_| RunningAgent::spawn(url.clone(), Some("tok-pause".into()), spec("edge"))).collect();
+    eventually(T, "4 agents connected", || async { (env.op.fleet.connected_count() == 4).then_some(()) })
+        .await;
+    let paused = "  rollout: {strategy: Progressive, steps: [25, 50], paused: true}\n";
+    env.apply(&agent_config("edge", "{}", &inline("edge.yaml", "v: 1"), paused)).await;
+    let held = status_where(&env, "edge", "paused", |s| {
+        s.selected_agents == 4 && s.rollout.as_ref().is_some_and(|r| r.state == RolloutState::Paused)
+    })
+    .await;
+    assert_eq!((held.pending_agents, held.applied_agents), (4, 0), "{held:?}");
+    assert_eq!(condition(&held, "Ready").1, "RolloutPaused");
+    let object: kube::Api<AgentConfig> = env.ns.api();
+    let json = serde_json::to_value(object.get("edge").await.unwrap()).unwrap();
+    assert_eq!(common::argocd::health(&json).status, "Suspended");
+    assert!(agents.iter().all(|a| a.configs_received() == 0), "nobody is given a paused rollout's config");
+    let resumed = "  rollout: {strategy: Progressive, steps: [25, 50], paused: false}\n";
+    env.apply(&agent_config("edge", "{}", &inline("edge.yaml", "v: 1"), resumed)).await;
+    status_where(&env, "edge", "complete once resumed", |s| {
+        s.applied_agents == 4 && s.rollout.as_ref().is_some_and(|r| r.state == RolloutState::Complete)
+    })
+    .await;
+    for a in agents {
+        a.stop().await;
+    }
+    env.stop().await;
+}
+
 #[tokio::test]
 async fn an_unreachable_api_server_is_a_clear_error() {
     let mut config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());

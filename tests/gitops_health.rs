@@ -136,6 +136,21 @@ fn not_ready_without_degraded_is_progressing() {
 }
 
 #[test]
+fn a_paused_rollout_is_suspended() {
+    let paused = "paused at step 1: 2/8 agents applied; set rollout.paused to false to go on";
+    let o = with_status(
+        2,
+        2,
+        &[
+            (READY, false, "RolloutPaused", paused),
+            (PROGRESSING, false, "RolloutPaused", paused),
+            (DEGRADED, false, "AsExpected", ""),
+        ],
+    );
+    assert_eq!(argocd::health(&o), health("Suspended", &format!("RolloutPaused: {paused}")));
+}
+
+#[test]
 fn a_rollback_is_degraded_naming_the_gate() {
     let o = with_status(
         4,

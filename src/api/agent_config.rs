@@ -116,6 +116,10 @@ pub struct Rollout {
     /// The health gates, watched at every step and during the soak; see each for its default.
     #[serde(default)]
     pub gates: Gates,
+    /// Holds the rollout at its current step: no more agents are given the new version (the
+    /// gates are still watched) until it is set back to false. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
     /// How long the gates are still watched once the last step is done, before the rollout is
     /// complete and its revision becomes the last healthy one. Default 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -292,6 +292,11 @@ impl Tracker {
             });
             return true;
         }
+        if rollout.paused {
+            // Held where it is: nothing new admitted, no step taken (a hold starts over after).
+            self.settled_since = None;
+            return false;
+        }
         let steps = steps(rollout);
         let started = *self.step_started.get_or_insert(now);
         if admitted.len() < target(agents.len(), steps[self.step]) {
@@ -681,5 +686,27 @@ mod tests {
         assert_eq!(resumed.end, t.end, "a new leader keeps the rollback");
         let retried = Tracker::resume([1; 32], "sha256:01", Some(1), Some("1".into()), Some(&status));
         assert_eq!(retried, Tracker::new([1; 32], Some(1), Some("1".into())), "a retry starts over");
+    }
+
+    #[test]
+    fn a_paused_rollout_admits_no_one_more_but_its_gates_still_trip() {
+        let r = Rollout { paused: true, ..gated(OnFailure::Halt, Default::default()) };
+        let now = Instant::now();
+        let mut t = Tracker::new([1; 32], Some(1), None);
+        let mut agents: Vec<AgentFacts> = (0..10).map(|i| agent(i, false, false)).collect();
+        assert!(!t.advance(&r, &agents, now, NONE), "paused before its first step: nobody");
+        assert_eq!(t.admitted_up_to, None);
+        let r = Rollout { paused: false, min_healthy_seconds: Some(0), ..r };
+        t.advance(&r, &agents, now, NONE);
+        apply(&t, &mut agents);
+        let paused = Rollout { paused: true, ..r.clone() };
+        let before = (t.step, t.admitted_up_to);
+        assert!(!t.advance(&paused, &agents, now + Duration::from_secs(60), NONE));
+        assert_eq!((t.step, t.admitted_up_to), before, "held at its step");
+        for i in admitted_indices(&t, &agents) {
+            agents[i].failed = true;
+        }
+        assert!(t.advance(&paused, &agents, now + Duration::from_secs(61), NONE));
+        assert_eq!(t.state(), RolloutState::Halted, "a paused rollout's gates still trip");
     }
 }

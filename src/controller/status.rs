@@ -175,8 +175,10 @@ impl<'a> NamespaceStatus<'a> {
                     .and_then(|s| rollouts.get(&s.key))
                     .filter(|t| Some(t.hash) == config.own_hash);
                 let settled = c.pending == 0 && c.applying == 0;
+                let paused = config.object.spec.rollout.paused;
                 let rollout = match tracker {
                     Some(t) if t.stopped() => t.status(t.state()),
+                    Some(t) if paused && !t.complete() => t.status(RolloutState::Paused),
                     Some(t) if !(t.complete() && settled) => t.status(RolloutState::Progressing),
                     Some(t) => t.status(RolloutState::Complete),
                     None => RolloutStatus {
@@ -349,6 +351,14 @@ fn config_conditions(
                 c.failed
             ),
         )
+    } else if state == RolloutState::Paused {
+        let msg =
+            format!("paused at step {}: {progress}; set rollout.paused to false to go on", rollout.step);
+        vec![
+            Desired::new(READY, false, "RolloutPaused", msg.clone()),
+            Desired::new(PROGRESSING, false, "RolloutPaused", msg),
+            Desired::new(DEGRADED, false, "AsExpected", ""),
+        ]
     } else if c.incompatible > 0 {
         let msg = format!(
             "{} of {} agents lack collector components the files use and are not sent them{}",
