@@ -4,7 +4,7 @@ SHELL := bash
 CARGO ?= cargo
 export OPAMP_TOOLS_BIN := $(CURDIR)/target/tools/bin
 
-.PHONY: all build test unit lint fmt crds tools tools-interop tools-k8s tools-otel tools-bench demo bench
+.PHONY: all build test unit lint fmt crds tools tools-interop tools-k8s tools-otel tools-bench demo bench fuzz
 
 all: build
 
@@ -69,3 +69,18 @@ demo:
 bench: tools-bench tools-k8s
 	nice -n 10 $(CARGO) build --release
 	BENCH_COMMAND="make bench" tests/bench/run
+
+## fuzz: coverage-guided fuzzing (cargo-fuzz + libFuzzer, nightly toolchain) of the wire decoders
+## and the session state machine, FUZZ_SECONDS per target (default 60); each target keeps its
+## corpus in fuzz/corpus/<target> and its log in fuzz/target/<target>.log, a crash stops the run
+## with its reproducer in fuzz/artifacts/<target>. The same checks run briefly on stable in
+## `cargo test --test properties`.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= ws_frame gzip_body agent_to_server session_sequence
+fuzz:
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && mkdir -p target && for t in $(FUZZ_TARGETS); do \
+	  mkdir -p corpus/$$t; \
+	  $(CARGO) +nightly fuzz run $$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	    2>&1 | tee target/$$t.log | grep -E '^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units|==[0-9]+== ERROR|SUMMARY)' ; \
+	done

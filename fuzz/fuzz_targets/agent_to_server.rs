@@ -1,0 +1,7 @@
+//! Fuzz target: `wire_invariants::agent_to_server` on raw bytes (see tests/wire_invariants/mod.rs).
+#![no_main]
+
+#[path = "../../tests/wire_invariants/mod.rs"]
+mod wire_invariants;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| wire_invariants::agent_to_server(data));
