@@ -60,6 +60,9 @@ impl Changes {
 /// Error texts agents report (remote config status, health) are kept up to this many bytes:
 /// they end up in status objects and Events, which the API server bounds.
 pub const MAX_ERROR_MESSAGE_BYTES: usize = 1024;
+/// Config hashes agents report are kept up to this many bytes: the server's own are 32, so a
+/// longer one is never a config it sent, and cut it cannot pass for one (it stays longer than 32).
+pub const MAX_CONFIG_HASH_BYTES: usize = 64;
 
 /// The parts [`AgentReport::fit`] drops first, in order: the largest and least needed go first;
 /// the description (what selectors match) last.
@@ -242,6 +245,7 @@ impl Session {
         }
         if let Some(s) = &mut msg.remote_config_status {
             truncate_utf8(&mut s.error_message, MAX_ERROR_MESSAGE_BYTES);
+            s.last_remote_config_hash.truncate(MAX_CONFIG_HASH_BYTES);
         }
         if let Some(h) = &mut msg.health {
             truncate_utf8(&mut h.last_error, MAX_ERROR_MESSAGE_BYTES);
