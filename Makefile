@@ -46,7 +46,7 @@ crds:
 ## local kube-apiserver + etcd). The cluster is brought up once for the whole run and always taken
 ## down afterwards, whether the tests pass, fail or are interrupted.
 test: tools-interop tools-k8s tools-otel lint
-	trap 'tests/tools/local-cluster down' EXIT; \
+	trap 'tests/tools/local-cluster down; LOCAL_CLUSTER_DIR=$(CURDIR)/target/local-cluster-faults tests/tools/local-cluster down' EXIT; \
 	tests/tools/local-cluster up; \
 	$(CARGO) test --all-targets --no-fail-fast
 
