@@ -53,24 +53,7 @@ pub struct Supervisor {
 impl Supervisor {
     /// Starts a supervisor connecting to `endpoint` (ws://… or http://…/v1/opamp).
     pub fn spawn(endpoint: &str, token: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("opamp-supervisor-{}", uuid::Uuid::new_v4()));
-        let storage = dir.join("storage");
-        std::fs::create_dir_all(&storage).unwrap();
-        let path = dir.join("supervisor.yaml");
-        std::fs::write(&path, config(endpoint, token, &tool("otelcol-opamp-test"), &storage)).unwrap();
-        let log = std::fs::File::create(dir.join("supervisor.log")).unwrap();
-        let child = Command::new(tool("opampsupervisor"))
-            .arg("--config")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn opampsupervisor");
-        let group = child.id().expect("a running child has a pid");
-        Self { child, group, dir }
+        Self::spawn_with(endpoint, token, |yaml| yaml)
     }
 
     /// The supervisor's log and the collector's (for failure messages).
