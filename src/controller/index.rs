@@ -78,21 +78,23 @@ impl ResolvedConfig {
         self.object.spec.rollout.strategy == RolloutStrategy::Progressive
     }
 
+    /// The revision the admitted agents are given instead of the spec's files, once rolled back.
+    pub fn rollback(&self) -> Option<&Revision> {
+        match &self.fallback {
+            Some((_, Ok(revision))) if self.rolled_back => Some(revision),
+            _ => None,
+        }
+    }
+
     /// The files agents the rollout admitted get: the spec's, or the fallback's once rolled back.
     pub fn effective(&self) -> Option<&Source> {
-        match &self.fallback {
-            Some((_, Ok(revision))) if self.rolled_back => Some(&revision.source),
-            _ => self.source.as_ref(),
-        }
+        self.rollback().map(|r| &r.source).or(self.source.as_ref())
     }
 
     /// The collector components an agent reporting `report` lacks for the files it would get
     /// (`None`: none missing, or the agent reports no components).
     pub fn missing(&self, report: &AgentReport) -> Option<Vec<String>> {
-        let needed = match &self.fallback {
-            Some((_, Ok(revision))) if self.rolled_back => &revision.needed,
-            _ => &self.needed,
-        };
+        let needed = self.rollback().map_or(&self.needed, |r| &r.needed);
         if needed.is_empty() {
             return None;
         }
@@ -179,7 +181,7 @@ impl NamespaceIndex {
     pub fn same_plan(&self, other: &NamespaceIndex) -> bool {
         let config = |c: &ResolvedConfig| {
             let m = &c.object.metadata;
-            let fallback = c.rolled_back.then(|| c.effective().map(|s| merge::hash_files(s.files.iter())));
+            let fallback = c.rollback().map(|r| r.hash);
             (m.uid.clone(), m.generation, c.own_hash, c.admission, c.source.is_some(), fallback)
         };
         let slot = |s: &Arc<CapabilitySlot>| (s.metadata.uid.clone(), s.metadata.generation);

@@ -213,8 +213,8 @@ pub fn fingerprint(idx: &NamespaceIndex) -> u64 {
             Admission::Nobody => h.update([3]),
         }
         h.update([u8::from(c.source.is_some()), u8::from(c.tracking), u8::from(c.rolled_back)]);
-        if let Some(source) = c.effective().filter(|_| c.rolled_back) {
-            h.update(super::merge::hash_files(source.files.iter()));
+        if let Some(revision) = c.rollback() {
+            h.update(revision.hash);
         }
     }
     h.update([0xff]);
