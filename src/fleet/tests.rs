@@ -321,6 +321,41 @@ fn reconnecting_agent_that_has_the_config_is_not_sent_it_again() {
 }
 
 #[test]
+fn an_agent_restarted_without_its_config_is_offered_it_again() {
+    let fleet = Fleet::default();
+    let cfg = config("a");
+    let health = ComponentHealth { healthy: true, ..Default::default() };
+    let effective = EffectiveConfig { config_map: Some(AgentConfigMap::default()) };
+    let mut conn = ws(&fleet);
+    let applied = AgentToServer {
+        remote_config_status: Some(status(&cfg, RemoteConfigStatuses::Applied)),
+        health: Some(health),
+        effective_config: Some(effective),
+        ..first(UID)
+    };
+    fleet.handle(&mut conn, applied).unwrap();
+    fleet.set_remote_config(&key(UID), Some(cfg.clone()));
+    assert_eq!(fleet.poll_push(&conn), None, "the agent runs it");
+    fleet.connection_closed(&conn);
+    // The agent restarted and lost its config: it begins again at 0 with everything it has,
+    // which is no remote config, health or effective config. What it reported before is gone.
+    let mut conn = ws(&fleet);
+    let reply = fleet.handle(&mut conn, first(UID)).unwrap();
+    assert_eq!(reply.remote_config, Some((*cfg).clone()), "offered again after a restart");
+    let r = fleet.agent(&key(UID)).unwrap().report;
+    assert_eq!((r.remote_config_status, r.health, r.effective_config), (None, None, None));
+    // The same holds for the full state the server asks for after a gap.
+    let applied = AgentToServer {
+        remote_config_status: Some(status(&cfg, RemoteConfigStatuses::Applied)),
+        ..msg(UID, 1)
+    };
+    fleet.handle(&mut conn, applied).unwrap();
+    assert_eq!(fleet.handle(&mut conn, msg(UID, 5)).unwrap().flags, FULL_STATE);
+    let full = AgentToServer { agent_description: Some(description("checkout")), ..msg(UID, 6) };
+    assert_eq!(fleet.handle(&mut conn, full).unwrap().remote_config, Some((*cfg).clone()));
+}
+
+#[test]
 fn a_new_connection_re_offers_a_config_the_agent_never_reported() {
     let fleet = Fleet::default();
     let mut conn = ws(&fleet);

@@ -216,6 +216,12 @@ impl Session {
             Some(prev) => seq == prev.wrapping_add(1) || seq == 0,
             None => seq == 0,
         };
+        // A full report replaces what the agent reported before: the first message of a
+        // restarted agent (a new sequence), or the full state the server asked for. A part it
+        // does not carry, the agent does not have (e.g. a restarted agent that lost its remote
+        // config must be offered it again, not taken to still run it).
+        let full_report = msg.agent_description.is_some()
+            && ((seq == 0 && self.last_seq.is_some_and(|prev| prev != u64::MAX)) || self.awaiting_full_state);
         self.last_seq = Some(seq);
         if !in_sequence {
             self.awaiting_full_state = true;
@@ -249,6 +255,33 @@ impl Session {
         }
         if let Some(h) = &mut msg.health {
             truncate_utf8(&mut h.last_error, MAX_ERROR_MESSAGE_BYTES);
+        }
+        if full_report {
+            forget_absent(&mut r.health, msg.health.is_some(), Changes::HEALTH, &mut out.changes);
+            forget_absent(
+                &mut r.effective_config,
+                msg.effective_config.is_some(),
+                Changes::EFFECTIVE_CONFIG,
+                &mut out.changes,
+            );
+            forget_absent(
+                &mut r.remote_config_status,
+                msg.remote_config_status.is_some(),
+                Changes::REMOTE_CONFIG_STATUS,
+                &mut out.changes,
+            );
+            forget_absent(
+                &mut r.package_statuses,
+                msg.package_statuses.is_some(),
+                Changes::PACKAGE_STATUSES,
+                &mut out.changes,
+            );
+            forget_absent(
+                &mut r.custom_capabilities,
+                msg.custom_capabilities.is_some(),
+                Changes::CUSTOM_CAPABILITIES,
+                &mut out.changes,
+            );
         }
         keep_latest(&mut r.description, msg.agent_description.take(), Changes::DESCRIPTION, &mut out.changes);
         keep_latest(&mut r.health, msg.health.take(), Changes::HEALTH, &mut out.changes);
@@ -372,6 +405,13 @@ pub fn truncate_utf8(s: &mut String, max: usize) {
     if s.len() > max {
         let cut = (0..=max).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
         s.truncate(cut);
+    }
+}
+
+/// Drops a kept part a full report does not carry.
+fn forget_absent<T>(slot: &mut Option<T>, present: bool, flag: Changes, changes: &mut Changes) {
+    if !present && slot.take().is_some() {
+        *changes |= flag;
     }
 }
 
