@@ -4,7 +4,7 @@ SHELL := bash
 CARGO ?= cargo
 export OPAMP_TOOLS_BIN := $(CURDIR)/target/tools/bin
 
-.PHONY: all build test unit lint fmt crds tools tools-interop tools-k8s tools-otel tools-bench demo bench fuzz
+.PHONY: all build test unit lint fmt crds tools tools-interop tools-k8s tools-otel tools-bench demo bench fuzz soak
 
 all: build
 
@@ -84,3 +84,15 @@ fuzz:
 	  $(CARGO) +nightly fuzz run $$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
 	    2>&1 | tee target/$$t.log | grep -E '^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units|==[0-9]+== ERROR|SUMMARY)' ; \
 	done
+
+## soak: a simulated fleet with churn (agents restarting and replaced, config changes,
+## dispatches) against one release-built `opamp-operator run` process for SOAK_SECONDS (default
+## 1800), on a control plane of its own (target/local-cluster-soak, taken down afterwards); prints
+## the operator's RSS and open files every minute and fails if they grew beyond the fleet's own.
+## SOAK_AGENTS (500) WebSocket and SOAK_HTTP_AGENTS (20) plain-HTTP agents. Not part of `make test`.
+SOAK_SECONDS ?= 1800
+soak: tools-k8s
+	export LOCAL_CLUSTER_DIR=$(CURDIR)/target/local-cluster-soak; \
+	trap 'tests/tools/local-cluster down' EXIT; \
+	tests/tools/local-cluster up; \
+	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) test --release --test soak -- --ignored --nocapture

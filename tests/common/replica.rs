@@ -116,6 +116,11 @@ impl Group {
 }
 
 impl Replica {
+    /// The process id, to read its `/proc` entries.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
     pub fn api_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.api_addr)
     }
