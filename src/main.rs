@@ -314,6 +314,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Callbacks must not reach the API server we talk to, whatever its address.
     let callback_egress = opamp_operator::routes::egress::EgressPolicy::new(allow)
         .with_api_server(kube_config.cluster_url.host().unwrap_or_default());
+    let api_server = kube_config.cluster_url.to_string();
     let client = kube::Client::try_from(kube_config).context("cannot build the Kubernetes client")?;
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
@@ -374,25 +375,86 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         api_limits: Default::default(),
     };
     // An API server that is not there yet (a control plane starting, a network blip) is waited
-    // for, with one clear line per try, rather than exiting.
+    // for, with one clear line per try, rather than exiting. Meanwhile the API address answers
+    // `/healthz` (alive: a liveness probe must not restart a process that is only waiting) and
+    // `/readyz` with 503.
+    let waiting = WaitingApi::serve(args.api_addr).await?;
     let mut wait = Duration::from_secs(1);
     loop {
         match opamp_operator::operator::preflight(&client).await {
             Ok(()) => break,
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?wait, "the Kubernetes API is not ready; retrying");
+                let why = match &e {
+                    opamp_operator::operator::Error::Unreachable(cause) => {
+                        format!("cannot reach the Kubernetes API server at {api_server}: {}", causes(cause))
+                    }
+                    other => other.to_string(),
+                };
+                tracing::warn!(
+                    category = e.category(),
+                    "the Kubernetes API is not ready; retrying in {}s: {why}",
+                    wait.as_secs()
+                );
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = shutdown_signal() => return Ok(()),
                 }
-                wait = (wait * 2).min(Duration::from_secs(30));
+                // At most 10 s between tries: the operator serves soon after the API server is back.
+                wait = (wait * 2).min(Duration::from_secs(10));
             }
         }
     }
+    waiting.stop().await;
     let operator = Operator::start(client, config).await?;
     tracing::info!(opamp = %operator.opamp_addr, api = %operator.api_addr, "operator started");
     operator.run_until(shutdown_signal()).await;
     Ok(())
+}
+
+/// `error` and its sources, each once (`outer: inner: …`), down to the root cause (say,
+/// "Connection refused").
+fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = e.source();
+    }
+    text
+}
+
+/// The API address while `run` waits for the Kubernetes API server: `/healthz` answers,
+/// `/readyz` says what it waits for (503).
+struct WaitingApi {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl WaitingApi {
+    async fn serve(addr: SocketAddr) -> anyhow::Result<Self> {
+        use axum::routing::get;
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let app = axum::Router::new().route("/healthz", get(|| async { "ok" })).route(
+            "/readyz",
+            get(|| async {
+                (axum::http::StatusCode::SERVICE_UNAVAILABLE, "waiting for the Kubernetes API server")
+            }),
+        );
+        let stop = tokio_util::sync::CancellationToken::new();
+        let serve = opamp_operator::http_server::serve(listener, app, Default::default(), stop.clone());
+        Ok(Self { stop, task: tokio::spawn(serve) })
+    }
+
+    /// Stops serving and lets go of the address (the operator binds it next).
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
 }
 
 impl OpampArgs {

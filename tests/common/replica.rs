@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::process::{Child, Command};
@@ -81,8 +82,40 @@ impl Group {
     }
 
     fn spawn(&self, identity: &str) -> Replica {
-        let (opamp_addr, api_addr, metrics_addr, peer_addr) =
-            (free_port(), free_port(), free_port(), free_port());
+        let addrs = (free_port(), free_port(), free_port(), free_port());
+        let mut cmd = self.command(identity, addrs);
+        cmd.stderr(Stdio::inherit());
+        let child = cmd.spawn().expect("the operator binary starts");
+        let (opamp_addr, api_addr, metrics_addr, peer_addr) = addrs;
+        Replica { identity: identity.into(), opamp_addr, api_addr, metrics_addr, peer_addr, child }
+    }
+
+    /// Starts a replica without waiting for it (see [`Replica::wait_ready`]), its OpAMP
+    /// endpoint on `opamp_addr` when given (where the agents of a killed one reconnect), else on
+    /// a free port; its log is kept in the returned [`Log`] (and echoed to stderr).
+    pub fn spawn_logged(&self, identity: &str, opamp_addr: Option<SocketAddr>) -> (Replica, Log) {
+        let addrs = (opamp_addr.unwrap_or_else(free_port), free_port(), free_port(), free_port());
+        let mut cmd = self.command(identity, addrs);
+        cmd.stderr(Stdio::piped()).env("NO_COLOR", "1");
+        let mut child = cmd.spawn().expect("the operator binary starts");
+        let log = Log::default();
+        let (lines, who) = (log.0.clone(), identity.to_owned());
+        let stderr = child.stderr.take().expect("piped");
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut reader = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                eprintln!("[{who}] {line}");
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let (opamp_addr, api_addr, metrics_addr, peer_addr) = addrs;
+        (Replica { identity: identity.into(), opamp_addr, api_addr, metrics_addr, peer_addr, child }, log)
+    }
+
+    /// `opamp-operator run` as the chart runs it, on these addresses (OpAMP, API, metrics, peer).
+    fn command(&self, identity: &str, addrs: (SocketAddr, SocketAddr, SocketAddr, SocketAddr)) -> Command {
+        let (opamp_addr, api_addr, metrics_addr, peer_addr) = addrs;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_opamp-operator"));
         cmd.arg("run")
             .args(["--opamp-addr", &opamp_addr.to_string()])
@@ -108,10 +141,20 @@ impl Group {
             .env_remove("POD_IP")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
             .kill_on_drop(true);
-        let child = cmd.spawn().expect("the operator binary starts");
-        Replica { identity: identity.into(), opamp_addr, api_addr, metrics_addr, peer_addr, child }
+        cmd
+    }
+}
+
+/// The log lines of a replica started with [`Group::spawn_logged`].
+#[derive(Clone, Default)]
+pub struct Log(Arc<Mutex<Vec<String>>>);
+
+impl Log {
+    /// The lines so far that contain every one of `parts`.
+    pub fn lines_with(&self, parts: &[&str]) -> Vec<String> {
+        let lines = self.0.lock().unwrap();
+        lines.iter().filter(|l| parts.iter().all(|p| l.contains(p))).cloned().collect()
     }
 }
 
@@ -119,6 +162,28 @@ impl Replica {
     /// The process id, to read its `/proc` entries.
     pub fn pid(&self) -> u32 {
         self.child.id().expect("running")
+    }
+
+    /// Waits until `/readyz` answers 200; panics if the process exits first or `deadline`
+    /// passes.
+    pub async fn wait_ready(&mut self, deadline: Duration) {
+        let ready = self.api_url("/readyz");
+        let end = tokio::time::Instant::now() + deadline;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("{} exited before it was ready ({status})", self.identity);
+            }
+            if reqwest::get(&ready).await.is_ok_and(|r| r.status() == 200) {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < end, "{} not ready within {deadline:?}", self.identity);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether the process still runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     pub fn api_url(&self, path: &str) -> String {
