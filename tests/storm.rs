@@ -28,8 +28,11 @@ use opamp_operator::sim::{AgentSpec, ClientError, HttpClient, SimAgent, WsClient
 /// Deadline of every wait.
 const T: Duration = Duration::from_secs(120);
 
-/// New sessions per second in the storm: small, so that pacing surely engages.
-const STORM_RATE: u32 = 500;
+/// New sessions per second in the storm: small, so that pacing surely engages (500/s, a tenth
+/// of the fleet per second for a smaller one).
+fn storm_rate(agents: usize) -> u32 {
+    (agents / 10).clamp(10, 500) as u32
+}
 
 fn paced_server(rate: u32) -> ServerConfig {
     ServerConfig { max_connects_per_second: rate, ..Default::default() }
@@ -188,19 +191,19 @@ async fn probe(urls: [String; 2], done: Arc<AtomicBool>) -> Probes {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_reconnecting_at_once_is_paced_and_all_come_back_without_configs_resent() {
-    let n = storm_agents();
+    let (n, rate) = (storm_agents(), storm_rate(storm_agents()));
     let env = TestEnv::new("storm")
         .deadline(T)
-        .operator(|c| c.server.max_connects_per_second = STORM_RATE)
+        .operator(move |c| c.server.max_connects_per_second = rate)
         .start()
         .await;
     env.apply(
         "apiVersion: opamp.dev/v1alpha1\nkind: AgentConfig\nmetadata: {name: storm}\nspec:\n  selector: {matchAttributes: {service.name: storm}}\n  files:\n    storm.yaml:\n      inline: 'v: 1'\n",
     )
     .await;
-    // While the operator is away agents retry within a second (jittered), so all are back at
-    // the door within about a second of its return; told to wait, they wait as told.
-    let reconnect = Reconnect { first: Duration::from_millis(200), max: Duration::from_secs(1) };
+    // While the operator is away agents back off up to 5 s (jittered), so all are back at the
+    // door within a few seconds of its return; told to wait, they wait as told.
+    let reconnect = Reconnect { first: Duration::from_millis(500), max: Duration::from_secs(5) };
     let agents: Vec<RunningAgent> = (0..n)
         .map(|i| {
             let mut spec = AgentSpec::new("storm");
@@ -257,7 +260,7 @@ async fn a_fleet_reconnecting_at_once_is_paced_and_all_come_back_without_configs
 
     let (rss_mib, files_now) = process_usage();
     println!(
-        "[storm] agents {n} at {STORM_RATE}/s: operator restarted in {:.1} s, half back in {:.1} s, \
+        "[storm] agents {n} at {rate}/s: operator restarted in {:.1} s, half back in {:.1} s, \
          all back in {:.1} s; paced refusals {paced}, waits as told {waits}; probes {} (all \
          answered, max latency {} ms); peak RSS {rss_mib} MiB (operator and agents), open files \
          peak {} (now {files_now})",
