@@ -188,6 +188,12 @@ struct OpampArgs {
     /// rest of the process).
     #[arg(long, env = "OPAMP_MAX_CONNECTIONS", value_parser = clap::value_parser!(u64).range(1..))]
     max_connections: Option<u64>,
+    /// New agent sessions let in per second (WebSocket upgrades, HTTP polls of agents not
+    /// connected here), a burst of one second's worth; beyond it agents are refused with 503,
+    /// Retry-After and UNAVAILABLE + retry_info (jittered, growing with the backlog, at most
+    /// 30 s). 0: no pacing.
+    #[arg(long, env = "OPAMP_MAX_CONNECTS_PER_SECOND", default_value_t = opamp_operator::opamp::MAX_CONNECTS_PER_SECOND_DEFAULT)]
+    max_connects_per_second: u32,
     /// Seconds for a TLS handshake to finish.
     #[arg(long, env = "OPAMP_TLS_HANDSHAKE_TIMEOUT_SECONDS", default_value_t = 10, value_parser = seconds())]
     tls_handshake_timeout_seconds: u64,
@@ -496,6 +502,7 @@ impl OpampArgs {
             ws_first_message_timeout: Duration::from_secs(self.ws_first_message_timeout_seconds),
             max_connections: self.max_connections.map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
             max_forwards: self.max_http_forwards.max(1),
+            max_connects_per_second: self.max_connects_per_second,
             ..Default::default()
         }
     }

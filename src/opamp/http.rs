@@ -33,18 +33,18 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State as AxumState;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 
 use super::forward::{self, Forwarded};
 use super::metrics::{ResultLabel, TransportLabel};
-use super::request::{self, Handled, PROTOBUF, bad_request, reply};
+use super::request::{self, Handled, PROTOBUF, bad_request, refused, reply};
 use super::server::State;
 use crate::fleet::{AgentKey, Tenant};
 use crate::http_server::read_body;
 use crate::proto::{AgentToServer, ServerErrorResponseType};
-use crate::protocol::Transport;
 use crate::protocol::codec::{self, DecodeError};
+use crate::protocol::{Transport, Uid};
 
 const HTTP: TransportLabel = TransportLabel { transport: "http" };
 
@@ -179,6 +179,13 @@ fn undecodable(e: DecodeError, gzip_ok: bool) -> Response {
 /// answer, or it became the owner meanwhile) is marked offline again at once: the owner counts
 /// it, not this replica (module docs).
 fn handle_here(state: &State, tenant: Tenant, msg: AgentToServer, gzip_ok: bool) -> Response {
+    // A poll of an agent not live here is a new session: paced (`pace.rs`); live ones never.
+    if state.pacer.is_some()
+        && !is_live(state, &tenant, &msg)
+        && let Some(resp) = request::paced(state, msg.instance_uid.clone(), gzip_ok)
+    {
+        return resp;
+    }
     let mut conn = state.fleet.connection(Transport::Http, tenant);
     let handled = request::handle(state, &mut conn, msg);
     if let (Some(forwarding), Some(uid)) = (&state.forwarding, conn.agent())
@@ -193,12 +200,11 @@ fn handle_here(state: &State, tenant: Tenant, msg: AgentToServer, gzip_ok: bool)
     }
 }
 
-/// `503` with the error reply and a `Retry-After` in whole seconds (at least one).
-fn refused(out: crate::proto::ServerToAgent, retry_after: std::time::Duration, gzip_ok: bool) -> Response {
-    let mut resp = reply(StatusCode::SERVICE_UNAVAILABLE, &out, gzip_ok);
-    let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    resp
+/// Whether the agent of this poll is connected on this replica (a known, valid uid).
+fn is_live(state: &State, tenant: &Tenant, msg: &AgentToServer) -> bool {
+    Uid::from_wire(&msg.instance_uid)
+        .and_then(|uid| state.fleet.inspect(&AgentKey::new(tenant.namespace.clone(), uid), |v| v.connected))
+        .unwrap_or(false)
 }
 
 fn decode_body(
@@ -246,6 +252,7 @@ fn too_large(limit: usize, gzip_ok: bool) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::HeaderValue;
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         pairs.iter().map(|(k, v)| (header::HeaderName::from_static(k), HeaderValue::from_static(v))).collect()

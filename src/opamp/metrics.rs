@@ -122,7 +122,7 @@ impl ServerMetrics {
         );
         registry.register(
             "agents_rejected",
-            "Agents refused (unauthorized, at_capacity, namespace_limit)",
+            "Agents refused (unauthorized, at_capacity, namespace_limit, paced: a new session beyond --max-connects-per-second)",
             self.rejected_agents.clone(),
         );
         registry.register(

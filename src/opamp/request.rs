@@ -1,6 +1,6 @@
 //! The request path both transports share: admitting a connecting agent, handing one decoded
 //! message to the fleet (counted on the way), and the error replies.
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -70,6 +70,28 @@ pub(super) fn error_reply(
         }),
         ..Default::default()
     }
+}
+
+/// `503` with the error reply and a `Retry-After` in whole seconds (at least one).
+pub(super) fn refused(out: ServerToAgent, retry_after: Duration, gzip_ok: bool) -> Response {
+    let mut resp = reply(StatusCode::SERVICE_UNAVAILABLE, &out, gzip_ok);
+    let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    resp
+}
+
+/// Paces a new session (`pace.rs`): `None` when it may go on, else the [`refused`] answer (its
+/// `RetryInfo` the `Retry-After`, addressed to `instance_uid`), counted `paced`.
+pub(super) fn paced(state: &State, instance_uid: bytes::Bytes, gzip_ok: bool) -> Option<Response> {
+    let retry_after = state.pacer.as_ref()?.admit(Instant::now()).err()?;
+    state.metrics.rejected_agents.get_or_create(&KindLabel { kind: "paced" }).inc();
+    let mut out = error_reply(
+        ServerErrorResponseType::Unavailable,
+        "too many agents are connecting at once: retry later".into(),
+        Some(retry_after),
+    );
+    out.instance_uid = instance_uid;
+    Some(refused(out, retry_after, gzip_ok))
 }
 
 pub(super) fn bad_request(message: String) -> ServerToAgent {

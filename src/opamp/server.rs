@@ -28,6 +28,11 @@
 //! At [`ServerConfig::max_connections`] open connections the event loops stop accepting until one
 //! closes: waiting connections queue in the kernel's backlog instead of the process running out of
 //! file descriptors (EMFILE), which would also fail its Kubernetes watches and callbacks.
+//!
+//! New agent sessions are paced at [`ServerConfig::max_connects_per_second`] (`pace.rs`): a
+//! WebSocket upgrade or a plain-HTTP poll of an agent not live here beyond the rate is refused
+//! with 503, a `Retry-After` and an `UNAVAILABLE` error with `RetryInfo`, so a fleet
+//! reconnecting at once comes back spread over time.
 use std::convert::Infallible;
 use std::future::poll_fn;
 use std::io;
@@ -51,6 +56,7 @@ use tokio_util::task::TaskTracker;
 use super::auth::{AdmitAll, Authenticator};
 use super::forward::{Forwarding, PEER_OPAMP_PATH};
 use super::metrics::{KindLabel, ServerMetrics};
+use super::pace::Pacer;
 use super::tls::{TlsConfig, TlsError, TlsFiles};
 use crate::fleet::{Fleet, Tenant};
 use crate::peers::Peers;
@@ -102,6 +108,11 @@ pub struct ServerConfig {
     /// `http.rs`); each holds a connection to the owner's peer address. A poll that finds no
     /// free slot within a second is refused with 503 and a Retry-After.
     pub max_forwards: usize,
+    /// New agent sessions let in per second (`--max-connects-per-second`; a burst of one
+    /// second's worth; 0: no pacing): WebSocket upgrades, and plain-HTTP polls of agents not
+    /// live here. Beyond it they are refused with 503, `Retry-After` and an `UNAVAILABLE`
+    /// error with `RetryInfo` (see `pace.rs`).
+    pub max_connects_per_second: u32,
 }
 
 impl Default for ServerConfig {
@@ -119,6 +130,7 @@ impl Default for ServerConfig {
             ws_first_message_timeout: Duration::from_secs(30),
             max_connections: None,
             max_forwards: super::forward::MAX_FORWARDS_DEFAULT,
+            max_connects_per_second: super::pace::MAX_CONNECTS_PER_SECOND_DEFAULT,
         }
     }
 }
@@ -164,6 +176,8 @@ pub(super) struct State {
     pub(super) websockets: TaskTracker,
     /// With other replicas: routing HTTP polls to their agent's owner (`http.rs`).
     pub(super) forwarding: Option<Forwarding>,
+    /// New sessions per second, when paced (`pace.rs`).
+    pub(super) pacer: Option<Pacer>,
 }
 
 /// The OpAMP endpoint over a fleet.
@@ -182,7 +196,9 @@ impl OpampServer {
         let metrics = Arc::default();
         let (shutdown, websockets) = (CancellationToken::new(), TaskTracker::new());
         let forwarding = None;
-        Self { state: Arc::new(State { fleet, metrics, auth, config, shutdown, websockets, forwarding }) }
+        let pacer = Pacer::new(config.max_connects_per_second, std::time::Instant::now());
+        let state = State { fleet, metrics, auth, config, shutdown, websockets, forwarding, pacer };
+        Self { state: Arc::new(state) }
     }
 
     /// Acts as one endpoint with the other replicas: plain-HTTP polls for an agent another

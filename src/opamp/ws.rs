@@ -29,6 +29,11 @@ pub(super) async fn upgrade(
         Ok(t) => t,
         Err(e) => return request::unauthorized(e),
     };
+    // Refused before upgrading when beyond the pace of new sessions: opamp-go reads the
+    // Retry-After of a refused upgrade (`pace.rs`).
+    if let Some(refused) = request::paced(&state, Default::default(), false) {
+        return refused;
+    }
     let limit = state.config.max_message_bytes;
     // Counted from here, while the upgrade is still the HTTP server's, until the socket closes.
     let open = state.websockets.token();

@@ -1,6 +1,7 @@
 //! The behaviour of a simple agent, transport-agnostic: it builds the messages an agent sends
 //! and reacts to what the server sends, as a well-behaved OpAMP client does.
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -59,6 +60,11 @@ pub struct SimAgent {
     /// Custom messages received, in order (the first [`MAX_KEPT_MESSAGES`]).
     pub custom_messages: Vec<crate::proto::CustomMessage>,
     pub healthy: bool,
+    /// Times the server told the agent to wait before trying again (a refused upgrade or poll
+    /// with `Retry-After`, an `UNAVAILABLE` error with `RetryInfo`).
+    pub retries_advised: usize,
+    /// The last wait the server asked for, until taken ([`SimAgent::take_retry_advice`]).
+    retry_advice: Option<Duration>,
 }
 
 /// Custom messages a simulated agent keeps.
@@ -93,6 +99,8 @@ impl SimAgent {
             duplicate_configs: 0,
             custom_messages: Vec::new(),
             healthy: true,
+            retries_advised: 0,
+            retry_advice: None,
         }
     }
 
@@ -149,8 +157,25 @@ impl SimAgent {
         }
     }
 
-    /// Reacts to a server message; returns what the agent sends in response, if anything.
+    /// Notes that the server asked the agent to wait `wait` before trying again.
+    pub fn told_to_wait(&mut self, wait: Duration) {
+        self.retries_advised += 1;
+        self.retry_advice = Some(wait);
+    }
+
+    /// The wait the server asked for since the last call, if it did.
+    pub fn take_retry_advice(&mut self) -> Option<Duration> {
+        self.retry_advice.take()
+    }
+
+    /// Reacts to a server message; returns what the agent sends in response, if anything. An
+    /// `UNAVAILABLE` error with `RetryInfo` is noted ([`SimAgent::take_retry_advice`]) and
+    /// answered with nothing.
     pub fn on_message(&mut self, msg: &ServerToAgent) -> Option<AgentToServer> {
+        if let Some(wait) = super::client::retry_info(msg) {
+            self.told_to_wait(wait);
+            return None;
+        }
         if let Some(id) = &msg.agent_identification {
             if let Some(uid) = Uid::from_wire(&id.new_instance_uid) {
                 self.spec.uid = uid;

@@ -3,6 +3,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -10,7 +11,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::proto::{AgentToServer, ServerToAgent};
+use crate::proto::{AgentToServer, RetryInfo, ServerErrorResponseType, ServerToAgent, server_error_response};
 use crate::protocol::{Uid, codec};
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,58 @@ pub enum ClientError {
     Decode(#[from] prost::DecodeError),
     #[error("unexpected frame: {0}")]
     Unexpected(String),
+    /// The server answered the upgrade with an HTTP status instead of switching protocols;
+    /// with a `503`/`429` it may have said when to come back (`Retry-After`, or `RetryInfo` in
+    /// a protobuf body).
+    #[error("the upgrade was refused with HTTP {status} (retry after {retry_after:?})")]
+    Refused { status: u16, retry_after: Option<Duration> },
+}
+
+impl ClientError {
+    /// How long the server asked to wait before trying again, when it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ClientError::Refused { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    fn from_upgrade(e: tungstenite::Error) -> Self {
+        match e {
+            tungstenite::Error::Http(resp) => {
+                let status = resp.status().as_u16();
+                let body = resp.body().as_deref().unwrap_or_default();
+                let is_protobuf =
+                    resp.headers().get("content-type").is_some_and(|v| v == "application/x-protobuf");
+                let advised = is_protobuf
+                    .then(|| ServerToAgent::decode(body).ok())
+                    .flatten()
+                    .and_then(|m| retry_info(&m));
+                let retry_after = advised.or_else(|| retry_after_header(status, resp.headers()));
+                ClientError::Refused { status, retry_after }
+            }
+            e => e.into(),
+        }
+    }
+}
+
+/// The wait an `UNAVAILABLE` `ServerErrorResponse` with `RetryInfo` asks for.
+pub fn retry_info(msg: &ServerToAgent) -> Option<Duration> {
+    let error = msg.error_response.as_ref()?;
+    if error.r#type != ServerErrorResponseType::Unavailable as i32 {
+        return None;
+    }
+    let server_error_response::Details::RetryInfo(RetryInfo { retry_after_nanoseconds }) = error.details?;
+    Some(Duration::from_nanos(retry_after_nanoseconds))
+}
+
+/// The `Retry-After` (delay in seconds) of a `503` or `429`, as opamp-go reads it.
+fn retry_after_header(status: u16, headers: &http::HeaderMap) -> Option<Duration> {
+    if status != 503 && status != 429 {
+        return None;
+    }
+    let secs = headers.get("retry-after")?.to_str().ok()?.trim().parse::<u64>().ok()?;
+    Some(Duration::from_secs(secs))
 }
 
 /// What arrives on a WebSocket.
@@ -75,7 +128,8 @@ impl WsClient {
         stream.set_nodelay(true).map_err(tungstenite::Error::Io)?;
         let (ws, _) =
             tokio_tungstenite::client_async_with_config(req, MaybeTlsStream::Plain(stream), Some(config))
-                .await?;
+                .await
+                .map_err(ClientError::from_upgrade)?;
         Ok(Self { ws })
     }
 
@@ -142,6 +196,17 @@ pub struct HttpReply {
     /// The body as sent (possibly gzip-compressed).
     pub raw: Bytes,
     pub message: Option<ServerToAgent>,
+}
+
+impl HttpReply {
+    /// How long the server asked to wait before the next poll: the `RetryInfo` of an
+    /// `UNAVAILABLE` error reply, else the `Retry-After` of a `503`/`429`.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.message
+            .as_ref()
+            .and_then(retry_info)
+            .or_else(|| retry_after_header(self.status.as_u16(), &self.headers))
+    }
 }
 
 impl HttpClient {

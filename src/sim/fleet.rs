@@ -42,6 +42,8 @@ struct Stats {
     messages_sent: AtomicU64,
     configs_applied: AtomicU64,
     configs_failed: AtomicU64,
+    /// Times an agent was told to wait before retrying (and did).
+    retries_advised: AtomicU64,
     first_reply: Mutex<Option<Histogram<u64>>>,
     reply: Mutex<Option<Histogram<u64>>>,
     last_error: std::sync::Mutex<Option<String>>,
@@ -73,6 +75,9 @@ pub struct FleetSimReport {
     pub messages_sent: u64,
     pub configs_applied: u64,
     pub configs_failed: u64,
+    /// Times an agent was refused with retry advice (`Retry-After`, `RetryInfo`) and waited
+    /// that long before trying again.
+    pub retries_advised: u64,
     /// Percentiles (p50, p90, p99, max) of the first reply and of later replies, in µs.
     pub first_reply_us: [u64; 4],
     pub reply_us: [u64; 4],
@@ -90,6 +95,7 @@ impl std::fmt::Display for FleetSimReport {
         writeln!(f, "ramp-up:           {:.2} s", self.ramp.as_secs_f64())?;
         writeln!(f, "messages sent:     {}", self.messages_sent)?;
         writeln!(f, "configs:           {} applied, {} failed", self.configs_applied, self.configs_failed)?;
+        writeln!(f, "told to wait:      {}", self.retries_advised)?;
         writeln!(f, "first reply:       {}", p(&self.first_reply_us))?;
         write!(f, "replies:           {}", p(&self.reply_us))?;
         if let Some(e) = &self.last_error {
@@ -212,6 +218,7 @@ pub async fn run(config: FleetSimConfig, shutdown: tokio_util::sync::Cancellatio
         messages_sent: stats.messages_sent.load(Ordering::Relaxed),
         configs_applied: stats.configs_applied.load(Ordering::Relaxed),
         configs_failed: stats.configs_failed.load(Ordering::Relaxed),
+        retries_advised: stats.retries_advised.load(Ordering::Relaxed),
         first_reply_us: percentiles(&*stats.first_reply.lock().await),
         reply_us: percentiles(&*stats.reply.lock().await),
         last_error: stats.last_error.lock().unwrap().clone(),
@@ -250,12 +257,28 @@ async fn ws_agent(
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<(), String> {
     let mut agent = SimAgent::new(spec);
-    let t0 = Instant::now();
-    let mut ws = WsClient::connect_from(&cfg.url, cfg.token.as_deref(), Some(source_addr(i)))
-        .await
-        .map_err(|e| e.to_string())?;
-    ws.send(&agent.full_state()).await.map_err(|e| e.to_string())?;
-    let first = ws.recv().await.map_err(|e| e.to_string())?;
+    // Refused (paced, at capacity) with retry advice: wait that long, then connect again.
+    let (mut ws, first, t0) = loop {
+        let t0 = Instant::now();
+        let refused = match WsClient::connect_from(&cfg.url, cfg.token.as_deref(), Some(source_addr(i))).await
+        {
+            Ok(mut ws) => {
+                ws.send(&agent.full_state()).await.map_err(|e| e.to_string())?;
+                let first = ws.recv().await.map_err(|e| e.to_string())?;
+                match crate::sim::retry_info(&first) {
+                    None => break (ws, first, t0),
+                    Some(wait) => {
+                        ws.close().await;
+                        wait
+                    }
+                }
+            }
+            Err(e) => e.retry_after().ok_or_else(|| e.to_string())?,
+        };
+        if !wait_as_advised(&mut agent, stats, refused, &stop).await {
+            return Ok(());
+        }
+    };
     record(&stats.first_reply, t0).await;
     stats.connected.fetch_add(1, Ordering::Relaxed);
     stats.messages_sent.fetch_add(1, Ordering::Relaxed);
@@ -293,6 +316,21 @@ async fn ws_agent(
     result
 }
 
+/// Waits as the server advised (counted); false when stopped meanwhile.
+async fn wait_as_advised(
+    agent: &mut SimAgent,
+    stats: &Stats,
+    wait: Duration,
+    stop: &tokio_util::sync::CancellationToken,
+) -> bool {
+    agent.told_to_wait(wait);
+    stats.retries_advised.fetch_add(1, Ordering::Relaxed);
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = tokio::time::sleep(wait) => true,
+    }
+}
+
 async fn http_agent(
     spec: AgentSpec,
     cfg: &FleetSimConfig,
@@ -310,7 +348,13 @@ async fn http_agent(
         let reply = client.send(&out).await.map_err(|e| e.to_string())?;
         stats.messages_sent.fetch_add(1, Ordering::Relaxed);
         if !reply.status.is_success() {
-            return Err(format!("HTTP {}", reply.status));
+            // Refused with retry advice: the same message again after that long.
+            let wait = reply.retry_after().ok_or_else(|| format!("HTTP {}", reply.status))?;
+            next = Some(out);
+            if !wait_as_advised(&mut agent, stats, wait, &stop).await {
+                return Ok(());
+            }
+            continue;
         }
         if first {
             record(&stats.first_reply, t0).await;

@@ -6,4 +6,4 @@ mod client;
 pub mod fleet;
 
 pub use agent::{AgentSpec, SimAgent};
-pub use client::{ClientError, HttpClient, HttpReply, WsClient, WsEvent};
+pub use client::{ClientError, HttpClient, HttpReply, WsClient, WsEvent, retry_info};

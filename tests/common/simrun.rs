@@ -1,10 +1,19 @@
 //! Our Rust agent running in the background over WebSocket, reconnecting like real agents do.
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use opamp_operator::protocol::Uid;
 use opamp_operator::sim::{AgentSpec, HttpClient, SimAgent, WsClient};
 use tokio_util::sync::CancellationToken;
+
+/// How a WebSocket agent waits after an attempt that failed without retry advice: `first`,
+/// doubling up to `max`, each wait jittered by ±50 % (reset once connected).
+#[derive(Debug, Clone, Copy)]
+pub struct Reconnect {
+    pub first: Duration,
+    pub max: Duration,
+}
 
 pub struct RunningAgent {
     pub uid: Uid,
@@ -29,41 +38,80 @@ impl RunningAgent {
         spec: AgentSpec,
         heartbeat: Duration,
     ) -> Self {
+        let reconnect = Reconnect { first: Duration::from_millis(200), max: Duration::from_millis(200) };
+        Self::spawn_reconnecting(url, token, spec, heartbeat, None, reconnect)
+    }
+
+    /// [`RunningAgent::spawn_with_heartbeat`] connecting from `source` (a loopback address of
+    /// its own, so a large fleet on one machine does not run one address out of ports), and
+    /// after a failed attempt without retry advice waiting as `reconnect` says. Told to wait
+    /// (a refused upgrade with `Retry-After`, an `UNAVAILABLE` error with `RetryInfo`), it waits
+    /// that long instead.
+    pub fn spawn_reconnecting(
+        url: String,
+        token: Option<String>,
+        spec: AgentSpec,
+        heartbeat: Duration,
+        source: Option<SocketAddr>,
+        reconnect: Reconnect,
+    ) -> Self {
         let uid = spec.uid;
         let state = Arc::new(Mutex::new(SimAgent::new(spec)));
         let stop = CancellationToken::new();
         let (s, st) = (state.clone(), stop.clone());
         let task = tokio::spawn(async move {
             let mut first = true;
+            let mut backoff = reconnect.first;
             while !st.is_cancelled() {
-                if let Ok(mut ws) = WsClient::connect(&url, token.as_deref()).await {
-                    // Like opamp-go: everything on the first connection, a bare message after.
-                    let hello =
-                        if first { s.lock().unwrap().full_state() } else { s.lock().unwrap().heartbeat() };
-                    first = false;
-                    if ws.send(&hello).await.is_ok() {
-                        loop {
-                            tokio::select! {
-                                _ = st.cancelled() => break,
-                                msg = ws.recv() => match msg {
-                                    Ok(m) => {
-                                        let out = s.lock().unwrap().on_message(&m);
-                                        if let Some(out) = out {
-                                            if ws.send(&out).await.is_err() { break; }
+                let mut connected = false;
+                match WsClient::connect_from(&url, token.as_deref(), source).await {
+                    Err(e) => {
+                        if let Some(wait) = e.retry_after() {
+                            s.lock().unwrap().told_to_wait(wait);
+                        }
+                    }
+                    Ok(mut ws) => {
+                        // Like opamp-go: everything on the first connection, a bare message after.
+                        let hello = if first {
+                            s.lock().unwrap().full_state()
+                        } else {
+                            s.lock().unwrap().heartbeat()
+                        };
+                        first = false;
+                        if ws.send(&hello).await.is_ok() {
+                            loop {
+                                tokio::select! {
+                                    _ = st.cancelled() => break,
+                                    msg = ws.recv() => match msg {
+                                        Ok(m) => {
+                                            connected = true;
+                                            let out = s.lock().unwrap().on_message(&m);
+                                            if let Some(out) = out {
+                                                if ws.send(&out).await.is_err() { break; }
+                                            }
                                         }
+                                        Err(_) => break,
+                                    },
+                                    _ = tokio::time::sleep(heartbeat) => {
+                                        let hb = s.lock().unwrap().heartbeat();
+                                        if ws.send(&hb).await.is_err() { break; }
                                     }
-                                    Err(_) => break,
-                                },
-                                _ = tokio::time::sleep(heartbeat) => {
-                                    let hb = s.lock().unwrap().heartbeat();
-                                    if ws.send(&hb).await.is_err() { break; }
                                 }
                             }
                         }
+                        ws.close().await;
                     }
-                    ws.close().await;
                 }
-                tokio::select! { _ = st.cancelled() => {}, _ = tokio::time::sleep(Duration::from_millis(200)) => {} }
+                if connected {
+                    backoff = reconnect.first;
+                }
+                let advised = s.lock().unwrap().take_retry_advice();
+                let wait = advised.unwrap_or_else(|| {
+                    let wait = backoff.mul_f64(0.5 + rand::random::<f64>());
+                    backoff = (backoff * 2).min(reconnect.max);
+                    wait
+                });
+                tokio::select! { _ = st.cancelled() => {}, _ = tokio::time::sleep(wait) => {} }
             }
         });
         Self { uid, state, stop, task }
@@ -82,6 +130,13 @@ impl RunningAgent {
             while !st.is_cancelled() {
                 let msg = next.take().unwrap_or_else(|| s.lock().unwrap().heartbeat());
                 let wait = match client.send(&msg).await {
+                    Ok(reply) if !reply.status.is_success() => {
+                        if let Some(advised) = reply.retry_after() {
+                            s.lock().unwrap().told_to_wait(advised);
+                        }
+                        next = Some(msg); // refused: again after the advised wait, or a pause
+                        true
+                    }
                     Ok(reply) => {
                         next = reply.message.and_then(|m| s.lock().unwrap().on_message(&m));
                         next.is_none()
@@ -92,7 +147,8 @@ impl RunningAgent {
                     }
                 };
                 if wait {
-                    tokio::select! { _ = st.cancelled() => {}, _ = tokio::time::sleep(every) => {} }
+                    let pause = s.lock().unwrap().take_retry_advice().unwrap_or(every);
+                    tokio::select! { _ = st.cancelled() => {}, _ = tokio::time::sleep(pause) => {} }
                 }
             }
         });
@@ -106,6 +162,11 @@ impl RunningAgent {
     /// What the agent last reported of its remote config (hash, APPLIED or FAILED, error).
     pub fn remote_config_status(&self) -> Option<opamp_operator::proto::RemoteConfigStatus> {
         self.state.lock().unwrap().remote_config_status().cloned()
+    }
+
+    /// Times the server told the agent to wait before trying again.
+    pub fn retries_advised(&self) -> usize {
+        self.state.lock().unwrap().retries_advised
     }
 
     pub fn duplicate_configs(&self) -> usize {
