@@ -183,7 +183,8 @@ impl Fleet {
     }
 }
 
-/// The probe agent: a heartbeat every [`PROBE_EVERY`], its round trip recorded under the
+/// The probe agent: a heartbeat every [`PROBE_EVERY`] (or as soon as the previous one was
+/// answered, when that took longer), its round trip recorded under the
 /// current phase (0: not recorded).
 struct Probe {
     phase: Arc<AtomicU8>,
@@ -206,10 +207,13 @@ impl Probe {
         );
         let (p, s, l, st) = (phase.clone(), samples.clone(), lost.clone(), stop.clone());
         let task = tokio::spawn(async move {
+            // A fixed pace: a slow round trip delays the next one, it does not thin the samples.
+            let mut tick = tokio::time::interval(PROBE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = st.cancelled() => break,
-                    _ = tokio::time::sleep(PROBE_EVERY) => {}
+                    _ = tick.tick() => {}
                 }
                 let hb = agent.heartbeat();
                 let phase = p.load(Ordering::SeqCst);
