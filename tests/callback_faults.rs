@@ -122,20 +122,16 @@ struct Fleet {
 
 impl Fleet {
     async fn start(env: &TestEnv) -> Fleet {
-        let (mode, sent, errors, stop) = (
-            Arc::new(AtomicU8::new(Flood::Off as u8)),
-            Arc::default(),
-            Arc::default(),
-            CancellationToken::new(),
-        );
+        let mode = Arc::new(AtomicU8::new(Flood::Off as u8));
+        let (sent, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let stop = CancellationToken::new();
         let mut tasks = Vec::new();
         for i in 0..FLEET {
             let mut spec = AgentSpec::new(&format!("flood-{i}"));
             spec.custom_capabilities = vec![CAP.into()];
             let mut agent = SimAgent::new(spec);
             let mut ws = connect(&env.ws_url(), &env.token, &mut agent).await;
-            let (mode, sent, errors, stop): (Arc<AtomicU8>, Arc<AtomicU64>, Arc<AtomicU64>, _) =
-                (mode.clone(), Arc::clone(&sent), Arc::clone(&errors), stop.clone());
+            let (mode, sent, errors, stop) = (mode.clone(), sent.clone(), errors.clone(), stop.clone());
             tasks.push(tokio::spawn(async move {
                 let mut seq = 0u64;
                 loop {
