@@ -1,7 +1,8 @@
 //! A user's callback endpoint for CapabilitySlot tests: an HTTP server on a free loopback port
 //! that records every request (method, path, headers, exact body bytes, parsed JSON) and can be
 //! told to fail the next N requests with 500 or to hang before answering. [`dead_url`] gives an
-//! address nobody listens on (connection refused). Also the few primitives the tests need to
+//! address nobody listens on (connection refused); [`FaultyReceiver`] one that never answers or
+//! answers 500 to everything, for fault tests. Also the few primitives the tests need to
 //! check what arrives: HMAC-SHA256 (from `sha2`, RFC 2104) and standard base64.
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -259,4 +260,204 @@ pub fn b64decode(text: &str) -> Option<Vec<u8>> {
         out.extend_from_slice(&decoded[..3 - pad]);
     }
     Some(out)
+}
+
+/// What a [`FaultyReceiver`] does with each request, switchable while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behaviour {
+    /// Reads the request, then never answers: keeps the connection open, reading and
+    /// discarding, until the client gives up and closes it.
+    Silent,
+    /// Answers 500 to every request.
+    Fail,
+    /// Answers 200 to every request.
+    Healthy,
+}
+
+impl Behaviour {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Silent,
+            1 => Self::Fail,
+            _ => Self::Healthy,
+        }
+    }
+}
+
+/// What a [`FaultyReceiver`] counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// TCP connections accepted.
+    pub connections: usize,
+    /// Requests read and never answered (while [`Behaviour::Silent`]).
+    pub unanswered: usize,
+    /// Requests answered 500.
+    pub failed: usize,
+    /// Requests answered 200.
+    pub ok: usize,
+}
+
+#[derive(Default)]
+struct FaultyShared {
+    mode: std::sync::atomic::AtomicU8,
+    connections: AtomicUsize,
+    unanswered: AtomicUsize,
+    failed: AtomicUsize,
+    ok: AtomicUsize,
+    /// `data` of the bodies answered 200 whose data starts with [`MARK`].
+    marked: Mutex<Vec<Vec<u8>>>,
+}
+
+/// A message whose data starts with this is recorded by a [`FaultyReceiver`] when answered 200
+/// (others are only counted, so that a flood costs the test process nothing per message).
+pub const MARK: &[u8] = b"mark:";
+
+/// A callback receiver for fault tests, on a free loopback port: a plain HTTP/1.1 server
+/// written over TCP (no framework in the way), so that it can accept a connection and never
+/// answer at all ([`Behaviour::Silent`]), answer 500 to everything ([`Behaviour::Fail`]), or be
+/// healthy again. It keeps no request body: bodies are read and discarded, only the data of
+/// marked messages ([`MARK`]) answered 200 is recorded. Stops when dropped.
+pub struct FaultyReceiver {
+    pub addr: SocketAddr,
+    shared: Arc<FaultyShared>,
+    shutdown: CancellationToken,
+}
+
+impl FaultyReceiver {
+    pub async fn start(behaviour: Behaviour) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind faulty receiver");
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(FaultyShared::default());
+        let shutdown = CancellationToken::new();
+        let receiver = Self { addr, shared: shared.clone(), shutdown: shutdown.clone() };
+        receiver.set(behaviour);
+        tokio::spawn(async move {
+            loop {
+                let conn = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    c = listener.accept() => c,
+                };
+                let Ok((conn, _)) = conn else { continue };
+                shared.connections.fetch_add(1, Ordering::SeqCst);
+                let (shared, stop) = (shared.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = serve_faulty(conn, &shared) => {}
+                    }
+                });
+            }
+        });
+        receiver
+    }
+
+    /// `http://127.0.0.1:<port><path>`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// What the receiver does with the requests read from now on.
+    pub fn set(&self, behaviour: Behaviour) {
+        self.shared.mode.store(behaviour as u8, Ordering::SeqCst);
+    }
+
+    pub fn counts(&self) -> Counts {
+        let s = &self.shared;
+        Counts {
+            connections: s.connections.load(Ordering::SeqCst),
+            unanswered: s.unanswered.load(Ordering::SeqCst),
+            failed: s.failed.load(Ordering::SeqCst),
+            ok: s.ok.load(Ordering::SeqCst),
+        }
+    }
+
+    /// The data of the marked messages answered 200, in arrival order.
+    pub fn marked(&self) -> Vec<Vec<u8>> {
+        self.shared.marked.lock().unwrap().clone()
+    }
+}
+
+impl Drop for FaultyReceiver {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Serves one connection of a [`FaultyReceiver`]: request after request (keep-alive) until
+/// the client closes it or a request is left unanswered.
+async fn serve_faulty(mut conn: tokio::net::TcpStream, shared: &FaultyShared) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const MAX_HEAD: usize = 64 << 10;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut tmp = vec![0u8; 16 << 10];
+    loop {
+        let head_end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            if buf.len() > MAX_HEAD {
+                return;
+            }
+            match conn.read(&mut tmp).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&tmp[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let len = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:").and_then(|v| v.trim().parse::<usize>().ok()))
+            .unwrap_or(0);
+        buf.drain(..head_end);
+        let mode = Behaviour::from_u8(shared.mode.load(Ordering::SeqCst));
+        // Only a healthy receiver looks at small bodies; others are discarded as they arrive.
+        let keep = mode == Behaviour::Healthy && len <= MAX_HEAD;
+        let mut body = Vec::new();
+        let first = len.min(buf.len());
+        if keep {
+            body.extend_from_slice(&buf[..first]);
+        }
+        buf.drain(..first);
+        let mut left = len - first;
+        while left > 0 {
+            let want = left.min(tmp.len());
+            match conn.read(&mut tmp[..want]).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if keep {
+                        body.extend_from_slice(&tmp[..n]);
+                    }
+                    left -= n;
+                }
+            }
+        }
+        let answer: &[u8] = match mode {
+            Behaviour::Silent => {
+                shared.unanswered.fetch_add(1, Ordering::SeqCst);
+                while let Ok(n) = conn.read(&mut tmp).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                return;
+            }
+            Behaviour::Fail => {
+                shared.failed.fetch_add(1, Ordering::SeqCst);
+                b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 6\r\n\r\nfailed"
+            }
+            Behaviour::Healthy => {
+                shared.ok.fetch_add(1, Ordering::SeqCst);
+                let data = serde_json::from_slice::<Value>(&body)
+                    .ok()
+                    .and_then(|v| v["data"].as_str().and_then(b64decode));
+                if let Some(data) = data.filter(|d| d.starts_with(MARK)) {
+                    shared.marked.lock().unwrap().push(data);
+                }
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+            }
+        };
+        if conn.write_all(answer).await.is_err() {
+            return;
+        }
+    }
 }
