@@ -173,9 +173,15 @@ pub fn files(
         files.insert(file, File { content_type: stored.content_type, body });
     }
     let recorded = revision.annotations().get(HASH_ANNOTATION);
-    let hash = display_hash(&hash_files(files.iter()));
-    if recorded != Some(&hash) {
+    let hash = hash_files(files.iter());
+    if recorded != Some(&display_hash(&hash)) {
         return Err(format!("revision {name} does not hold the files its hash says"));
+    }
+    // Someone allowed to write ControllerRevisions could create one under the name the operator
+    // gives another file set (a consistent hash annotation is easy to forge); the name carries
+    // the files' hash, so such a revision does not read.
+    if !name.ends_with(&format!("-{}", &hex::encode(hash)[..10])) {
+        return Err(format!("revision {name} is not named after the files it holds"));
     }
     Ok(files)
 }
@@ -441,6 +447,26 @@ spec:
         rev.data = Some(RawExtension(serde_json::json!({"files": {"a.yaml": {"content": "x: 2"}}})));
         let (refs, _) = Refs::new();
         assert!(super::files(&rev, "team-a", &refs).unwrap_err().contains("does not hold the files"));
+    }
+
+    #[test]
+    fn a_revision_forged_under_the_name_of_other_files_does_not_read() {
+        let mut files = resolved();
+        files.remove("token");
+        let mut forged = files.clone();
+        forged.insert(
+            "a.yaml".into(),
+            File { content_type: String::new(), body: Bytes::from_static(b"evil: 1") },
+        );
+        let hash = hash_files(forged.iter());
+        // Data and hash annotation agree with each other, the name is the real files'.
+        let mut rev = revision(&forged);
+        rev.metadata.name = Some(name("edge", &hash_files(files.iter())));
+        rev.metadata.annotations = Some([(HASH_ANNOTATION.to_owned(), display_hash(&hash))].into());
+        let (refs, _) = Refs::new();
+        let err = super::files(&rev, "team-a", &refs).unwrap_err();
+        assert!(err.contains("not named after the files it holds"), "{err}");
+        assert!(super::files(&revision(&files), "team-a", &refs).is_ok());
     }
 
     /// A writer whose jobs land in the returned receiver.
