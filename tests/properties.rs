@@ -383,3 +383,35 @@ fn dispatch_bounds_are_enforced_one_by_one() {
         wire_invariants::dispatch::dispatch_json(&bad);
     }
 }
+
+/// Finding of the `http_request` fuzzing (LeakSanitizer on the dispatch seed), fixed: a
+/// replica's routes were never freed once a dispatch had queued a message. The dispatch's
+/// record keeps each message's ticket, and the ticket's observer held the routes strongly
+/// (`Arc<Routes>`): a cycle, which also kept the fleet and its agents. Harmless in a process
+/// that keeps one replica for good, a leak of the whole replica in one that starts and stops
+/// them (tests, embedding). The observer now holds the routes weakly.
+#[test]
+fn routes_that_queued_a_dispatch_are_freed_when_dropped() {
+    use tower::ServiceExt;
+    use wire_invariants::http::{SLOT, SLOT_TOKEN, TENANT, block_on, dispatch_routes};
+    let (routes, fleet) = dispatch_routes();
+    let weak = std::sync::Arc::downgrade(&routes);
+    let app = opamp_operator::routes::dispatch::router(routes);
+    let body =
+        serde_json::json!({ "type": "run", "agents": [opamp_operator::protocol::Uid([1; 16]).to_string()] });
+    let req =
+        axum::http::Request::post(format!("/api/v1/namespaces/{TENANT}/capabilityslots/{SLOT}/messages"))
+            .header("authorization", format!("Bearer {SLOT_TOKEN}"))
+            .body(axum::body::Body::from(body.to_string()))
+            .expect("a request");
+    let resp = block_on(app.oneshot(req)).expect("infallible");
+    assert_eq!(resp.status(), 200);
+    drop(resp);
+    // The fleet (kept here) still holds the queued message and its ticket.
+    assert!(
+        fleet
+            .agent(&opamp_operator::fleet::AgentKey::new(TENANT, opamp_operator::protocol::Uid([1; 16])))
+            .is_some()
+    );
+    assert!(weak.upgrade().is_none(), "the routes outlive every handle on them");
+}

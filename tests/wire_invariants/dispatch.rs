@@ -297,8 +297,11 @@ fn expected_refusal(req: &Value, body_len: usize) -> Option<u16> {
 /// another order) is accepted with the same results, which `GET` then shows.
 pub fn dispatch_json(input: &DispatchInput) {
     let (routes, _fleet) = dispatch_routes();
-    let app = opamp_operator::routes::dispatch::router(routes);
-    block_on(async move {
+    block_on(check(input, opamp_operator::routes::dispatch::router(routes)));
+}
+
+async fn check(input: &DispatchInput, app: Router) {
+    {
         if let Some(raw) = &input.raw {
             let (status, answer) = post(&app, raw.clone()).await;
             assert!(status == 200 || status == 400 || status == 413, "raw body: {status} {answer}");
@@ -354,5 +357,5 @@ pub fn dispatch_json(input: &DispatchInput) {
         assert_eq!(status, 200, "re-serialised: {second}");
         assert_eq!(results(&second), got, "re-serialised");
         assert!(got.iter().all(|(_, s)| s == "queued" || s == "rejected"));
-    });
+    }
 }

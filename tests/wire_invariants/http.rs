@@ -172,15 +172,13 @@ pub fn opamp_app() -> Router {
     OpampServer::with_auth(fleet, config, auth).router()
 }
 
-/// The API address's routes that need no cluster: dispatch and the agents listing.
-pub fn api_app() -> Router {
+/// The API address's routes that need no cluster: dispatch and the agents listing; with
+/// their fleet.
+pub fn api_app() -> (Router, Fleet) {
     let (routes, fleet) = dispatch_routes();
     let access = Arc::new(opamp_operator::access::KubeAccess::new(fake_kube()));
-    opamp_operator::routes::dispatch::router(routes).merge(opamp_operator::agents_api::router(
-        fleet,
-        access,
-        Peers::solo(),
-    ))
+    let listing = opamp_operator::agents_api::router(fleet.clone(), access, Peers::solo());
+    (opamp_operator::routes::dispatch::router(routes).merge(listing), fleet)
 }
 
 fn base64_of(bytes: &[u8]) -> String {
@@ -405,7 +403,7 @@ pub fn http_request(input: &HttpInput) -> Option<u16> {
     let opamp = input.opamp;
     let (status, headers, body) = block_on(async move {
         // Inside the runtime: the Kubernetes client spawns its buffer task.
-        let app = if opamp { opamp_app() } else { api_app() };
+        let app = if opamp { opamp_app() } else { api_app().0 };
         let resp = app.oneshot(req).await.expect("routers are infallible");
         let (parts, body) = resp.into_parts();
         let body = axum::body::to_bytes(body, usize::MAX).await.expect("a response body");
