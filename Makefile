@@ -4,7 +4,7 @@ SHELL := bash
 CARGO ?= cargo
 export OPAMP_TOOLS_BIN := $(CURDIR)/target/tools/bin
 
-.PHONY: all build test unit lint fmt crds tools tools-interop tools-k8s tools-otel tools-bench demo bench fuzz soak
+.PHONY: all build test unit lint fmt crds tools tools-interop tools-k8s tools-otel tools-bench demo bench fuzz fuzz-lint soak
 
 all: build
 
@@ -70,20 +70,27 @@ bench: tools-bench tools-k8s
 	nice -n 10 $(CARGO) build --release
 	BENCH_COMMAND="make bench" tests/bench/run
 
-## fuzz: coverage-guided fuzzing (cargo-fuzz + libFuzzer, nightly toolchain) of the wire decoders
-## and the session state machine, FUZZ_SECONDS per target (default 60); each target keeps its
+## fuzz: coverage-guided fuzzing (cargo-fuzz + libFuzzer, nightly toolchain) of the wire decoders,
+## the session state machine, the HTTP request paths, the dispatch JSON and the CRD-to-plan
+## resolution, FUZZ_SECONDS per target (default 60), after `fuzz-lint`; each target keeps its
 ## corpus in fuzz/corpus/<target> and its log in fuzz/target/<target>.log, a crash stops the run
 ## with its reproducer in fuzz/artifacts/<target>. The same checks run briefly on stable in
 ## `cargo test --test properties`.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= ws_frame gzip_body agent_to_server session_sequence
-fuzz:
+FUZZ_TARGETS ?= ws_frame gzip_body agent_to_server session_sequence http_request dispatch_json crd_plan
+## FUZZ_FLAGS: more libFuzzer flags, e.g. -detect_leaks=0 or -max_len=65536.
+FUZZ_FLAGS ?=
+fuzz: fuzz-lint
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	cd fuzz && mkdir -p target && for t in $(FUZZ_TARGETS); do \
 	  mkdir -p corpus/$$t; \
-	  $(CARGO) +nightly fuzz run $$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	  $(CARGO) +nightly fuzz run $$t corpus/$$t -- -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 $(FUZZ_FLAGS) \
 	    2>&1 | tee target/$$t.log | grep -E '^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units|==[0-9]+== ERROR|SUMMARY)' ; \
 	done
+
+## fuzz-lint: clippy on the fuzz crate (nightly; its own workspace, so `make lint` does not see it).
+fuzz-lint:
+	$(CARGO) +nightly clippy --manifest-path fuzz/Cargo.toml --all-targets -- -D warnings
 
 ## soak: a simulated fleet with churn (agents restarting and replaced, config changes,
 ## dispatches) against one release-built `opamp-operator run` process for SOAK_SECONDS (default

@@ -623,10 +623,13 @@ pub(crate) fn ticket(
     namespace: &str,
     expires_at: Instant,
 ) -> Arc<Ticket> {
-    let (r, n) = (routes.clone(), namespace.to_owned());
+    // Weakly: the routes keep the ticket (in the dispatch's record), so a strong reference
+    // here would keep them, and their fleet, alive for good.
+    let (r, n) = (Arc::downgrade(routes), namespace.to_owned());
     Ticket::new(
         expires_at,
         Some(Box::new(move |s| {
+            let Some(r) = r.upgrade() else { return };
             match s {
                 TicketState::Sent => {
                     if let Some(c) = &counters {

@@ -1,6 +1,8 @@
 //! Checks shared by the stable property tests (`tests/properties.rs`) and the cargo-fuzz
 //! targets (`fuzz/fuzz_targets/*.rs`, which include this file by path): each function takes
 //! one input and panics when an invariant of the wire decoders or the session does not hold.
+//! The HTTP request paths ([`http`]), the dispatch JSON ([`dispatch`]) and the CRD-to-plan
+//! resolution ([`plan`]) have a file each.
 #![allow(dead_code)]
 
 use std::sync::Arc;
@@ -15,6 +17,10 @@ use opamp_operator::proto::{
 use opamp_operator::protocol::session::{AgentReport, Session};
 use opamp_operator::protocol::{Transport, Uid, codec};
 use prost::Message;
+
+pub mod dispatch;
+pub mod http;
+pub mod plan;
 
 /// The bound the HTTP transport gives a gunzipped body (its default `max_message_bytes`).
 pub const GUNZIP_LIMIT: usize = 4 << 20;
