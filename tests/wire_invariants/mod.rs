@@ -193,7 +193,8 @@ impl Status {
 /// Runs `steps` as one agent's messages through a fleet with [`FixedPlan`] and checks, after
 /// each: the message got a reply (naming the agent); a sequence gap asked for the full state;
 /// a config whose hash the agent last reported APPLIED is not offered (neither in the reply
-/// nor in a push); the agent's kept report stays within the per-agent bound.
+/// nor in a push; a full report without a status, from a restarted agent or asked for after a
+/// gap, says the agent has none); the agent's kept report stays within the per-agent bound.
 pub fn session_sequence(steps: &[Step]) {
     let fleet = fleet_with_plan();
     let uid = Uid([7; 16]);
@@ -201,6 +202,7 @@ pub fn session_sequence(steps: &[Step]) {
     let mut last_seq: Option<u64> = None;
     // The agent's last reported remote config status: (hash, code).
     let mut reported: Option<(Bytes, RemoteConfigStatuses)> = None;
+    let mut awaiting_full_state = false;
     for (i, step) in steps.iter().enumerate() {
         let seq = match (step.seq, last_seq) {
             (Seq::Restart, _) | (_, None) => 0,
@@ -211,10 +213,21 @@ pub fn session_sequence(steps: &[Step]) {
             Some(prev) => seq != prev.wrapping_add(1) && seq != 0,
             None => seq != 0,
         };
+        // A full report (a restarted agent's first message, or the full state asked for after a
+        // gap) replaces what came before: without a status, the agent has no config.
+        let full_report = step.description
+            && ((seq == 0 && last_seq.is_some_and(|prev| prev != u64::MAX)) || awaiting_full_state);
+        if gap {
+            awaiting_full_state = true;
+        } else if step.description {
+            awaiting_full_state = false;
+        }
         last_seq = Some(seq);
         let msg = step_message(uid, seq, step);
         if let Some(s) = &msg.remote_config_status {
             reported = Some((s.last_remote_config_hash.clone(), s.status()));
+        } else if full_report {
+            reported = None;
         }
         let reply = fleet.handle(&mut conn, msg).unwrap_or_else(|e| panic!("step {i}: refused: {e}"));
         assert_eq!(reply.instance_uid, uid.to_wire(), "step {i}: the reply names the agent");
