@@ -96,7 +96,7 @@ fuzz-lint:
 ## dispatches) against one release-built `opamp-operator run` process for SOAK_SECONDS (default
 ## 1800), on a control plane of its own (target/local-cluster-soak, taken down afterwards); prints
 ## the operator's RSS and open files every minute and fails if they grew beyond the fleet's own.
-## SOAK_AGENTS (500) WebSocket and SOAK_HTTP_AGENTS (20) plain-HTTP agents. Not part of `make test`.
+## SOAK_AGENTS (500) WebSocket and SOAK_HTTP_AGENTS (20) plain-HTTP agents (polling every second). Not part of `make test`.
 SOAK_SECONDS ?= 1800
 soak: tools-k8s
 	export LOCAL_CLUSTER_DIR=$(CURDIR)/target/local-cluster-soak; \

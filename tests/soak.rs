@@ -6,7 +6,7 @@
 //! beyond what the fleet itself holds.
 //!
 //! Knobs (environment): `SOAK_SECONDS` (default 1800), `SOAK_AGENTS` WebSocket agents (default
-//! 500), `SOAK_HTTP_AGENTS` plain-HTTP agents polling every 5 s (default 20).
+//! 500), `SOAK_HTTP_AGENTS` plain-HTTP agents polling every second (default 20).
 mod common;
 
 use std::time::{Duration, Instant};
@@ -25,6 +25,9 @@ const CAP: &str = "io.example.soak";
 const DISPATCH_TOKEN: &str = "dispatch-token-of-the-soak";
 /// Deadline of every wait (convergence of a fleet of hundreds on a shared 2-core machine).
 const T: Duration = Duration::from_secs(300);
+/// How often the plain-HTTP agents poll: the operator's heartbeat (`--heartbeat-seconds 1` in
+/// `common::replica`); an HTTP agent silent for three heartbeats is taken for gone.
+const POLL: Duration = Duration::from_secs(1);
 /// One churn tick.
 const TICK: Duration = Duration::from_secs(10);
 /// Of the WebSocket agents, per tick: restarted (same uid), replaced (new uid).
@@ -137,14 +140,7 @@ async fn a_fleet_with_churn_for_half_an_hour_holds_memory_and_open_files_steady(
     let ws = |uid| RunningAgent::spawn_with_heartbeat(ws_url.clone(), Some(token.clone()), spec(uid), TICK);
     let mut agents: Vec<RunningAgent> = (0..ws_agents).map(|_| ws(Uid::new_v7())).collect();
     let mut pollers: Vec<RunningAgent> = (0..http_agents)
-        .map(|_| {
-            RunningAgent::spawn_http(
-                http_url.clone(),
-                Some(token.clone()),
-                spec(Uid::new_v7()),
-                Duration::from_secs(5),
-            )
-        })
+        .map(|_| RunningAgent::spawn_http(http_url.clone(), Some(token.clone()), spec(Uid::new_v7()), POLL))
         .collect();
     let everyone = |agents: &Vec<RunningAgent>, pollers: &Vec<RunningAgent>| -> Vec<Uid> {
         agents.iter().chain(pollers.iter()).map(|a| a.uid).collect()
@@ -198,7 +194,7 @@ async fn a_fleet_with_churn_for_half_an_hour_holds_memory_and_open_files_steady(
                     http_url.clone(),
                     Some(token.clone()),
                     spec(uid),
-                    Duration::from_secs(5),
+                    POLL,
                 ));
             }
             version += 1;
