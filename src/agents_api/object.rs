@@ -226,7 +226,7 @@ impl Agent {
             .map(|m| m.config_map.keys().cloned().collect())
             .unwrap_or_default();
         let config_error = reported.map(|s| s.error_message.clone()).unwrap_or_default();
-        let health = report.health.as_ref().map(health);
+        let health = report.health.as_ref().map(|h| health(&h.to_proto()));
         let last_error = Some(config_error.clone())
             .filter(|e| !e.is_empty())
             .or_else(|| health.as_ref().map(|h| h.last_error.clone()).filter(|e| !e.is_empty()));

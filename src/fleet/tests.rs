@@ -11,7 +11,7 @@ use crate::proto::{
     AvailableComponents, ComponentHealth, EffectiveConfig, KeyValue, RemoteConfigStatus,
     RemoteConfigStatuses, ServerCapabilities, ServerToAgentFlags, any_value,
 };
-use crate::protocol::session::SERVER_CAPABILITIES;
+use crate::protocol::session::{ReportedHealth, SERVER_CAPABILITIES};
 
 const UID: Uid =
     Uid([0x01, 0x93, 0xa5, 0xc4, 0x7d, 0x2e, 0x7c, 0x3a, 0x9b, 0x1f, 0x2a, 0x4c, 0x6e, 0x8f, 0x0a, 0x1b]);
@@ -224,7 +224,7 @@ fn omitted_sub_messages_keep_their_last_value() {
     fleet.handle(&mut conn, msg(UID, 1)).unwrap();
     let r = fleet.agent(&key(UID)).unwrap().report;
     assert_eq!(r.description, Some(description("checkout")));
-    assert_eq!(r.health, Some(health));
+    assert_eq!(r.health.as_ref().map(ReportedHealth::to_proto), Some(health));
     assert_eq!(r.effective_config, Some(Arc::new(effective)));
     assert_eq!(r.remote_config_status, Some(status(&cfg, RemoteConfigStatuses::Applied)));
     assert!(r.supports_custom_capability("com.example.pprof"));
