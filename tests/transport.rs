@@ -194,16 +194,23 @@ async fn http_agent_polls_and_gets_config_on_next_poll() {
 }
 
 #[tokio::test]
-async fn http_gzip_bodies_are_accepted_and_replies_gzipped_when_accepted() {
+async fn http_gzip_bodies_are_accepted_and_replies_gzipped_when_accepted_and_worth_it() {
     let server = TestServer::start_default().await;
     let http = HttpClient::new(&server.http_url(), None, true);
     let mut agent = SimAgent::new(AgentSpec::new("gz"));
     let reply = http.send(&agent.full_state()).await.unwrap();
     assert_eq!(reply.status, 200);
-    assert_eq!(reply.headers["content-encoding"], "gzip");
-    assert_eq!(&reply.raw[..2], &[0x1f, 0x8b], "the body on the wire is gzip");
+    // A short reply goes as it is: gzip would make it longer.
+    assert!(reply.headers.get("content-encoding").is_none(), "{:?}", reply.headers);
     assert_eq!(reply.message.unwrap().instance_uid, agent.uid().to_wire());
     assert!(server.fleet.agent(&AgentKey::new("default", agent.uid())).unwrap().report.description.is_some());
+    // A reply carrying a config of a few kilobytes is gzipped.
+    let cfg = remote_config(&"exporters: { debug: {} }\n".repeat(200));
+    server.fleet.set_remote_config(&AgentKey::new("default", agent.uid()), Some(cfg.clone()));
+    let reply = http.send(&agent.heartbeat()).await.unwrap();
+    assert_eq!(reply.headers["content-encoding"], "gzip");
+    assert_eq!(&reply.raw[..2], &[0x1f, 0x8b], "the body on the wire is gzip");
+    assert_eq!(reply.message.unwrap().remote_config.as_ref(), Some(&*cfg));
     server.stop().await;
 }
 

@@ -98,10 +98,16 @@ pub(super) fn bad_request(message: String) -> ServerToAgent {
     error_reply(ServerErrorResponseType::BadRequest, message, None)
 }
 
-/// A protobuf response: every reply carries the protobuf content type, gzip when accepted.
+/// Replies shorter than this are sent as they are even to agents that accept gzip: a heartbeat's
+/// reply is ~20 bytes, which gzip makes longer, and each compression sets up a deflate state of
+/// hundreds of kilobytes (most of the CPU of a poll, when it was done for every reply).
+pub const GZIP_MIN_BYTES: usize = 1024;
+
+/// A protobuf response: every reply carries the protobuf content type; gzip when accepted and
+/// at least [`GZIP_MIN_BYTES`] long (identity is always acceptable, RFC 9110 12.5.3).
 pub(super) fn reply(status: StatusCode, msg: &ServerToAgent, gzip_ok: bool) -> Response {
     let body = codec::encode(msg);
-    let mut resp = if gzip_ok {
+    let mut resp = if gzip_ok && body.len() >= GZIP_MIN_BYTES {
         let mut r = (status, codec::gzip(&body)).into_response();
         r.headers_mut().insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
         r
