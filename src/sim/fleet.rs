@@ -45,6 +45,19 @@ pub struct SimOptions {
     /// The trust root of `wss://` URLs (the connection set-up, then TCP + TLS + upgrade, is
     /// part of the first-reply time).
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Bearer tokens: agent `i` presents token `i % k` (agents spread over namespaces); empty:
+    /// every agent presents [`FleetSimConfig::token`].
+    pub tokens: Vec<String>,
+}
+
+impl SimOptions {
+    /// The token agent `i` presents, if any.
+    fn token_for(&self, i: usize, config: &FleetSimConfig) -> Option<String> {
+        match self.tokens.len() {
+            0 => config.token.clone(),
+            k => Some(self.tokens[i % k].clone()),
+        }
+    }
 }
 
 /// The first wait before reconnecting (then doubled, jittered, up to [`RECONNECT_MAX`]).
@@ -204,7 +217,8 @@ pub async fn run_with(
         } else {
             spec.fail_marker = Some(String::new()); // every config fails
         }
-        let (cfg, opts, stats, stop) = (config.clone(), options.clone(), stats.clone(), shutdown.clone());
+        let (mut cfg, opts, stats, stop) = (config.clone(), options.clone(), stats.clone(), shutdown.clone());
+        cfg.token = options.token_for(i, &config);
         tasks.spawn(async move {
             let result = match cfg.transport {
                 Transport::WebSocket => ws_agent(i, spec, &cfg, &opts, &stats, stop).await,
@@ -570,6 +584,25 @@ async fn http_agent(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agents_take_the_tokens_in_turn() {
+        let config = FleetSimConfig {
+            url: "ws://127.0.0.1:1/v1/opamp".into(),
+            transport: Transport::WebSocket,
+            agents: 6,
+            heartbeat: Duration::from_secs(1),
+            connect_rate: 1,
+            fail_fraction: 0.0,
+            token: Some("only".into()),
+            hold: None,
+        };
+        let none = SimOptions::default();
+        assert_eq!(none.token_for(5, &config).as_deref(), Some("only"));
+        let three = SimOptions { tokens: vec!["a".into(), "b".into(), "c".into()], ..Default::default() };
+        let got: Vec<_> = (0..6).map(|i| three.token_for(i, &config).unwrap()).collect();
+        assert_eq!(got, ["a", "b", "c", "a", "b", "c"]);
+    }
 
     #[test]
     fn the_reconnect_backoff_doubles_to_its_cap_with_jitter_and_resets() {
