@@ -80,6 +80,13 @@ struct FleetSimArgs {
     /// TCP + TLS + upgrade + first reply, is the first-reply figure).
     #[arg(long)]
     ca_file: Option<std::path::PathBuf>,
+    /// Serve `GET /stats` here while running: JSON {"agents", "connected" (now), "connects"
+    /// (successful connections, reconnections included), "messages_sent", "configs_received",
+    /// "duplicate_configs" (received for the hash the agent already reported APPLIED),
+    /// "configs_applied", "configs_failed", "retries_advised", "errors" (connections that
+    /// failed or ended on an error)}. Unauthenticated: bind it to loopback.
+    #[arg(long)]
+    stats_addr: Option<SocketAddr>,
 }
 
 #[derive(clap::Args)]
@@ -328,7 +335,13 @@ async fn fleet_sim(args: FleetSimArgs) -> anyhow::Result<()> {
         "https:// agents are not supported yet (the HTTP client is built without TLS): use wss://"
     );
     anyhow::ensure!(!config.url.starts_with("wss://") || tls.is_some(), "wss:// needs --ca-file");
-    let options = SimOptions { payload: args.payload, reconnect: args.reconnect, tls, tokens: args.token };
+    let options = SimOptions {
+        payload: args.payload,
+        reconnect: args.reconnect,
+        tls,
+        tokens: args.token,
+        stats_addr: args.stats_addr,
+    };
     let report = run_with(config, options, shutdown).await;
     println!("{report}");
     anyhow::ensure!(report.errors == 0, "{} agents failed", report.errors);
