@@ -57,9 +57,10 @@ struct FleetSimArgs {
     /// Fraction of agents that report FAILED for every config (0..=1).
     #[arg(long, default_value_t = 0.0)]
     fail_fraction: f64,
-    /// Bearer token the agents present.
+    /// Bearer token the agents present; repeated: agent i presents token i % k (agents spread
+    /// over as many namespaces).
     #[arg(long, env = "OPAMP_AGENT_TOKEN")]
-    token: Option<String>,
+    token: Vec<String>,
     /// Seconds to keep the fleet connected once all are in (default: until Ctrl-C).
     #[arg(long)]
     hold_seconds: Option<f64>,
@@ -69,6 +70,23 @@ struct FleetSimArgs {
     /// health and AvailableComponents).
     #[arg(long, default_value = "light")]
     payload: opamp_operator::sim::payload::Payload,
+    /// Agents whose connection ends (server restarted, closed) keep their state (uid, applied
+    /// config, sequence numbers) and connect again with a backoff (0.5 s doubling to 5 s,
+    /// jittered; as long as the server asks when it does), full state first. Without: an agent
+    /// whose connection ends stops.
+    #[arg(long)]
+    reconnect: bool,
+    /// PEM file of the certificate(s) to trust for a wss:// URL (the connection set-up time,
+    /// TCP + TLS + upgrade + first reply, is the first-reply figure).
+    #[arg(long)]
+    ca_file: Option<std::path::PathBuf>,
+    /// Serve `GET /stats` here while running: JSON {"agents", "connected" (now), "connects"
+    /// (successful connections, reconnections included), "messages_sent", "configs_received",
+    /// "duplicate_configs" (received for the hash the agent already reported APPLIED),
+    /// "configs_applied", "configs_failed", "retries_advised", "errors" (connections that
+    /// failed or ended on an error)}. Unauthenticated: bind it to loopback.
+    #[arg(long)]
+    stats_addr: Option<SocketAddr>,
 }
 
 #[derive(clap::Args)]
@@ -299,7 +317,7 @@ async fn fleet_sim(args: FleetSimArgs) -> anyhow::Result<()> {
         heartbeat: Duration::from_secs_f64(args.heartbeat_seconds),
         connect_rate: args.connect_rate,
         fail_fraction: args.fail_fraction,
-        token: args.token,
+        token: args.token.first().cloned(),
         hold: args.hold_seconds.map(Duration::from_secs_f64),
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -308,7 +326,22 @@ async fn fleet_sim(args: FleetSimArgs) -> anyhow::Result<()> {
         shutdown_signal().await;
         stop.cancel();
     });
-    let options = SimOptions { payload: args.payload };
+    let tls = match &args.ca_file {
+        Some(path) => Some(opamp_operator::sim::tls_trusting(path).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    anyhow::ensure!(
+        !config.url.starts_with("https://"),
+        "https:// agents are not supported yet (the HTTP client is built without TLS): use wss://"
+    );
+    anyhow::ensure!(!config.url.starts_with("wss://") || tls.is_some(), "wss:// needs --ca-file");
+    let options = SimOptions {
+        payload: args.payload,
+        reconnect: args.reconnect,
+        tls,
+        tokens: args.token,
+        stats_addr: args.stats_addr,
+    };
     let report = run_with(config, options, shutdown).await;
     println!("{report}");
     anyhow::ensure!(report.errors == 0, "{} agents failed", report.errors);

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use super::payload::{CollectorPayload, Payload};
 use super::{AgentSpec, HttpClient, SimAgent, WsClient};
+use crate::proto::AgentToServer;
 use crate::protocol::Transport;
 
 #[derive(Debug, Clone)]
@@ -35,6 +36,59 @@ pub struct FleetSimConfig {
 pub struct SimOptions {
     /// What the agents report.
     pub payload: Payload,
+    /// Agents whose connection ends (or cannot be made) connect again, keeping their state
+    /// (uid, applied config, sequence numbers), with a jittered backoff from
+    /// [`RECONNECT_MIN`] doubling to [`RECONNECT_MAX`], or as long as the server advised; the
+    /// first message on each connection is the agent's full state. Without: an agent whose
+    /// connection ends stops (an error).
+    pub reconnect: bool,
+    /// The trust root of `wss://` URLs (the connection set-up, then TCP + TLS + upgrade, is
+    /// part of the first-reply time).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Bearer tokens: agent `i` presents token `i % k` (agents spread over namespaces); empty:
+    /// every agent presents [`FleetSimConfig::token`].
+    pub tokens: Vec<String>,
+    /// Serve `GET /stats` here: the run's counters as JSON ([`StatsSnapshot`]).
+    pub stats_addr: Option<SocketAddr>,
+}
+
+impl SimOptions {
+    /// The token agent `i` presents, if any.
+    fn token_for(&self, i: usize, config: &FleetSimConfig) -> Option<String> {
+        match self.tokens.len() {
+            0 => config.token.clone(),
+            k => Some(self.tokens[i % k].clone()),
+        }
+    }
+}
+
+/// The first wait before reconnecting (then doubled, jittered, up to [`RECONNECT_MAX`]).
+pub const RECONNECT_MIN: Duration = Duration::from_millis(500);
+/// The longest wait before reconnecting (unless the server advised a longer one).
+pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// The exponential backoff between reconnection attempts.
+#[derive(Debug, Clone)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Self { next: RECONNECT_MIN }
+    }
+
+    /// The wait before the next attempt (between half and all of the current step), doubling
+    /// the step.
+    fn wait(&mut self) -> Duration {
+        let wait = self.next.mul_f64(rand::random_range(0.5..=1.0));
+        self.next = (self.next * 2).min(RECONNECT_MAX);
+        wait
+    }
+
+    fn reset(&mut self) {
+        self.next = RECONNECT_MIN;
+    }
 }
 
 /// How often the simulator prints a progress line on stderr.
@@ -42,11 +96,20 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 struct Stats {
-    /// Agents that got their first reply (ever; see `disconnected`).
+    /// Agents that got their first reply (ever).
     connected: AtomicUsize,
-    /// Agents whose connection ended after they connected.
-    disconnected: AtomicUsize,
+    /// Agents connected now (WebSocket: from the first reply to the end of the connection;
+    /// HTTP: from a successful poll until a failed one).
+    live: AtomicUsize,
+    /// Successful connections, reconnections included.
+    connects: AtomicU64,
+    /// Agents that stopped on an error.
     errors: AtomicUsize,
+    /// Connections that failed or ended on an error, retried or not.
+    connection_errors: AtomicU64,
+    configs_received: AtomicU64,
+    /// Remote configs received for the hash the agent already reported APPLIED.
+    duplicate_configs: AtomicU64,
     messages_sent: AtomicU64,
     configs_applied: AtomicU64,
     configs_failed: AtomicU64,
@@ -57,13 +120,51 @@ struct Stats {
     last_error: std::sync::Mutex<Option<String>>,
 }
 
+/// The counters of a running simulation, as `GET /stats` returns them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StatsSnapshot {
+    /// Agents simulated.
+    pub agents: usize,
+    /// Agents connected now.
+    pub connected: usize,
+    /// Successful connections, reconnections included.
+    pub connects: u64,
+    pub messages_sent: u64,
+    /// Remote configs received.
+    pub configs_received: u64,
+    /// Remote configs received for the hash the agent already reported APPLIED.
+    pub duplicate_configs: u64,
+    pub configs_applied: u64,
+    pub configs_failed: u64,
+    /// Times the server told an agent to wait before trying again.
+    pub retries_advised: u64,
+    /// Connections that could not be made or ended on an error, retried or not.
+    pub errors: u64,
+}
+
 impl Stats {
+    fn snapshot(&self, agents: usize) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            agents,
+            connected: self.live.load(Ordering::Relaxed),
+            connects: get(&self.connects),
+            messages_sent: get(&self.messages_sent),
+            configs_received: get(&self.configs_received),
+            duplicate_configs: get(&self.duplicate_configs),
+            configs_applied: get(&self.configs_applied),
+            configs_failed: get(&self.configs_failed),
+            retries_advised: get(&self.retries_advised),
+            errors: get(&self.connection_errors),
+        }
+    }
+
     /// One progress line: `t=12.3s connected 9000/10000 errors 0 messages 123 applied 0 failed 0`.
     fn progress(&self, agents: usize, started: Instant) -> String {
         format!(
             "t={:.1}s connected {}/{} errors {} messages {} applied {} failed {}",
             started.elapsed().as_secs_f64(),
-            self.connected.load(Ordering::Relaxed).saturating_sub(self.disconnected.load(Ordering::Relaxed)),
+            self.live.load(Ordering::Relaxed),
             agents,
             self.errors.load(Ordering::Relaxed),
             self.messages_sent.load(Ordering::Relaxed),
@@ -138,6 +239,41 @@ pub async fn run_with(
         eprintln!("payload: collector: {}", CollectorPayload::get().sizes());
     }
     let stats = Arc::new(Stats::default());
+    if let Some(addr) = options.stats_addr {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                let (stats, stop, agents) = (stats.clone(), shutdown.clone(), config.agents);
+                let router = axum::Router::new().route(
+                    "/stats",
+                    axum::routing::get(move || {
+                        let snapshot = stats.snapshot(agents);
+                        async move { axum::Json(snapshot) }
+                    }),
+                );
+                tokio::spawn(async move {
+                    let _ =
+                        axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await;
+                });
+            }
+            Err(e) => {
+                let error = format!("cannot listen on {addr}: {e}");
+                eprintln!("{error}");
+                return FleetSimReport {
+                    agents: config.agents,
+                    connected: 0,
+                    errors: config.agents,
+                    ramp: Duration::ZERO,
+                    messages_sent: 0,
+                    configs_applied: 0,
+                    configs_failed: 0,
+                    retries_advised: 0,
+                    first_reply_us: [0; 4],
+                    reply_us: [0; 4],
+                    last_error: Some(error),
+                };
+            }
+        }
+    }
     let started = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / f64::from(config.connect_rate.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
@@ -156,11 +292,12 @@ pub async fn run_with(
         } else {
             spec.fail_marker = Some(String::new()); // every config fails
         }
-        let (cfg, stats, stop) = (config.clone(), stats.clone(), shutdown.clone());
+        let (mut cfg, opts, stats, stop) = (config.clone(), options.clone(), stats.clone(), shutdown.clone());
+        cfg.token = options.token_for(i, &config);
         tasks.spawn(async move {
             let result = match cfg.transport {
-                Transport::WebSocket => ws_agent(i, spec, &cfg, &stats, stop).await,
-                Transport::Http => http_agent(spec, &cfg, &stats, stop).await,
+                Transport::WebSocket => ws_agent(i, spec, &cfg, &opts, &stats, stop).await,
+                Transport::Http => http_agent(spec, &cfg, &opts, &stats, stop).await,
             };
             if let Err(e) = result {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -201,10 +338,7 @@ pub async fn run_with(
             tokio::time::sleep(PROGRESS_EVERY).await;
             quiet += PROGRESS_EVERY;
             let now = (
-                stats
-                    .connected
-                    .load(Ordering::Relaxed)
-                    .saturating_sub(stats.disconnected.load(Ordering::Relaxed)),
+                stats.live.load(Ordering::Relaxed),
                 stats.configs_applied.load(Ordering::Relaxed),
                 stats.configs_failed.load(Ordering::Relaxed),
             );
@@ -267,71 +401,171 @@ fn source_addr(i: usize) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 1, n + 1)), 0)
 }
 
+/// The agent reacts to a server message (see [`SimAgent::on_message`]), counted: a remote config
+/// received, a duplicate when the agent already reported its hash APPLIED, and the outcome
+/// (applied or failed) when the agent took it in.
+fn react(agent: &mut SimAgent, msg: &crate::proto::ServerToAgent, stats: &Stats) -> Option<AgentToServer> {
+    use crate::proto::RemoteConfigStatuses;
+    if let Some(rc) = &msg.remote_config {
+        stats.configs_received.fetch_add(1, Ordering::Relaxed);
+        if agent.remote_config_status().is_some_and(|s| {
+            s.status == RemoteConfigStatuses::Applied as i32 && s.last_remote_config_hash == rc.config_hash
+        }) {
+            stats.duplicate_configs.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let taken = |a: &SimAgent| a.configs_received - a.duplicate_configs;
+    let before = taken(agent);
+    let out = agent.on_message(msg);
+    if taken(agent) > before {
+        count_status(agent, stats);
+    }
+    out
+}
+
+/// Why a connection of an agent ended.
+enum SessionEnd {
+    /// Stopped by the simulator.
+    Stopped,
+    /// Could not connect, or the connection ended: `advised` is the wait the server asked
+    /// for, `connected` whether the connection had been made.
+    Failed { error: String, advised: Option<Duration>, connected: bool },
+}
+
+/// Waits before reconnecting: as advised (counted) or the next backoff; false when stopped.
+async fn wait_to_reconnect(
+    agent: &mut SimAgent,
+    stats: &Stats,
+    backoff: &mut Backoff,
+    advised: Option<Duration>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> bool {
+    match advised {
+        Some(wait) => wait_as_advised(agent, stats, wait, stop).await,
+        None => {
+            tokio::select! {
+                _ = stop.cancelled() => false,
+                _ = tokio::time::sleep(backoff.wait()) => true,
+            }
+        }
+    }
+}
+
 async fn ws_agent(
     i: usize,
     spec: AgentSpec,
     cfg: &FleetSimConfig,
+    opts: &SimOptions,
     stats: &Stats,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<(), String> {
     let mut agent = SimAgent::new(spec);
+    let mut backoff = Backoff::new();
+    let mut ever = false;
+    loop {
+        let (error, advised) = match ws_session(i, &mut agent, cfg, opts, stats, &stop, &mut ever).await {
+            SessionEnd::Stopped => return Ok(()),
+            SessionEnd::Failed { error, advised, connected } => {
+                if connected {
+                    backoff.reset();
+                }
+                (error, advised)
+            }
+        };
+        stats.connection_errors.fetch_add(1, Ordering::Relaxed);
+        if !opts.reconnect {
+            return Err(error);
+        }
+        if !wait_to_reconnect(&mut agent, stats, &mut backoff, advised, &stop).await {
+            return Ok(());
+        }
+    }
+}
+
+/// One WebSocket connection of an agent: connect, send the full state, then heartbeats and
+/// answers until it ends. Refusals with retry advice are waited out and retried here.
+async fn ws_session(
+    i: usize,
+    agent: &mut SimAgent,
+    cfg: &FleetSimConfig,
+    opts: &SimOptions,
+    stats: &Stats,
+    stop: &tokio_util::sync::CancellationToken,
+    ever: &mut bool,
+) -> SessionEnd {
+    let failed = |error: String| SessionEnd::Failed { error, advised: None, connected: false };
     // Refused (paced, at capacity) with retry advice: wait that long, then connect again.
     let (mut ws, first, t0) = loop {
         let t0 = Instant::now();
-        let refused = match WsClient::connect_from(&cfg.url, cfg.token.as_deref(), Some(source_addr(i))).await
-        {
-            Ok(mut ws) => {
-                ws.send(&agent.full_state()).await.map_err(|e| e.to_string())?;
-                let first = ws.recv().await.map_err(|e| e.to_string())?;
-                match crate::sim::retry_info(&first) {
-                    None => break (ws, first, t0),
-                    Some(wait) => {
-                        ws.close().await;
-                        wait
+        let source = Some(source_addr(i));
+        let refused =
+            match WsClient::connect_tls(&cfg.url, cfg.token.as_deref(), source, opts.tls.as_ref()).await {
+                Ok(mut ws) => {
+                    if let Err(e) = ws.send(&agent.full_state()).await {
+                        return failed(e.to_string());
+                    }
+                    let first = match ws.recv().await {
+                        Ok(first) => first,
+                        Err(e) => return failed(e.to_string()),
+                    };
+                    match crate::sim::retry_info(&first) {
+                        None => break (ws, first, t0),
+                        Some(wait) => {
+                            ws.close().await;
+                            wait
+                        }
                     }
                 }
-            }
-            Err(e) => e.retry_after().ok_or_else(|| e.to_string())?,
-        };
-        if !wait_as_advised(&mut agent, stats, refused, &stop).await {
-            return Ok(());
+                Err(e) => match e.retry_after() {
+                    Some(wait) => wait,
+                    None => return failed(e.to_string()),
+                },
+            };
+        if !wait_as_advised(agent, stats, refused, stop).await {
+            return SessionEnd::Stopped;
         }
     };
     record(&stats.first_reply, t0).await;
-    stats.connected.fetch_add(1, Ordering::Relaxed);
+    if !std::mem::replace(ever, true) {
+        stats.connected.fetch_add(1, Ordering::Relaxed);
+    }
+    stats.connects.fetch_add(1, Ordering::Relaxed);
+    stats.live.fetch_add(1, Ordering::Relaxed);
     stats.messages_sent.fetch_add(1, Ordering::Relaxed);
-    let mut pending = agent.on_message(&first);
+    let mut pending = react(agent, &first, stats);
     let mut beat = tokio::time::interval_at(Instant::now() + cfg.heartbeat, cfg.heartbeat);
     let mut sent_at = None;
-    let result = loop {
+    let ended = |error: String, advised| SessionEnd::Failed { error, advised, connected: true };
+    let end = loop {
         if let Some(out) = pending.take() {
-            let applied = out.remote_config_status.is_some();
             if let Err(e) = ws.send(&out).await {
-                break Err(e.to_string());
+                break ended(e.to_string(), None);
             }
             sent_at = Some(Instant::now());
             stats.messages_sent.fetch_add(1, Ordering::Relaxed);
-            if applied {
-                count_status(&agent, stats);
-            }
         }
         tokio::select! {
-            _ = stop.cancelled() => break Ok(()),
+            _ = stop.cancelled() => break SessionEnd::Stopped,
             _ = beat.tick() => pending = Some(agent.heartbeat()),
             msg = ws.recv() => match msg {
                 Ok(m) => {
                     if let Some(t) = sent_at.take() {
                         record(&stats.reply, t).await;
                     }
-                    pending = agent.on_message(&m);
+                    pending = react(agent, &m, stats);
+                    // An UNAVAILABLE error with RetryInfo on a connection: the server wants the
+                    // agent to come back after that long.
+                    if let Some(wait) = agent.take_retry_advice() {
+                        break ended("told to come back later".into(), Some(wait));
+                    }
                 }
-                Err(e) => break Err(e.to_string()),
+                Err(e) => break ended(e.to_string(), None),
             },
         }
     };
-    stats.disconnected.fetch_add(1, Ordering::Relaxed);
+    stats.live.fetch_sub(1, Ordering::Relaxed);
     ws.close().await;
-    result
+    end
 }
 
 /// Waits as the server advised (counted); false when stopped meanwhile.
@@ -352,45 +586,135 @@ async fn wait_as_advised(
 async fn http_agent(
     spec: AgentSpec,
     cfg: &FleetSimConfig,
+    opts: &SimOptions,
     stats: &Stats,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<(), String> {
     let client = HttpClient::new(&cfg.url, cfg.token.as_deref(), true);
     let mut agent = SimAgent::new(spec);
+    let mut backoff = Backoff::new();
     let mut next = Some(agent.full_state());
+    // No successful poll yet since the start or the last failure.
     let mut first = true;
+    let mut ever = false;
     loop {
         let out = next.take().unwrap_or_else(|| agent.heartbeat());
-        let applied = out.remote_config_status.is_some() && !first;
         let t0 = Instant::now();
-        let reply = client.send(&out).await.map_err(|e| e.to_string())?;
-        stats.messages_sent.fetch_add(1, Ordering::Relaxed);
-        if !reply.status.is_success() {
-            // Refused with retry advice: the same message again after that long.
-            let wait = reply.retry_after().ok_or_else(|| format!("HTTP {}", reply.status))?;
-            next = Some(out);
-            if !wait_as_advised(&mut agent, stats, wait, &stop).await {
-                return Ok(());
+        let error = match client.send(&out).await {
+            Err(e) => e.to_string(),
+            Ok(reply) if reply.status.is_success() => {
+                stats.messages_sent.fetch_add(1, Ordering::Relaxed);
+                if first {
+                    record(&stats.first_reply, t0).await;
+                    if !std::mem::replace(&mut ever, true) {
+                        stats.connected.fetch_add(1, Ordering::Relaxed);
+                    }
+                    stats.connects.fetch_add(1, Ordering::Relaxed);
+                    stats.live.fetch_add(1, Ordering::Relaxed);
+                    backoff.reset();
+                    first = false;
+                } else {
+                    record(&stats.reply, t0).await;
+                }
+                next = reply.message.and_then(|m| react(&mut agent, &m, stats));
+                if next.is_some() {
+                    continue; // answer at once, as agents do after applying a config
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(cfg.heartbeat) => {}
+                }
+                continue;
             }
-            continue;
+            Ok(reply) => {
+                stats.messages_sent.fetch_add(1, Ordering::Relaxed);
+                match reply.retry_after() {
+                    // Refused with retry advice: the same message again after that long.
+                    Some(wait) => {
+                        next = Some(out);
+                        if !wait_as_advised(&mut agent, stats, wait, &stop).await {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                    None => format!("HTTP {}", reply.status),
+                }
+            }
+        };
+        stats.connection_errors.fetch_add(1, Ordering::Relaxed);
+        if !std::mem::replace(&mut first, true) {
+            stats.live.fetch_sub(1, Ordering::Relaxed);
         }
-        if first {
-            record(&stats.first_reply, t0).await;
-            stats.connected.fetch_add(1, Ordering::Relaxed);
-            first = false;
-        } else {
-            record(&stats.reply, t0).await;
+        if !opts.reconnect {
+            return Err(error);
         }
-        if applied {
-            count_status(&agent, stats);
+        if !wait_to_reconnect(&mut agent, stats, &mut backoff, None, &stop).await {
+            return Ok(());
         }
-        next = reply.message.and_then(|m| agent.on_message(&m));
-        if next.is_some() {
-            continue; // answer at once, as agents do after applying a config
+        // As after a reconnection: everything first.
+        next = Some(agent.full_state());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stats_json_has_the_documented_keys() {
+        let stats = Stats::default();
+        stats.live.fetch_add(3, Ordering::Relaxed);
+        stats.duplicate_configs.fetch_add(2, Ordering::Relaxed);
+        let json = serde_json::to_value(stats.snapshot(5)).unwrap();
+        let keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut expected = [
+            "agents",
+            "connected",
+            "connects",
+            "messages_sent",
+            "configs_received",
+            "duplicate_configs",
+            "configs_applied",
+            "configs_failed",
+            "retries_advised",
+            "errors",
+        ];
+        expected.sort();
+        let mut keys = keys;
+        keys.sort();
+        assert_eq!(keys, expected);
+        assert_eq!((json["agents"].as_u64(), json["connected"].as_u64()), (Some(5), Some(3)));
+        assert_eq!(json["duplicate_configs"].as_u64(), Some(2));
+    }
+
+    #[test]
+    fn agents_take_the_tokens_in_turn() {
+        let config = FleetSimConfig {
+            url: "ws://127.0.0.1:1/v1/opamp".into(),
+            transport: Transport::WebSocket,
+            agents: 6,
+            heartbeat: Duration::from_secs(1),
+            connect_rate: 1,
+            fail_fraction: 0.0,
+            token: Some("only".into()),
+            hold: None,
+        };
+        let none = SimOptions::default();
+        assert_eq!(none.token_for(5, &config).as_deref(), Some("only"));
+        let three = SimOptions { tokens: vec!["a".into(), "b".into(), "c".into()], ..Default::default() };
+        let got: Vec<_> = (0..6).map(|i| three.token_for(i, &config).unwrap()).collect();
+        assert_eq!(got, ["a", "b", "c", "a", "b", "c"]);
+    }
+
+    #[test]
+    fn the_reconnect_backoff_doubles_to_its_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new();
+        let steps: Vec<Duration> = (0..8).map(|_| b.wait()).collect();
+        let caps = [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0].map(Duration::from_secs_f64);
+        for (wait, cap) in steps.iter().zip(caps) {
+            assert!(*wait >= cap / 2 && *wait <= cap, "{wait:?} within [{:?}, {cap:?}]", cap / 2);
         }
-        tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(cfg.heartbeat) => {}
-        }
+        b.reset();
+        assert!(b.wait() <= RECONNECT_MIN);
     }
 }
