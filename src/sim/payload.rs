@@ -8,7 +8,8 @@ use prost::Message as _;
 
 use super::AgentSpec;
 use crate::proto::{
-    AgentConfigFile, AgentConfigMap, AgentToServer, AnyValue, AvailableComponents, KeyValue, any_value,
+    AgentConfigFile, AgentConfigMap, AgentDescription, AgentToServer, AnyValue, AvailableComponents,
+    KeyValue, any_value,
 };
 use crate::protocol::Uid;
 
@@ -153,13 +154,56 @@ impl CollectorPayload {
         AgentSpec {
             uid,
             capabilities: self.capture.capabilities,
+            initial_config: Some(self.own_config(i, &description)),
             description: Some(description),
-            initial_config: Some(self.variant(i).clone()),
             components: Some(self.components.clone()),
             health: self.capture.health.clone(),
             fail_marker: None,
             ..AgentSpec::new("otelcol")
         }
+    }
+
+    /// Variant `i % CONFIG_VARIANTS` as agent `i`'s supervisor reports it: the supervisor writes
+    /// the agent's own values into the collector's config (its instance uid, its parent's pid,
+    /// the port of its local OpAMP server, and the resource attributes of its description), so
+    /// in a real fleet no two agents report the same effective config.
+    fn own_config(&self, i: usize, description: &AgentDescription) -> AgentConfigMap {
+        let captured = self.capture.agent_description.as_ref();
+        let value = |d: Option<&AgentDescription>, key: &str| {
+            let attrs = d
+                .into_iter()
+                .flat_map(|d| d.identifying_attributes.iter().chain(&d.non_identifying_attributes));
+            attrs.filter(|kv| kv.key == key).find_map(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                any_value::Value::StringValue(s) => Some(s.clone()),
+                _ => None,
+            })
+        };
+        let mut out = self.variant(i).clone();
+        for file in out.config_map.values_mut() {
+            let mut body = String::from_utf8_lossy(&file.body).into_owned();
+            for key in ["service.instance.id", "host.name"] {
+                if let (Some(from), Some(to)) = (value(captured, key), value(Some(description), key)) {
+                    body = body.replace(&format!(": {from}\n"), &format!(": {to}\n"));
+                }
+            }
+            let body: String = body
+                .lines()
+                .map(|line| {
+                    let key = line.trim_start();
+                    let indent = &line[..line.len() - key.len()];
+                    if key.starts_with("ppid: ") {
+                        format!("{indent}ppid: {}\n", 1000 + i)
+                    } else if let Some(endpoint) = key.strip_prefix("endpoint: ws://127.0.0.1:") {
+                        let path = endpoint.find('/').map_or("", |at| &endpoint[at..]);
+                        format!("{indent}endpoint: ws://127.0.0.1:{}{path}\n", 20_000 + i % 40_000)
+                    } else {
+                        format!("{line}\n")
+                    }
+                })
+                .collect();
+            file.body = Bytes::from(body);
+        }
+        out
     }
 
     /// The encoded sizes of what agents report.
@@ -230,10 +274,28 @@ mod tests {
             .map(|v| p.variant(v).config_map.values().map(|f| f.body.clone()).collect())
             .collect();
         assert_eq!(bodies.len(), CONFIG_VARIANTS, "every variant is its own config");
-        // Agents 0 and 4 share a variant, 0 and 1 do not.
-        let files = |i| crate::sim::SimAgent::new(p.spec(i)).effective_files();
-        assert_eq!(files(0), files(4));
-        assert_ne!(files(0), files(1));
+    }
+
+    #[test]
+    fn each_agent_reports_its_own_values_in_its_effective_config_as_supervisors_do() {
+        let p = CollectorPayload::get();
+        let body = |spec: &AgentSpec| {
+            let files = crate::sim::SimAgent::new(spec.clone()).effective_files();
+            String::from_utf8(files.into_values().next().unwrap().to_vec()).unwrap()
+        };
+        // Agents 0 and 4 run the same variant, yet their configs differ in their own values only.
+        let (a, b) = (p.spec(0), p.spec(4));
+        let (ca, cb) = (body(&a), body(&b));
+        assert_ne!(ca, cb);
+        assert!(ca.contains(&format!("instance_uid: {}\n", a.uid)), "{ca}");
+        assert!(ca.contains(&format!("service.instance.id: {}\n", a.uid)));
+        assert!(ca.contains("host.name: sim-host-0\n") && cb.contains("host.name: sim-host-4\n"));
+        assert!(ca.contains("ppid: 1000\n") && cb.contains("ppid: 1004\n"));
+        assert!(ca.contains("endpoint: ws://127.0.0.1:20000/v1/opamp\n"), "{ca}");
+        let differing = ca.lines().zip(cb.lines()).filter(|(x, y)| x != y).count();
+        assert_eq!((ca.lines().count(), differing), (cb.lines().count(), 5), "{ca}\n---\n{cb}");
+        // Agents 0 and 1 run different variants.
+        assert!(ca.lines().zip(body(&p.spec(1)).lines()).filter(|(x, y)| x != y).count() > 5);
     }
 
     #[test]
@@ -260,7 +322,11 @@ mod tests {
         assert!(components.components.is_empty(), "hash only");
         assert_eq!(components.hash, p.components.hash);
         assert!(first.agent_description.is_some() && first.health.is_some());
-        assert_eq!(first.effective_config.and_then(|e| e.config_map).as_ref(), Some(p.variant(3)));
+        let reported = first.effective_config.and_then(|e| e.config_map).expect("an effective config");
+        assert_eq!(
+            reported.config_map.keys().collect::<Vec<_>>(),
+            p.variant(3).config_map.keys().collect::<Vec<_>>()
+        );
         assert_eq!(first.capabilities, p.capture.capabilities);
     }
 
