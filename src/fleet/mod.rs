@@ -194,7 +194,7 @@ struct Published {
 /// The current plan of each namespace, and the one of namespaces without their own.
 #[derive(Default)]
 struct Plans {
-    by_namespace: HashMap<Arc<str>, Published>,
+    by_namespace: HashMap<Arc<str>, Published, FastHash>,
     fallback: Option<Published>,
 }
 
@@ -295,9 +295,13 @@ impl Connection {
 
 const SHARDS: usize = 64;
 
+/// The hasher of the maps every message looks up: keyed per map (a random seed, so agents
+/// cannot choose colliding uids), and several times cheaper than the standard SipHash.
+type FastHash = foldhash::fast::RandomState;
+
 #[derive(Default)]
 struct Shard {
-    agents: HashMap<AgentKey, Agent>,
+    agents: HashMap<AgentKey, Agent, FastHash>,
 }
 
 struct Inner {
@@ -481,8 +485,19 @@ impl Fleet {
 
     /// Handles one message from an agent and returns the reply.
     pub fn handle(&self, conn: &mut Connection, mut msg: AgentToServer) -> Result<ServerToAgent, Rejection> {
-        let reply_uid = msg.instance_uid.clone();
-        let (uid, issued) = self.resolve_uid(conn, &msg);
+        self.handle_in_place(conn, &mut msg)
+    }
+
+    /// [`Fleet::handle`] for a message the caller decoded and keeps (the transports' path): it
+    /// is not moved (an `AgentToServer` is over 500 bytes), and the parts the registry keeps are
+    /// taken out of it; once it is answered, so is its `instance_uid` (into the reply). A
+    /// refused message keeps its `instance_uid`, for the error reply.
+    pub fn handle_in_place(
+        &self,
+        conn: &mut Connection,
+        msg: &mut AgentToServer,
+    ) -> Result<ServerToAgent, Rejection> {
+        let (uid, issued) = self.resolve_uid(conn, msg);
         let key = AgentKey { namespace: conn.tenant.namespace.clone(), uid };
         // One WebSocket is one agent: when it speaks for another uid (one the server issued, or
         // a new one it took), the previous uid goes offline, or it would stay "connected" with
@@ -519,7 +534,7 @@ impl Fleet {
                 changes |= Changes::CONNECTED;
             }
             agent.touch(now);
-            let mut ingested = agent.session.ingest(&mut msg);
+            let mut ingested = agent.session.ingest(msg);
             ingested.changes |= changes;
             if !ingested.changes.is_empty() {
                 agent.changed = SystemTime::now();
@@ -537,6 +552,8 @@ impl Fleet {
                     derive(agent, &uid, p);
                 }
             }
+            // Taken, not cloned: a clone of a freshly decoded `Bytes` allocates.
+            let reply_uid = std::mem::take(&mut msg.instance_uid);
             (self.respond(agent, conn, reply_uid, &ingested, now), ingested)
         };
         if let Some(new_uid) = issued {

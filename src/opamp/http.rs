@@ -178,7 +178,7 @@ fn undecodable(e: DecodeError, gzip_ok: bool) -> Response {
 /// Hands a poll to this replica's fleet. An agent another replica owns (its owner did not
 /// answer, or it became the owner meanwhile) is marked offline again at once: the owner counts
 /// it, not this replica (module docs).
-fn handle_here(state: &State, tenant: Tenant, msg: AgentToServer, gzip_ok: bool) -> Response {
+fn handle_here(state: &State, tenant: Tenant, mut msg: AgentToServer, gzip_ok: bool) -> Response {
     // A poll of an agent not live here is a new session: paced (`pace.rs`); live ones never.
     if state.pacer.is_some()
         && !is_live(state, &tenant, &msg)
@@ -187,7 +187,7 @@ fn handle_here(state: &State, tenant: Tenant, msg: AgentToServer, gzip_ok: bool)
         return resp;
     }
     let mut conn = state.fleet.connection(Transport::Http, tenant);
-    let handled = request::handle(state, &mut conn, msg);
+    let handled = request::handle(state, &mut conn, &mut msg);
     if let (Some(forwarding), Some(uid)) = (&state.forwarding, conn.agent())
         && forwarding.peers.owner(&uid).is_some()
         && state.fleet.release_http_agent(&AgentKey::new(conn.tenant().namespace.clone(), uid))

@@ -34,10 +34,9 @@ pub(super) enum Handled {
 }
 
 /// Hands one message to the fleet.
-pub(super) fn handle(state: &State, conn: &mut Connection, msg: AgentToServer) -> Handled {
-    let uid = msg.instance_uid.clone();
-    state.metrics.hot.received(&msg).inc();
-    match state.fleet.handle(conn, msg) {
+pub(super) fn handle(state: &State, conn: &mut Connection, msg: &mut AgentToServer) -> Handled {
+    state.metrics.hot.received(msg).inc();
+    match state.fleet.handle_in_place(conn, msg) {
         Ok(reply) => {
             state.metrics.hot.reply.inc();
             Handled::Reply(reply)
@@ -47,7 +46,7 @@ pub(super) fn handle(state: &State, conn: &mut Connection, msg: AgentToServer) -
             state.metrics.rejected_agents.get_or_create(&KindLabel { kind: rejection.kind() }).inc();
             let mut reply =
                 error_reply(ServerErrorResponseType::Unavailable, rejection.to_string(), Some(retry_after));
-            reply.instance_uid = uid;
+            reply.instance_uid = msg.instance_uid.clone(); // a refused message keeps it
             Handled::Refused(reply, retry_after)
         }
     }

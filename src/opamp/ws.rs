@@ -1,12 +1,15 @@
 //! The WebSocket transport: one task per connection, woken by the socket, by the fleet when
 //! there is something to push, by the ping timer, and by shutdown.
-use std::pin::pin;
+use std::future::poll_fn;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 
 use axum::extract::State as AxumState;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use futures_util::{Sink, SinkExt};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_tungstenite::tungstenite;
 
@@ -14,6 +17,7 @@ use super::metrics::{KindLabel, TransportLabel};
 use super::request::{self, Handled, bad_request};
 use super::server::State;
 use crate::fleet::Connection;
+use crate::proto::AgentToServer;
 use crate::protocol::Transport;
 use crate::protocol::codec;
 
@@ -78,14 +82,13 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
                 match frame {
                     None => Step::Gone,
                     // The message is handled and its reply encoded before anything is awaited;
-                    // only the write is a future, boxed so the connection's task (one per
-                    // agent) stays small.
+                    // only the write is, and only when the socket does not take it at once.
                     Some(Ok(Message::Binary(data))) => {
                         let (reply, then) = on_frame(&state, &mut conn, data);
                         if first_due.is_some() && conn.agent().is_some() {
                             first_due = None;
                         }
-                        match Box::pin(write(&mut socket, &state, Message::Binary(reply))).await {
+                        match write(&mut socket, &state, Message::Binary(reply)).await {
                             Step::Continue => then,
                             failed => failed,
                         }
@@ -108,7 +111,7 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
                 match state.fleet.poll_push(&conn).map(|msg| codec::encode_ws(&msg)) {
                     Some(frame) => {
                         state.metrics.hot.push.inc();
-                        Box::pin(write(&mut socket, &state, Message::Binary(frame))).await
+                        write(&mut socket, &state, Message::Binary(frame)).await
                     }
                     None => Step::Continue,
                 }
@@ -131,7 +134,7 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
                 } else {
                     pinged = true;
                     ping.as_mut().reset(earliest(last_heard + ping_every * 3, first_due));
-                    Box::pin(write(&mut socket, &state, Message::Ping(Default::default()))).await
+                    write(&mut socket, &state, Message::Ping(Default::default())).await
                 }
             }
         };
@@ -158,16 +161,14 @@ fn timed_out(state: &State, kind: &'static str) {
 /// Decodes and handles one frame: the encoded reply, and what to do once it is written.
 fn on_frame(state: &State, conn: &mut Connection, data: bytes::Bytes) -> (bytes::Bytes, Step) {
     let metrics = &state.metrics;
-    let msg = match codec::decode_ws(data) {
-        Ok(msg) => msg,
-        Err(e) => {
-            tracing::debug!(error = %e, "undecodable frame");
-            metrics.decode_errors.get_or_create(&WS).inc();
-            metrics.hot.error.inc();
-            return (codec::encode_ws(&bad_request(e.to_string())), Step::Continue);
-        }
-    };
-    match request::handle(state, conn, msg) {
+    let mut msg = AgentToServer::default();
+    if let Err(e) = codec::decode_ws_into(data, &mut msg) {
+        tracing::debug!(error = %e, "undecodable frame");
+        metrics.decode_errors.get_or_create(&WS).inc();
+        metrics.hot.error.inc();
+        return (codec::encode_ws(&bad_request(e.to_string())), Step::Continue);
+    }
+    match request::handle(state, conn, &mut msg) {
         Handled::Reply(reply) => (codec::encode_ws(&reply), Step::Continue),
         Handled::Refused(reply, _) => {
             (codec::encode_ws(&reply), Step::Close(close_code::AGAIN, "server at capacity, retry later"))
@@ -175,8 +176,44 @@ fn on_frame(state: &State, conn: &mut Connection, data: bytes::Bytes) -> (bytes:
     }
 }
 
+/// Writes one message. Most writes complete at once (a reply fits the socket's buffer): those
+/// cost no timer and no future. The rest of a write the socket did not take at once is awaited
+/// under the write timeout, in a boxed future so the connection's task (one per agent) stays
+/// small.
 async fn write(socket: &mut WebSocket, state: &State, msg: Message) -> Step {
-    match timeout(state.config.write_timeout, socket.send(msg)).await {
+    let mut msg = Some(msg);
+    match poll_fn(|cx| Poll::Ready(write_now(socket, cx, &mut msg))).await {
+        Poll::Ready(Ok(())) => Step::Continue,
+        Poll::Ready(Err(_)) => Step::Gone,
+        Poll::Pending => Box::pin(finish_write(socket, state, msg)).await,
+    }
+}
+
+/// The steps of `SinkExt::send`, as far as the socket takes them now: `msg` is taken once the
+/// socket accepted it, and `Pending` means it (or the flush) is still to be done.
+fn write_now(
+    socket: &mut WebSocket,
+    cx: &mut Context<'_>,
+    msg: &mut Option<Message>,
+) -> Poll<Result<(), axum::Error>> {
+    let mut socket = Pin::new(socket);
+    if msg.is_some() {
+        ready!(socket.as_mut().poll_ready(cx))?;
+        socket.as_mut().start_send(msg.take().expect("checked above"))?;
+    }
+    socket.poll_flush(cx)
+}
+
+/// The rest of a write [`write_now`] started: the message if the socket did not accept it yet,
+/// else the flush.
+async fn finish_write(socket: &mut WebSocket, state: &State, msg: Option<Message>) -> Step {
+    let rest = async {
+        match msg {
+            Some(msg) => socket.send(msg).await,
+            None => socket.flush().await,
+        }
+    };
+    match timeout(state.config.write_timeout, rest).await {
         Ok(Ok(())) => Step::Continue,
         Ok(Err(_)) => Step::Gone,
         Err(_) => Step::Close(close_code::AWAY, "write timed out"),

@@ -28,14 +28,24 @@ pub enum DecodeError {
 }
 
 /// Decodes one WebSocket binary frame (with or without the header) into an `AgentToServer`.
-pub fn decode_ws(mut frame: Bytes) -> Result<AgentToServer, DecodeError> {
+pub fn decode_ws(frame: Bytes) -> Result<AgentToServer, DecodeError> {
+    let mut msg = AgentToServer::default();
+    decode_ws_into(frame, &mut msg)?;
+    Ok(msg)
+}
+
+/// [`decode_ws`] into a message the caller holds, which must be empty (`Default`): the
+/// endpoint's path, where returning the message (over 500 bytes) would copy it. After an
+/// error the message holds whatever was decoded before it.
+pub fn decode_ws_into(mut frame: Bytes, msg: &mut AgentToServer) -> Result<(), DecodeError> {
     match frame.first() {
         None => return Err(DecodeError::Empty),
         // A varint whose first byte is 0 is the single-byte value 0: the defined header.
         Some(&WS_HEADER) => frame.advance(1),
         Some(_) => {} // headerless frame from an older client
     }
-    decode(frame)
+    // From a slice, like `decode`: the kept `bytes` fields are copied out of the frame.
+    msg.merge(frame.as_ref()).map_err(|e| DecodeError::Protobuf(e.to_string()))
 }
 
 /// Decodes a bare protobuf `AgentToServer`.
@@ -47,12 +57,32 @@ pub fn decode(buf: impl AsRef<[u8]>) -> Result<AgentToServer, DecodeError> {
     AgentToServer::decode(buf.as_ref()).map_err(|e| DecodeError::Protobuf(e.to_string()))
 }
 
+/// Frames up to this size are encoded into the thread's reused buffer ([`encode_ws`]); larger
+/// ones (config pushes) into their own, so no thread keeps a large buffer.
+const REUSED_FRAME_MAX: usize = 16 * 1024;
+
+thread_local! {
+    /// Where [`encode_ws`] encodes on this thread: each frame is split off it, and once the
+    /// frame is dropped (written to the socket) the next one reuses the same allocation.
+    static WS_FRAMES: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
+}
+
 /// Encodes a `ServerToAgent` as one WebSocket binary frame payload (header + message).
+///
+/// A frame is usually dropped right after it is written, before the next one is encoded on
+/// the same thread (one event loop per thread): small frames then cost no allocation.
 pub fn encode_ws(msg: &ServerToAgent) -> Bytes {
-    let mut buf = BytesMut::with_capacity(1 + msg.encoded_len());
-    buf.put_u8(WS_HEADER);
-    msg.encode(&mut buf).expect("BytesMut grows as needed");
-    buf.freeze()
+    let len = 1 + msg.encoded_len();
+    let encode = |buf: &mut BytesMut| {
+        buf.reserve(len); // reclaims the allocation when every frame split off it is gone
+        buf.put_u8(WS_HEADER);
+        msg.encode(buf).expect("BytesMut grows as needed");
+        buf.split().freeze()
+    };
+    if len > REUSED_FRAME_MAX {
+        return encode(&mut BytesMut::new());
+    }
+    WS_FRAMES.with_borrow_mut(encode)
 }
 
 /// Encodes a `ServerToAgent` as an HTTP body.
@@ -122,6 +152,31 @@ mod tests {
         let full = sample().encode_to_vec();
         let truncated = Bytes::copy_from_slice(&full[..full.len() - 3]);
         assert!(matches!(decode(truncated), Err(DecodeError::Protobuf(_))));
+    }
+
+    #[test]
+    fn frames_encoded_on_one_thread_stay_intact_while_kept() {
+        let big =
+            ServerToAgent { instance_uid: Bytes::from(vec![9; REUSED_FRAME_MAX]), ..Default::default() };
+        let msgs: Vec<ServerToAgent> = (0..100u64)
+            .map(|i| ServerToAgent {
+                capabilities: i,
+                instance_uid: Bytes::from(vec![i as u8; 16]),
+                ..Default::default()
+            })
+            .chain([big])
+            .collect();
+        // Kept (not dropped as the WebSocket path does): each frame still decodes to its message.
+        let frames: Vec<Bytes> = msgs.iter().map(encode_ws).collect();
+        for (frame, msg) in frames.iter().zip(&msgs) {
+            assert_eq!(frame[0], WS_HEADER);
+            assert_eq!(&ServerToAgent::decode(&frame[1..]).unwrap(), msg);
+        }
+        // Dropped one by one, as written frames are: the same holds.
+        for msg in &msgs {
+            let frame = encode_ws(msg);
+            assert_eq!(&ServerToAgent::decode(&frame[1..]).unwrap(), msg);
+        }
     }
 
     #[test]
