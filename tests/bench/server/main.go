@@ -3,7 +3,15 @@
 // --admin-addr`: keep every agent's last reported state, answer every message, offer one
 // remote config to every agent and count who applied it.
 //
-//	opamp-bench-server -addr 127.0.0.1:4320 -admin-addr 127.0.0.1:4399
+//	opamp-bench-server -addr 127.0.0.1:4320 -admin-addr 127.0.0.1:4399 [-capture FILE]
+//
+// Like a real server it wants each agent's AvailableComponents: an agent that reports only their
+// hash (opamp-go's first message) is asked for them with the ReportAvailableComponents flag.
+//
+// -capture FILE writes what the first agent that connected reported, merged over its messages
+// (capabilities, AgentDescription, EffectiveConfig, Health, AvailableComponents with its
+// components), as one binary AgentToServer protobuf once all of those arrived, and a protojson
+// rendering of it to FILE.json (tests/bench/capture-collector uses it).
 //
 // Agents connect to ws://ADDR/v1/opamp (WebSocket) or POST to http://ADDR/v1/opamp (plain HTTP),
 // exactly as opamp-go's server serves them. The admin endpoint:
@@ -41,6 +49,8 @@ import (
 	"github.com/open-telemetry/opamp-go/protobufs"
 	"github.com/open-telemetry/opamp-go/server"
 	"github.com/open-telemetry/opamp-go/server/types"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 )
 
 const serverCapabilities = uint64(protobufs.ServerCapabilities_ServerCapabilities_AcceptsStatus |
@@ -75,6 +85,64 @@ type fleet struct {
 	messages atomic.Uint64
 	// HTTP agents count as connected while they polled within this long.
 	httpTimeout time.Duration
+	capture     *capture // nil without -capture
+}
+
+// capture records the first agent's reported state (see -capture).
+type capture struct {
+	path string
+	mu   sync.Mutex
+	uid  []byte // the first agent's
+	done bool
+}
+
+// observe notes what agent a (by uid) holds now and writes the file once everything is there
+// (caller holds a.mu).
+func (c *capture) observe(uid []byte, a *agent) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.done {
+		return
+	}
+	if c.uid == nil {
+		c.uid = append([]byte(nil), uid...)
+	}
+	// Health once the collector runs (the first report is an empty one, before it started).
+	if !bytes.Equal(c.uid, uid) || a.description == nil || a.effective == nil ||
+		a.health == nil || (!a.health.Healthy && a.health.LastError == "") ||
+		a.capabilities == 0 || a.components == nil || len(a.components.Components) == 0 {
+		return
+	}
+	msg := &protobufs.AgentToServer{
+		InstanceUid:         c.uid,
+		Capabilities:        a.capabilities,
+		AgentDescription:    a.description,
+		EffectiveConfig:     a.effective,
+		Health:              a.health,
+		AvailableComponents: a.components,
+		CustomCapabilities:  a.customCaps,
+	}
+	bin, err := proto.MarshalOptions{Deterministic: true}.Marshal(msg)
+	if err != nil {
+		log.Fatalf("capture: %v", err)
+	}
+	text, err := protojson.MarshalOptions{Multiline: true, Indent: "  "}.Marshal(msg)
+	if err != nil {
+		log.Fatalf("capture: %v", err)
+	}
+	if err := os.WriteFile(c.path+".json", append(text, '\n'), 0o644); err != nil {
+		log.Fatalf("capture: %v", err)
+	}
+	// The binary file last: its appearance says both are complete.
+	tmp := c.path + ".tmp"
+	if err := os.WriteFile(tmp, bin, 0o644); err != nil {
+		log.Fatalf("capture: %v", err)
+	}
+	if err := os.Rename(tmp, c.path); err != nil {
+		log.Fatalf("capture: %v", err)
+	}
+	c.done = true
+	log.Printf("captured the first agent's state: %s (%d bytes), %s.json", c.path, len(bin), c.path)
 }
 
 func newFleet(httpTimeout time.Duration) *fleet {
@@ -162,8 +230,20 @@ func (f *fleet) onMessage(_ context.Context, conn types.Connection, m *protobufs
 	if m.CustomCapabilities != nil {
 		a.customCaps = m.CustomCapabilities
 	}
-	if m.AvailableComponents != nil {
-		a.components = m.AvailableComponents
+	if ac := m.AvailableComponents; ac != nil {
+		switch {
+		case len(ac.Components) > 0:
+			a.components = ac
+		case a.components == nil || len(a.components.Components) == 0 || !bytes.Equal(a.components.Hash, ac.Hash):
+			// Only the hash (opamp-go's first message), of components we do not have: ask for them.
+			a.components = ac
+			if a.capabilities&uint64(protobufs.AgentCapabilities_AgentCapabilities_ReportsAvailableComponents) != 0 {
+				reply.Flags |= uint64(protobufs.ServerToAgentFlags_ServerToAgentFlags_ReportAvailableComponents)
+			}
+		}
+	}
+	if f.capture != nil {
+		f.capture.observe(m.InstanceUid, a)
 	}
 	if m.AgentDisconnect != nil {
 		a.online = false
@@ -284,9 +364,13 @@ func main() {
 	addr := flag.String("addr", "127.0.0.1:4320", "OpAMP listen address (path /v1/opamp)")
 	adminAddr := flag.String("admin-addr", "127.0.0.1:4399", "admin listen address (/admin/config, /admin/stats)")
 	heartbeat := flag.Duration("heartbeat", 30*time.Second, "HTTP agents silent for 3 of these count as disconnected")
+	capturePath := flag.String("capture", "", "write the first agent's merged report to this file (and FILE.json)")
 	flag.Parse()
 
 	f := newFleet(3 * *heartbeat)
+	if *capturePath != "" {
+		f.capture = &capture{path: *capturePath}
+	}
 	srv := server.New(nil)
 	callbacks := types.ConnectionCallbacks{OnMessage: f.onMessage, OnConnectionClose: f.onClose}
 	err := srv.Start(server.StartSettings{
