@@ -63,6 +63,12 @@ struct FleetSimArgs {
     /// Seconds to keep the fleet connected once all are in (default: until Ctrl-C).
     #[arg(long)]
     hold_seconds: Option<f64>,
+    /// What the agents report: `light` (a few attributes, a one-line config) or `collector`
+    /// (what the collector the tests build reports under the supervisor, captured by
+    /// tests/bench/capture-collector: its description, one of four effective configs, its
+    /// health and AvailableComponents).
+    #[arg(long, default_value = "light")]
+    payload: opamp_operator::sim::payload::Payload,
 }
 
 #[derive(clap::Args)]
@@ -273,7 +279,7 @@ fn crds(out_dir: Option<std::path::PathBuf>) -> anyhow::Result<()> {
 async fn fleet_sim(args: FleetSimArgs) -> anyhow::Result<()> {
     use opamp_operator::operator::raise_fd_limit;
     use opamp_operator::protocol::Transport;
-    use opamp_operator::sim::fleet::{FleetSimConfig, run};
+    use opamp_operator::sim::fleet::{FleetSimConfig, SimOptions, run_with};
     let transport = match args.url.split("://").next() {
         Some("ws" | "wss") => Transport::WebSocket,
         Some("http" | "https") => Transport::Http,
@@ -302,7 +308,8 @@ async fn fleet_sim(args: FleetSimArgs) -> anyhow::Result<()> {
         shutdown_signal().await;
         stop.cancel();
     });
-    let report = run(config, shutdown).await;
+    let options = SimOptions { payload: args.payload };
+    let report = run_with(config, options, shutdown).await;
     println!("{report}");
     anyhow::ensure!(report.errors == 0, "{} agents failed", report.errors);
     Ok(())

@@ -1,14 +1,15 @@
 //! The behaviour of a simple agent, transport-agnostic: it builds the messages an agent sends
 //! and reacts to what the server sends, as a well-behaved OpAMP client does.
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 
 use crate::proto::{
-    AgentCapabilities, AgentConfigMap, AgentDescription, AgentToServer, AnyValue, ComponentHealth,
-    CustomCapabilities, EffectiveConfig, KeyValue, RemoteConfigStatus, RemoteConfigStatuses, ServerToAgent,
-    ServerToAgentFlags, any_value,
+    AgentCapabilities, AgentConfigMap, AgentDescription, AgentToServer, AnyValue, AvailableComponents,
+    ComponentHealth, CustomCapabilities, EffectiveConfig, KeyValue, RemoteConfigStatus, RemoteConfigStatuses,
+    ServerToAgent, ServerToAgentFlags, any_value,
 };
 use crate::protocol::Uid;
 
@@ -22,6 +23,15 @@ pub struct AgentSpec {
     pub custom_capabilities: Vec<String>,
     /// A remote config containing this string is reported FAILED (an empty one: every config).
     pub fail_marker: Option<String>,
+    /// The description reported instead of one made of `identifying`/`non_identifying`.
+    pub description: Option<AgentDescription>,
+    /// The effective config before any remote config (default: one small `agent.yaml`).
+    pub initial_config: Option<AgentConfigMap>,
+    /// The AvailableComponents reported (by hash first, in full when the server asks), shared
+    /// by the agents of one build.
+    pub components: Option<Arc<AvailableComponents>>,
+    /// The health reported while healthy (default: `ok`).
+    pub health: Option<ComponentHealth>,
 }
 
 impl AgentSpec {
@@ -42,6 +52,10 @@ impl AgentSpec {
             .fold(0, |acc, c| acc | *c as u64),
             custom_capabilities: Vec::new(),
             fail_marker: Some("FAIL_ME".into()),
+            description: None,
+            initial_config: None,
+            components: None,
+            health: None,
         }
     }
 }
@@ -82,14 +96,17 @@ fn kv(pairs: &[(String, String)]) -> Vec<KeyValue> {
 
 impl SimAgent {
     pub fn new(spec: AgentSpec) -> Self {
-        let mut effective = AgentConfigMap::default();
-        effective.config_map.insert(
-            "agent.yaml".into(),
-            crate::proto::AgentConfigFile {
-                body: Bytes::from_static(b"initial: true\n"),
-                content_type: "text/yaml".into(),
-            },
-        );
+        let effective = spec.initial_config.clone().unwrap_or_else(|| {
+            let mut effective = AgentConfigMap::default();
+            effective.config_map.insert(
+                "agent.yaml".into(),
+                crate::proto::AgentConfigFile {
+                    body: Bytes::from_static(b"initial: true\n"),
+                    content_type: "text/yaml".into(),
+                },
+            );
+            effective
+        });
         Self {
             spec,
             seq: 0,
@@ -127,13 +144,19 @@ impl SimAgent {
         msg
     }
 
-    /// A message carrying the agent's whole state (the first one, and after `ReportFullState`).
+    /// A message carrying the agent's whole state, as the first one on a connection: the
+    /// AvailableComponents by their hash only (as opamp-go's client sends them).
     pub fn full_state(&mut self) -> AgentToServer {
         let mut msg = self.base();
-        msg.agent_description = Some(AgentDescription {
+        msg.agent_description = Some(self.spec.description.clone().unwrap_or_else(|| AgentDescription {
             identifying_attributes: kv(&self.spec.identifying),
             non_identifying_attributes: kv(&self.spec.non_identifying),
-        });
+        }));
+        msg.available_components = self
+            .spec
+            .components
+            .as_ref()
+            .map(|c| AvailableComponents { components: Default::default(), hash: c.hash.clone() });
         msg.health = Some(self.health());
         msg.effective_config = Some(EffectiveConfig { config_map: Some(self.effective.clone()) });
         msg.remote_config_status = self.status.clone();
@@ -149,7 +172,15 @@ impl SimAgent {
         self.base()
     }
 
+    /// The AvailableComponents in full (when the agent reports any).
+    fn all_components(&self) -> Option<AvailableComponents> {
+        self.spec.components.as_deref().cloned()
+    }
+
     fn health(&self) -> ComponentHealth {
+        if let Some(h) = self.spec.health.as_ref().filter(|_| self.healthy) {
+            return h.clone();
+        }
         ComponentHealth {
             healthy: self.healthy,
             status: if self.healthy { "ok" } else { "degraded" }.into(),
@@ -170,7 +201,8 @@ impl SimAgent {
 
     /// Reacts to a server message; returns what the agent sends in response, if anything. An
     /// `UNAVAILABLE` error with `RetryInfo` is noted ([`SimAgent::take_retry_advice`]) and
-    /// answered with nothing.
+    /// answered with nothing. `ReportFullState` is answered with everything, the components in
+    /// full; `ReportAvailableComponents` with the components.
     pub fn on_message(&mut self, msg: &ServerToAgent) -> Option<AgentToServer> {
         if let Some(wait) = super::client::retry_info(msg) {
             self.told_to_wait(wait);
@@ -191,15 +223,25 @@ impl SimAgent {
             if let Some(rc) = &msg.remote_config {
                 self.apply(rc);
             }
-            return Some(self.full_state());
+            let mut out = self.full_state();
+            out.available_components = self.all_components();
+            return Some(out);
         }
-        let rc = msg.remote_config.as_ref()?;
-        self.apply(rc).then(|| {
-            let mut out = self.base();
+        let wants_components = msg.flags & ServerToAgentFlags::ReportAvailableComponents as u64 != 0
+            && self.spec.components.is_some();
+        let applied = msg.remote_config.as_ref().is_some_and(|rc| self.apply(rc));
+        if !applied && !wants_components {
+            return None;
+        }
+        let mut out = self.base();
+        if applied {
             out.remote_config_status = self.status.clone();
             out.effective_config = Some(EffectiveConfig { config_map: Some(self.effective.clone()) });
-            out
-        })
+        }
+        if wants_components {
+            out.available_components = self.all_components();
+        }
+        Some(out)
     }
 
     /// Applies a remote config; false when it was a duplicate of the applied one.

@@ -10,6 +10,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+use super::payload::{CollectorPayload, Payload};
 use super::{AgentSpec, HttpClient, SimAgent, WsClient};
 use crate::protocol::Transport;
 
@@ -27,6 +28,13 @@ pub struct FleetSimConfig {
     pub token: Option<String>,
     /// Stop after this long once every agent has connected (None: until interrupted).
     pub hold: Option<Duration>,
+}
+
+/// More of what a run simulates (the defaults: today's light agents).
+#[derive(Debug, Clone, Default)]
+pub struct SimOptions {
+    /// What the agents report.
+    pub payload: Payload,
 }
 
 /// How often the simulator prints a progress line on stderr.
@@ -117,6 +125,18 @@ fn percentiles(h: &Option<Histogram<u64>>) -> [u64; 4] {
 
 /// Runs the simulation until every agent connected and `hold` passed (or `shutdown`).
 pub async fn run(config: FleetSimConfig, shutdown: tokio_util::sync::CancellationToken) -> FleetSimReport {
+    run_with(config, SimOptions::default(), shutdown).await
+}
+
+/// [`run`] with more options.
+pub async fn run_with(
+    config: FleetSimConfig,
+    options: SimOptions,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> FleetSimReport {
+    if options.payload == Payload::Collector {
+        eprintln!("payload: collector: {}", CollectorPayload::get().sizes());
+    }
     let stats = Arc::new(Stats::default());
     let started = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / f64::from(config.connect_rate.max(1)));
@@ -130,9 +150,7 @@ pub async fn run(config: FleetSimConfig, shutdown: tokio_util::sync::Cancellatio
         }
         tokio::time::sleep_until(next).await;
         next += interval;
-        let mut spec = AgentSpec::new(&format!("sim-{}", i % 100));
-        spec.non_identifying.push(("host.name".into(), format!("sim-host-{i}")));
-        spec.non_identifying.push(("deployment.environment".into(), ["prod", "staging"][i % 2].into()));
+        let mut spec = options.payload.spec(i);
         if fail_every == 0 || i % fail_every != 0 {
             spec.fail_marker = None;
         } else {

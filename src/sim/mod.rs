@@ -4,6 +4,7 @@
 mod agent;
 mod client;
 pub mod fleet;
+pub mod payload;
 
 pub use agent::{AgentSpec, SimAgent};
 pub use client::{ClientError, HttpClient, HttpReply, WsClient, WsEvent, retry_info};
