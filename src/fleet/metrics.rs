@@ -27,6 +27,13 @@ pub struct FleetMetrics {
     /// Agents whose report lost parts to its bound of bytes (`AgentReport::trimmed`).
     pub agents_report_trimmed: Gauge,
     pub remote_config_statuses: Family<StatusLabel, Gauge>,
+    /// Distinct report parts held once for every agent reporting them, by part.
+    pub report_parts_shared: Family<PartLabel, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartLabel {
+    pub part: &'static str,
 }
 
 impl FleetMetrics {
@@ -46,6 +53,11 @@ impl FleetMetrics {
             "remote_config_statuses",
             "Agents by the status they last reported for their remote config",
             self.remote_config_statuses.clone(),
+        );
+        registry.register(
+            "report_parts_shared",
+            "Distinct reported parts (effectiveConfig, availableComponents) held once for all the agents reporting them",
+            self.report_parts_shared.clone(),
         );
     }
 
@@ -86,5 +98,10 @@ impl FleetMetrics {
             };
             self.remote_config_statuses.get_or_create(&StatusLabel { status }).set(statuses[i]);
         }
+        let (configs, components) = fleet.shared_parts();
+        self.report_parts_shared.get_or_create(&PartLabel { part: "effectiveConfig" }).set(configs as i64);
+        self.report_parts_shared
+            .get_or_create(&PartLabel { part: "availableComponents" })
+            .set(components as i64);
     }
 }

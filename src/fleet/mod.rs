@@ -48,6 +48,7 @@ use crate::proto::{
 };
 pub use crate::protocol::session::Changes;
 use crate::protocol::session::{AgentReport, Desired, Ingested, server_message};
+use crate::protocol::shared::SharedParts;
 use crate::protocol::{Transport, Uid};
 
 /// An agent's identity: the namespace of the token it presented, and its instance uid. The same
@@ -312,6 +313,8 @@ struct Inner {
     plan_versions: AtomicU64,
     sink: RwLock<Option<Arc<dyn CustomMessageSink>>>,
     claims: claims::Claims,
+    /// Report parts many agents share (effective configs, component lists), held once.
+    shared: SharedParts,
 }
 
 /// The registry of agents. Cheap to clone; all clones share one fleet.
@@ -342,6 +345,7 @@ impl Fleet {
                 plan_versions: AtomicU64::new(0),
                 sink: RwLock::new(None),
                 claims: claims::Claims::default(),
+                shared: SharedParts::default(),
             }),
         }
     }
@@ -521,6 +525,7 @@ impl Fleet {
                 agent.changed = SystemTime::now();
             }
             if ingested.changes.intersects(Changes::REPORT_PARTS) {
+                agent.session.report.share(ingested.changes, &self.inner.shared);
                 self.bound_report(agent, &conn.usage);
             }
             conn.bound = Some(uid);
@@ -790,6 +795,12 @@ impl Fleet {
         let depth = agent.outbox.push(message, ticket, limit)?;
         agent.wake();
         Ok(depth)
+    }
+
+    /// Distinct effective configs and component lists held, each once for all its agents.
+    pub fn shared_parts(&self) -> (usize, usize) {
+        let shared = &self.inner.shared;
+        (shared.effective_config.live(), shared.available_components.live())
     }
 
     /// A copy of what the server knows of one agent.

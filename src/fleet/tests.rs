@@ -225,10 +225,10 @@ fn omitted_sub_messages_keep_their_last_value() {
     let r = fleet.agent(&key(UID)).unwrap().report;
     assert_eq!(r.description, Some(description("checkout")));
     assert_eq!(r.health, Some(health));
-    assert_eq!(r.effective_config, Some(effective));
+    assert_eq!(r.effective_config, Some(Arc::new(effective)));
     assert_eq!(r.remote_config_status, Some(status(&cfg, RemoteConfigStatuses::Applied)));
     assert!(r.supports_custom_capability("com.example.pprof"));
-    assert_eq!(r.available_components, Some(components));
+    assert_eq!(r.available_components, Some(Arc::new(components)));
     assert!(fleet.take_changes().is_empty(), "a heartbeat changes nothing");
 }
 
@@ -835,11 +835,11 @@ fn a_components_hash_without_components_is_answered_with_report_available_compon
     assert_eq!(reply.flags, REPORT_COMPONENTS, "the server has no components for this hash");
     let reply = fleet.handle(&mut conn, with(&full, msg(UID, 1))).unwrap();
     assert_eq!(reply.flags, 0);
-    assert_eq!(fleet.agent(&key(UID)).unwrap().report.available_components, Some(full.clone()));
+    assert_eq!(fleet.agent(&key(UID)).unwrap().report.available_components, Some(Arc::new(full.clone())));
     // From now on the hash alone is enough, and does not erase the components.
     let reply = fleet.handle(&mut conn, with(&hash_only, msg(UID, 2))).unwrap();
     assert_eq!(reply.flags, 0);
-    assert_eq!(fleet.agent(&key(UID)).unwrap().report.available_components, Some(full));
+    assert_eq!(fleet.agent(&key(UID)).unwrap().report.available_components, Some(Arc::new(full)));
     // A new hash without components is asked for again.
     let changed = AvailableComponents { hash: Bytes::from_static(b"c2"), ..Default::default() };
     let reply = fleet.handle(&mut conn, with(&changed, msg(UID, 3))).unwrap();
@@ -873,4 +873,48 @@ fn plans_published_while_agents_connect_reach_every_agent_from_many_threads() {
     });
     assert_eq!(fleet.known_count(), 800);
     fleet.for_each_view(|a| assert_eq!(a.desired.remote_config.as_ref(), Some(&last), "{}", a.uid));
+}
+
+#[test]
+fn agents_reporting_the_same_config_and_components_share_one_copy() {
+    let fleet = Fleet::default();
+    let mut map = AgentConfigMap::default();
+    map.config_map.insert(
+        "collector.yaml".into(),
+        AgentConfigFile { body: Bytes::from(vec![b'x'; 8 << 10]), content_type: "text/yaml".into() },
+    );
+    let effective = EffectiveConfig { config_map: Some(map) };
+    let details = crate::proto::ComponentDetails { metadata: vec![], sub_component_map: Default::default() };
+    let components = AvailableComponents {
+        components: (0..100).map(|i| (format!("receiver-{i:03}"), details.clone())).collect(),
+        hash: Bytes::from_static(b"build-1"),
+    };
+    let report = |uid| AgentToServer {
+        effective_config: Some(effective.clone()),
+        available_components: Some(components.clone()),
+        ..first(uid)
+    };
+    let (a, b) = (Uid([1; 16]), Uid([2; 16]));
+    fleet.handle(&mut ws(&fleet), report(a)).unwrap();
+    fleet.handle(&mut ws(&fleet), report(b)).unwrap();
+    let (ra, rb) = (fleet.agent(&key(a)).unwrap().report, fleet.agent(&key(b)).unwrap().report);
+    assert!(Arc::ptr_eq(ra.effective_config.as_ref().unwrap(), rb.effective_config.as_ref().unwrap()));
+    assert!(Arc::ptr_eq(
+        ra.available_components.as_ref().unwrap(),
+        rb.available_components.as_ref().unwrap()
+    ));
+    assert_eq!(fleet.shared_parts(), (1, 1));
+    // Each agent still reads as what it reported, and is charged for it against its bounds.
+    assert_eq!(ra.effective_config.as_deref(), Some(&effective));
+    assert!(fleet.agent(&key(b)).unwrap().reported_bytes > 8 << 10);
+    // One agent moving on to another config leaves the other's copy alone.
+    let mut changed = effective.clone();
+    changed.config_map.as_mut().unwrap().config_map.get_mut("collector.yaml").unwrap().body =
+        Bytes::from_static(b"exporters: {}");
+    let m = AgentToServer { effective_config: Some(changed.clone()), ..msg(b, 1) };
+    fleet.handle(&mut ws(&fleet), m).unwrap();
+    drop((ra, rb));
+    assert_eq!(fleet.agent(&key(b)).unwrap().report.effective_config.as_deref(), Some(&changed));
+    assert_eq!(fleet.agent(&key(a)).unwrap().report.effective_config.as_deref(), Some(&effective));
+    assert_eq!(fleet.shared_parts(), (2, 1));
 }

@@ -6,6 +6,7 @@ mod attributes;
 pub mod codec;
 mod headers;
 pub mod session;
+pub mod shared;
 mod uid;
 
 pub use attributes::{any_value_string, attribute, attributes_json};

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::shared::SharedParts;
 use crate::proto::{
     AgentCapabilities, AgentDescription, AgentRemoteConfig, AgentToServer, AvailableComponents,
     ComponentHealth, CustomCapabilities, CustomMessage, EffectiveConfig, PackageStatuses, RemoteConfigStatus,
@@ -82,11 +83,13 @@ pub struct AgentReport {
     pub capabilities: u64,
     pub description: Option<AgentDescription>,
     pub health: Option<ComponentHealth>,
-    pub effective_config: Option<EffectiveConfig>,
+    /// Shared with every agent reporting the same content ([`AgentReport::share`]).
+    pub effective_config: Option<Arc<EffectiveConfig>>,
     pub remote_config_status: Option<RemoteConfigStatus>,
     pub package_statuses: Option<PackageStatuses>,
     pub custom_capabilities: Option<CustomCapabilities>,
-    pub available_components: Option<AvailableComponents>,
+    /// Shared with every agent reporting the same content ([`AgentReport::share`]).
+    pub available_components: Option<Arc<AvailableComponents>>,
     /// Parts dropped because the report exceeded its bound of bytes (see [`AgentReport::fit`]);
     /// a part is kept again once the agent reports a new value that fits.
     pub trimmed: Changes,
@@ -105,16 +108,16 @@ impl AgentReport {
     /// The encoded size of what is kept of the report, in bytes.
     pub fn encoded_len(&self) -> usize {
         use prost::Message;
-        fn len<M: Message>(m: &Option<M>) -> usize {
-            m.as_ref().map_or(0, Message::encoded_len)
+        fn len<M: Message>(m: Option<&M>) -> usize {
+            m.map_or(0, Message::encoded_len)
         }
-        len(&self.description)
-            + len(&self.health)
-            + len(&self.effective_config)
-            + len(&self.remote_config_status)
-            + len(&self.package_statuses)
-            + len(&self.custom_capabilities)
-            + len(&self.available_components)
+        len(self.description.as_ref())
+            + len(self.health.as_ref())
+            + len(self.effective_config.as_deref())
+            + len(self.remote_config_status.as_ref())
+            + len(self.package_statuses.as_ref())
+            + len(self.custom_capabilities.as_ref())
+            + len(self.available_components.as_deref())
     }
 
     /// Drops parts (largest and least needed first) until the report takes at most `limit`
@@ -132,7 +135,8 @@ impl AgentReport {
                 self.effective_config.take().is_some()
             } else if part == Changes::AVAILABLE_COMPONENTS {
                 let c = self.available_components.as_mut().filter(|c| !c.components.is_empty());
-                c.map(|c| c.components.clear()).is_some()
+                c.map(|c| *c = Arc::new(AvailableComponents { hash: c.hash.clone(), ..Default::default() }))
+                    .is_some()
             } else if part == Changes::PACKAGE_STATUSES {
                 self.package_statuses.take().is_some()
             } else if part == Changes::HEALTH {
@@ -149,6 +153,17 @@ impl AgentReport {
         }
         self.trimmed |= dropped;
         (size, dropped)
+    }
+
+    /// Replaces the parts in `changed` that other agents report too with the copy they share.
+    pub fn share(&mut self, changed: Changes, parts: &SharedParts) {
+        if changed.contains(Changes::EFFECTIVE_CONFIG) {
+            self.effective_config = self.effective_config.take().map(|c| parts.effective_config.share(c));
+        }
+        if changed.contains(Changes::AVAILABLE_COMPONENTS) {
+            self.available_components =
+                self.available_components.take().map(|c| parts.available_components.share(c));
+        }
     }
 
     /// Whether the agent declared a custom capability in `AgentToServer.custom_capabilities`.
@@ -287,7 +302,7 @@ impl Session {
         keep_latest(&mut r.health, msg.health.take(), Changes::HEALTH, &mut out.changes);
         keep_latest(
             &mut r.effective_config,
-            msg.effective_config.take(),
+            msg.effective_config.take().map(Arc::new),
             Changes::EFFECTIVE_CONFIG,
             &mut out.changes,
         );
@@ -322,13 +337,13 @@ impl Session {
                 out.request_available_components = same_hash.is_none_or(|c| c.components.is_empty())
                     && !r.trimmed.contains(Changes::AVAILABLE_COMPONENTS);
                 if same_hash.is_none() {
-                    r.available_components = Some(components);
+                    r.available_components = Some(Arc::new(components));
                     out.changes |= Changes::AVAILABLE_COMPONENTS;
                 }
             } else {
                 keep_latest(
                     &mut r.available_components,
-                    Some(components),
+                    Some(Arc::new(components)),
                     Changes::AVAILABLE_COMPONENTS,
                     &mut out.changes,
                 );
