@@ -69,6 +69,12 @@ struct FleetSimArgs {
     /// health and AvailableComponents).
     #[arg(long, default_value = "light")]
     payload: opamp_operator::sim::payload::Payload,
+    /// Agents whose connection ends (server restarted, closed) keep their state (uid, applied
+    /// config, sequence numbers) and connect again with a backoff (0.5 s doubling to 5 s,
+    /// jittered; as long as the server asks when it does), full state first. Without: an agent
+    /// whose connection ends stops.
+    #[arg(long)]
+    reconnect: bool,
 }
 
 #[derive(clap::Args)]
@@ -308,7 +314,7 @@ async fn fleet_sim(args: FleetSimArgs) -> anyhow::Result<()> {
         shutdown_signal().await;
         stop.cancel();
     });
-    let options = SimOptions { payload: args.payload };
+    let options = SimOptions { payload: args.payload, reconnect: args.reconnect };
     let report = run_with(config, options, shutdown).await;
     println!("{report}");
     anyhow::ensure!(report.errors == 0, "{} agents failed", report.errors);

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use super::payload::{CollectorPayload, Payload};
 use super::{AgentSpec, HttpClient, SimAgent, WsClient};
+use crate::proto::AgentToServer;
 use crate::protocol::Transport;
 
 #[derive(Debug, Clone)]
@@ -35,6 +36,41 @@ pub struct FleetSimConfig {
 pub struct SimOptions {
     /// What the agents report.
     pub payload: Payload,
+    /// Agents whose connection ends (or cannot be made) connect again, keeping their state
+    /// (uid, applied config, sequence numbers), with a jittered backoff from
+    /// [`RECONNECT_MIN`] doubling to [`RECONNECT_MAX`], or as long as the server advised; the
+    /// first message on each connection is the agent's full state. Without: an agent whose
+    /// connection ends stops (an error).
+    pub reconnect: bool,
+}
+
+/// The first wait before reconnecting (then doubled, jittered, up to [`RECONNECT_MAX`]).
+pub const RECONNECT_MIN: Duration = Duration::from_millis(500);
+/// The longest wait before reconnecting (unless the server advised a longer one).
+pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// The exponential backoff between reconnection attempts.
+#[derive(Debug, Clone)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Self { next: RECONNECT_MIN }
+    }
+
+    /// The wait before the next attempt (between half and all of the current step), doubling
+    /// the step.
+    fn wait(&mut self) -> Duration {
+        let wait = self.next.mul_f64(rand::random_range(0.5..=1.0));
+        self.next = (self.next * 2).min(RECONNECT_MAX);
+        wait
+    }
+
+    fn reset(&mut self) {
+        self.next = RECONNECT_MIN;
+    }
 }
 
 /// How often the simulator prints a progress line on stderr.
@@ -42,11 +78,20 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Default)]
 struct Stats {
-    /// Agents that got their first reply (ever; see `disconnected`).
+    /// Agents that got their first reply (ever).
     connected: AtomicUsize,
-    /// Agents whose connection ended after they connected.
-    disconnected: AtomicUsize,
+    /// Agents connected now (WebSocket: from the first reply to the end of the connection;
+    /// HTTP: from a successful poll until a failed one).
+    live: AtomicUsize,
+    /// Successful connections, reconnections included.
+    connects: AtomicU64,
+    /// Agents that stopped on an error.
     errors: AtomicUsize,
+    /// Connections that failed or ended on an error, retried or not.
+    connection_errors: AtomicU64,
+    configs_received: AtomicU64,
+    /// Remote configs received for the hash the agent already reported APPLIED.
+    duplicate_configs: AtomicU64,
     messages_sent: AtomicU64,
     configs_applied: AtomicU64,
     configs_failed: AtomicU64,
@@ -63,7 +108,7 @@ impl Stats {
         format!(
             "t={:.1}s connected {}/{} errors {} messages {} applied {} failed {}",
             started.elapsed().as_secs_f64(),
-            self.connected.load(Ordering::Relaxed).saturating_sub(self.disconnected.load(Ordering::Relaxed)),
+            self.live.load(Ordering::Relaxed),
             agents,
             self.errors.load(Ordering::Relaxed),
             self.messages_sent.load(Ordering::Relaxed),
@@ -156,11 +201,11 @@ pub async fn run_with(
         } else {
             spec.fail_marker = Some(String::new()); // every config fails
         }
-        let (cfg, stats, stop) = (config.clone(), stats.clone(), shutdown.clone());
+        let (cfg, opts, stats, stop) = (config.clone(), options.clone(), stats.clone(), shutdown.clone());
         tasks.spawn(async move {
             let result = match cfg.transport {
-                Transport::WebSocket => ws_agent(i, spec, &cfg, &stats, stop).await,
-                Transport::Http => http_agent(spec, &cfg, &stats, stop).await,
+                Transport::WebSocket => ws_agent(i, spec, &cfg, &opts, &stats, stop).await,
+                Transport::Http => http_agent(spec, &cfg, &opts, &stats, stop).await,
             };
             if let Err(e) = result {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
@@ -201,10 +246,7 @@ pub async fn run_with(
             tokio::time::sleep(PROGRESS_EVERY).await;
             quiet += PROGRESS_EVERY;
             let now = (
-                stats
-                    .connected
-                    .load(Ordering::Relaxed)
-                    .saturating_sub(stats.disconnected.load(Ordering::Relaxed)),
+                stats.live.load(Ordering::Relaxed),
                 stats.configs_applied.load(Ordering::Relaxed),
                 stats.configs_failed.load(Ordering::Relaxed),
             );
@@ -267,22 +309,111 @@ fn source_addr(i: usize) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 1, n + 1)), 0)
 }
 
+/// The agent reacts to a server message (see [`SimAgent::on_message`]), counted: a remote config
+/// received, a duplicate when the agent already reported its hash APPLIED, and the outcome
+/// (applied or failed) when the agent took it in.
+fn react(agent: &mut SimAgent, msg: &crate::proto::ServerToAgent, stats: &Stats) -> Option<AgentToServer> {
+    use crate::proto::RemoteConfigStatuses;
+    if let Some(rc) = &msg.remote_config {
+        stats.configs_received.fetch_add(1, Ordering::Relaxed);
+        if agent.remote_config_status().is_some_and(|s| {
+            s.status == RemoteConfigStatuses::Applied as i32 && s.last_remote_config_hash == rc.config_hash
+        }) {
+            stats.duplicate_configs.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    let taken = |a: &SimAgent| a.configs_received - a.duplicate_configs;
+    let before = taken(agent);
+    let out = agent.on_message(msg);
+    if taken(agent) > before {
+        count_status(agent, stats);
+    }
+    out
+}
+
+/// Why a connection of an agent ended.
+enum SessionEnd {
+    /// Stopped by the simulator.
+    Stopped,
+    /// Could not connect, or the connection ended: `advised` is the wait the server asked
+    /// for, `connected` whether the connection had been made.
+    Failed { error: String, advised: Option<Duration>, connected: bool },
+}
+
+/// Waits before reconnecting: as advised (counted) or the next backoff; false when stopped.
+async fn wait_to_reconnect(
+    agent: &mut SimAgent,
+    stats: &Stats,
+    backoff: &mut Backoff,
+    advised: Option<Duration>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> bool {
+    match advised {
+        Some(wait) => wait_as_advised(agent, stats, wait, stop).await,
+        None => {
+            tokio::select! {
+                _ = stop.cancelled() => false,
+                _ = tokio::time::sleep(backoff.wait()) => true,
+            }
+        }
+    }
+}
+
 async fn ws_agent(
     i: usize,
     spec: AgentSpec,
     cfg: &FleetSimConfig,
+    opts: &SimOptions,
     stats: &Stats,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<(), String> {
     let mut agent = SimAgent::new(spec);
+    let mut backoff = Backoff::new();
+    let mut ever = false;
+    loop {
+        let (error, advised) = match ws_session(i, &mut agent, cfg, stats, &stop, &mut ever).await {
+            SessionEnd::Stopped => return Ok(()),
+            SessionEnd::Failed { error, advised, connected } => {
+                if connected {
+                    backoff.reset();
+                }
+                (error, advised)
+            }
+        };
+        stats.connection_errors.fetch_add(1, Ordering::Relaxed);
+        if !opts.reconnect {
+            return Err(error);
+        }
+        if !wait_to_reconnect(&mut agent, stats, &mut backoff, advised, &stop).await {
+            return Ok(());
+        }
+    }
+}
+
+/// One WebSocket connection of an agent: connect, send the full state, then heartbeats and
+/// answers until it ends. Refusals with retry advice are waited out and retried here.
+async fn ws_session(
+    i: usize,
+    agent: &mut SimAgent,
+    cfg: &FleetSimConfig,
+    stats: &Stats,
+    stop: &tokio_util::sync::CancellationToken,
+    ever: &mut bool,
+) -> SessionEnd {
+    let failed = |error: String| SessionEnd::Failed { error, advised: None, connected: false };
     // Refused (paced, at capacity) with retry advice: wait that long, then connect again.
     let (mut ws, first, t0) = loop {
         let t0 = Instant::now();
         let refused = match WsClient::connect_from(&cfg.url, cfg.token.as_deref(), Some(source_addr(i))).await
         {
             Ok(mut ws) => {
-                ws.send(&agent.full_state()).await.map_err(|e| e.to_string())?;
-                let first = ws.recv().await.map_err(|e| e.to_string())?;
+                if let Err(e) = ws.send(&agent.full_state()).await {
+                    return failed(e.to_string());
+                }
+                let first = match ws.recv().await {
+                    Ok(first) => first,
+                    Err(e) => return failed(e.to_string()),
+                };
                 match crate::sim::retry_info(&first) {
                     None => break (ws, first, t0),
                     Some(wait) => {
@@ -291,47 +422,56 @@ async fn ws_agent(
                     }
                 }
             }
-            Err(e) => e.retry_after().ok_or_else(|| e.to_string())?,
+            Err(e) => match e.retry_after() {
+                Some(wait) => wait,
+                None => return failed(e.to_string()),
+            },
         };
-        if !wait_as_advised(&mut agent, stats, refused, &stop).await {
-            return Ok(());
+        if !wait_as_advised(agent, stats, refused, stop).await {
+            return SessionEnd::Stopped;
         }
     };
     record(&stats.first_reply, t0).await;
-    stats.connected.fetch_add(1, Ordering::Relaxed);
+    if !std::mem::replace(ever, true) {
+        stats.connected.fetch_add(1, Ordering::Relaxed);
+    }
+    stats.connects.fetch_add(1, Ordering::Relaxed);
+    stats.live.fetch_add(1, Ordering::Relaxed);
     stats.messages_sent.fetch_add(1, Ordering::Relaxed);
-    let mut pending = agent.on_message(&first);
+    let mut pending = react(agent, &first, stats);
     let mut beat = tokio::time::interval_at(Instant::now() + cfg.heartbeat, cfg.heartbeat);
     let mut sent_at = None;
-    let result = loop {
+    let ended = |error: String, advised| SessionEnd::Failed { error, advised, connected: true };
+    let end = loop {
         if let Some(out) = pending.take() {
-            let applied = out.remote_config_status.is_some();
             if let Err(e) = ws.send(&out).await {
-                break Err(e.to_string());
+                break ended(e.to_string(), None);
             }
             sent_at = Some(Instant::now());
             stats.messages_sent.fetch_add(1, Ordering::Relaxed);
-            if applied {
-                count_status(&agent, stats);
-            }
         }
         tokio::select! {
-            _ = stop.cancelled() => break Ok(()),
+            _ = stop.cancelled() => break SessionEnd::Stopped,
             _ = beat.tick() => pending = Some(agent.heartbeat()),
             msg = ws.recv() => match msg {
                 Ok(m) => {
                     if let Some(t) = sent_at.take() {
                         record(&stats.reply, t).await;
                     }
-                    pending = agent.on_message(&m);
+                    pending = react(agent, &m, stats);
+                    // An UNAVAILABLE error with RetryInfo on a connection: the server wants the
+                    // agent to come back after that long.
+                    if let Some(wait) = agent.take_retry_advice() {
+                        break ended("told to come back later".into(), Some(wait));
+                    }
                 }
-                Err(e) => break Err(e.to_string()),
+                Err(e) => break ended(e.to_string(), None),
             },
         }
     };
-    stats.disconnected.fetch_add(1, Ordering::Relaxed);
+    stats.live.fetch_sub(1, Ordering::Relaxed);
     ws.close().await;
-    result
+    end
 }
 
 /// Waits as the server advised (counted); false when stopped meanwhile.
@@ -352,45 +492,89 @@ async fn wait_as_advised(
 async fn http_agent(
     spec: AgentSpec,
     cfg: &FleetSimConfig,
+    opts: &SimOptions,
     stats: &Stats,
     stop: tokio_util::sync::CancellationToken,
 ) -> Result<(), String> {
     let client = HttpClient::new(&cfg.url, cfg.token.as_deref(), true);
     let mut agent = SimAgent::new(spec);
+    let mut backoff = Backoff::new();
     let mut next = Some(agent.full_state());
+    // No successful poll yet since the start or the last failure.
     let mut first = true;
+    let mut ever = false;
     loop {
         let out = next.take().unwrap_or_else(|| agent.heartbeat());
-        let applied = out.remote_config_status.is_some() && !first;
         let t0 = Instant::now();
-        let reply = client.send(&out).await.map_err(|e| e.to_string())?;
-        stats.messages_sent.fetch_add(1, Ordering::Relaxed);
-        if !reply.status.is_success() {
-            // Refused with retry advice: the same message again after that long.
-            let wait = reply.retry_after().ok_or_else(|| format!("HTTP {}", reply.status))?;
-            next = Some(out);
-            if !wait_as_advised(&mut agent, stats, wait, &stop).await {
-                return Ok(());
+        let error = match client.send(&out).await {
+            Err(e) => e.to_string(),
+            Ok(reply) if reply.status.is_success() => {
+                stats.messages_sent.fetch_add(1, Ordering::Relaxed);
+                if first {
+                    record(&stats.first_reply, t0).await;
+                    if !std::mem::replace(&mut ever, true) {
+                        stats.connected.fetch_add(1, Ordering::Relaxed);
+                    }
+                    stats.connects.fetch_add(1, Ordering::Relaxed);
+                    stats.live.fetch_add(1, Ordering::Relaxed);
+                    backoff.reset();
+                    first = false;
+                } else {
+                    record(&stats.reply, t0).await;
+                }
+                next = reply.message.and_then(|m| react(&mut agent, &m, stats));
+                if next.is_some() {
+                    continue; // answer at once, as agents do after applying a config
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(cfg.heartbeat) => {}
+                }
+                continue;
             }
-            continue;
+            Ok(reply) => {
+                stats.messages_sent.fetch_add(1, Ordering::Relaxed);
+                match reply.retry_after() {
+                    // Refused with retry advice: the same message again after that long.
+                    Some(wait) => {
+                        next = Some(out);
+                        if !wait_as_advised(&mut agent, stats, wait, &stop).await {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                    None => format!("HTTP {}", reply.status),
+                }
+            }
+        };
+        stats.connection_errors.fetch_add(1, Ordering::Relaxed);
+        if !std::mem::replace(&mut first, true) {
+            stats.live.fetch_sub(1, Ordering::Relaxed);
         }
-        if first {
-            record(&stats.first_reply, t0).await;
-            stats.connected.fetch_add(1, Ordering::Relaxed);
-            first = false;
-        } else {
-            record(&stats.reply, t0).await;
+        if !opts.reconnect {
+            return Err(error);
         }
-        if applied {
-            count_status(&agent, stats);
+        if !wait_to_reconnect(&mut agent, stats, &mut backoff, None, &stop).await {
+            return Ok(());
         }
-        next = reply.message.and_then(|m| agent.on_message(&m));
-        if next.is_some() {
-            continue; // answer at once, as agents do after applying a config
+        // As after a reconnection: everything first.
+        next = Some(agent.full_state());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reconnect_backoff_doubles_to_its_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new();
+        let steps: Vec<Duration> = (0..8).map(|_| b.wait()).collect();
+        let caps = [0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0].map(Duration::from_secs_f64);
+        for (wait, cap) in steps.iter().zip(caps) {
+            assert!(*wait >= cap / 2 && *wait <= cap, "{wait:?} within [{:?}, {cap:?}]", cap / 2);
         }
-        tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(cfg.heartbeat) => {}
-        }
+        b.reset();
+        assert!(b.wait() <= RECONNECT_MIN);
     }
 }
