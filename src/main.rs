@@ -75,6 +75,10 @@ struct FleetSimArgs {
     /// whose connection ends stops.
     #[arg(long)]
     reconnect: bool,
+    /// PEM file of the certificate(s) to trust for a wss:// URL (the connection set-up time,
+    /// TCP + TLS + upgrade + first reply, is the first-reply figure).
+    #[arg(long)]
+    ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -314,7 +318,16 @@ async fn fleet_sim(args: FleetSimArgs) -> anyhow::Result<()> {
         shutdown_signal().await;
         stop.cancel();
     });
-    let options = SimOptions { payload: args.payload, reconnect: args.reconnect };
+    let tls = match &args.ca_file {
+        Some(path) => Some(opamp_operator::sim::tls_trusting(path).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    anyhow::ensure!(
+        !config.url.starts_with("https://"),
+        "https:// agents are not supported yet (the HTTP client is built without TLS): use wss://"
+    );
+    anyhow::ensure!(!config.url.starts_with("wss://") || tls.is_some(), "wss:// needs --ca-file");
+    let options = SimOptions { payload: args.payload, reconnect: args.reconnect, tls };
     let report = run_with(config, options, shutdown).await;
     println!("{report}");
     anyhow::ensure!(report.errors == 0, "{} agents failed", report.errors);

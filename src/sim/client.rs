@@ -3,13 +3,16 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
 use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::proto::{AgentToServer, RetryInfo, ServerErrorResponseType, ServerToAgent, server_error_response};
 use crate::protocol::{Uid, codec};
@@ -31,7 +34,36 @@ pub enum ClientError {
     /// a protobuf body).
     #[error("the upgrade was refused with HTTP {status} (retry after {retry_after:?})")]
     Refused { status: u16, retry_after: Option<Duration> },
+    #[error("tls: {0}")]
+    Tls(String),
 }
+
+/// A TLS client configuration trusting the certificates of a PEM file (and nothing else), for
+/// `wss://` URLs.
+pub fn tls_trusting(ca_file: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca_file).map_err(|e| format!("{}: {e}", ca_file.display()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| format!("{}: {e}", ca_file.display()))?;
+        roots.add(cert).map_err(|e| format!("{}: {e}", ca_file.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("{}: no certificate", ca_file.display()));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// The byte stream under a WebSocket: plain TCP or TLS over it.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 impl ClientError {
     /// How long the server asked to wait before trying again, when it did.
@@ -89,7 +121,7 @@ pub enum WsEvent {
 
 /// An OpAMP WebSocket client connection.
 pub struct WsClient {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    ws: WebSocketStream<Box<dyn Io>>,
 }
 
 impl WsClient {
@@ -104,13 +136,25 @@ impl WsClient {
         token: Option<&str>,
         source: Option<SocketAddr>,
     ) -> Result<Self, ClientError> {
+        Self::connect_tls(url, token, source, None).await
+    }
+
+    /// [`WsClient::connect_from`], over TLS for a `wss://` URL (with `tls`, which is then
+    /// required).
+    pub async fn connect_tls(
+        url: &str,
+        token: Option<&str>,
+        source: Option<SocketAddr>,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> Result<Self, ClientError> {
         let mut req = url.into_client_request()?;
         if let Some(t) = token {
             req.headers_mut().insert("authorization", format!("Bearer {t}").parse().expect("valid header"));
         }
         let config = tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4 << 10);
         let host = req.uri().host().unwrap_or("localhost").trim_matches(['[', ']']).to_owned();
-        let port = req.uri().port_u16().unwrap_or(80);
+        let secure = req.uri().scheme_str() == Some("wss");
+        let port = req.uri().port_u16().unwrap_or(if secure { 443 } else { 80 });
         let target = tokio::net::lookup_host((host.as_str(), port))
             .await
             .map_err(tungstenite::Error::Io)?
@@ -126,10 +170,18 @@ impl WsClient {
             None => TcpStream::connect(target).await.map_err(tungstenite::Error::Io)?,
         };
         stream.set_nodelay(true).map_err(tungstenite::Error::Io)?;
-        let (ws, _) =
-            tokio_tungstenite::client_async_with_config(req, MaybeTlsStream::Plain(stream), Some(config))
-                .await
-                .map_err(ClientError::from_upgrade)?;
+        let stream: Box<dyn Io> = if secure {
+            let tls = tls.ok_or_else(|| ClientError::Tls("wss:// needs a trust root (--ca-file)".into()))?;
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| ClientError::Tls(format!("{host}: {e}")))?;
+            let connector = tokio_rustls::TlsConnector::from(tls.clone());
+            Box::new(connector.connect(name, stream).await.map_err(|e| ClientError::Tls(e.to_string()))?)
+        } else {
+            Box::new(stream)
+        };
+        let (ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))
+            .await
+            .map_err(ClientError::from_upgrade)?;
         Ok(Self { ws })
     }
 

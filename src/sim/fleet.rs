@@ -42,6 +42,9 @@ pub struct SimOptions {
     /// first message on each connection is the agent's full state. Without: an agent whose
     /// connection ends stops (an error).
     pub reconnect: bool,
+    /// The trust root of `wss://` URLs (the connection set-up, then TCP + TLS + upgrade, is
+    /// part of the first-reply time).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// The first wait before reconnecting (then doubled, jittered, up to [`RECONNECT_MAX`]).
@@ -371,7 +374,7 @@ async fn ws_agent(
     let mut backoff = Backoff::new();
     let mut ever = false;
     loop {
-        let (error, advised) = match ws_session(i, &mut agent, cfg, stats, &stop, &mut ever).await {
+        let (error, advised) = match ws_session(i, &mut agent, cfg, opts, stats, &stop, &mut ever).await {
             SessionEnd::Stopped => return Ok(()),
             SessionEnd::Failed { error, advised, connected } => {
                 if connected {
@@ -396,6 +399,7 @@ async fn ws_session(
     i: usize,
     agent: &mut SimAgent,
     cfg: &FleetSimConfig,
+    opts: &SimOptions,
     stats: &Stats,
     stop: &tokio_util::sync::CancellationToken,
     ever: &mut bool,
@@ -404,29 +408,30 @@ async fn ws_session(
     // Refused (paced, at capacity) with retry advice: wait that long, then connect again.
     let (mut ws, first, t0) = loop {
         let t0 = Instant::now();
-        let refused = match WsClient::connect_from(&cfg.url, cfg.token.as_deref(), Some(source_addr(i))).await
-        {
-            Ok(mut ws) => {
-                if let Err(e) = ws.send(&agent.full_state()).await {
-                    return failed(e.to_string());
-                }
-                let first = match ws.recv().await {
-                    Ok(first) => first,
-                    Err(e) => return failed(e.to_string()),
-                };
-                match crate::sim::retry_info(&first) {
-                    None => break (ws, first, t0),
-                    Some(wait) => {
-                        ws.close().await;
-                        wait
+        let source = Some(source_addr(i));
+        let refused =
+            match WsClient::connect_tls(&cfg.url, cfg.token.as_deref(), source, opts.tls.as_ref()).await {
+                Ok(mut ws) => {
+                    if let Err(e) = ws.send(&agent.full_state()).await {
+                        return failed(e.to_string());
+                    }
+                    let first = match ws.recv().await {
+                        Ok(first) => first,
+                        Err(e) => return failed(e.to_string()),
+                    };
+                    match crate::sim::retry_info(&first) {
+                        None => break (ws, first, t0),
+                        Some(wait) => {
+                            ws.close().await;
+                            wait
+                        }
                     }
                 }
-            }
-            Err(e) => match e.retry_after() {
-                Some(wait) => wait,
-                None => return failed(e.to_string()),
-            },
-        };
+                Err(e) => match e.retry_after() {
+                    Some(wait) => wait,
+                    None => return failed(e.to_string()),
+                },
+            };
         if !wait_as_advised(agent, stats, refused, stop).await {
             return SessionEnd::Stopped;
         }

@@ -7,4 +7,4 @@ pub mod fleet;
 pub mod payload;
 
 pub use agent::{AgentSpec, SimAgent};
-pub use client::{ClientError, HttpClient, HttpReply, WsClient, WsEvent, retry_info};
+pub use client::{ClientError, HttpClient, HttpReply, WsClient, WsEvent, retry_info, tls_trusting};
