@@ -57,9 +57,10 @@ struct FleetSimArgs {
     /// Fraction of agents that report FAILED for every config (0..=1).
     #[arg(long, default_value_t = 0.0)]
     fail_fraction: f64,
-    /// Bearer token the agents present.
+    /// Bearer token the agents present; repeated: agent i presents token i % k (agents spread
+    /// over as many namespaces).
     #[arg(long, env = "OPAMP_AGENT_TOKEN")]
-    token: Option<String>,
+    token: Vec<String>,
     /// Seconds to keep the fleet connected once all are in (default: until Ctrl-C).
     #[arg(long)]
     hold_seconds: Option<f64>,
@@ -79,6 +80,13 @@ struct FleetSimArgs {
     /// TCP + TLS + upgrade + first reply, is the first-reply figure).
     #[arg(long)]
     ca_file: Option<std::path::PathBuf>,
+    /// Serve `GET /stats` here while running: JSON {"agents", "connected" (now), "connects"
+    /// (successful connections, reconnections included), "messages_sent", "configs_received",
+    /// "duplicate_configs" (received for the hash the agent already reported APPLIED),
+    /// "configs_applied", "configs_failed", "retries_advised", "errors" (connections that
+    /// failed or ended on an error)}. Unauthenticated: bind it to loopback.
+    #[arg(long)]
+    stats_addr: Option<SocketAddr>,
 }
 
 #[derive(clap::Args)]
@@ -309,7 +317,7 @@ async fn fleet_sim(args: FleetSimArgs) -> anyhow::Result<()> {
         heartbeat: Duration::from_secs_f64(args.heartbeat_seconds),
         connect_rate: args.connect_rate,
         fail_fraction: args.fail_fraction,
-        token: args.token,
+        token: args.token.first().cloned(),
         hold: args.hold_seconds.map(Duration::from_secs_f64),
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
@@ -327,7 +335,13 @@ async fn fleet_sim(args: FleetSimArgs) -> anyhow::Result<()> {
         "https:// agents are not supported yet (the HTTP client is built without TLS): use wss://"
     );
     anyhow::ensure!(!config.url.starts_with("wss://") || tls.is_some(), "wss:// needs --ca-file");
-    let options = SimOptions { payload: args.payload, reconnect: args.reconnect, tls };
+    let options = SimOptions {
+        payload: args.payload,
+        reconnect: args.reconnect,
+        tls,
+        tokens: args.token,
+        stats_addr: args.stats_addr,
+    };
     let report = run_with(config, options, shutdown).await;
     println!("{report}");
     anyhow::ensure!(report.errors == 0, "{} agents failed", report.errors);

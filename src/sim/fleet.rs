@@ -45,6 +45,21 @@ pub struct SimOptions {
     /// The trust root of `wss://` URLs (the connection set-up, then TCP + TLS + upgrade, is
     /// part of the first-reply time).
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Bearer tokens: agent `i` presents token `i % k` (agents spread over namespaces); empty:
+    /// every agent presents [`FleetSimConfig::token`].
+    pub tokens: Vec<String>,
+    /// Serve `GET /stats` here: the run's counters as JSON ([`StatsSnapshot`]).
+    pub stats_addr: Option<SocketAddr>,
+}
+
+impl SimOptions {
+    /// The token agent `i` presents, if any.
+    fn token_for(&self, i: usize, config: &FleetSimConfig) -> Option<String> {
+        match self.tokens.len() {
+            0 => config.token.clone(),
+            k => Some(self.tokens[i % k].clone()),
+        }
+    }
 }
 
 /// The first wait before reconnecting (then doubled, jittered, up to [`RECONNECT_MAX`]).
@@ -105,7 +120,45 @@ struct Stats {
     last_error: std::sync::Mutex<Option<String>>,
 }
 
+/// The counters of a running simulation, as `GET /stats` returns them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StatsSnapshot {
+    /// Agents simulated.
+    pub agents: usize,
+    /// Agents connected now.
+    pub connected: usize,
+    /// Successful connections, reconnections included.
+    pub connects: u64,
+    pub messages_sent: u64,
+    /// Remote configs received.
+    pub configs_received: u64,
+    /// Remote configs received for the hash the agent already reported APPLIED.
+    pub duplicate_configs: u64,
+    pub configs_applied: u64,
+    pub configs_failed: u64,
+    /// Times the server told an agent to wait before trying again.
+    pub retries_advised: u64,
+    /// Connections that could not be made or ended on an error, retried or not.
+    pub errors: u64,
+}
+
 impl Stats {
+    fn snapshot(&self, agents: usize) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            agents,
+            connected: self.live.load(Ordering::Relaxed),
+            connects: get(&self.connects),
+            messages_sent: get(&self.messages_sent),
+            configs_received: get(&self.configs_received),
+            duplicate_configs: get(&self.duplicate_configs),
+            configs_applied: get(&self.configs_applied),
+            configs_failed: get(&self.configs_failed),
+            retries_advised: get(&self.retries_advised),
+            errors: get(&self.connection_errors),
+        }
+    }
+
     /// One progress line: `t=12.3s connected 9000/10000 errors 0 messages 123 applied 0 failed 0`.
     fn progress(&self, agents: usize, started: Instant) -> String {
         format!(
@@ -186,6 +239,41 @@ pub async fn run_with(
         eprintln!("payload: collector: {}", CollectorPayload::get().sizes());
     }
     let stats = Arc::new(Stats::default());
+    if let Some(addr) = options.stats_addr {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                let (stats, stop, agents) = (stats.clone(), shutdown.clone(), config.agents);
+                let router = axum::Router::new().route(
+                    "/stats",
+                    axum::routing::get(move || {
+                        let snapshot = stats.snapshot(agents);
+                        async move { axum::Json(snapshot) }
+                    }),
+                );
+                tokio::spawn(async move {
+                    let _ =
+                        axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await;
+                });
+            }
+            Err(e) => {
+                let error = format!("cannot listen on {addr}: {e}");
+                eprintln!("{error}");
+                return FleetSimReport {
+                    agents: config.agents,
+                    connected: 0,
+                    errors: config.agents,
+                    ramp: Duration::ZERO,
+                    messages_sent: 0,
+                    configs_applied: 0,
+                    configs_failed: 0,
+                    retries_advised: 0,
+                    first_reply_us: [0; 4],
+                    reply_us: [0; 4],
+                    last_error: Some(error),
+                };
+            }
+        }
+    }
     let started = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / f64::from(config.connect_rate.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
@@ -204,7 +292,8 @@ pub async fn run_with(
         } else {
             spec.fail_marker = Some(String::new()); // every config fails
         }
-        let (cfg, opts, stats, stop) = (config.clone(), options.clone(), stats.clone(), shutdown.clone());
+        let (mut cfg, opts, stats, stop) = (config.clone(), options.clone(), stats.clone(), shutdown.clone());
+        cfg.token = options.token_for(i, &config);
         tasks.spawn(async move {
             let result = match cfg.transport {
                 Transport::WebSocket => ws_agent(i, spec, &cfg, &opts, &stats, stop).await,
@@ -570,6 +659,52 @@ async fn http_agent(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stats_json_has_the_documented_keys() {
+        let stats = Stats::default();
+        stats.live.fetch_add(3, Ordering::Relaxed);
+        stats.duplicate_configs.fetch_add(2, Ordering::Relaxed);
+        let json = serde_json::to_value(stats.snapshot(5)).unwrap();
+        let keys: Vec<&str> = json.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut expected = [
+            "agents",
+            "connected",
+            "connects",
+            "messages_sent",
+            "configs_received",
+            "duplicate_configs",
+            "configs_applied",
+            "configs_failed",
+            "retries_advised",
+            "errors",
+        ];
+        expected.sort();
+        let mut keys = keys;
+        keys.sort();
+        assert_eq!(keys, expected);
+        assert_eq!((json["agents"].as_u64(), json["connected"].as_u64()), (Some(5), Some(3)));
+        assert_eq!(json["duplicate_configs"].as_u64(), Some(2));
+    }
+
+    #[test]
+    fn agents_take_the_tokens_in_turn() {
+        let config = FleetSimConfig {
+            url: "ws://127.0.0.1:1/v1/opamp".into(),
+            transport: Transport::WebSocket,
+            agents: 6,
+            heartbeat: Duration::from_secs(1),
+            connect_rate: 1,
+            fail_fraction: 0.0,
+            token: Some("only".into()),
+            hold: None,
+        };
+        let none = SimOptions::default();
+        assert_eq!(none.token_for(5, &config).as_deref(), Some("only"));
+        let three = SimOptions { tokens: vec!["a".into(), "b".into(), "c".into()], ..Default::default() };
+        let got: Vec<_> = (0..6).map(|i| three.token_for(i, &config).unwrap()).collect();
+        assert_eq!(got, ["a", "b", "c", "a", "b", "c"]);
+    }
 
     #[test]
     fn the_reconnect_backoff_doubles_to_its_cap_with_jitter_and_resets() {
