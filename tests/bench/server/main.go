@@ -14,7 +14,8 @@
 // rendering of it to FILE.json (tests/bench/capture-collector uses it).
 //
 // Agents connect to ws://ADDR/v1/opamp (WebSocket) or POST to http://ADDR/v1/opamp (plain HTTP),
-// exactly as opamp-go's server serves them. The admin endpoint:
+// exactly as opamp-go's server serves them; with -tls-cert FILE -tls-key FILE, to wss:// and
+// https:// instead (opamp-go's StartSettings.TLSConfig). The admin endpoint:
 //
 //	POST /admin/config   body = the config text: it becomes the single file bench.yaml of every
 //	                     agent's remote config (hash = sha256 of the body); connected WebSocket
@@ -32,6 +33,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"flag"
@@ -365,7 +367,19 @@ func main() {
 	adminAddr := flag.String("admin-addr", "127.0.0.1:4399", "admin listen address (/admin/config, /admin/stats)")
 	heartbeat := flag.Duration("heartbeat", 30*time.Second, "HTTP agents silent for 3 of these count as disconnected")
 	capturePath := flag.String("capture", "", "write the first agent's merged report to this file (and FILE.json)")
+	tlsCert := flag.String("tls-cert", "", "PEM certificate (chain): serve wss:// and https:// (with -tls-key)")
+	tlsKey := flag.String("tls-key", "", "PEM private key of -tls-cert")
 	flag.Parse()
+
+	// opamp-go serves TLS when StartSettings.TLSConfig is set.
+	var tlsConfig *tls.Config
+	if *tlsCert != "" || *tlsKey != "" {
+		cert, err := tls.LoadX509KeyPair(*tlsCert, *tlsKey)
+		if err != nil {
+			log.Fatalf("-tls-cert/-tls-key: %v", err)
+		}
+		tlsConfig = &tls.Config{Certificates: []tls.Certificate{cert}}
+	}
 
 	f := newFleet(3 * *heartbeat)
 	if *capturePath != "" {
@@ -375,6 +389,7 @@ func main() {
 	callbacks := types.ConnectionCallbacks{OnMessage: f.onMessage, OnConnectionClose: f.onClose}
 	err := srv.Start(server.StartSettings{
 		ListenEndpoint: *addr,
+		TLSConfig:      tlsConfig,
 		Settings: server.Settings{Callbacks: types.Callbacks{
 			OnConnecting: func(*http.Request) types.ConnectionResponse {
 				return types.ConnectionResponse{Accept: true, ConnectionCallbacks: callbacks}
