@@ -228,9 +228,10 @@ impl ReportedHealth {
             status_time_unix_nano: self.status_time_unix_nano,
             ..Default::default()
         };
+        // The text fields as the generated code counts them (proto3: empty ones are not sent).
         let text =
-            |s: &str| if s.is_empty() { 0 } else { 1 + prost::length_delimiter_len(s.len()) + s.len() };
-        top.encoded_len() + text(&self.last_error) + text(&self.status) + self.components.len()
+            |tag, s: &String| if s.is_empty() { 0 } else { prost::encoding::string::encoded_len(tag, s) };
+        top.encoded_len() + text(3, &self.last_error) + text(4, &self.status) + self.components.len()
     }
 }
 

@@ -1,6 +1,7 @@
 //! What simulated agents report about themselves: the light default (a few attributes, a one-line
 //! config), or what a real collector reports, from a capture of the collector the tests build
 //! (`tests/bench/capture-collector` writes `capture/otelcol.binpb`).
+use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
@@ -11,7 +12,7 @@ use crate::proto::{
     AgentConfigFile, AgentConfigMap, AgentDescription, AgentToServer, AnyValue, AvailableComponents,
     KeyValue, any_value,
 };
-use crate::protocol::Uid;
+use crate::protocol::{Uid, attribute};
 
 /// The captured report of `otelcol-opamp-test` under `opampsupervisor` (one `AgentToServer`).
 pub static COLLECTOR_CAPTURE: &[u8] = include_bytes!("capture/otelcol.binpb");
@@ -169,15 +170,7 @@ impl CollectorPayload {
     /// in a real fleet no two agents report the same effective config.
     fn own_config(&self, i: usize, description: &AgentDescription) -> AgentConfigMap {
         let captured = self.capture.agent_description.as_ref();
-        let value = |d: Option<&AgentDescription>, key: &str| {
-            let attrs = d
-                .into_iter()
-                .flat_map(|d| d.identifying_attributes.iter().chain(&d.non_identifying_attributes));
-            attrs.filter(|kv| kv.key == key).find_map(|kv| match kv.value.as_ref()?.value.as_ref()? {
-                any_value::Value::StringValue(s) => Some(s.clone()),
-                _ => None,
-            })
-        };
+        let value = |d: Option<&AgentDescription>, key: &str| attribute(d, key).map(Cow::into_owned);
         let mut out = self.variant(i).clone();
         for file in out.config_map.values_mut() {
             let mut body = String::from_utf8_lossy(&file.body).into_owned();
@@ -249,14 +242,7 @@ mod tests {
     use crate::proto::{AgentDescription, ServerToAgent, ServerToAgentFlags};
 
     fn description_value(d: &AgentDescription, key: &str) -> Option<String> {
-        d.identifying_attributes
-            .iter()
-            .chain(&d.non_identifying_attributes)
-            .find(|kv| kv.key == key)
-            .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-                any_value::Value::StringValue(s) => Some(s.clone()),
-                _ => None,
-            })
+        attribute(Some(d), key).map(Cow::into_owned)
     }
 
     #[test]
