@@ -82,7 +82,7 @@ bench: tools-bench tools-k8s
 ## with its reproducer in fuzz/artifacts/<target>. The same checks run briefly on stable in
 ## `cargo test --test properties`.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= ws_frame gzip_body agent_to_server session_sequence http_request dispatch_json crd_plan
+FUZZ_TARGETS ?= ws_frame ws_server_frames gzip_body agent_to_server session_sequence http_request dispatch_json crd_plan
 ## FUZZ_FLAGS: more libFuzzer flags, e.g. -detect_leaks=0 or -max_len=65536.
 FUZZ_FLAGS ?=
 fuzz: fuzz-lint

@@ -226,6 +226,22 @@ proptest! {
     }
 
     #[test]
+    fn ws_server_frames_read_or_fail_cleanly(bytes in wire_bytes(), frames in prop::collection::vec((any::<u8>(), 0usize..300), 0..8), chunk in any::<u8>()) {
+        // Raw bytes, and masked frames of every opcode and length byte around them.
+        let mut input = vec![chunk];
+        for (first, len) in frames {
+            input.extend_from_slice(&[first, 0x80 | if len >= 126 { 126 } else { len as u8 }]);
+            if len >= 126 {
+                input.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            input.extend_from_slice(&[1, 2, 3, 4]);
+            input.extend(std::iter::repeat_n(7u8, len));
+        }
+        input.extend_from_slice(&bytes);
+        wire_invariants::ws_server_frames(&input);
+    }
+
+    #[test]
     fn gzip_bodies_stay_within_their_limit(bytes in wire_bytes(), zip in any::<bool>()) {
         let body = if zip { codec::gzip(&bytes).to_vec() } else { bytes };
         wire_invariants::gzip_body(&body);

@@ -4,6 +4,7 @@
 //! in [`crate::protocol`].
 pub mod auth;
 mod forward;
+pub mod frames;
 mod http;
 mod metrics;
 pub mod pace;

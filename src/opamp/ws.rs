@@ -1,18 +1,18 @@
 //! The WebSocket transport: one task per connection, woken by the socket, by the fleet when
 //! there is something to push, by the ping timer, and by shutdown.
 use std::future::poll_fn;
-use std::pin::{Pin, pin};
+use std::pin::pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::Poll;
 
-use axum::extract::State as AxumState;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
-use axum::http::HeaderMap;
+use axum::body::Body;
+use axum::extract::{Request, State as AxumState};
 use axum::response::{IntoResponse, Response};
-use futures_util::{Sink, SinkExt};
+use http::{StatusCode, header};
+use hyper_util::rt::TokioIo;
 use tokio::time::{Instant, sleep_until, timeout};
-use tokio_tungstenite::tungstenite;
 
+use super::frames::{self, FrameError, FrameReader, FrameWriter, Incoming, Limits, Outgoing, close_code};
 use super::metrics::{KindLabel, TransportLabel};
 use super::request::{self, Handled, bad_request};
 use super::server::State;
@@ -23,13 +23,16 @@ use crate::protocol::codec;
 
 const WS: TransportLabel = TransportLabel { transport: "websocket" };
 
+/// The upgraded connection.
+type Socket = TokioIo<hyper::upgrade::Upgraded>;
+
 /// `GET /v1/opamp` with an upgrade.
-pub(super) async fn upgrade(
-    AxumState(state): AxumState<Arc<State>>,
-    headers: HeaderMap,
-    ws: WebSocketUpgrade,
-) -> Response {
-    let tenant = match request::admit(&state, &headers) {
+pub(super) async fn upgrade(AxumState(state): AxumState<Arc<State>>, mut req: Request) -> Response {
+    let accept_key = match frames::accept(req.headers()) {
+        Ok(key) => key,
+        Err(frames::Refused(status, why)) => return (status, why).into_response(),
+    };
+    let tenant = match request::admit(&state, req.headers()) {
         Ok(t) => t,
         Err(e) => return request::unauthorized(e),
     };
@@ -38,19 +41,28 @@ pub(super) async fn upgrade(
     if let Some(refused) = request::paced(&state, Default::default(), false) {
         return refused;
     }
-    let limit = state.config.max_message_bytes;
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return (StatusCode::UPGRADE_REQUIRED, "this connection cannot be upgraded").into_response();
+    };
     // Counted from here, while the upgrade is still the HTTP server's, until the socket closes.
     let open = state.websockets.token();
-    ws.read_buffer_size(state.config.ws_read_buffer_bytes)
-        .write_buffer_size(0)
-        .max_message_size(limit)
-        .max_frame_size(limit)
-        .on_upgrade(move |socket| async move {
-            let _open = open;
-            let conn = state.fleet.connection(Transport::WebSocket, tenant);
-            serve(socket, state, conn).await
-        })
-        .into_response()
+    tokio::spawn(async move {
+        let _open = open;
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let conn = state.fleet.connection(Transport::WebSocket, tenant);
+                serve(TokioIo::new(upgraded), state, conn).await
+            }
+            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept_key)
+        .body(Body::empty())
+        .expect("a valid response")
 }
 
 enum Step {
@@ -59,9 +71,11 @@ enum Step {
     Gone,
 }
 
-async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
+async fn serve(mut socket: Socket, state: Arc<State>, mut conn: Connection) {
     let notify = conn.notified().cloned().expect("WebSocket connections are notifiable");
     let ping_every = state.config.ws_ping_interval;
+    let limits = Limits { max_message: state.config.max_message_bytes };
+    let (mut reader, mut writer) = (FrameReader::default(), FrameWriter::default());
     // The futures that outlive a message stay pinned across loop turns, so a message costs no
     // timer or waiter-list registration: the ping timer is reset only when it fires early.
     let mut shutdown = pin!(state.shutdown.cancelled());
@@ -76,34 +90,29 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
         let step = tokio::select! {
             biased;
             _ = &mut shutdown => Step::Close(close_code::AWAY, "server shutting down"),
-            frame = socket.recv() => {
+            incoming = poll_fn(|cx| reader.poll_read(cx, &mut socket, limits)) => {
                 last_heard = Instant::now();
                 pinged = false;
-                match frame {
-                    None => Step::Gone,
+                match incoming {
+                    Ok(None) => Step::Gone,
                     // The message is handled and its reply encoded before anything is awaited;
                     // only the write is, and only when the socket does not take it at once.
-                    Some(Ok(Message::Binary(data))) => {
+                    Ok(Some(Incoming::Binary(data))) => {
                         let (reply, then) = on_frame(&state, &mut conn, data);
                         if first_due.is_some() && conn.agent().is_some() {
                             first_due = None;
                         }
-                        match write(&mut socket, &state, Message::Binary(reply)).await {
+                        match write(&mut socket, &mut writer, &state, Outgoing::Binary(&reply)).await {
                             Step::Continue => then,
                             failed => failed,
                         }
                     }
-                    Some(Ok(Message::Text(_))) => Step::Close(close_code::UNSUPPORTED, "text frames are not supported"),
-                    // Keep reading: tungstenite answers the close, and the stream then ends.
-                    Some(Ok(Message::Close(_))) => Step::Continue,
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => Step::Continue,
-                    Some(Err(e)) => {
-                        let step = read_error(e);
-                        if let Step::Close(close_code::SIZE, _) = step {
-                            state.metrics.decode_errors.get_or_create(&WS).inc();
-                        }
-                        step
-                    }
+                    Ok(Some(Incoming::Text)) => Step::Close(close_code::UNSUPPORTED, "text frames are not supported"),
+                    // The close is answered with the peer's code, and the connection then ends.
+                    Ok(Some(Incoming::Close(code))) => Step::Close(code.unwrap_or(close_code::NORMAL), ""),
+                    Ok(Some(Incoming::Ping(data))) => write(&mut socket, &mut writer, &state, Outgoing::Pong(&data)).await,
+                    Ok(Some(Incoming::Pong)) => Step::Continue,
+                    Err(e) => read_error(&state, e),
                 }
             }
             _ = &mut notified => {
@@ -111,15 +120,14 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
                 match state.fleet.poll_push(&conn).map(|msg| codec::encode_ws(&msg)) {
                     Some(frame) => {
                         state.metrics.hot.push.inc();
-                        write(&mut socket, &state, Message::Binary(frame)).await
+                        write(&mut socket, &mut writer, &state, Outgoing::Binary(&frame)).await
                     }
                     None => Step::Continue,
                 }
             },
             _ = &mut ping => {
                 // Silent for one interval: pinged; for three (the ping unanswered): closed. Only a
-                // peer that reads answers pings (tungstenite replies while it reads), so one that
-                // stopped reading or is gone is closed too.
+                // peer that reads answers pings, so one that stopped reading or is gone is closed too.
                 let now = Instant::now();
                 let due = last_heard + ping_every * if pinged { 3 } else { 1 };
                 if first_due.is_some_and(|first| now >= first) {
@@ -134,7 +142,7 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
                 } else {
                     pinged = true;
                     ping.as_mut().reset(earliest(last_heard + ping_every * 3, first_due));
-                    write(&mut socket, &state, Message::Ping(Default::default())).await
+                    write(&mut socket, &mut writer, &state, Outgoing::Ping).await
                 }
             }
         };
@@ -144,8 +152,7 @@ async fn serve(mut socket: WebSocket, state: Arc<State>, mut conn: Connection) {
     };
     state.fleet.connection_closed(&conn);
     if let Step::Close(code, reason) = step {
-        let frame = CloseFrame { code, reason: reason.into() };
-        let _ = Box::pin(timeout(state.config.write_timeout, socket.send(Message::Close(Some(frame))))).await;
+        let _ = write(&mut socket, &mut writer, &state, Outgoing::Close(code, reason)).await;
     }
     tracing::debug!(agent = ?conn.agent(), "websocket closed");
 }
@@ -176,54 +183,45 @@ fn on_frame(state: &State, conn: &mut Connection, data: bytes::Bytes) -> (bytes:
     }
 }
 
-/// Writes one message. Most writes complete at once (a reply fits the socket's buffer): those
+/// Writes one frame. Most writes complete at once (a reply fits the socket's buffer): those
 /// cost no timer and no future. The rest of a write the socket did not take at once is awaited
 /// under the write timeout, in a boxed future so the connection's task (one per agent) stays
 /// small.
-async fn write(socket: &mut WebSocket, state: &State, msg: Message) -> Step {
-    let mut msg = Some(msg);
-    match poll_fn(|cx| Poll::Ready(write_now(socket, cx, &mut msg))).await {
+async fn write(socket: &mut Socket, writer: &mut FrameWriter, state: &State, frame: Outgoing<'_>) -> Step {
+    let mut frame = Some(frame);
+    let now = poll_fn(|cx| {
+        Poll::Ready(match frame.take() {
+            Some(frame) => writer.start(cx, socket, frame),
+            None => writer.poll_finish(cx, socket),
+        })
+    })
+    .await;
+    match now {
         Poll::Ready(Ok(())) => Step::Continue,
         Poll::Ready(Err(_)) => Step::Gone,
-        Poll::Pending => Box::pin(finish_write(socket, state, msg)).await,
+        Poll::Pending => Box::pin(finish_write(socket, writer, state)).await,
     }
 }
 
-/// The steps of `SinkExt::send`, as far as the socket takes them now: `msg` is taken once the
-/// socket accepted it, and `Pending` means it (or the flush) is still to be done.
-fn write_now(
-    socket: &mut WebSocket,
-    cx: &mut Context<'_>,
-    msg: &mut Option<Message>,
-) -> Poll<Result<(), axum::Error>> {
-    let mut socket = Pin::new(socket);
-    if msg.is_some() {
-        ready!(socket.as_mut().poll_ready(cx))?;
-        socket.as_mut().start_send(msg.take().expect("checked above"))?;
-    }
-    socket.poll_flush(cx)
-}
-
-/// The rest of a write [`write_now`] started: the message if the socket did not accept it yet,
-/// else the flush.
-async fn finish_write(socket: &mut WebSocket, state: &State, msg: Option<Message>) -> Step {
-    let rest = async {
-        match msg {
-            Some(msg) => socket.send(msg).await,
-            None => socket.flush().await,
-        }
-    };
-    match timeout(state.config.write_timeout, rest).await {
+/// The rest of a write [`write`] started.
+async fn finish_write(socket: &mut Socket, writer: &mut FrameWriter, state: &State) -> Step {
+    match timeout(state.config.write_timeout, poll_fn(|cx| writer.poll_finish(cx, socket))).await {
         Ok(Ok(())) => Step::Continue,
         Ok(Err(_)) => Step::Gone,
         Err(_) => Step::Close(close_code::AWAY, "write timed out"),
     }
 }
 
-fn read_error(e: axum::Error) -> Step {
-    match e.into_inner().downcast_ref::<tungstenite::Error>() {
-        Some(tungstenite::Error::Capacity(_)) => Step::Close(close_code::SIZE, "message too large"),
-        Some(tungstenite::Error::Protocol(_)) => Step::Close(close_code::PROTOCOL, "protocol error"),
-        _ => Step::Gone,
+fn read_error(state: &State, e: FrameError) -> Step {
+    match e {
+        FrameError::TooLarge(_) => {
+            state.metrics.decode_errors.get_or_create(&WS).inc();
+            Step::Close(close_code::SIZE, "message too large")
+        }
+        FrameError::Protocol(why) => {
+            tracing::debug!(error = why, "websocket protocol error");
+            Step::Close(close_code::PROTOCOL, "protocol error")
+        }
+        FrameError::Io(_) => Step::Gone,
     }
 }

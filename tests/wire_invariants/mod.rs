@@ -43,6 +43,52 @@ pub fn ws_frame(data: &[u8]) {
     assert_eq!(codec::decode_ws(framed.into()), Ok(msg), "a decoded message survives re-framing");
 }
 
+/// Bytes from a WebSocket client, arriving in reads of the size the first byte picks: the
+/// server's frame reader yields messages until an error or the end, never panics, never yields
+/// more payload than it read, and holds no buffer once the input ended between messages.
+pub fn ws_server_frames(data: &[u8]) {
+    use opamp_operator::opamp::frames::{FrameReader, Incoming, Limits};
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Waker};
+    use tokio::io::{AsyncRead, ReadBuf};
+
+    /// Reads of at most `chunk` bytes, then the end.
+    struct Chunked<'a>(&'a [u8], usize);
+    impl AsyncRead for Chunked<'_> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let n = self.1.min(self.0.len()).min(buf.remaining());
+            buf.put_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    let Some((&chunk, bytes)) = data.split_first() else { return };
+    let mut io = Chunked(bytes, usize::from(chunk).max(1));
+    let limits = Limits { max_message: 1024 };
+    let mut reader = FrameReader::default();
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut payload = 0;
+    loop {
+        match reader.poll_read(&mut cx, &mut io, limits) {
+            Poll::Ready(Ok(Some(Incoming::Binary(data) | Incoming::Ping(data)))) => payload += data.len(),
+            Poll::Ready(Ok(Some(_))) => {}
+            Poll::Ready(Ok(None)) => {
+                assert!(io.0.is_empty(), "the end only where the input ended");
+                assert!(!reader.holds_buffer(), "nothing held after the last message");
+                return;
+            }
+            Poll::Ready(Err(_)) => return,
+            Poll::Pending => unreachable!("these reads never wait"),
+        }
+        assert!(payload <= bytes.len(), "{payload} bytes of payload from {} read", bytes.len());
+    }
+}
+
 /// An HTTP body with `Content-Encoding: gzip`: the bounded gunzip never yields more than its
 /// limit, then the protobuf decode; and any body below the limit survives gzip + gunzip.
 pub fn gzip_body(data: &[u8]) {
