@@ -225,7 +225,7 @@ fn omitted_sub_messages_keep_their_last_value() {
     let r = fleet.agent(&key(UID)).unwrap().report;
     assert_eq!(r.description, Some(description("checkout")));
     assert_eq!(r.health.as_ref().map(ReportedHealth::to_proto), Some(health));
-    assert_eq!(r.effective_config, Some(Arc::new(effective)));
+    assert_eq!(r.effective_config.as_ref().map(|c| c.to_proto()), Some(effective));
     assert_eq!(r.remote_config_status, Some(status(&cfg, RemoteConfigStatuses::Applied)));
     assert!(r.supports_custom_capability("com.example.pprof"));
     assert_eq!(r.available_components, Some(Arc::new(components)));
@@ -905,7 +905,7 @@ fn agents_reporting_the_same_config_and_components_share_one_copy() {
     ));
     assert_eq!(fleet.shared_parts(), (1, 1));
     // Each agent still reads as what it reported, and is charged for it against its bounds.
-    assert_eq!(ra.effective_config.as_deref(), Some(&effective));
+    assert_eq!(ra.effective_config.as_ref().map(|c| c.to_proto()), Some(effective.clone()));
     assert!(fleet.agent(&key(b)).unwrap().reported_bytes > 8 << 10);
     // One agent moving on to another config leaves the other's copy alone.
     let mut changed = effective.clone();
@@ -914,7 +914,8 @@ fn agents_reporting_the_same_config_and_components_share_one_copy() {
     let m = AgentToServer { effective_config: Some(changed.clone()), ..msg(b, 1) };
     fleet.handle(&mut ws(&fleet), m).unwrap();
     drop((ra, rb));
-    assert_eq!(fleet.agent(&key(b)).unwrap().report.effective_config.as_deref(), Some(&changed));
-    assert_eq!(fleet.agent(&key(a)).unwrap().report.effective_config.as_deref(), Some(&effective));
+    let read = |uid| fleet.agent(&key(uid)).unwrap().report.effective_config.map(|c| c.to_proto());
+    assert_eq!(read(b), Some(changed));
+    assert_eq!(read(a), Some(effective));
     assert_eq!(fleet.shared_parts(), (2, 1));
 }
