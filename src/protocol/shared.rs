@@ -347,6 +347,194 @@ mod tests {
         assert!(interner.table.lock().entries.len() < MIN_SWEEP + 1, "dead entries do not pile up");
     }
 
+    /// A collector's config as the supervisor writes it (~2 KB of YAML), with agent `i`'s own
+    /// values in five lines.
+    fn collector(i: usize) -> EffectiveConfig {
+        let mut body = String::from("receivers:\n");
+        for r in ["otlp", "prometheus", "hostmetrics", "filelog", "jaeger", "zipkin"] {
+            body += &format!("  {r}:\n    collection_interval: 30s\n    endpoint: 0.0.0.0:4317\n");
+        }
+        body += "processors:\n  batch:\n    send_batch_size: 8192\n    timeout: 200ms\n";
+        body += "  memory_limiter:\n    check_interval: 1s\n    limit_percentage: 80\n";
+        body += "  resource:\n    attributes:\n";
+        body += &format!("      - key: host.name\n        value: host-{i}\n        action: upsert\n");
+        body += &format!("      - key: service.instance.id\n        value: {:032x}\n", i * 7919);
+        body += "exporters:\n  otlphttp:\n    endpoint: https://gateway.observability.svc:4318\n";
+        body += "    compression: gzip\n    retry_on_failure:\n      enabled: true\n";
+        body += "extensions:\n  health_check: {}\n  opamp:\n    server:\n      ws:\n";
+        body += &format!("        endpoint: ws://127.0.0.1:{}/v1/opamp\n", 20_000 + i);
+        body += &format!("    instance_uid: {:032x}\n    ppid: {}\n", i * 104_729, 1000 + i);
+        body += "service:\n  extensions: [health_check, opamp]\n  telemetry:\n";
+        body += "    logs:\n      level: info\n    metrics:\n      level: detailed\n";
+        for p in ["traces", "metrics", "logs"] {
+            body += &format!(
+                "    {p}:\n      receivers: [otlp, prometheus, hostmetrics]\n      \
+                 processors: [memory_limiter, resource, batch]\n      exporters: [otlphttp]\n"
+            );
+        }
+        while body.len() < 2000 {
+            body += "# the rest of the pipeline is configured by the gateway\n";
+        }
+        files(&[("collector.yaml", &body)])
+    }
+
+    fn files(files: &[(&str, &str)]) -> EffectiveConfig {
+        let mut map = AgentConfigMap::default();
+        for (name, body) in files {
+            map.config_map.insert(
+                (*name).into(),
+                AgentConfigFile { body: body.as_bytes().to_vec().into(), content_type: "text/yaml".into() },
+            );
+        }
+        EffectiveConfig { config_map: Some(map) }
+    }
+
+    fn keep(configs: &Configs, config: &EffectiveConfig) -> Arc<KeptConfig> {
+        let kept = configs.keep(Arc::new(KeptConfig::new(config)));
+        assert_eq!(kept.to_proto(), *config, "reads back as reported");
+        assert_eq!(kept.encoded_len(), config.encoded_len(), "charged as reported");
+        kept
+    }
+
+    fn reference(kept: &KeptConfig) -> Weak<Reference> {
+        match &kept.0 {
+            Form::Whole(reference) | Form::Delta { reference, .. } => Arc::downgrade(reference),
+        }
+    }
+
+    #[test]
+    fn configs_differing_in_a_few_values_keep_a_small_difference() {
+        let configs = Configs::default();
+        let kept: Vec<_> = (0..3).map(|i| keep(&configs, &collector(i))).collect();
+        let len = collector(1).encoded_len();
+        assert!(len > 2000, "{len}");
+        assert!(!kept[0].is_delta(), "the first is kept whole, as the reference");
+        for k in &kept[1..] {
+            assert!(k.is_delta() && k.kept_len() < len / 4, "{k:?}");
+            assert!(Weak::ptr_eq(&reference(k), &reference(&kept[0])));
+        }
+        assert_eq!((configs.live(), configs.live_references()), (3, 1));
+    }
+
+    #[test]
+    fn equal_configs_are_one_copy() {
+        let configs = Configs::default();
+        let (a, b) = (keep(&configs, &collector(0)), keep(&configs, &collector(0)));
+        let (c, d) = (keep(&configs, &collector(1)), keep(&configs, &collector(1)));
+        assert!(Arc::ptr_eq(&a, &b) && Arc::ptr_eq(&c, &d), "whole or a difference, one copy");
+        assert!(c.is_delta());
+        assert_eq!(configs.live(), 2);
+        drop((a, b));
+        assert_eq!(configs.live(), 1);
+    }
+
+    #[test]
+    fn a_reference_lives_while_a_difference_uses_it_and_is_freed_with_the_last() {
+        let configs = Configs::default();
+        let first = keep(&configs, &collector(0));
+        let (b, c) = (keep(&configs, &collector(1)), keep(&configs, &collector(2)));
+        let held = reference(&first);
+        drop(first);
+        assert!(held.upgrade().is_some(), "outlives the agent that reported it");
+        assert_eq!(configs.live(), 2);
+        assert_eq!((b.to_proto(), c.to_proto()), (collector(1), collector(2)));
+        // Still the reference of configs like it.
+        assert!(Weak::ptr_eq(&reference(&keep(&configs, &collector(3))), &held));
+        drop(b);
+        assert!(held.upgrade().is_some());
+        drop(c);
+        assert!(held.upgrade().is_none(), "freed with the last difference made against it");
+        assert_eq!((configs.live(), configs.live_references()), (0, 0));
+    }
+
+    #[test]
+    fn a_config_unlike_the_reference_is_kept_whole_and_becomes_the_reference() {
+        let configs = Configs::default();
+        let a = keep(&configs, &collector(0));
+        let other = |i: usize| {
+            let body: String = (0..80).map(|n| format!("setting_{n}: {}\n", n * 31 + i)).collect();
+            files(&[("collector.yaml", &body)])
+        };
+        let b = keep(&configs, &other(0));
+        assert!(!b.is_delta(), "unlike the reference: kept whole");
+        let c = keep(&configs, &other(1));
+        assert!(c.is_delta() && Weak::ptr_eq(&reference(&c), &reference(&b)), "the new reference");
+        // Configs kept against the former reference still read as they were.
+        let d = keep(&configs, &collector(1));
+        assert_eq!((a.to_proto(), d.to_proto()), (collector(0), collector(1)));
+        // Other file names, other references.
+        let e = keep(&configs, &files(&[("other.yaml", "setting_1: 31\n")]));
+        assert!(!e.is_delta());
+    }
+
+    #[test]
+    fn a_reference_much_larger_than_the_config_is_not_used() {
+        let configs = Configs::default();
+        let big = collector(0);
+        let _reference = keep(&configs, &big);
+        let small = files(&[("collector.yaml", "receivers:\n  otlp:\n")]);
+        assert!(!keep(&configs, &small).is_delta(), "would hold a reference far larger than itself");
+    }
+
+    #[test]
+    fn random_bytes_are_kept_whole_and_others_read_as_they_were_sent() {
+        use rand::{RngCore, SeedableRng};
+        let configs = Configs::default();
+        let honest: Vec<_> = (0..3).map(|i| keep(&configs, &collector(i))).collect();
+        let mut noise = vec![0; 64 << 10];
+        rand::rngs::StdRng::seed_from_u64(7).fill_bytes(&mut noise);
+        let mut hostile = collector(0);
+        let map = &mut hostile.config_map.as_mut().unwrap().config_map;
+        map.get_mut("collector.yaml").unwrap().body = noise.clone().into();
+        let kept = keep(&configs, &hostile);
+        assert!(!kept.is_delta(), "incompressible: kept whole");
+        assert_eq!(kept.kept_len(), hostile.encoded_len(), "no more than was sent");
+        // A hostile reference (kept whole: the one before is over twice its size): a config kept
+        // against it still reads as sent.
+        let noise = String::from_utf8_lossy(&noise[..8 << 10]);
+        let reference = keep(&configs, &files(&[("collector.yaml", &noise)]));
+        assert!(!reference.is_delta());
+        let hostile_like = files(&[("collector.yaml", &format!("host: a\n{noise}"))]);
+        assert!(keep(&configs, &hostile_like).is_delta());
+        // Configs crafted from the reference (a prefix of it, its values changed, it repeated)
+        // read as sent, and leave the others as they were.
+        let body = |i| {
+            String::from_utf8(collector(i).config_map.unwrap().config_map["collector.yaml"].body.to_vec())
+        };
+        let base = body(0).unwrap();
+        for crafted in [base[..base.len() / 2].to_owned(), base.replace("host-0", "host-1"), base.repeat(3)] {
+            keep(&configs, &files(&[("collector.yaml", &crafted)]));
+        }
+        for (i, k) in honest.iter().enumerate() {
+            assert_eq!(k.to_proto(), collector(i), "agent {i} reads as it reported");
+        }
+    }
+
+    #[test]
+    fn sim_collector_configs_keep_a_small_difference() {
+        use crate::sim::SimAgent;
+        use crate::sim::payload::{CONFIG_VARIANTS, Payload};
+        let configs = Configs::default();
+        let mut held = Vec::new();
+        // Agents 0, 4 and 8 run the same variant with their own values; 1 to 3 other variants.
+        for i in [0, CONFIG_VARIANTS, 2 * CONFIG_VARIANTS, 1, 2, 3] {
+            let reported = SimAgent::new(Payload::Collector.spec(i)).full_state().effective_config.unwrap();
+            let kept = keep(&configs, &reported);
+            println!(
+                "sim collector agent {i}: raw {} B, kept {} B ({kept:?})",
+                kept.encoded_len(),
+                kept.kept_len()
+            );
+            // The other variants are rewritten YAML (reordered), still kept as a difference.
+            let bound =
+                if i % CONFIG_VARIANTS == 0 { kept.encoded_len() / 4 } else { kept.encoded_len() / 2 };
+            if i != 0 {
+                assert!(kept.is_delta() && kept.kept_len() < bound, "agent {i}: {kept:?}");
+            }
+            held.push(kept);
+        }
+    }
+
     #[test]
     fn a_collision_keeps_both_contents_apart() {
         let interner = Interner::default();
