@@ -14,8 +14,8 @@
 //! `service.instance.id`). Shared only when equal, every such agent would keep a copy of its own.
 //! [`Configs`] therefore keeps a config that is new as an LZ4 block compressed with the encoding
 //! of a *reference* config as dictionary ([`KeptConfig`]): what it has in common with the
-//! reference costs a few bytes, and mostly its own values are kept. Equal configs are still one
-//! `Arc`, as in an [`Interner`].
+//! reference costs a few bytes, and mostly its own values are kept (LZ4 reaches back 64 KiB, so
+//! configs larger than that gain less). Equal configs are still one `Arc`, as in an [`Interner`].
 //!
 //! The reference of a config is the last one kept whole with the same file names and content
 //! types, so the choice depends on nothing an agent can aim at another's config: a difference is
