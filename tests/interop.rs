@@ -65,7 +65,7 @@ async fn lifecycle(scheme: &str) {
     assert_eq!(attribute(desc, "service.name").as_deref(), Some("checkout"));
     assert_eq!(attribute(desc, "os.type").as_deref(), Some("linux"));
     assert!(snap.report.health.as_ref().unwrap().healthy);
-    let effective = snap.report.effective_config.unwrap().config_map.clone().unwrap();
+    let effective = snap.report.effective_config.unwrap().to_proto().config_map.unwrap();
     assert_eq!(effective.config_map["agent.yaml"].body, Bytes::from_static(b"initial: true"));
 
     // A config set by the server reaches it (pushed on WebSocket, on the next poll on HTTP)...
@@ -78,7 +78,7 @@ async fn lifecycle(scheme: &str) {
     eventually(T, "APPLIED reported", || async {
         let a = server.fleet.agent(&AgentKey::new("default", uid))?;
         let s = a.report.remote_config_status?;
-        let eff = a.report.effective_config?.config_map.clone()?;
+        let eff = a.report.effective_config?.to_proto().config_map?;
         (s.status == RemoteConfigStatuses::Applied as i32
             && s.last_remote_config_hash == cfg.config_hash
             && eff.config_map.get("collector.yaml").map(|f| &f.body)

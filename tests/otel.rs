@@ -159,7 +159,7 @@ fn components(available: &AvailableComponents, kind: &str) -> Vec<String> {
 
 /// The text of the collector's effective config (all files).
 fn effective(agent: &AgentSnapshot) -> String {
-    let Some(map) = agent.report.effective_config.as_ref().and_then(|e| e.config_map.as_ref()) else {
+    let Some(map) = agent.report.effective_config.as_ref().and_then(|e| e.to_proto().config_map) else {
         return String::new();
     };
     map.config_map

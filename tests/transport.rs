@@ -376,7 +376,7 @@ async fn http_bodies_up_to_the_configured_limit_are_accepted() {
     assert_eq!(reply.status, 200);
     let stored =
         server.fleet.agent(&AgentKey::new("default", agent.uid())).unwrap().report.effective_config.unwrap();
-    assert_eq!(stored.config_map.as_ref().unwrap().config_map["agent.yaml"].body.len(), 3 << 20);
+    assert_eq!(stored.to_proto().config_map.as_ref().unwrap().config_map["agent.yaml"].body.len(), 3 << 20);
     server.stop().await;
 }
 

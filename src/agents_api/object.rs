@@ -230,8 +230,9 @@ impl Agent {
         let last_error = Some(config_error.clone())
             .filter(|e| !e.is_empty())
             .or_else(|| health.as_ref().map(|h| h.last_error.clone()).filter(|e| !e.is_empty()));
+        // Decoded from how it is kept (see `protocol::shared`): reads are rare.
         let effective_config =
-            report.effective_config.as_ref().and_then(|e| e.config_map.as_ref()).map(|m| {
+            report.effective_config.as_ref().and_then(|e| e.to_proto().config_map).map(|m| {
                 let files: BTreeMap<String, u64> =
                     m.config_map.iter().map(|(name, f)| (name.clone(), f.body.len() as u64)).collect();
                 EffectiveConfig { size_bytes: files.values().sum(), files }

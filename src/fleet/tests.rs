@@ -225,7 +225,7 @@ fn omitted_sub_messages_keep_their_last_value() {
     let r = fleet.agent(&key(UID)).unwrap().report;
     assert_eq!(r.description, Some(description("checkout")));
     assert_eq!(r.health.as_ref().map(ReportedHealth::to_proto), Some(health));
-    assert_eq!(r.effective_config, Some(Arc::new(effective)));
+    assert_eq!(r.effective_config.as_ref().map(|c| c.to_proto()), Some(effective));
     assert_eq!(r.remote_config_status, Some(status(&cfg, RemoteConfigStatuses::Applied)));
     assert!(r.supports_custom_capability("com.example.pprof"));
     assert_eq!(r.available_components, Some(Arc::new(components)));
@@ -905,7 +905,7 @@ fn agents_reporting_the_same_config_and_components_share_one_copy() {
     ));
     assert_eq!(fleet.shared_parts(), (1, 1));
     // Each agent still reads as what it reported, and is charged for it against its bounds.
-    assert_eq!(ra.effective_config.as_deref(), Some(&effective));
+    assert_eq!(ra.effective_config.as_ref().map(|c| c.to_proto()), Some(effective.clone()));
     assert!(fleet.agent(&key(b)).unwrap().reported_bytes > 8 << 10);
     // One agent moving on to another config leaves the other's copy alone.
     let mut changed = effective.clone();
@@ -914,7 +914,51 @@ fn agents_reporting_the_same_config_and_components_share_one_copy() {
     let m = AgentToServer { effective_config: Some(changed.clone()), ..msg(b, 1) };
     fleet.handle(&mut ws(&fleet), m).unwrap();
     drop((ra, rb));
-    assert_eq!(fleet.agent(&key(b)).unwrap().report.effective_config.as_deref(), Some(&changed));
-    assert_eq!(fleet.agent(&key(a)).unwrap().report.effective_config.as_deref(), Some(&effective));
+    let read = |uid| fleet.agent(&key(uid)).unwrap().report.effective_config.map(|c| c.to_proto());
+    assert_eq!(read(b), Some(changed));
+    assert_eq!(read(a), Some(effective));
     assert_eq!(fleet.shared_parts(), (2, 1));
+}
+
+#[test]
+fn agents_reporting_configs_that_differ_in_their_own_values_keep_a_small_difference_each() {
+    let fleet = Fleet::default();
+    // As the supervisor writes them: common settings, and a few values of each agent's own.
+    let effective = |i: u8| {
+        let common: String = (0..60).map(|n| format!("  setting_{n}: value-{}\n", n * 7)).collect();
+        let own = format!("host.name: host-{i}\nppid: {}\ninstance_uid: {:032x}\n", 1000 + u32::from(i), i);
+        let mut map = AgentConfigMap::default();
+        map.config_map.insert(
+            "collector.yaml".into(),
+            AgentConfigFile {
+                body: Bytes::from(format!("{own}service:\n{common}")),
+                content_type: "text/yaml".into(),
+            },
+        );
+        EffectiveConfig { config_map: Some(map) }
+    };
+    let uid = |i: u8| Uid([i; 16]);
+    for i in 1..=3 {
+        let m = AgentToServer { effective_config: Some(effective(i)), ..first(uid(i)) };
+        fleet.handle(&mut ws(&fleet), m).unwrap();
+    }
+    let (a, b) = (fleet.agent(&key(uid(1))).unwrap(), fleet.agent(&key(uid(2))).unwrap());
+    let (ka, kb) = (a.report.effective_config.clone().unwrap(), b.report.effective_config.clone().unwrap());
+    let len = prost::Message::encoded_len(&effective(2));
+    assert!(len > 1500 && !ka.is_delta(), "the first is kept whole: {ka:?}");
+    assert!(kb.is_delta() && kb.kept_len() < len / 4, "{kb:?}");
+    // Each reads as what it reported, and is charged for all of it.
+    for i in 1..=3 {
+        let agent = fleet.agent(&key(uid(i))).unwrap();
+        assert_eq!(agent.report.effective_config.as_ref().map(|c| c.to_proto()), Some(effective(i)));
+    }
+    assert_eq!(a.reported_bytes - prost::Message::encoded_len(&effective(1)), b.reported_bytes - len);
+    assert_eq!(fleet.shared_parts().0, 3);
+    // The first agent's config, the others' reference, lives on while they do.
+    fleet
+        .handle(&mut ws(&fleet), AgentToServer { effective_config: Some(effective(9)), ..msg(uid(1), 1) })
+        .unwrap();
+    drop((a, b, ka, kb));
+    let b = fleet.agent(&key(uid(2))).unwrap();
+    assert_eq!(b.report.effective_config.map(|c| c.to_proto()), Some(effective(2)));
 }

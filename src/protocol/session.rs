@@ -11,10 +11,10 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::shared::SharedParts;
+use super::shared::{KeptConfig, SharedParts};
 use crate::proto::{
     AgentCapabilities, AgentDescription, AgentRemoteConfig, AgentToServer, AvailableComponents,
-    ComponentHealth, CustomCapabilities, CustomMessage, EffectiveConfig, PackageStatuses, RemoteConfigStatus,
+    ComponentHealth, CustomCapabilities, CustomMessage, PackageStatuses, RemoteConfigStatus,
     ServerCapabilities, ServerToAgent, ServerToAgentFlags,
 };
 
@@ -83,8 +83,9 @@ pub struct AgentReport {
     pub capabilities: u64,
     pub description: Option<AgentDescription>,
     pub health: Option<ReportedHealth>,
-    /// Shared with every agent reporting the same content ([`AgentReport::share`]).
-    pub effective_config: Option<Arc<EffectiveConfig>>,
+    /// Shared with every agent reporting the same content, else kept as its difference against
+    /// a config like it ([`AgentReport::share`]).
+    pub effective_config: Option<Arc<KeptConfig>>,
     pub remote_config_status: Option<RemoteConfigStatus>,
     pub package_statuses: Option<PackageStatuses>,
     pub custom_capabilities: Option<CustomCapabilities>,
@@ -113,7 +114,7 @@ impl AgentReport {
         }
         len(self.description.as_ref())
             + self.health.as_ref().map_or(0, ReportedHealth::encoded_len)
-            + len(self.effective_config.as_deref())
+            + self.effective_config.as_ref().map_or(0, |c| c.encoded_len())
             + len(self.remote_config_status.as_ref())
             + len(self.package_statuses.as_ref())
             + len(self.custom_capabilities.as_ref())
@@ -155,10 +156,11 @@ impl AgentReport {
         (size, dropped)
     }
 
-    /// Replaces the parts in `changed` that other agents report too with the copy they share.
+    /// Replaces the parts in `changed` that other agents report too with the copy they share;
+    /// an effective config like another's is kept as its difference against it.
     pub fn share(&mut self, changed: Changes, parts: &SharedParts) {
         if changed.contains(Changes::EFFECTIVE_CONFIG) {
-            self.effective_config = self.effective_config.take().map(|c| parts.effective_config.share(c));
+            self.effective_config = self.effective_config.take().map(|c| parts.effective_config.keep(c));
         }
         if changed.contains(Changes::AVAILABLE_COMPONENTS) {
             self.available_components =
@@ -370,7 +372,7 @@ impl Session {
         );
         keep_latest(
             &mut r.effective_config,
-            msg.effective_config.take().map(Arc::new),
+            msg.effective_config.take().map(|c| Arc::new(KeptConfig::new(&c))),
             Changes::EFFECTIVE_CONFIG,
             &mut out.changes,
         );
