@@ -17,19 +17,23 @@
 //! reference costs a few bytes, and mostly its own values are kept (LZ4 reaches back 64 KiB, so
 //! configs larger than that gain less). Equal configs are still one `Arc`, as in an [`Interner`].
 //!
-//! The reference of a config is the last one kept whole with the same file names and content
-//! types, so the choice depends on nothing an agent can aim at another's config: a difference is
-//! kept only when it takes at most half of the config's encoding, else the config is kept whole
-//! and becomes the reference for its file names. Reading a config decodes its difference against
+//! The references of a config are the last few kept whole with the same file names and content
+//! types ([`REFERENCES_PER_FILES`]), so the choice depends on nothing an agent can aim at
+//! another's config. A config is kept as its smallest difference against them when that takes
+//! at most 1/[`GOOD_DIFFERENCE`] of its encoding (or half, when there is no room for another
+//! reference); else it is kept whole and becomes a reference, replacing the oldest: a fleet run
+//! by a few AgentConfigs that share file names keeps each one's agents against a config of its
+//! own kind. Reading a config decodes its difference against
 //! the reference it was made with, which every difference holds (an `Arc`), and a difference is
 //! checked to decode to the config's exact encoding before it is kept: a config reads as exactly
 //! what its agent sent, whatever others send. Memory stays bounded by what agents send: a
 //! reference lives while a config kept against it does, which costs at most one copy per
-//! reference beyond the configs agents hold (live references: at most one per file-name set in
-//! use, plus the superseded ones that differences still hold), and a difference is only made
-//! against a reference at most twice the size of the config, so what a config kept as a
-//! difference keeps alive (its difference, at most half its size, and its reference) is at most
-//! 2.5 times what its agent is charged for: reports are charged by their decoded size
+//! reference beyond the configs agents hold (live references: at most [`REFERENCES_PER_FILES`]
+//! per file-name set in use, plus the superseded ones that differences still hold), and a
+//! difference is only made against a reference at most twice the size of the config, so what a
+//! config kept as a difference keeps alive (its difference, at most half its size, and its
+//! reference) is at most 2.5 times what its agent is charged for: reports are charged by their
+//! decoded size
 //! ([`KeptConfig::encoded_len`]), within the per-agent bound of bytes.
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -220,8 +224,48 @@ fn decompress(delta: &[u8], len: usize, dict: &[u8]) -> Option<Vec<u8>> {
 #[derive(Default)]
 pub struct Configs {
     configs: Interner<KeptConfig>,
-    /// The reference of each set of file names and content types, by a keyed hash of the set.
-    references: Mutex<Table<Reference>>,
+    /// The references of each set of file names and content types, by a keyed hash of the set:
+    /// the last [`REFERENCES_PER_FILES`] configs kept whole, oldest first.
+    references: Mutex<References>,
+}
+
+/// References kept per set of file names: a fleet configured by a few AgentConfigs that share
+/// their file names (`collector.yaml`) keeps each variant's configs against that variant.
+const REFERENCES_PER_FILES: usize = 4;
+/// A difference taking at most this share of a config's encoding (1/n) is kept at once; a larger
+/// one only when there is no room for another reference for the config's file names.
+const GOOD_DIFFERENCE: usize = 8;
+
+#[derive(Default)]
+struct References {
+    by_files: HashMap<u64, Vec<Weak<Reference>>>,
+    /// When `by_files` reaches this length, sets without a live reference are removed.
+    sweep_at: usize,
+}
+
+impl References {
+    fn live(&mut self, files: u64) -> Vec<Arc<Reference>> {
+        let held = self.by_files.get_mut(&files);
+        let held = held.map(|h| {
+            h.retain(|r| r.strong_count() > 0);
+            h.iter().filter_map(Weak::upgrade).collect()
+        });
+        held.unwrap_or_default()
+    }
+
+    /// Adds `reference` for `files`, replacing the oldest when they are [`REFERENCES_PER_FILES`].
+    fn add(&mut self, files: u64, reference: &Arc<Reference>) {
+        let held = self.by_files.entry(files).or_default();
+        held.retain(|r| r.strong_count() > 0);
+        if held.len() >= REFERENCES_PER_FILES {
+            held.remove(0);
+        }
+        held.push(Arc::downgrade(reference));
+        if self.by_files.len() >= self.sweep_at.max(MIN_SWEEP) {
+            self.by_files.retain(|_, h| h.iter().any(|r| r.strong_count() > 0));
+            self.sweep_at = self.by_files.len() * 2;
+        }
+    }
 }
 
 impl Configs {
@@ -234,16 +278,16 @@ impl Configs {
             return held;
         }
         let files = self.files_key(&encoding);
-        let kept = match self.against_reference(files, &encoding) {
+        let kept = match self.against_references(files, &encoding) {
             Some(delta) => Arc::new(delta),
             None => {
-                // Kept whole, it becomes the reference for its file names.
+                // Kept whole, it becomes a reference for its file names.
                 let whole = match &config.0 {
                     Form::Whole(_) => config.clone(),
                     Form::Delta { .. } => Arc::new(KeptConfig::whole(encoding.to_vec())),
                 };
                 if let Form::Whole(reference) = &whole.0 {
-                    self.references.lock().put(files, reference);
+                    self.references.lock().add(files, reference);
                 }
                 whole
             }
@@ -251,23 +295,26 @@ impl Configs {
         self.configs.share_by(key, kept, |held| held.encodes(&encoding))
     }
 
-    /// `encoding` as its difference against the reference for `files`, if there is one, no
-    /// more than twice as large, and the difference takes at most half of `encoding`.
-    fn against_reference(&self, files: u64, encoding: &[u8]) -> Option<KeptConfig> {
-        let reference = self.references.lock().get(files)?;
-        if reference.encoding.len() > encoding.len().saturating_mul(2) {
-            return None;
-        }
+    /// `encoding` as its smallest difference against a reference for `files` no more than twice
+    /// as large, if that takes at most 1/[`GOOD_DIFFERENCE`] of `encoding`, or at most half when
+    /// the references for `files` leave no room for another; `None`: keep it whole.
+    fn against_references(&self, files: u64, encoding: &[u8]) -> Option<KeptConfig> {
+        let references = self.references.lock().live(files);
         let len = u32::try_from(encoding.len()).ok()?;
-        let delta = lz4_flex::block::compress_with_dict(encoding, &reference.encoding);
-        if delta.len() > encoding.len() / 2 {
+        let (reference, delta) = references
+            .iter()
+            .filter(|r| r.encoding.len() <= encoding.len().saturating_mul(2))
+            .map(|r| (r, lz4_flex::block::compress_with_dict(encoding, &r.encoding)))
+            .min_by_key(|(_, delta)| delta.len())?;
+        let room = references.len() < REFERENCES_PER_FILES;
+        if delta.len() > encoding.len() / if room { GOOD_DIFFERENCE } else { 2 } {
             return None;
         }
         // Kept only if it reads back as exactly what the agent sent.
         if decompress(&delta, encoding.len(), &reference.encoding).as_deref() != Some(encoding) {
             return None;
         }
-        Some(KeptConfig(Form::Delta { reference, delta: delta.into_boxed_slice(), len }))
+        Some(KeptConfig(Form::Delta { reference: reference.clone(), delta: delta.into_boxed_slice(), len }))
     }
 
     /// A keyed hash of the sorted file names and content types of the config `encoding` holds.
@@ -295,9 +342,11 @@ impl Configs {
         self.configs.live()
     }
 
-    /// References someone still holds (a config kept whole, or one kept against it).
+    /// References someone still holds (a config kept whole, or one kept against it) that new
+    /// configs are kept against.
     pub fn live_references(&self) -> usize {
-        self.references.lock().live()
+        let references = self.references.lock();
+        references.by_files.values().flatten().filter(|r| r.strong_count() > 0).count()
     }
 }
 
@@ -452,8 +501,8 @@ mod tests {
         let configs = Configs::default();
         let a = keep(&configs, &collector(0));
         let other = |i: usize| {
-            let body: String = (0..80).map(|n| format!("setting_{n}: {}\n", n * 31 + i)).collect();
-            files(&[("collector.yaml", &body)])
+            let body: String = (0..80).map(|n| format!("setting_{n}: {}\n", n * 31)).collect();
+            files(&[("collector.yaml", &format!("{body}id: {i}\n"))])
         };
         let b = keep(&configs, &other(0));
         assert!(!b.is_delta(), "unlike the reference: kept whole");
@@ -516,8 +565,9 @@ mod tests {
         use crate::sim::payload::{CONFIG_VARIANTS, Payload};
         let configs = Configs::default();
         let mut held = Vec::new();
-        // Agents 0, 4 and 8 run the same variant with their own values; 1 to 3 other variants.
-        for i in [0, CONFIG_VARIANTS, 2 * CONFIG_VARIANTS, 1, 2, 3] {
+        // The first agent is kept whole, as a reference; so is the first of a variant unlike the
+        // references so far. Every other agent is kept as a small difference.
+        for i in 0..3 * CONFIG_VARIANTS {
             let reported = SimAgent::new(Payload::Collector.spec(i)).full_state().effective_config.unwrap();
             let kept = keep(&configs, &reported);
             println!(
@@ -525,14 +575,11 @@ mod tests {
                 kept.encoded_len(),
                 kept.kept_len()
             );
-            // The other variants are rewritten YAML (reordered), still kept as a difference.
-            let bound =
-                if i % CONFIG_VARIANTS == 0 { kept.encoded_len() / 4 } else { kept.encoded_len() / 2 };
-            if i != 0 {
-                assert!(kept.is_delta() && kept.kept_len() < bound, "agent {i}: {kept:?}");
-            }
+            let small = kept.is_delta() && kept.kept_len() < kept.encoded_len() / 8;
+            assert!(small || (i < CONFIG_VARIANTS && !kept.is_delta()), "agent {i}: {kept:?}");
             held.push(kept);
         }
+        assert!(configs.live_references() <= CONFIG_VARIANTS);
     }
 
     #[test]
