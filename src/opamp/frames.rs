@@ -129,6 +129,12 @@ impl Frame {
 }
 
 impl FrameReader {
+    /// A reader that starts with `read`: bytes of the connection read before it was handed over
+    /// (what hyper had read past the upgrade request).
+    pub fn new(read: &[u8]) -> Self {
+        Self { buf: read.to_vec(), fragments: None }
+    }
+
     /// Whether bytes of a message in flight are held (none between messages).
     pub fn holds_buffer(&self) -> bool {
         self.buf.capacity() > 0 || self.fragments.is_some()

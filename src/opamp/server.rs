@@ -67,9 +67,6 @@ pub const OPAMP_PATH: &str = "/v1/opamp";
 pub struct ServerConfig {
     /// Largest accepted message (WebSocket message or HTTP body, after gunzip).
     pub max_message_bytes: usize,
-    /// Initial read buffer of each WebSocket. Small: it is allocated per connection up front
-    /// and grows only for larger messages.
-    pub ws_read_buffer_bytes: usize,
     /// A WebSocket silent for this long is pinged; silent for three times this long, closed.
     pub ws_ping_interval: Duration,
     /// A write that cannot complete in this time closes the connection (an HTTP response not
@@ -119,7 +116,6 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             max_message_bytes: 4 << 20,
-            ws_read_buffer_bytes: 1 << 10,
             ws_ping_interval: Duration::from_secs(30),
             write_timeout: Duration::from_secs(30),
             event_loops: default_event_loops(),
@@ -670,10 +666,15 @@ impl Drop for Conn {
 }
 
 /// A connection's socket: tells its [`Conn`] when a request starts and a response went out.
-struct ConnIo<S> {
+pub(super) struct ConnIo<S> {
     io: S,
     conn: Arc<Conn>,
 }
+
+/// The connections hyper serves, as an upgrade hands them back (`ws.rs` takes its WebSocket
+/// from them without hyper's layers in between).
+pub(super) type PlainIo = ConnIo<TcpStream>;
+pub(super) type TlsIo = tokio_rustls::server::TlsStream<ConnIo<TcpStream>>;
 
 impl<S: AsyncRead + Unpin> AsyncRead for ConnIo<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {

@@ -8,23 +8,22 @@ use std::task::Poll;
 use axum::body::Body;
 use axum::extract::{Request, State as AxumState};
 use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use http::{StatusCode, header};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, sleep_until, timeout};
 
 use super::frames::{self, FrameError, FrameReader, FrameWriter, Incoming, Limits, Outgoing, close_code};
 use super::metrics::{KindLabel, TransportLabel};
 use super::request::{self, Handled, bad_request};
-use super::server::State;
+use super::server::{PlainIo, State, TlsIo};
 use crate::fleet::Connection;
 use crate::proto::AgentToServer;
 use crate::protocol::Transport;
 use crate::protocol::codec;
 
 const WS: TransportLabel = TransportLabel { transport: "websocket" };
-
-/// The upgraded connection.
-type Socket = TokioIo<hyper::upgrade::Upgraded>;
 
 /// `GET /v1/opamp` with an upgrade.
 pub(super) async fn upgrade(AxumState(state): AxumState<Arc<State>>, mut req: Request) -> Response {
@@ -48,12 +47,21 @@ pub(super) async fn upgrade(AxumState(state): AxumState<Arc<State>>, mut req: Re
     let open = state.websockets.token();
     tokio::spawn(async move {
         let _open = open;
-        match on_upgrade.await {
-            Ok(upgraded) => {
-                let conn = state.fleet.connection(Transport::WebSocket, tenant);
-                serve(TokioIo::new(upgraded), state, conn).await
-            }
-            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+        let Ok(upgraded) =
+            on_upgrade.await.inspect_err(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
+        else {
+            return;
+        };
+        let conn = state.fleet.connection(Transport::WebSocket, tenant);
+        // The socket itself when hyper hands it back (always, for our own connections): reads
+        // and writes then skip hyper's upgraded-connection layers, and what hyper had read past
+        // the request is given to the frame reader.
+        match upgraded.downcast::<TokioIo<PlainIo>>() {
+            Ok(parts) => serve(parts.io.into_inner(), parts.read_buf, state, conn).await,
+            Err(upgraded) => match upgraded.downcast::<TokioIo<TlsIo>>() {
+                Ok(parts) => serve(parts.io.into_inner(), parts.read_buf, state, conn).await,
+                Err(upgraded) => serve(TokioIo::new(upgraded), Bytes::new(), state, conn).await,
+            },
         }
     });
     Response::builder()
@@ -71,11 +79,15 @@ enum Step {
     Gone,
 }
 
-async fn serve(mut socket: Socket, state: Arc<State>, mut conn: Connection) {
+async fn serve<S>(mut socket: S, read: Bytes, state: Arc<State>, mut conn: Connection)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let notify = conn.notified().cloned().expect("WebSocket connections are notifiable");
     let ping_every = state.config.ws_ping_interval;
     let limits = Limits { max_message: state.config.max_message_bytes };
-    let (mut reader, mut writer) = (FrameReader::default(), FrameWriter::default());
+    let (mut reader, mut writer) = (FrameReader::new(&read), FrameWriter::default());
+    drop(read);
     // The futures that outlive a message stay pinned across loop turns, so a message costs no
     // timer or waiter-list registration: the ping timer is reset only when it fires early.
     let mut shutdown = pin!(state.shutdown.cancelled());
@@ -166,7 +178,7 @@ fn timed_out(state: &State, kind: &'static str) {
 }
 
 /// Decodes and handles one frame: the encoded reply, and what to do once it is written.
-fn on_frame(state: &State, conn: &mut Connection, data: bytes::Bytes) -> (bytes::Bytes, Step) {
+fn on_frame(state: &State, conn: &mut Connection, data: Bytes) -> (Bytes, Step) {
     let metrics = &state.metrics;
     let mut msg = AgentToServer::default();
     if let Err(e) = codec::decode_ws_into(data, &mut msg) {
@@ -187,7 +199,12 @@ fn on_frame(state: &State, conn: &mut Connection, data: bytes::Bytes) -> (bytes:
 /// cost no timer and no future. The rest of a write the socket did not take at once is awaited
 /// under the write timeout, in a boxed future so the connection's task (one per agent) stays
 /// small.
-async fn write(socket: &mut Socket, writer: &mut FrameWriter, state: &State, frame: Outgoing<'_>) -> Step {
+async fn write<S: AsyncWrite + Unpin>(
+    socket: &mut S,
+    writer: &mut FrameWriter,
+    state: &State,
+    frame: Outgoing<'_>,
+) -> Step {
     let mut frame = Some(frame);
     let now = poll_fn(|cx| {
         Poll::Ready(match frame.take() {
@@ -204,7 +221,11 @@ async fn write(socket: &mut Socket, writer: &mut FrameWriter, state: &State, fra
 }
 
 /// The rest of a write [`write`] started.
-async fn finish_write(socket: &mut Socket, writer: &mut FrameWriter, state: &State) -> Step {
+async fn finish_write<S: AsyncWrite + Unpin>(
+    socket: &mut S,
+    writer: &mut FrameWriter,
+    state: &State,
+) -> Step {
     match timeout(state.config.write_timeout, poll_fn(|cx| writer.poll_finish(cx, socket))).await {
         Ok(Ok(())) => Step::Continue,
         Ok(Err(_)) => Step::Gone,
