@@ -1,7 +1,7 @@
 //! The WebSocket transport: one task per connection, woken by the socket, by the fleet when
 //! there is something to push, by the ping timer, and by shutdown.
-use std::future::poll_fn;
-use std::pin::pin;
+use std::future::{Future, poll_fn};
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::task::Poll;
 
@@ -55,14 +55,17 @@ pub(super) async fn upgrade(AxumState(state): AxumState<Arc<State>>, mut req: Re
         let conn = state.fleet.connection(Transport::WebSocket, tenant);
         // The socket itself when hyper hands it back (always, for our own connections): reads
         // and writes then skip hyper's upgraded-connection layers, and what hyper had read past
-        // the request is given to the frame reader.
-        match upgraded.downcast::<TokioIo<PlainIo>>() {
-            Ok(parts) => serve(parts.io.into_inner(), parts.read_buf, state, conn).await,
+        // the request is given to the frame reader. The future is boxed and awaited after the
+        // match, so the task holds neither the other kinds' futures nor the downcast's result
+        // (a TLS connection's state is over a kilobyte).
+        let served: Pin<Box<dyn Future<Output = ()> + Send>> = match upgraded.downcast::<TokioIo<PlainIo>>() {
+            Ok(parts) => Box::pin(serve(parts.io.into_inner(), parts.read_buf, state, conn)),
             Err(upgraded) => match upgraded.downcast::<TokioIo<TlsIo>>() {
-                Ok(parts) => serve(parts.io.into_inner(), parts.read_buf, state, conn).await,
-                Err(upgraded) => serve(TokioIo::new(upgraded), Bytes::new(), state, conn).await,
+                Ok(parts) => Box::pin(serve(Box::new(parts.io.into_inner()), parts.read_buf, state, conn)),
+                Err(upgraded) => Box::pin(serve(TokioIo::new(upgraded), Bytes::new(), state, conn)),
             },
-        }
+        };
+        served.await
     });
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
