@@ -245,6 +245,33 @@ mod tests {
         attribute(Some(d), key).map(Cow::into_owned)
     }
 
+    /// What the server keeps of these agents' effective configs: each one's own values, against
+    /// a reference of its kind (`protocol::shared`).
+    #[test]
+    fn sim_collector_configs_keep_a_small_difference() {
+        use crate::protocol::shared::{Configs, KeptConfig};
+        use crate::sim::SimAgent;
+        use std::sync::Arc;
+        let configs = Configs::default();
+        let mut held = Vec::new();
+        // The first agent is kept whole, as a reference; so is the first of a variant unlike the
+        // references so far. Every other agent is kept as a small difference.
+        for i in 0..3 * CONFIG_VARIANTS {
+            let reported = SimAgent::new(Payload::Collector.spec(i)).full_state().effective_config.unwrap();
+            let kept = configs.keep(Arc::new(KeptConfig::new(&reported)));
+            assert_eq!(kept.to_proto(), reported, "reads back as reported");
+            println!(
+                "sim collector agent {i}: raw {} B, kept {} B ({kept:?})",
+                kept.encoded_len(),
+                kept.kept_len()
+            );
+            let small = kept.is_delta() && kept.kept_len() < kept.encoded_len() / 8;
+            assert!(small || (i < CONFIG_VARIANTS && !kept.is_delta()), "agent {i}: {kept:?}");
+            held.push(kept);
+        }
+        assert!(configs.live_references() <= CONFIG_VARIANTS);
+    }
+
     #[test]
     fn the_capture_decodes_with_everything_a_collector_reports() {
         let p = CollectorPayload::get();
