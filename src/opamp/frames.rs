@@ -23,6 +23,7 @@ use http::{HeaderMap, HeaderValue, header};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+pub use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 
 /// Bytes read at once into the stack: a heartbeat, a reply to a push and most reports fit.
@@ -33,17 +34,6 @@ const STACK_WRITE: usize = 2048;
 const HEAP_READ: usize = 64 << 10;
 /// Control frames carry at most this many bytes (RFC 6455 §5.5).
 const MAX_CONTROL: u64 = 125;
-
-/// Status codes of a Close frame (RFC 6455 §7.4.1).
-pub mod close_code {
-    pub const NORMAL: u16 = 1000;
-    pub const AWAY: u16 = 1001;
-    pub const PROTOCOL: u16 = 1002;
-    pub const UNSUPPORTED: u16 = 1003;
-    pub const POLICY: u16 = 1008;
-    pub const SIZE: u16 = 1009;
-    pub const AGAIN: u16 = 1013;
-}
 
 /// Why a WebSocket request cannot be upgraded, as the status and text of the reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,7 +81,7 @@ pub enum Incoming {
     Ping(Bytes),
     Pong,
     /// A Close frame, with its status code if it had one.
-    Close(Option<u16>),
+    Close(Option<CloseCode>),
 }
 
 /// Why a connection cannot go on.
@@ -299,13 +289,13 @@ fn parse(bytes: &[u8], limits: Limits) -> Result<Option<Frame>, FrameError> {
 }
 
 /// The status code of a Close frame's payload (RFC 6455 §5.5.1).
-fn close(payload: &[u8]) -> Result<Option<u16>, FrameError> {
+fn close(payload: &[u8]) -> Result<Option<CloseCode>, FrameError> {
     match payload {
         [] => Ok(None),
         [_] => Err(FrameError::Protocol("close frame with a one-byte payload")),
         [a, b, reason @ ..] => {
             std::str::from_utf8(reason).map_err(|_| FrameError::Protocol("close reason is not UTF-8"))?;
-            Ok(Some(u16::from_be_bytes([*a, *b])))
+            Ok(Some(CloseCode::from(u16::from_be_bytes([*a, *b]))))
         }
     }
 }
@@ -322,7 +312,7 @@ pub enum Outgoing<'a> {
     Binary(&'a [u8]),
     Ping,
     Pong(&'a [u8]),
-    Close(u16, &'a str),
+    Close(CloseCode, &'a str),
 }
 
 /// The writing half of a connection's state: what the socket has not taken yet of the frame
@@ -352,7 +342,7 @@ impl FrameWriter {
             }
             Outgoing::Close(code, reason) => {
                 let reason = &reason.as_bytes()[..reason.len().min(MAX_CONTROL as usize - 2)];
-                close[..2].copy_from_slice(&code.to_be_bytes());
+                close[..2].copy_from_slice(&u16::from(code).to_be_bytes());
                 close[2..2 + reason.len()].copy_from_slice(reason);
                 (OpCode::Control(Control::Close), &close[..2 + reason.len()])
             }
@@ -482,7 +472,7 @@ mod tests {
                 vec![
                     Incoming::Ping(Bytes::from_static(b"p")),
                     Incoming::Binary(Bytes::from_static(b"abcde")),
-                    Incoming::Close(Some(1000)),
+                    Incoming::Close(Some(CloseCode::Normal)),
                 ]
             );
         }
@@ -587,7 +577,7 @@ mod tests {
             Outgoing::Binary(&big),
             Outgoing::Ping,
             Outgoing::Pong(b"p"),
-            Outgoing::Close(close_code::AWAY, "bye"),
+            Outgoing::Close(CloseCode::Away, "bye"),
         ] {
             let mut started = false;
             poll_fn(|cx| {
@@ -604,7 +594,7 @@ mod tests {
         }
         drop(server);
         let frames = server_frames(&reading.await.unwrap());
-        let mut close = close_code::AWAY.to_be_bytes().to_vec();
+        let mut close = 1001u16.to_be_bytes().to_vec();
         close.extend_from_slice(b"bye");
         assert_eq!(
             frames,

@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, sleep_until, timeout};
 
-use super::frames::{self, FrameError, FrameReader, FrameWriter, Incoming, Limits, Outgoing, close_code};
+use super::frames::{self, CloseCode, FrameError, FrameReader, FrameWriter, Incoming, Limits, Outgoing};
 use super::metrics::{KindLabel, TransportLabel};
 use super::request::{self, Handled, bad_request};
 use super::server::{PlainIo, State, TlsIo};
@@ -59,10 +59,17 @@ pub(super) async fn upgrade(AxumState(state): AxumState<Arc<State>>, mut req: Re
         // match, so the task holds neither the other kinds' futures nor the downcast's result
         // (a TLS connection's state is over a kilobyte).
         let served: Pin<Box<dyn Future<Output = ()> + Send>> = match upgraded.downcast::<TokioIo<PlainIo>>() {
-            Ok(parts) => Box::pin(serve(parts.io.into_inner(), parts.read_buf, state, conn)),
+            Ok(parts) => {
+                Box::pin(serve(parts.io.into_inner(), FrameReader::new(&parts.read_buf), state, conn))
+            }
             Err(upgraded) => match upgraded.downcast::<TokioIo<TlsIo>>() {
-                Ok(parts) => Box::pin(serve(Box::new(parts.io.into_inner()), parts.read_buf, state, conn)),
-                Err(upgraded) => Box::pin(serve(TokioIo::new(upgraded), Bytes::new(), state, conn)),
+                Ok(parts) => Box::pin(serve(
+                    Box::new(parts.io.into_inner()),
+                    FrameReader::new(&parts.read_buf),
+                    state,
+                    conn,
+                )),
+                Err(upgraded) => Box::pin(serve(TokioIo::new(upgraded), FrameReader::default(), state, conn)),
             },
         };
         served.await
@@ -78,19 +85,18 @@ pub(super) async fn upgrade(AxumState(state): AxumState<Arc<State>>, mut req: Re
 
 enum Step {
     Continue,
-    Close(u16, &'static str),
+    Close(CloseCode, &'static str),
     Gone,
 }
 
-async fn serve<S>(mut socket: S, read: Bytes, state: Arc<State>, mut conn: Connection)
+async fn serve<S>(mut socket: S, mut reader: FrameReader, state: Arc<State>, mut conn: Connection)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let notify = conn.notified().cloned().expect("WebSocket connections are notifiable");
     let ping_every = state.config.ws_ping_interval;
     let limits = Limits { max_message: state.config.max_message_bytes };
-    let (mut reader, mut writer) = (FrameReader::new(&read), FrameWriter::default());
-    drop(read);
+    let mut writer = FrameWriter::default();
     // The futures that outlive a message stay pinned across loop turns, so a message costs no
     // timer or waiter-list registration: the ping timer is reset only when it fires early.
     let mut shutdown = pin!(state.shutdown.cancelled());
@@ -104,7 +110,7 @@ where
     let step = loop {
         let step = tokio::select! {
             biased;
-            _ = &mut shutdown => Step::Close(close_code::AWAY, "server shutting down"),
+            _ = &mut shutdown => Step::Close(CloseCode::Away, "server shutting down"),
             incoming = poll_fn(|cx| reader.poll_read(cx, &mut socket, limits)) => {
                 last_heard = Instant::now();
                 pinged = false;
@@ -122,9 +128,9 @@ where
                             failed => failed,
                         }
                     }
-                    Ok(Some(Incoming::Text)) => Step::Close(close_code::UNSUPPORTED, "text frames are not supported"),
+                    Ok(Some(Incoming::Text)) => Step::Close(CloseCode::Unsupported, "text frames are not supported"),
                     // The close is answered with the peer's code, and the connection then ends.
-                    Ok(Some(Incoming::Close(code))) => Step::Close(code.unwrap_or(close_code::NORMAL), ""),
+                    Ok(Some(Incoming::Close(code))) => Step::Close(code.unwrap_or(CloseCode::Normal), ""),
                     Ok(Some(Incoming::Ping(data))) => write(&mut socket, &mut writer, &state, Outgoing::Pong(&data)).await,
                     Ok(Some(Incoming::Pong)) => Step::Continue,
                     Err(e) => read_error(&state, e),
@@ -147,13 +153,13 @@ where
                 let due = last_heard + ping_every * if pinged { 3 } else { 1 };
                 if first_due.is_some_and(|first| now >= first) {
                     timed_out(&state, "websocket_first_message");
-                    Step::Close(close_code::POLICY, "no AgentToServer message in time")
+                    Step::Close(CloseCode::Policy, "no AgentToServer message in time")
                 } else if now < due {
                     ping.as_mut().reset(earliest(due, first_due)); // heard from the agent since: not due yet
                     Step::Continue
                 } else if pinged {
                     timed_out(&state, "websocket_silent");
-                    Step::Close(close_code::AWAY, "no traffic from the agent")
+                    Step::Close(CloseCode::Away, "no traffic from the agent")
                 } else {
                     pinged = true;
                     ping.as_mut().reset(earliest(last_heard + ping_every * 3, first_due));
@@ -193,7 +199,7 @@ fn on_frame(state: &State, conn: &mut Connection, data: Bytes) -> (Bytes, Step) 
     match request::handle(state, conn, &mut msg) {
         Handled::Reply(reply) => (codec::encode_ws(&reply), Step::Continue),
         Handled::Refused(reply, _) => {
-            (codec::encode_ws(&reply), Step::Close(close_code::AGAIN, "server at capacity, retry later"))
+            (codec::encode_ws(&reply), Step::Close(CloseCode::Again, "server at capacity, retry later"))
         }
     }
 }
@@ -208,14 +214,7 @@ async fn write<S: AsyncWrite + Unpin>(
     state: &State,
     frame: Outgoing<'_>,
 ) -> Step {
-    let mut frame = Some(frame);
-    let now = poll_fn(|cx| {
-        Poll::Ready(match frame.take() {
-            Some(frame) => writer.start(cx, socket, frame),
-            None => writer.poll_finish(cx, socket),
-        })
-    })
-    .await;
+    let now = poll_fn(|cx| Poll::Ready(writer.start(cx, socket, frame))).await;
     match now {
         Poll::Ready(Ok(())) => Step::Continue,
         Poll::Ready(Err(_)) => Step::Gone,
@@ -232,7 +231,7 @@ async fn finish_write<S: AsyncWrite + Unpin>(
     match timeout(state.config.write_timeout, poll_fn(|cx| writer.poll_finish(cx, socket))).await {
         Ok(Ok(())) => Step::Continue,
         Ok(Err(_)) => Step::Gone,
-        Err(_) => Step::Close(close_code::AWAY, "write timed out"),
+        Err(_) => Step::Close(CloseCode::Away, "write timed out"),
     }
 }
 
@@ -240,11 +239,11 @@ fn read_error(state: &State, e: FrameError) -> Step {
     match e {
         FrameError::TooLarge(_) => {
             state.metrics.decode_errors.get_or_create(&WS).inc();
-            Step::Close(close_code::SIZE, "message too large")
+            Step::Close(CloseCode::Size, "message too large")
         }
         FrameError::Protocol(why) => {
             tracing::debug!(error = why, "websocket protocol error");
-            Step::Close(close_code::PROTOCOL, "protocol error")
+            Step::Close(CloseCode::Protocol, "protocol error")
         }
         FrameError::Io(_) => Step::Gone,
     }
