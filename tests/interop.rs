@@ -61,7 +61,7 @@ async fn lifecycle(scheme: &str) {
     })
     .await;
     assert!(snap.connected);
-    let desc = snap.report.description.as_ref().unwrap();
+    let desc = &snap.report.description.as_ref().unwrap().to_proto();
     assert_eq!(attribute(desc, "service.name").as_deref(), Some("checkout"));
     assert_eq!(attribute(desc, "os.type").as_deref(), Some("linux"));
     assert!(snap.report.health.as_ref().unwrap().healthy);

@@ -135,7 +135,7 @@ service:
 }
 
 fn string_attr(agent: &AgentSnapshot, key: &str) -> Option<String> {
-    let desc = agent.report.description.as_ref()?;
+    let desc = agent.report.description.as_ref()?.to_proto();
     desc.identifying_attributes
         .iter()
         .chain(&desc.non_identifying_attributes)

@@ -231,7 +231,11 @@ async fn reported_state_beyond_its_bound_is_dropped_and_the_agent_flagged() {
     let agent = op.fleet.agent(&a.key(uid)).expect("known");
     assert_eq!(agent.report.effective_config, None);
     assert_eq!(agent.report.trimmed.part_names(), vec!["effectiveConfig"]);
-    assert_eq!(agent.report.description, Some(description("checkout")), "what fits is kept");
+    assert_eq!(
+        agent.report.description.map(|d| d.to_proto()),
+        Some(description("checkout")),
+        "what fits is kept"
+    );
     assert!(agent.reported_bytes <= opamp_operator::fleet::MAX_REPORTED_BYTES_PER_AGENT_DEFAULT);
     let metrics = format!("http://{}/metrics", op.metrics_addr.unwrap());
     let text = reqwest::get(metrics).await.unwrap().text().await.unwrap();

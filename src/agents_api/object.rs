@@ -5,6 +5,7 @@
 //!   and value are valid label keys and values, so label selectors work over them;
 //! - `status` is what the agent reports and what the operator wants it to run; what a user
 //!   would grep for has a field selector (see [`Agent::field`]).
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use k8s_openapi::jiff::Timestamp;
@@ -12,10 +13,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::fleet::AgentView;
-use crate::proto::{
-    AgentCapabilities, AnyValue, ComponentDetails, ComponentHealth, KeyValue, RemoteConfigStatuses,
-};
-use crate::protocol::any_value_string;
+use crate::proto::{AgentCapabilities, ComponentDetails, ComponentHealth, RemoteConfigStatuses};
 
 /// The API group, version and kind.
 pub const GROUP: &str = "fleet.opamp.dev";
@@ -201,11 +199,11 @@ impl Agent {
     pub fn of(a: &AgentView<'_>, selected_by: Vec<String>) -> Self {
         let report = a.report;
         let desc = report.description.as_ref();
-        let attrs = |list: &[KeyValue]| -> BTreeMap<String, String> {
-            list.iter().filter_map(|kv| Some((kv.key.clone(), value_string(kv.value.as_ref())?))).collect()
+        let attrs = |list: &mut dyn Iterator<Item = (&str, Cow<'_, str>)>| -> BTreeMap<String, String> {
+            list.map(|(k, v)| (k.to_owned(), v.into_owned())).collect()
         };
-        let identifying = desc.map(|d| attrs(&d.identifying_attributes)).unwrap_or_default();
-        let non_identifying = desc.map(|d| attrs(&d.non_identifying_attributes)).unwrap_or_default();
+        let identifying = desc.map(|d| attrs(&mut d.identifying())).unwrap_or_default();
+        let non_identifying = desc.map(|d| attrs(&mut d.non_identifying())).unwrap_or_default();
         let labels = identifying
             .iter()
             .chain(&non_identifying)
@@ -352,10 +350,6 @@ pub fn remote_config_status_name(status: i32) -> &'static str {
     RemoteConfigStatuses::try_from(status)
         .map(|x| x.as_str_name().trim_start_matches("RemoteConfigStatuses_"))
         .unwrap_or("UNKNOWN")
-}
-
-fn value_string(v: Option<&AnyValue>) -> Option<String> {
-    any_value_string(v?)
 }
 
 fn health(h: &ComponentHealth) -> Health {

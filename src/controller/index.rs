@@ -20,9 +20,9 @@ use super::rollout::{parse_threshold, rollout_key};
 use crate::api::{AgentConfig, CapabilitySlot, ConfigFile, KeyRef, RolloutState};
 use crate::api::{RETRY_ANNOTATION, RolloutStatus, RolloutStrategy};
 use crate::fleet::{DesiredState, Plan};
-use crate::proto::{AgentDescription, AgentRemoteConfig, CustomCapabilities};
+use crate::proto::{AgentRemoteConfig, CustomCapabilities};
 use crate::protocol::session::AgentReport;
-use crate::protocol::{Uid, attribute};
+use crate::protocol::{Description, Uid, attribute};
 
 /// One AgentConfig as the controller sees it.
 #[derive(Debug)]
@@ -70,7 +70,7 @@ pub enum Admission {
 }
 
 impl ResolvedConfig {
-    pub fn selects(&self, desc: Option<&AgentDescription>) -> bool {
+    pub fn selects(&self, desc: Option<&Description>) -> bool {
         self.object.spec.selector.matches(|k| attribute(desc, k))
     }
 
@@ -191,7 +191,7 @@ impl NamespaceIndex {
     }
 
     /// Indices of the resolved configs selecting an agent.
-    pub fn selecting(&self, desc: Option<&AgentDescription>) -> Vec<usize> {
+    pub fn selecting(&self, desc: Option<&Description>) -> Vec<usize> {
         (0..self.configs.len())
             .filter(|&i| self.configs[i].source.is_some() && self.configs[i].selects(desc))
             .collect()
@@ -204,7 +204,7 @@ impl NamespaceIndex {
     pub fn desired_ungated(
         &self,
         selected: Vec<usize>,
-        desc: Option<&AgentDescription>,
+        desc: Option<&Description>,
         has_remote_config: bool,
     ) -> DesiredState {
         let remote_config = self.merged(selected, has_remote_config, false);
@@ -239,7 +239,7 @@ impl NamespaceIndex {
         Some(merged.clone())
     }
 
-    fn custom_capabilities(&self, desc: Option<&AgentDescription>) -> Option<Arc<CustomCapabilities>> {
+    fn custom_capabilities(&self, desc: Option<&Description>) -> Option<Arc<CustomCapabilities>> {
         let owning: Vec<usize> = (0..self.slots.slots.len())
             .filter(|&i| {
                 let slot = &self.slots.slots[i];
@@ -465,7 +465,7 @@ mod tests {
     use crate::api::AgentConfigStatus;
     use crate::controller::rollout::{AgentFacts, Tracker};
     use crate::fleet::{Fleet, Tenant};
-    use crate::proto::{AgentToServer, AnyValue, KeyValue, any_value};
+    use crate::proto::{AgentDescription, AgentToServer, AnyValue, KeyValue, any_value};
     use crate::protocol::Transport;
 
     const PROGRESSIVE: &str = "

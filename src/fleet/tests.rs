@@ -11,6 +11,7 @@ use crate::proto::{
     AvailableComponents, ComponentHealth, EffectiveConfig, KeyValue, RemoteConfigStatus,
     RemoteConfigStatuses, ServerCapabilities, ServerToAgentFlags, any_value,
 };
+use crate::protocol::Description;
 use crate::protocol::session::{ReportedHealth, SERVER_CAPABILITIES};
 
 const UID: Uid =
@@ -223,7 +224,7 @@ fn omitted_sub_messages_keep_their_last_value() {
     fleet.take_changes();
     fleet.handle(&mut conn, msg(UID, 1)).unwrap();
     let r = fleet.agent(&key(UID)).unwrap().report;
-    assert_eq!(r.description, Some(description("checkout")));
+    assert_eq!(r.description.as_ref().map(Description::to_proto), Some(description("checkout")));
     assert_eq!(r.health.as_ref().map(ReportedHealth::to_proto), Some(health));
     assert_eq!(r.effective_config.as_ref().map(|c| c.to_proto()), Some(effective));
     assert_eq!(r.remote_config_status, Some(status(&cfg, RemoteConfigStatuses::Applied)));
@@ -541,7 +542,8 @@ fn the_plan_gives_the_desired_state_before_the_first_reply() {
     struct ByService(Arc<AgentRemoteConfig>);
     impl Plan for ByService {
         fn desired(&self, _: &Uid, report: &AgentReport, _: &DesiredState) -> DesiredState {
-            let selected = report.description == Some(description("checkout"));
+            let selected =
+                report.description.as_ref().map(Description::to_proto) == Some(description("checkout"));
             DesiredState { remote_config: selected.then(|| self.0.clone()), custom_capabilities: None }
         }
     }
@@ -741,7 +743,7 @@ fn reported_state_beyond_its_bound_is_dropped_and_flagged() {
     assert_eq!(a.report.effective_config, None);
     assert_eq!(a.report.trimmed, Changes::EFFECTIVE_CONFIG);
     assert_eq!(a.report.trimmed.part_names(), vec!["effectiveConfig"]);
-    assert_eq!(a.report.description, Some(description("checkout")));
+    assert_eq!(a.report.description.map(|d| d.to_proto()), Some(description("checkout")));
     assert!(a.reported_bytes < 1024, "{}", a.reported_bytes);
     // Within the agent's bound: kept, until the namespace's bound is reached.
     for i in 2..5 {

@@ -9,7 +9,7 @@ pub mod session;
 pub mod shared;
 mod uid;
 
-pub use attributes::{any_value_string, attribute, attributes_json};
+pub use attributes::{Description, attribute, attributes_json};
 pub use headers::bearer_token;
 pub use uid::{ParseUidError, Uid};
 

@@ -11,11 +11,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::Description;
 use super::shared::{KeptConfig, SharedParts};
 use crate::proto::{
-    AgentCapabilities, AgentDescription, AgentRemoteConfig, AgentToServer, AvailableComponents,
-    ComponentHealth, CustomCapabilities, CustomMessage, PackageStatuses, RemoteConfigStatus,
-    ServerCapabilities, ServerToAgent, ServerToAgentFlags,
+    AgentCapabilities, AgentRemoteConfig, AgentToServer, AvailableComponents, ComponentHealth,
+    CustomCapabilities, CustomMessage, PackageStatuses, RemoteConfigStatus, ServerCapabilities,
+    ServerToAgent, ServerToAgentFlags,
 };
 
 /// What this server can do, sent in every reply (the specification requires the first).
@@ -81,7 +82,9 @@ const SHED_ORDER: [(Changes, &str); 6] = [
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AgentReport {
     pub capabilities: u64,
-    pub description: Option<AgentDescription>,
+    /// Its keys and string values shared with every agent reporting the same text
+    /// ([`AgentReport::share`]).
+    pub description: Option<Description>,
     pub health: Option<ReportedHealth>,
     /// Shared with every agent reporting the same content, else kept as its difference against
     /// a config like it ([`AgentReport::share`]).
@@ -112,7 +115,7 @@ impl AgentReport {
         fn len<M: Message>(m: Option<&M>) -> usize {
             m.map_or(0, Message::encoded_len)
         }
-        len(self.description.as_ref())
+        self.description.as_ref().map_or(0, Description::encoded_len)
             + self.health.as_ref().map_or(0, ReportedHealth::encoded_len)
             + self.effective_config.as_ref().map_or(0, |c| c.encoded_len())
             + len(self.remote_config_status.as_ref())
@@ -157,8 +160,14 @@ impl AgentReport {
     }
 
     /// Replaces the parts in `changed` that other agents report too with the copy they share;
-    /// an effective config like another's is kept as its difference against it.
+    /// an effective config like another's is kept as its difference against it, and a
+    /// description's text is shared attribute by attribute.
     pub fn share(&mut self, changed: Changes, parts: &SharedParts) {
+        if changed.contains(Changes::DESCRIPTION) {
+            if let Some(description) = &mut self.description {
+                description.share(&parts.strings);
+            }
+        }
         if changed.contains(Changes::EFFECTIVE_CONFIG) {
             self.effective_config = self.effective_config.take().map(|c| parts.effective_config.keep(c));
         }
@@ -363,7 +372,12 @@ impl Session {
                 &mut out.changes,
             );
         }
-        keep_latest(&mut r.description, msg.agent_description.take(), Changes::DESCRIPTION, &mut out.changes);
+        keep_latest(
+            &mut r.description,
+            msg.agent_description.take().map(Description::new),
+            Changes::DESCRIPTION,
+            &mut out.changes,
+        );
         keep_latest(
             &mut r.health,
             msg.health.take().map(ReportedHealth::new),

@@ -49,25 +49,25 @@ use crate::proto::{AvailableComponents, EffectiveConfig};
 const MIN_SWEEP: usize = 64;
 
 /// One copy per distinct content of `T`, for as long as someone holds it.
-pub struct Interner<T> {
+pub struct Interner<T: ?Sized> {
     /// Keyed per process (SipHash with a random key): content cannot be crafted to collide.
     hasher: RandomState,
     table: Mutex<Table<T>>,
 }
 
-struct Table<T> {
+struct Table<T: ?Sized> {
     entries: HashMap<u64, Weak<T>>,
     /// When `entries` reaches this length, entries whose part no agent holds are removed.
     sweep_at: usize,
 }
 
-impl<T> Default for Table<T> {
+impl<T: ?Sized> Default for Table<T> {
     fn default() -> Self {
         Self { entries: HashMap::new(), sweep_at: MIN_SWEEP }
     }
 }
 
-impl<T> Table<T> {
+impl<T: ?Sized> Table<T> {
     /// The part held under `key`, if someone still holds it.
     fn get(&self, key: u64) -> Option<Arc<T>> {
         self.entries.get(&key).and_then(Weak::upgrade)
@@ -87,13 +87,13 @@ impl<T> Table<T> {
     }
 }
 
-impl<T> Default for Interner<T> {
+impl<T: ?Sized> Default for Interner<T> {
     fn default() -> Self {
         Self { hasher: RandomState::new(), table: Mutex::new(Table::default()) }
     }
 }
 
-impl<T> Interner<T> {
+impl<T: ?Sized> Interner<T> {
     /// The held copy under `key` that `same` accepts, if any; else `value`, now held for others
     /// under `key` unless another content already is (a collision: `value` is kept, not shared).
     fn share_by(&self, key: u64, value: Arc<T>, same: impl FnOnce(&T) -> bool) -> Arc<T> {
@@ -122,6 +122,15 @@ impl<T: Message + PartialEq> Interner<T> {
     pub fn share(&self, value: Arc<T>) -> Arc<T> {
         let key = self.hasher.hash_one(value.encode_to_vec());
         self.share_by(key, value.clone(), |held| *held == *value)
+    }
+}
+
+impl Interner<str> {
+    /// The copy of `value`'s text already held, if any; else `value`, now held for others.
+    /// Text whose key collides with another's is returned as is (kept, not shared).
+    pub fn share_str(&self, value: &Arc<str>) -> Arc<str> {
+        let key = self.hasher.hash_one(&**value);
+        self.share_by(key, value.clone(), |held| *held == **value)
     }
 }
 
@@ -355,6 +364,8 @@ impl Configs {
 pub struct SharedParts {
     pub effective_config: Configs,
     pub available_components: Interner<AvailableComponents>,
+    /// Attribute keys and values of agents' descriptions ([`crate::protocol::Description`]).
+    pub strings: Interner<str>,
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use crate::proto::{
     AgentConfigFile, AgentConfigMap, AgentDescription, AgentToServer, AnyValue, AvailableComponents,
     KeyValue, any_value,
 };
-use crate::protocol::{Uid, attribute};
+use crate::protocol::{Description, Uid, attribute};
 
 /// The captured report of `otelcol-opamp-test` under `opampsupervisor` (one `AgentToServer`).
 pub static COLLECTOR_CAPTURE: &[u8] = include_bytes!("capture/otelcol.binpb");
@@ -170,7 +170,9 @@ impl CollectorPayload {
     /// in a real fleet no two agents report the same effective config.
     fn own_config(&self, i: usize, description: &AgentDescription) -> AgentConfigMap {
         let captured = self.capture.agent_description.as_ref();
-        let value = |d: Option<&AgentDescription>, key: &str| attribute(d, key).map(Cow::into_owned);
+        let value = |d: Option<&AgentDescription>, key: &str| {
+            attribute(d.cloned().map(Description::new).as_ref(), key).map(Cow::into_owned)
+        };
         let mut out = self.variant(i).clone();
         for file in out.config_map.values_mut() {
             let mut body = String::from_utf8_lossy(&file.body).into_owned();
@@ -242,7 +244,7 @@ mod tests {
     use crate::proto::{AgentDescription, ServerToAgent, ServerToAgentFlags};
 
     fn description_value(d: &AgentDescription, key: &str) -> Option<String> {
-        attribute(Some(d), key).map(Cow::into_owned)
+        Description::new(d.clone()).attribute(key).map(Cow::into_owned)
     }
 
     /// What the server keeps of these agents' effective configs: each one's own values, against

@@ -11,8 +11,8 @@ use opamp_operator::controller::refs::Refs;
 use opamp_operator::controller::rollout::{format_threshold, rollout_key};
 use opamp_operator::fleet::{DesiredState, Plan};
 use opamp_operator::proto::{AgentDescription, AnyValue, KeyValue, RemoteConfigStatus, any_value};
-use opamp_operator::protocol::Uid;
 use opamp_operator::protocol::session::AgentReport;
+use opamp_operator::protocol::{Description, Uid};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -217,10 +217,10 @@ fn report(agent: &AgentSpec) -> AgentReport {
         value: Some(AnyValue { value: Some(any_value::Value::StringValue(v.to_owned())) }),
     };
     AgentReport {
-        description: Some(AgentDescription {
+        description: Some(Description::new(AgentDescription {
             identifying_attributes: attributes_of(agent).into_iter().map(|(k, v)| kv(k, v)).collect(),
             non_identifying_attributes: vec![],
-        }),
+        })),
         remote_config_status: agent.has_remote_config.then(|| RemoteConfigStatus {
             last_remote_config_hash: Bytes::from_static(b"some-earlier-config"),
             ..Default::default()
