@@ -3,11 +3,10 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::outbox::Outbox;
-use super::{AgentKey, Connection, DesiredState};
+use super::{AgentKey, Connection, DesiredState, Wakeup};
 use crate::protocol::session::{AgentReport, Session};
 use crate::protocol::{Transport, Uid};
 
@@ -15,7 +14,7 @@ use crate::protocol::{Transport, Uid};
 pub(super) enum Link {
     WebSocket {
         conn: u64,
-        notify: Arc<Notify>,
+        wakeup: Arc<Wakeup>,
     },
     Http,
     /// `http`: it was a plain-HTTP agent when it went offline.
@@ -73,8 +72,8 @@ impl Agent {
     }
 
     pub(super) fn attach(&mut self, conn: &Connection) {
-        self.link = match &conn.notify {
-            Some(notify) => Link::WebSocket { conn: conn.id, notify: notify.clone() },
+        self.link = match &conn.wakeup {
+            Some(wakeup) => Link::WebSocket { conn: conn.id, wakeup: wakeup.clone() },
             None => Link::Http,
         };
     }
@@ -92,8 +91,8 @@ impl Agent {
 
     /// Wakes the agent's WebSocket connection so it pushes what changed.
     pub(super) fn wake(&self) {
-        if let Link::WebSocket { notify, .. } = &self.link {
-            notify.notify_one();
+        if let Link::WebSocket { wakeup, .. } = &self.link {
+            wakeup.raise(Wakeup::PUSH);
         }
     }
 

@@ -11,7 +11,7 @@
 //!
 //! Built for a large fleet in one process: agents live in sharded maps behind short-lived
 //! mutexes (never held across an await; the only code called under them is a plan, a pure
-//! function), a connected WebSocket agent costs one `Notify` for pushes, HTTP agents cost no
+//! function), a connected WebSocket agent costs one [`Wakeup`] for pushes, HTTP agents cost no
 //! task at all, and no operation on one agent touches the others.
 //!
 //! With several replicas, an agent starting a session here is claimed from the others, who
@@ -22,6 +22,7 @@ mod metrics;
 mod outbox;
 #[cfg(test)]
 mod tests;
+mod wakeup;
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -41,6 +42,7 @@ use agent::{Agent, Link};
 pub use claims::{Claim, Handed};
 pub use metrics::{FleetMetrics, TransportLabel};
 pub use outbox::{EnqueueError, OUTBOX_LIMIT_DEFAULT, Ticket, TicketState};
+pub use wakeup::Wakeup;
 
 use crate::proto::{
     AgentIdentification, AgentRemoteConfig, AgentToServer, AgentToServerFlags, CustomCapabilities,
@@ -266,7 +268,7 @@ pub struct Connection {
     transport: Transport,
     tenant: Tenant,
     usage: Arc<Usage>,
-    notify: Option<Arc<Notify>>,
+    wakeup: Option<Arc<Wakeup>>,
     /// The agent this connection speaks for, once it said so.
     bound: Option<Uid>,
     /// A uid issued on this connection for an agent whose own uid was invalid.
@@ -287,9 +289,14 @@ impl Connection {
         self.bound
     }
 
-    /// Woken when a WebSocket agent has something to be pushed (see [`Fleet::poll_push`]).
-    pub fn notified(&self) -> Option<&Arc<Notify>> {
-        self.notify.as_ref()
+    /// Raised when a WebSocket agent has something to be pushed (see [`Fleet::poll_push`]).
+    pub fn wakeup(&self) -> Option<&Arc<Wakeup>> {
+        self.wakeup.as_ref()
+    }
+
+    /// This connection's number, unique in its fleet.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 }
 
@@ -429,7 +436,7 @@ impl Fleet {
             transport,
             tenant,
             usage,
-            notify: (transport == Transport::WebSocket).then(|| Arc::new(Notify::new())),
+            wakeup: (transport == Transport::WebSocket).then(Arc::default),
             bound: None,
             issued: None,
         }
@@ -694,8 +701,8 @@ impl Fleet {
             msg.custom_message = Some(custom);
             if !agent.outbox.is_empty() {
                 // One custom message per frame; come back for the next.
-                if let Some(n) = &conn.notify {
-                    n.notify_one();
+                if let Some(w) = &conn.wakeup {
+                    w.raise(Wakeup::PUSH);
                 }
             }
         }

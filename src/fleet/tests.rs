@@ -430,12 +430,13 @@ fn desired_changes_wake_websocket_agents_and_wait_for_http_polls() {
     let fleet = Fleet::default();
     let mut conn = ws(&fleet);
     fleet.handle(&mut conn, first(UID)).unwrap();
-    let notified = conn.notified().unwrap().clone();
+    let wakeup = conn.wakeup().unwrap().clone();
     let cfg = config("a");
     assert!(fleet.set_remote_config(&key(UID), Some(cfg.clone())));
     assert!(!fleet.set_remote_config(&key(UID), Some(cfg.clone())), "unchanged desired state is no change");
-    // The permit is stored: the connection task wakes even if it was busy.
-    futures_util::FutureExt::now_or_never(notified.notified()).expect("woken");
+    // The raise is kept: the connection task wakes even if it was busy.
+    let raised = futures_util::FutureExt::now_or_never(std::future::poll_fn(|cx| wakeup.poll_raised(cx)));
+    assert_eq!(raised, Some(Wakeup::PUSH), "woken");
     assert_eq!(
         fleet.poll_push(&conn).unwrap(),
         ServerToAgent { remote_config: Some((*cfg).clone()), ..plain(&UID.0) }

@@ -13,12 +13,14 @@
 //! The frame header is tungstenite's ([`FrameHeader`]), as is the accept key of the handshake;
 //! what is ours is the buffering, the checks a server makes of a client's frames, and the
 //! assembly of fragmented messages.
-use std::io::{self, Cursor};
+use std::io::{self, Cursor, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
+use std::cell::RefCell;
+
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderValue, header};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -193,6 +195,9 @@ impl FrameReader {
 
     /// The next message whose frames are all in the heap buffer.
     fn next_buffered(&mut self, limits: Limits) -> Result<Option<Incoming>, FrameError> {
+        if self.buf.is_empty() {
+            return Ok(None); // between messages, as most of the time: nothing to parse
+        }
         while let Some(frame) = parse(&self.buf, limits)? {
             let mut buf = std::mem::take(&mut self.buf);
             let found = self.on_frame(&frame.header, &mut buf[frame.start..frame.end()], limits);
@@ -233,7 +238,7 @@ impl FrameReader {
             OpCode::Data(Data::Text) if self.fragments.is_none() => Ok(Some(Incoming::Text)),
             OpCode::Data(Data::Binary) if self.fragments.is_none() => {
                 if header.is_final {
-                    Ok(Some(Incoming::Binary(Bytes::copy_from_slice(payload))))
+                    Ok(Some(Incoming::Binary(message(payload))))
                 } else {
                     self.fragments = Some(payload.to_vec());
                     Ok(None)
@@ -256,6 +261,29 @@ impl FrameReader {
             }
         }
     }
+}
+
+/// Messages up to this size are copied into the thread's reused buffer ([`message`]).
+const REUSED_MESSAGE_MAX: usize = 16 * 1024;
+
+thread_local! {
+    /// Where [`message`] copies a message read whole on this thread: each one is split off it,
+    /// and once the last of them is dropped (a message is handled before the next is read), the
+    /// same allocation takes the next.
+    static MESSAGES: RefCell<BytesMut> = RefCell::new(BytesMut::new());
+}
+
+/// A message read whole, out of the read buffer: in the thread's reused buffer when small (no
+/// allocation per message), in its own otherwise, so no thread keeps a large buffer.
+fn message(payload: &[u8]) -> Bytes {
+    if payload.len() > REUSED_MESSAGE_MAX {
+        return Bytes::copy_from_slice(payload);
+    }
+    MESSAGES.with_borrow_mut(|buf| {
+        buf.reserve(payload.len()); // reclaims the allocation when every message split off it is gone
+        buf.extend_from_slice(payload);
+        buf.split().freeze()
+    })
 }
 
 /// The header of the frame at the start of `bytes`, checked as a server checks a client's.
@@ -300,9 +328,17 @@ fn close(payload: &[u8]) -> Result<Option<CloseCode>, FrameError> {
     }
 }
 
+/// XORs the payload with the mask, four bytes at a time.
 fn unmask(payload: &mut [u8], mask: [u8; 4]) {
-    for (i, b) in payload.iter_mut().enumerate() {
-        *b ^= mask[i & 3];
+    let word = u32::from_ne_bytes(mask);
+    let mut words = payload.chunks_exact_mut(4);
+    for w in &mut words {
+        let unmasked = u32::from_ne_bytes([w[0], w[1], w[2], w[3]]) ^ word;
+        w.copy_from_slice(&unmasked.to_ne_bytes());
+    }
+    // The rest starts at a multiple of four: at the mask's first byte.
+    for (b, m) in words.into_remainder().iter_mut().zip(mask) {
+        *b ^= m;
     }
 }
 
@@ -358,16 +394,25 @@ impl FrameWriter {
             self.pending.extend_from_slice(payload);
             return self.poll_finish(cx, io);
         }
-        let mut stack = [0u8; STACK_WRITE];
-        stack[..head_len].copy_from_slice(&head[..head_len]);
-        stack[head_len..total].copy_from_slice(payload);
-        let written = match Pin::new(&mut *io).poll_write(cx, &stack[..total]) {
+        let head = &head[..head_len];
+        // Header and payload in one system call: gathered by the socket where it can, else
+        // copied together on the stack.
+        let polled = if io.is_write_vectored() {
+            Pin::new(&mut *io).poll_write_vectored(cx, &[IoSlice::new(head), IoSlice::new(payload)])
+        } else {
+            let mut stack = [0u8; STACK_WRITE];
+            stack[..head_len].copy_from_slice(head);
+            stack[head_len..total].copy_from_slice(payload);
+            Pin::new(&mut *io).poll_write(cx, &stack[..total])
+        };
+        let written = match polled {
             Poll::Ready(Ok(n)) => n,
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => 0,
         };
         if written < total {
-            self.pending.extend_from_slice(&stack[written..total]);
+            self.pending.extend_from_slice(&head[written.min(head_len)..]);
+            self.pending.extend_from_slice(&payload[written.saturating_sub(head_len)..]);
         }
         self.poll_finish(cx, io)
     }
@@ -397,7 +442,7 @@ impl FrameWriter {
 mod tests {
     use super::*;
     use std::future::poll_fn;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 
     const LIMITS: Limits = Limits { max_message: 1 << 16 };
 
@@ -562,9 +607,80 @@ mod tests {
         out
     }
 
+    #[test]
+    fn unmasking_xors_each_byte_with_the_mask_byte_of_its_position() {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        for len in 0..=11 {
+            let mut payload: Vec<u8> = (0..len as u8).collect();
+            unmask(&mut payload, mask);
+            let expected: Vec<u8> = (0..len).map(|i| i as u8 ^ mask[i % 4]).collect();
+            assert_eq!(payload, expected, "{len} bytes");
+        }
+    }
+
+    #[test]
+    fn messages_read_on_one_thread_stay_intact_while_kept() {
+        let first = message(b"first message");
+        let second = message(b"second");
+        let large = message(&[7u8; REUSED_MESSAGE_MAX + 1]);
+        drop(second);
+        let third = message(b"third, in the space the second had");
+        assert_eq!(
+            (&first[..], &third[..]),
+            (&b"first message"[..], &b"third, in the space the second had"[..])
+        );
+        assert_eq!(large.len(), REUSED_MESSAGE_MAX + 1);
+    }
+
+    /// A socket that gathers slices (as a TCP stream does), taking at most `max` bytes a write.
+    struct Gathering<S> {
+        inner: S,
+        max: usize,
+    }
+
+    impl<S: AsyncWrite + Unpin> AsyncWrite for Gathering<S> {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            let max = self.max;
+            Pin::new(&mut self.inner).poll_write(cx, &buf[..buf.len().min(max)])
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let gathered: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            self.poll_write(cx, &gathered)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
     #[tokio::test]
     async fn writes_small_and_large_frames_through_a_slow_socket_and_keep_nothing() {
-        let (mut server, mut client) = duplex(64);
+        let (server, client) = duplex(64);
+        write_frames_and_read_them_back(server, client).await;
+    }
+
+    #[tokio::test]
+    async fn writes_gathered_header_and_payload_even_when_the_socket_takes_part_of_the_header() {
+        for max in [1, 3, 7, 4096] {
+            let (server, client) = duplex(64);
+            write_frames_and_read_them_back(Gathering { inner: server, max }, client).await;
+        }
+    }
+
+    async fn write_frames_and_read_them_back<S: AsyncWrite + Unpin>(mut server: S, mut client: DuplexStream) {
         let reading = tokio::spawn(async move {
             let mut all = Vec::new();
             client.read_to_end(&mut all).await.unwrap();

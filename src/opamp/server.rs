@@ -33,6 +33,7 @@
 //! WebSocket upgrade or a plain-HTTP poll of an agent not live here beyond the rate is refused
 //! with 503, a `Retry-After` and an `UNAVAILABLE` error with `RetryInfo`, so a fleet
 //! reconnecting at once comes back spread over time.
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::poll_fn;
 use std::io;
@@ -58,7 +59,7 @@ use super::forward::{Forwarding, PEER_OPAMP_PATH};
 use super::metrics::{KindLabel, ServerMetrics};
 use super::pace::Pacer;
 use super::tls::{TlsConfig, TlsError, TlsFiles};
-use crate::fleet::{Fleet, Tenant};
+use crate::fleet::{Fleet, Tenant, Wakeup};
 use crate::peers::Peers;
 
 pub const OPAMP_PATH: &str = "/v1/opamp";
@@ -174,6 +175,41 @@ pub(super) struct State {
     pub(super) forwarding: Option<Forwarding>,
     /// New sessions per second, when paced (`pace.rs`).
     pub(super) pacer: Option<Pacer>,
+    /// Each open WebSocket connection's wakeup, by connection: raised when the server shuts down.
+    wakeups: parking_lot::Mutex<HashMap<u64, Arc<Wakeup>>>,
+}
+
+impl State {
+    /// Has `wakeup` raised with [`Wakeup::SHUTDOWN`] when the server shuts down (at once if it
+    /// already is), until the returned guard is dropped.
+    pub(super) fn close_on_shutdown(&self, conn: u64, wakeup: &Arc<Wakeup>) -> Unregister<'_> {
+        self.wakeups.lock().insert(conn, wakeup.clone());
+        // After the insert: a shutdown either sees this entry or is seen here.
+        if self.shutdown.is_cancelled() {
+            wakeup.raise(Wakeup::SHUTDOWN);
+        }
+        Unregister { state: self, conn }
+    }
+
+    /// Closes every WebSocket connection (each task writes its Close frame and ends).
+    async fn close_websockets_on_shutdown(self: Arc<Self>) {
+        self.shutdown.cancelled().await;
+        for wakeup in self.wakeups.lock().values() {
+            wakeup.raise(Wakeup::SHUTDOWN);
+        }
+    }
+}
+
+/// Takes a connection's wakeup out of the server's list when dropped.
+pub(super) struct Unregister<'a> {
+    state: &'a State,
+    conn: u64,
+}
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        self.state.wakeups.lock().remove(&self.conn);
+    }
 }
 
 /// The OpAMP endpoint over a fleet.
@@ -193,7 +229,8 @@ impl OpampServer {
         let (shutdown, websockets) = (CancellationToken::new(), TaskTracker::new());
         let forwarding = None;
         let pacer = Pacer::new(config.max_connects_per_second, std::time::Instant::now());
-        let state = State { fleet, metrics, auth, config, shutdown, websockets, forwarding, pacer };
+        let wakeups = Default::default();
+        let state = State { fleet, metrics, auth, config, shutdown, websockets, forwarding, pacer, wakeups };
         Self { state: Arc::new(state) }
     }
 
@@ -272,6 +309,7 @@ impl OpampServer {
         let abort = CancellationToken::new();
         let _abort_on_drop = abort.clone().drop_guard();
         let sweeper = tokio::spawn(self.state.fleet.clone().run_sweeper(abort.clone()));
+        let closer = tokio::spawn(self.state.clone().close_websockets_on_shutdown());
         let releaser = self.state.forwarding.as_ref().map(|f| {
             let (fleet, metrics) = (self.state.fleet.clone(), self.state.metrics.clone());
             tokio::spawn(super::forward::release_on_changes(fleet, f.peers.clone(), metrics, abort.clone()))
@@ -313,6 +351,7 @@ impl OpampServer {
             result = result.and(served);
         }
         sweeper.abort();
+        closer.abort();
         if let Some(releaser) = releaser {
             releaser.abort();
         }

@@ -18,7 +18,7 @@ use super::frames::{self, CloseCode, FrameError, FrameReader, FrameWriter, Incom
 use super::metrics::{KindLabel, TransportLabel};
 use super::request::{self, Handled, bad_request};
 use super::server::{PlainIo, State, TlsIo};
-use crate::fleet::Connection;
+use crate::fleet::{Connection, Wakeup};
 use crate::proto::AgentToServer;
 use crate::protocol::Transport;
 use crate::protocol::codec;
@@ -93,14 +93,13 @@ async fn serve<S>(mut socket: S, mut reader: FrameReader, state: Arc<State>, mut
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let notify = conn.notified().cloned().expect("WebSocket connections are notifiable");
+    let wakeup = conn.wakeup().cloned().expect("WebSocket connections have a wakeup");
+    let _closed_on_shutdown = state.close_on_shutdown(conn.id(), &wakeup);
     let ping_every = state.config.ws_ping_interval;
     let limits = Limits { max_message: state.config.max_message_bytes };
     let mut writer = FrameWriter::default();
-    // The futures that outlive a message stay pinned across loop turns, so a message costs no
-    // timer or waiter-list registration: the ping timer is reset only when it fires early.
-    let mut shutdown = pin!(state.shutdown.cancelled());
-    let mut notified = pin!(notify.notified());
+    // The timer stays pinned across loop turns, so a message costs no timer registration: it is
+    // reset only when it fires early. Pushes and shutdown wake the task through `wakeup`.
     let mut last_heard = Instant::now();
     // Until the agent's first message the timer also keeps this deadline: a peer that upgrades
     // and answers pings, but never speaks OpAMP, would otherwise hold its socket for good.
@@ -110,7 +109,19 @@ where
     let step = loop {
         let step = tokio::select! {
             biased;
-            _ = &mut shutdown => Step::Close(CloseCode::Away, "server shutting down"),
+            raised = poll_fn(|cx| wakeup.poll_raised(cx)) => {
+                if raised & Wakeup::SHUTDOWN != 0 {
+                    Step::Close(CloseCode::Away, "server shutting down")
+                } else {
+                    match state.fleet.poll_push(&conn).map(|msg| codec::encode_ws(&msg)) {
+                        Some(frame) => {
+                            state.metrics.hot.push.inc();
+                            write(&mut socket, &mut writer, &state, Outgoing::Binary(&frame)).await
+                        }
+                        None => Step::Continue,
+                    }
+                }
+            }
             incoming = poll_fn(|cx| reader.poll_read(cx, &mut socket, limits)) => {
                 last_heard = Instant::now();
                 pinged = false;
@@ -136,16 +147,6 @@ where
                     Err(e) => read_error(&state, e),
                 }
             }
-            _ = &mut notified => {
-                notified.set(notify.notified());
-                match state.fleet.poll_push(&conn).map(|msg| codec::encode_ws(&msg)) {
-                    Some(frame) => {
-                        state.metrics.hot.push.inc();
-                        write(&mut socket, &mut writer, &state, Outgoing::Binary(&frame)).await
-                    }
-                    None => Step::Continue,
-                }
-            },
             _ = &mut ping => {
                 // Silent for one interval: pinged; for three (the ping unanswered): closed. Only a
                 // peer that reads answers pings, so one that stopped reading or is gone is closed too.

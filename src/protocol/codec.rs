@@ -76,7 +76,8 @@ pub fn encode_ws(msg: &ServerToAgent) -> Bytes {
     let encode = |buf: &mut BytesMut| {
         buf.reserve(len); // reclaims the allocation when every frame split off it is gone
         buf.put_u8(WS_HEADER);
-        msg.encode(buf).expect("BytesMut grows as needed");
+        // `encode` would compute the length again to check the room left: a BytesMut grows.
+        msg.encode_raw(buf);
         buf.split().freeze()
     };
     if len > REUSED_FRAME_MAX {
