@@ -494,18 +494,22 @@ impl Fleet {
 
     /// Handles one message from an agent and returns the reply.
     pub fn handle(&self, conn: &mut Connection, mut msg: AgentToServer) -> Result<ServerToAgent, Rejection> {
-        self.handle_in_place(conn, &mut msg)
+        let mut reply = ServerToAgent::default();
+        self.handle_in_place(conn, &mut msg, &mut reply)?;
+        Ok(reply)
     }
 
     /// [`Fleet::handle`] for a message the caller decoded and keeps (the transports' path): it
     /// is not moved (an `AgentToServer` is over 500 bytes), and the parts the registry keeps are
     /// taken out of it; once it is answered, so is its `instance_uid` (into the reply). A
-    /// refused message keeps its `instance_uid`, for the error reply.
+    /// refused message keeps its `instance_uid`, for the error reply. The reply is written into
+    /// `reply`, an empty message (over 300 bytes: returned, it was copied at every call).
     pub fn handle_in_place(
         &self,
         conn: &mut Connection,
         msg: &mut AgentToServer,
-    ) -> Result<ServerToAgent, Rejection> {
+        reply: &mut ServerToAgent,
+    ) -> Result<(), Rejection> {
         let (uid, issued) = self.resolve_uid(conn, msg);
         let key = AgentKey { namespace: conn.tenant.namespace.clone(), uid };
         // One WebSocket is one agent: when it speaks for another uid (one the server issued, or
@@ -517,7 +521,7 @@ impl Fleet {
         let now = Instant::now();
 
         let mut claim = None;
-        let (mut reply, ingested) = {
+        let ingested = {
             let mut shard = self.shard(&uid);
             let (agent, admitted) = match shard.agents.entry(key.clone()) {
                 Entry::Occupied(e) => (e.into_mut(), false),
@@ -563,7 +567,8 @@ impl Fleet {
             }
             // Taken, not cloned: a clone of a freshly decoded `Bytes` allocates.
             let reply_uid = std::mem::take(&mut msg.instance_uid);
-            (self.respond(agent, conn, reply_uid, &ingested, now), ingested)
+            self.respond(agent, conn, reply, reply_uid, &ingested, now);
+            ingested
         };
         if let Some(new_uid) = issued {
             reply.agent_identification = Some(AgentIdentification { new_instance_uid: new_uid.to_wire() });
@@ -576,7 +581,7 @@ impl Fleet {
         if let Some(message) = custom {
             self.route(&key, message);
         }
-        Ok(reply)
+        Ok(())
     }
 
     /// Keeps an agent's report within its bound and its namespace's: parts beyond are dropped
@@ -603,11 +608,12 @@ impl Fleet {
         &self,
         agent: &mut Agent,
         conn: &mut Connection,
+        reply: &mut ServerToAgent,
         reply_uid: Bytes,
         ingested: &Ingested,
         now: Instant,
-    ) -> ServerToAgent {
-        let mut reply = agent.session.reply(reply_uid, ingested, agent.desired.as_desired());
+    ) {
+        agent.session.reply(reply, reply_uid, ingested, agent.desired.as_desired());
         if ingested.disconnect {
             agent.go_offline(now);
             self.inner.connected.fetch_sub(1, Ordering::Relaxed);
@@ -618,7 +624,6 @@ impl Fleet {
                 agent.wake(); // WebSocket agents get the rest pushed, one per message
             }
         }
-        reply
     }
 
     /// The uid to file a message under, and the uid to announce if the server issued one.

@@ -42,7 +42,7 @@ use super::request::{self, Handled, PROTOBUF, bad_request, refused, reply};
 use super::server::State;
 use crate::fleet::{AgentKey, Tenant};
 use crate::http_server::read_body;
-use crate::proto::{AgentToServer, ServerErrorResponseType};
+use crate::proto::{AgentToServer, ServerErrorResponseType, ServerToAgent};
 use crate::protocol::codec::{self, DecodeError};
 use crate::protocol::{Transport, Uid};
 
@@ -187,7 +187,8 @@ fn handle_here(state: &State, tenant: Tenant, mut msg: AgentToServer, gzip_ok: b
         return resp;
     }
     let mut conn = state.fleet.connection(Transport::Http, tenant);
-    let handled = request::handle(state, &mut conn, &mut msg);
+    let mut out = ServerToAgent::default();
+    let handled = request::handle(state, &mut conn, &mut msg, &mut out);
     if let (Some(forwarding), Some(uid)) = (&state.forwarding, conn.agent())
         && forwarding.peers.owner(&uid).is_some()
         && state.fleet.release_http_agent(&AgentKey::new(conn.tenant().namespace.clone(), uid))
@@ -195,8 +196,8 @@ fn handle_here(state: &State, tenant: Tenant, mut msg: AgentToServer, gzip_ok: b
         state.metrics.http_agents_released.inc();
     }
     match handled {
-        Handled::Reply(out) => reply(StatusCode::OK, &out, gzip_ok),
-        Handled::Refused(out, retry_after) => refused(out, retry_after, gzip_ok),
+        Handled::Reply => reply(StatusCode::OK, &out, gzip_ok),
+        Handled::Refused(retry_after) => refused(out, retry_after, gzip_ok),
     }
 }
 

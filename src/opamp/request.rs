@@ -25,29 +25,34 @@ pub(super) fn admit(state: &State, headers: &HeaderMap) -> Result<Tenant, AuthEr
     })
 }
 
-/// What the fleet made of one message.
+/// What the fleet made of one message; the reply is in the caller's message.
 pub(super) enum Handled {
-    Reply(ServerToAgent),
-    /// The agent is refused for now (at capacity, its namespace's limit): an `Unavailable`
-    /// error reply, and when to come back.
-    Refused(ServerToAgent, Duration),
+    Reply,
+    /// The agent is refused for now (at capacity, its namespace's limit): the reply is an
+    /// `Unavailable` error, and this is when to come back.
+    Refused(Duration),
 }
 
-/// Hands one message to the fleet.
-pub(super) fn handle(state: &State, conn: &mut Connection, msg: &mut AgentToServer) -> Handled {
+/// Hands one message to the fleet; its reply is written into `reply`, an empty message.
+pub(super) fn handle(
+    state: &State,
+    conn: &mut Connection,
+    msg: &mut AgentToServer,
+    reply: &mut ServerToAgent,
+) -> Handled {
     state.metrics.hot.received(msg).inc();
-    match state.fleet.handle_in_place(conn, msg) {
-        Ok(reply) => {
+    match state.fleet.handle_in_place(conn, msg, reply) {
+        Ok(()) => {
             state.metrics.hot.reply.inc();
-            Handled::Reply(reply)
+            Handled::Reply
         }
         Err(rejection) => {
             let retry_after = rejection.retry_after();
             state.metrics.rejected_agents.get_or_create(&KindLabel { kind: rejection.kind() }).inc();
-            let mut reply =
+            *reply =
                 error_reply(ServerErrorResponseType::Unavailable, rejection.to_string(), Some(retry_after));
             reply.instance_uid = msg.instance_uid.clone(); // a refused message keeps it
-            Handled::Refused(reply, retry_after)
+            Handled::Refused(retry_after)
         }
     }
 }

@@ -19,7 +19,7 @@ use super::metrics::{KindLabel, TransportLabel};
 use super::request::{self, Handled, bad_request};
 use super::server::{PlainIo, State, TlsIo};
 use crate::fleet::{Connection, Wakeup};
-use crate::proto::AgentToServer;
+use crate::proto::{AgentToServer, ServerToAgent};
 use crate::protocol::Transport;
 use crate::protocol::codec;
 
@@ -197,9 +197,10 @@ fn on_frame(state: &State, conn: &mut Connection, data: Bytes) -> (Bytes, Step) 
         metrics.hot.error.inc();
         return (codec::encode_ws(&bad_request(e.to_string())), Step::Continue);
     }
-    match request::handle(state, conn, &mut msg) {
-        Handled::Reply(reply) => (codec::encode_ws(&reply), Step::Continue),
-        Handled::Refused(reply, _) => {
+    let mut reply = ServerToAgent::default();
+    match request::handle(state, conn, &mut msg, &mut reply) {
+        Handled::Reply => (codec::encode_ws(&reply), Step::Continue),
+        Handled::Refused(_) => {
             (codec::encode_ws(&reply), Step::Close(CloseCode::Again, "server at capacity, retry later"))
         }
     }

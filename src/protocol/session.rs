@@ -443,8 +443,18 @@ impl Session {
     }
 
     /// The reply to an ingested message. Every message gets one.
-    pub fn reply(&mut self, instance_uid: Bytes, ingested: &Ingested, desired: Desired<'_>) -> ServerToAgent {
-        let mut msg = server_message(instance_uid);
+    ///
+    /// Written into `msg`, an empty (`Default`) message the caller holds: the reply is over 300
+    /// bytes, and returned it was copied at each of the calls it passed through.
+    pub fn reply(
+        &mut self,
+        msg: &mut ServerToAgent,
+        instance_uid: Bytes,
+        ingested: &Ingested,
+        desired: Desired<'_>,
+    ) {
+        msg.instance_uid = instance_uid;
+        msg.capabilities = SERVER_CAPABILITIES;
         if ingested.request_full_state {
             msg.flags |= ServerToAgentFlags::ReportFullState as u64;
         }
@@ -452,9 +462,8 @@ impl Session {
             msg.flags |= ServerToAgentFlags::ReportAvailableComponents as u64;
         }
         if !ingested.disconnect {
-            self.add_offers(&mut msg, desired);
+            self.add_offers(msg, desired);
         }
-        msg
     }
 
     /// An unsolicited message for a connected agent, if the desired state has something new.

@@ -149,7 +149,8 @@ pub fn agent_to_server(data: &[u8]) {
     for _ in 0..2 {
         let mut m = msg.clone();
         let ingested = session.ingest(&mut m);
-        let reply = session.reply(msg.instance_uid.clone(), &ingested, desired);
+        let mut reply = Default::default();
+        session.reply(&mut reply, msg.instance_uid.clone(), &ingested, desired);
         assert_eq!(reply.instance_uid, msg.instance_uid);
     }
 
