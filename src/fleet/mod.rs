@@ -271,8 +271,9 @@ pub struct Connection {
     wakeup: Option<Arc<Wakeup>>,
     /// The agent this connection speaks for, once it said so.
     bound: Option<Uid>,
-    /// A uid issued on this connection for an agent whose own uid was invalid.
-    issued: Option<(Bytes, Uid)>,
+    /// A uid issued on this connection for an agent whose own uid was invalid (rare: boxed, as
+    /// a WebSocket connection's task holds its `Connection` for the agent's lifetime).
+    issued: Option<Box<(Bytes, Uid)>>,
 }
 
 impl Connection {
@@ -634,7 +635,7 @@ impl Fleet {
         }
         // Invalid uid (an old 26-character ULID, empty, ...) or the agent asked for a new one:
         // issue a UUIDv7 once per wire uid, so retries keep the one already issued.
-        if let Some((wire, uid)) = &conn.issued {
+        if let Some((wire, uid)) = conn.issued.as_deref() {
             if *wire == msg.instance_uid {
                 return (*uid, Some(*uid));
             }
@@ -651,7 +652,7 @@ impl Fleet {
             Uid::new_v7()
         };
         if msg.instance_uid.len() <= ISSUED_UID_KEY_MAX_BYTES {
-            conn.issued = Some((msg.instance_uid.clone(), uid));
+            conn.issued = Some(Box::new((msg.instance_uid.clone(), uid)));
         }
         (uid, Some(uid))
     }

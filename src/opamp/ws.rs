@@ -89,94 +89,105 @@ enum Step {
     Gone,
 }
 
-async fn serve<S>(mut socket: S, mut reader: FrameReader, state: Arc<State>, mut conn: Connection)
+/// The connection's life. A plain function returning an `async move` block rather than an
+/// `async fn`: the block keeps its captured arguments in place, where an `async fn` also keeps
+/// copies of them (~200 bytes per agent: the socket, the frame reader, the connection).
+#[expect(clippy::manual_async_fn, reason = "an async fn keeps copies of its arguments (above)")]
+fn serve<S>(
+    mut socket: S,
+    mut reader: FrameReader,
+    state: Arc<State>,
+    mut conn: Connection,
+) -> impl Future<Output = ()> + Send
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let wakeup = conn.wakeup().cloned().expect("WebSocket connections have a wakeup");
-    let _closed_on_shutdown = state.close_on_shutdown(conn.id(), &wakeup);
-    let ping_every = state.config.ws_ping_interval;
-    let limits = Limits { max_message: state.config.max_message_bytes };
-    let mut writer = FrameWriter::default();
-    // The timer stays pinned across loop turns, so a message costs no timer registration: it is
-    // reset only when it fires early. Pushes and shutdown wake the task through `wakeup`.
-    let mut last_heard = Instant::now();
-    // Until the agent's first message the timer also keeps this deadline: a peer that upgrades
-    // and answers pings, but never speaks OpAMP, would otherwise hold its socket for good.
-    let mut first_due = Some(last_heard + state.config.ws_first_message_timeout);
-    let mut pinged = false;
-    let mut ping = pin!(sleep_until(earliest(last_heard + ping_every, first_due)));
-    let step = loop {
-        let step = tokio::select! {
-            biased;
-            raised = poll_fn(|cx| wakeup.poll_raised(cx)) => {
-                if raised & Wakeup::SHUTDOWN != 0 {
-                    Step::Close(CloseCode::Away, "server shutting down")
-                } else {
-                    match state.fleet.poll_push(&conn).map(|msg| codec::encode_ws(&msg)) {
-                        Some(frame) => {
-                            state.metrics.hot.push.inc();
-                            write(&mut socket, &mut writer, &state, Outgoing::Binary(&frame)).await
-                        }
-                        None => Step::Continue,
-                    }
-                }
-            }
-            incoming = poll_fn(|cx| reader.poll_read(cx, &mut socket, limits)) => {
-                last_heard = Instant::now();
-                pinged = false;
-                match incoming {
-                    Ok(None) => Step::Gone,
-                    // The message is handled and its reply encoded before anything is awaited;
-                    // only the write is, and only when the socket does not take it at once.
-                    Ok(Some(Incoming::Binary(data))) => {
-                        let (reply, then) = on_frame(&state, &mut conn, data);
-                        if first_due.is_some() && conn.agent().is_some() {
-                            first_due = None;
-                        }
-                        match write(&mut socket, &mut writer, &state, Outgoing::Binary(&reply)).await {
-                            Step::Continue => then,
-                            failed => failed,
+    async move {
+        let wakeup = conn.wakeup().cloned().expect("WebSocket connections have a wakeup");
+        let _closed_on_shutdown = state.close_on_shutdown(conn.id(), &wakeup);
+        let ping_every = state.config.ws_ping_interval;
+        let limits = Limits { max_message: state.config.max_message_bytes };
+        let mut writer = FrameWriter::default();
+        // The timer stays pinned across loop turns, so a message costs no timer registration: it is
+        // reset only when it fires early. Pushes and shutdown wake the task through `wakeup`.
+        let mut last_heard = Instant::now();
+        // Until the agent's first message the timer also keeps this deadline: a peer that upgrades
+        // and answers pings, but never speaks OpAMP, would otherwise hold its socket for good.
+        let mut first_due = Some(last_heard + state.config.ws_first_message_timeout);
+        let mut pinged = false;
+        let mut ping = pin!(sleep_until(earliest(last_heard + ping_every, first_due)));
+        let step = loop {
+            let step = tokio::select! {
+                biased;
+                raised = poll_fn(|cx| wakeup.poll_raised(cx)) => {
+                    if raised & Wakeup::SHUTDOWN != 0 {
+                        Step::Close(CloseCode::Away, "server shutting down")
+                    } else {
+                        match state.fleet.poll_push(&conn).map(|msg| codec::encode_ws(&msg)) {
+                            Some(frame) => {
+                                state.metrics.hot.push.inc();
+                                write(&mut socket, &mut writer, &state, Outgoing::Binary(&frame)).await
+                            }
+                            None => Step::Continue,
                         }
                     }
-                    Ok(Some(Incoming::Text)) => Step::Close(CloseCode::Unsupported, "text frames are not supported"),
-                    // The close is answered with the peer's code, and the connection then ends.
-                    Ok(Some(Incoming::Close(code))) => Step::Close(code.unwrap_or(CloseCode::Normal), ""),
-                    Ok(Some(Incoming::Ping(data))) => write(&mut socket, &mut writer, &state, Outgoing::Pong(&data)).await,
-                    Ok(Some(Incoming::Pong)) => Step::Continue,
-                    Err(e) => read_error(&state, e),
                 }
-            }
-            _ = &mut ping => {
-                // Silent for one interval: pinged; for three (the ping unanswered): closed. Only a
-                // peer that reads answers pings, so one that stopped reading or is gone is closed too.
-                let now = Instant::now();
-                let due = last_heard + ping_every * if pinged { 3 } else { 1 };
-                if first_due.is_some_and(|first| now >= first) {
-                    timed_out(&state, "websocket_first_message");
-                    Step::Close(CloseCode::Policy, "no AgentToServer message in time")
-                } else if now < due {
-                    ping.as_mut().reset(earliest(due, first_due)); // heard from the agent since: not due yet
-                    Step::Continue
-                } else if pinged {
-                    timed_out(&state, "websocket_silent");
-                    Step::Close(CloseCode::Away, "no traffic from the agent")
-                } else {
-                    pinged = true;
-                    ping.as_mut().reset(earliest(last_heard + ping_every * 3, first_due));
-                    write(&mut socket, &mut writer, &state, Outgoing::Ping).await
+                incoming = poll_fn(|cx| reader.poll_read(cx, &mut socket, limits)) => {
+                    last_heard = Instant::now();
+                    pinged = false;
+                    match incoming {
+                        Ok(None) => Step::Gone,
+                        // The message is handled and its reply encoded before anything is awaited;
+                        // only the write is, and only when the socket does not take it at once.
+                        Ok(Some(Incoming::Binary(data))) => {
+                            let (reply, then) = on_frame(&state, &mut conn, data);
+                            if first_due.is_some() && conn.agent().is_some() {
+                                first_due = None;
+                            }
+                            match write(&mut socket, &mut writer, &state, Outgoing::Binary(&reply)).await {
+                                Step::Continue => then,
+                                failed => failed,
+                            }
+                        }
+                        Ok(Some(Incoming::Text)) => Step::Close(CloseCode::Unsupported, "text frames are not supported"),
+                        // The close is answered with the peer's code, and the connection then ends.
+                        Ok(Some(Incoming::Close(code))) => Step::Close(code.unwrap_or(CloseCode::Normal), ""),
+                        Ok(Some(Incoming::Ping(data))) => write(&mut socket, &mut writer, &state, Outgoing::Pong(&data)).await,
+                        Ok(Some(Incoming::Pong)) => Step::Continue,
+                        Err(e) => read_error(&state, e),
+                    }
                 }
+                _ = &mut ping => {
+                    // Silent for one interval: pinged; for three (the ping unanswered): closed. Only a
+                    // peer that reads answers pings, so one that stopped reading or is gone is closed too.
+                    let now = Instant::now();
+                    let due = last_heard + ping_every * if pinged { 3 } else { 1 };
+                    if first_due.is_some_and(|first| now >= first) {
+                        timed_out(&state, "websocket_first_message");
+                        Step::Close(CloseCode::Policy, "no AgentToServer message in time")
+                    } else if now < due {
+                        ping.as_mut().reset(earliest(due, first_due)); // heard from the agent since: not due yet
+                        Step::Continue
+                    } else if pinged {
+                        timed_out(&state, "websocket_silent");
+                        Step::Close(CloseCode::Away, "no traffic from the agent")
+                    } else {
+                        pinged = true;
+                        ping.as_mut().reset(earliest(last_heard + ping_every * 3, first_due));
+                        write(&mut socket, &mut writer, &state, Outgoing::Ping).await
+                    }
+                }
+            };
+            if !matches!(step, Step::Continue) {
+                break step;
             }
         };
-        if !matches!(step, Step::Continue) {
-            break step;
+        state.fleet.connection_closed(&conn);
+        if let Step::Close(code, reason) = step {
+            let _ = write(&mut socket, &mut writer, &state, Outgoing::Close(code, reason)).await;
         }
-    };
-    state.fleet.connection_closed(&conn);
-    if let Step::Close(code, reason) = step {
-        let _ = write(&mut socket, &mut writer, &state, Outgoing::Close(code, reason)).await;
+        tracing::debug!(agent = ?conn.agent(), "websocket closed");
     }
-    tracing::debug!(agent = ?conn.agent(), "websocket closed");
 }
 
 fn earliest(at: Instant, first_due: Option<Instant>) -> Instant {
