@@ -56,7 +56,7 @@ impl FleetMetrics {
         );
         registry.register(
             "report_parts_shared",
-            "Distinct reported parts (effectiveConfig, availableComponents) held once for all the agents reporting them",
+            "Distinct reported parts (effectiveConfig, availableComponents, descriptionStrings: keys and values) held once for all the agents reporting them",
             self.report_parts_shared.clone(),
         );
     }
@@ -98,10 +98,13 @@ impl FleetMetrics {
             };
             self.remote_config_statuses.get_or_create(&StatusLabel { status }).set(statuses[i]);
         }
-        let (configs, components) = fleet.shared_parts();
-        self.report_parts_shared.get_or_create(&PartLabel { part: "effectiveConfig" }).set(configs as i64);
-        self.report_parts_shared
-            .get_or_create(&PartLabel { part: "availableComponents" })
-            .set(components as i64);
+        let shared = fleet.shared_parts();
+        for (part, held) in [
+            ("effectiveConfig", shared.effective_configs),
+            ("availableComponents", shared.available_components),
+            ("descriptionStrings", shared.description_strings),
+        ] {
+            self.report_parts_shared.get_or_create(&PartLabel { part }).set(held as i64);
+        }
     }
 }

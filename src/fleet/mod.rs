@@ -151,6 +151,15 @@ impl DesiredState {
     }
 }
 
+/// What [`Fleet::shared_parts`] counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedCounts {
+    pub effective_configs: usize,
+    pub available_components: usize,
+    /// Keys and string values of descriptions.
+    pub description_strings: usize,
+}
+
 /// A borrowed view of one agent (see [`Fleet::inspect`]).
 pub struct AgentView<'a> {
     pub namespace: &'a Arc<str>,
@@ -829,10 +838,14 @@ impl Fleet {
         Ok(depth)
     }
 
-    /// Distinct effective configs and component lists held, each once for all its agents.
-    pub fn shared_parts(&self) -> (usize, usize) {
+    /// Distinct reported parts held, each once for all the agents reporting it.
+    pub fn shared_parts(&self) -> SharedCounts {
         let shared = &self.inner.shared;
-        (shared.effective_config.live(), shared.available_components.live())
+        SharedCounts {
+            effective_configs: shared.effective_config.live(),
+            available_components: shared.available_components.live(),
+            description_strings: shared.strings.live(),
+        }
     }
 
     /// A copy of what the server knows of one agent.

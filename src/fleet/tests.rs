@@ -906,7 +906,10 @@ fn agents_reporting_the_same_config_and_components_share_one_copy() {
         ra.available_components.as_ref().unwrap(),
         rb.available_components.as_ref().unwrap()
     ));
-    assert_eq!(fleet.shared_parts(), (1, 1));
+    let shared = fleet.shared_parts();
+    assert_eq!((shared.effective_configs, shared.available_components), (1, 1));
+    // Their descriptions' text too: `service.name` and `checkout`, once.
+    assert_eq!(shared.description_strings, 2);
     // Each agent still reads as what it reported, and is charged for it against its bounds.
     assert_eq!(ra.effective_config.as_ref().map(|c| c.to_proto()), Some(effective.clone()));
     assert!(fleet.agent(&key(b)).unwrap().reported_bytes > 8 << 10);
@@ -920,7 +923,8 @@ fn agents_reporting_the_same_config_and_components_share_one_copy() {
     let read = |uid| fleet.agent(&key(uid)).unwrap().report.effective_config.map(|c| c.to_proto());
     assert_eq!(read(b), Some(changed));
     assert_eq!(read(a), Some(effective));
-    assert_eq!(fleet.shared_parts(), (2, 1));
+    let shared = fleet.shared_parts();
+    assert_eq!((shared.effective_configs, shared.available_components), (2, 1));
 }
 
 #[test]
@@ -956,7 +960,7 @@ fn agents_reporting_configs_that_differ_in_their_own_values_keep_a_small_differe
         assert_eq!(agent.report.effective_config.as_ref().map(|c| c.to_proto()), Some(effective(i)));
     }
     assert_eq!(a.reported_bytes - prost::Message::encoded_len(&effective(1)), b.reported_bytes - len);
-    assert_eq!(fleet.shared_parts().0, 3);
+    assert_eq!(fleet.shared_parts().effective_configs, 3);
     // The first agent's config, the others' reference, lives on while they do.
     fleet
         .handle(&mut ws(&fleet), AgentToServer { effective_config: Some(effective(9)), ..msg(uid(1), 1) })
