@@ -381,7 +381,7 @@ async fn accept_loop(
             biased;
             _ = &mut stop => break,
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok((tcp, _)) => send_at_once(tcp),
                 Err(e) => {
                     drop(slot);
                     accept_error(e).await;
@@ -415,6 +415,18 @@ async fn accept_error(e: io::Error) {
 
 /// One connection, from the accept to its close: TLS handshake, then HTTP/1.1 until it closes,
 /// upgrades or misses a deadline.
+/// An accepted socket, set to send each write at once. With Nagle's algorithm a write that
+/// follows another before the peer acknowledged it waits for that ACK, which the peer delays by
+/// up to 40 ms: over TLS 1.3 the session tickets go out right after the handshake, and the
+/// upgrade's reply then waited for their ACK (wss first replies took 43 ms at the median). Go's
+/// servers, opamp-go's among them, set the same on every connection.
+fn send_at_once(tcp: TcpStream) -> TcpStream {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "TCP_NODELAY not set");
+    }
+    tcp
+}
+
 async fn connection(
     state: Arc<State>,
     router: Router,
@@ -772,6 +784,16 @@ mod tests {
         assert_eq!(connections_for_open_file_limit(0), 0);
         let config = ServerConfig { max_connections: Some(0), ..Default::default() };
         assert_eq!(config.connection_limit(), 1, "at least one");
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_send_each_write_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        assert!(!tcp.nodelay().unwrap(), "Nagle's algorithm is on by default");
+        assert!(send_at_once(tcp).nodelay().unwrap());
+        drop(client);
     }
 
     #[test]
