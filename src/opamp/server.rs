@@ -413,8 +413,6 @@ async fn accept_error(e: io::Error) {
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
-/// One connection, from the accept to its close: TLS handshake, then HTTP/1.1 until it closes,
-/// upgrades or misses a deadline.
 /// An accepted socket, set to send each write at once. With Nagle's algorithm a write that
 /// follows another before the peer acknowledged it waits for that ACK, which the peer delays by
 /// up to 40 ms: over TLS 1.3 the session tickets go out right after the handshake, and the
@@ -427,6 +425,8 @@ fn send_at_once(tcp: TcpStream) -> TcpStream {
     tcp
 }
 
+/// One connection, from the accept to its close: TLS handshake, then HTTP/1.1 until it closes,
+/// upgrades or misses a deadline.
 async fn connection(
     state: Arc<State>,
     router: Router,
