@@ -28,6 +28,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 pub use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 
+use crate::protocol::codec;
+
 /// Bytes read at once into the stack: a heartbeat, a reply to a push and most reports fit.
 const STACK_READ: usize = 2048;
 /// Frames up to this size are written from the stack in one write.
@@ -263,27 +265,16 @@ impl FrameReader {
     }
 }
 
-/// Messages up to this size are copied into the thread's reused buffer ([`message`]).
-const REUSED_MESSAGE_MAX: usize = 16 * 1024;
-
 thread_local! {
-    /// Where [`message`] copies a message read whole on this thread: each one is split off it,
-    /// and once the last of them is dropped (a message is handled before the next is read), the
-    /// same allocation takes the next.
+    /// Where [`message`] copies a message read whole on this thread (a message is handled
+    /// before the next is read).
     static MESSAGES: RefCell<BytesMut> = RefCell::new(BytesMut::new());
 }
 
-/// A message read whole, out of the read buffer: in the thread's reused buffer when small (no
-/// allocation per message), in its own otherwise, so no thread keeps a large buffer.
+/// A message read whole, out of the read buffer, into the thread's reused buffer
+/// ([`codec::split_off_reused`]: no allocation per message).
 fn message(payload: &[u8]) -> Bytes {
-    if payload.len() > REUSED_MESSAGE_MAX {
-        return Bytes::copy_from_slice(payload);
-    }
-    MESSAGES.with_borrow_mut(|buf| {
-        buf.reserve(payload.len()); // reclaims the allocation when every message split off it is gone
-        buf.extend_from_slice(payload);
-        buf.split().freeze()
-    })
+    codec::split_off_reused(&MESSAGES, payload.len(), |buf| buf.extend_from_slice(payload))
 }
 
 /// The header of the frame at the start of `bytes`, checked as a server checks a client's.
@@ -622,14 +613,14 @@ mod tests {
     fn messages_read_on_one_thread_stay_intact_while_kept() {
         let first = message(b"first message");
         let second = message(b"second");
-        let large = message(&[7u8; REUSED_MESSAGE_MAX + 1]);
+        let large = message(&[7u8; codec::REUSED_MAX + 1]);
         drop(second);
         let third = message(b"third, in the space the second had");
         assert_eq!(
             (&first[..], &third[..]),
             (&b"first message"[..], &b"third, in the space the second had"[..])
         );
-        assert_eq!(large.len(), REUSED_MESSAGE_MAX + 1);
+        assert_eq!(large.len(), codec::REUSED_MAX + 1);
     }
 
     /// A socket that gathers slices (as a TCP stream does), taking at most `max` bytes a write.

@@ -57,33 +57,42 @@ pub fn decode(buf: impl AsRef<[u8]>) -> Result<AgentToServer, DecodeError> {
     AgentToServer::decode(buf.as_ref()).map_err(|e| DecodeError::Protobuf(e.to_string()))
 }
 
-/// Frames up to this size are encoded into the thread's reused buffer ([`encode_ws`]); larger
-/// ones (config pushes) into their own, so no thread keeps a large buffer.
-const REUSED_FRAME_MAX: usize = 16 * 1024;
+/// Buffers up to this size are filled in the thread's reused buffer ([`split_off_reused`]);
+/// larger ones (config pushes, large reports) in their own, so no thread keeps a large buffer.
+pub const REUSED_MAX: usize = 16 * 1024;
+
+/// A thread's buffer that [`split_off_reused`] fills and splits buffers off.
+pub type Reused = std::thread::LocalKey<std::cell::RefCell<BytesMut>>;
 
 thread_local! {
-    /// Where [`encode_ws`] encodes on this thread: each frame is split off it, and once the
-    /// frame is dropped (written to the socket) the next one reuses the same allocation.
+    /// Where [`encode_ws`] encodes on this thread.
     static WS_FRAMES: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
 }
 
-/// Encodes a `ServerToAgent` as one WebSocket binary frame payload (header + message).
-///
-/// A frame is usually dropped right after it is written, before the next one is encoded on
-/// the same thread (one event loop per thread): small frames then cost no allocation.
+/// `len` bytes written by `fill`, split off `reused` (this thread's buffer) when small: a buffer
+/// is usually dropped (written, or handled) before the next one is made on the same thread (one
+/// event loop per thread), and the next then reuses the same allocation, so small buffers cost
+/// no allocation.
+pub fn split_off_reused(reused: &'static Reused, len: usize, fill: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let split = |buf: &mut BytesMut| {
+        buf.reserve(len); // reclaims the allocation when every buffer split off it is gone
+        fill(buf);
+        buf.split().freeze()
+    };
+    if len > REUSED_MAX {
+        return split(&mut BytesMut::new());
+    }
+    reused.with_borrow_mut(split)
+}
+
+/// Encodes a `ServerToAgent` as one WebSocket binary frame payload (header + message), in the
+/// thread's reused buffer ([`split_off_reused`]).
 pub fn encode_ws(msg: &ServerToAgent) -> Bytes {
-    let len = 1 + msg.encoded_len();
-    let encode = |buf: &mut BytesMut| {
-        buf.reserve(len); // reclaims the allocation when every frame split off it is gone
+    split_off_reused(&WS_FRAMES, 1 + msg.encoded_len(), |buf| {
         buf.put_u8(WS_HEADER);
         // `encode` would compute the length again to check the room left: a BytesMut grows.
         msg.encode_raw(buf);
-        buf.split().freeze()
-    };
-    if len > REUSED_FRAME_MAX {
-        return encode(&mut BytesMut::new());
-    }
-    WS_FRAMES.with_borrow_mut(encode)
+    })
 }
 
 /// Encodes a `ServerToAgent` as an HTTP body.
@@ -157,8 +166,7 @@ mod tests {
 
     #[test]
     fn frames_encoded_on_one_thread_stay_intact_while_kept() {
-        let big =
-            ServerToAgent { instance_uid: Bytes::from(vec![9; REUSED_FRAME_MAX]), ..Default::default() };
+        let big = ServerToAgent { instance_uid: Bytes::from(vec![9; REUSED_MAX]), ..Default::default() };
         let msgs: Vec<ServerToAgent> = (0..100u64)
             .map(|i| ServerToAgent {
                 capabilities: i,
