@@ -609,7 +609,11 @@ mod bench_admin {
             _: &opamp_operator::protocol::session::AgentReport,
             _: &DesiredState,
         ) -> DesiredState {
-            DesiredState { remote_config: Some(self.0.clone()), custom_capabilities: None }
+            DesiredState {
+                remote_config: Some(self.0.clone()),
+                custom_capabilities: None,
+                connection_settings: None,
+            }
         }
     }
 

@@ -256,6 +256,77 @@ async fn http_collector_polls_for_its_config_and_applies_it() {
 }
 
 #[tokio::test]
+async fn an_http_collector_polls_at_the_declared_heartbeat_interval_and_sees_changes_within_it() {
+    // The operator's default for HTTP agents (30 s between polls, as opamp-go's) stays; the
+    // AgentConfig declares 2 s for its collectors.
+    let http_polls = |c: &mut OperatorConfig| c.fleet.heartbeat_interval = Duration::from_secs(30);
+    let env = Env::start(TestEnv::new("otel-heartbeat").operator(http_polls)).await;
+    let mut sup = env.supervisor(Transport::Http);
+    env.agent_where(&sup, "the collector running", |a| a.report.effective_config.is_some()).await;
+    let declared = |config: &str| {
+        agent_config("collectors", config)
+            .replace("  files:\n", "  connection:\n    heartbeatIntervalSeconds: 2\n  files:\n")
+    };
+    env.apply(&declared(&collector("127.0.0.1:0", "debug"))).await;
+    let status = env
+        .status_where(&sup, "collectors", "the config applied, the settings offered", |s| {
+            s.applied_agents == 1 && s.connection.as_ref().is_some_and(|c| c.offered_agents == 1)
+        })
+        .await;
+    let connection = status.connection.clone().unwrap();
+    // The supervisor does not report ConnectionSettingsStatus: applied is unknown, not failed.
+    assert_eq!((connection.failed_agents, connection.unsupported_agents), (0, 0), "{status:#?}");
+    assert!(connection.hash.starts_with("sha256:"), "{connection:#?}");
+
+    // Five polls at least 1.5 s apart within 12 s: a collector polling every 30 s cannot (what
+    // it sends between polls, e.g. a status change, comes in bursts).
+    let mut polls: Vec<std::time::SystemTime> = Vec::new();
+    poll_until(Duration::from_secs(12), || {
+        let agent = env.op.fleet.agents().into_iter().find(|a| a.namespace == env.ns.name);
+        if let Some(seen) = agent.map(|a| a.last_seen) {
+            let apart = |last: &std::time::SystemTime| {
+                seen.duration_since(*last).is_ok_and(|d| d >= Duration::from_millis(1500))
+            };
+            if polls.last().is_none_or(apart) {
+                polls.push(seen);
+            }
+        }
+        std::future::ready(if polls.len() >= 5 { Ok(()) } else { Err(polls.len()) })
+    })
+    .await
+    .unwrap_or_else(|n| {
+        panic!("{n} polls seen in 12 s; the collector does not poll every 2 s\n{}", sup.logs())
+    });
+
+    // A change reaches the collector at its next poll, not 30 s later: it reports the new
+    // config's hash (applying or applied) within two intervals and the time to report back.
+    let agent =
+        env.agent_where(&sup, "running the first config", |a| effective(a).contains("opampecho")).await;
+    let before = desired_hash(&agent);
+    let changed = std::time::Instant::now();
+    env.apply(&declared(&collector("127.0.0.1:0", "debug").replace("verbosity: basic", "verbosity: normal")))
+        .await;
+    let agent = poll_until(Duration::from_secs(10), || async {
+        let agent = env.op.fleet.agents().into_iter().find(|a| a.namespace == env.ns.name);
+        match agent {
+            Some(a)
+                if desired_hash(&a) != before
+                    && config_status(&a).is_some_and(|(_, h, _)| h == desired_hash(&a)) =>
+            {
+                Ok(a)
+            }
+            other => Err(other),
+        }
+    })
+    .await
+    .unwrap_or_else(|a| panic!("the change did not reach the collector within 10 s: {a:#?}\n{}", sup.logs()));
+    eprintln!("config change reported back by the HTTP collector after {:?}", changed.elapsed());
+    assert_eq!(agent.transport, Some(Transport::Http));
+    sup.stop().await;
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn collector_health_changes_show_in_the_status() {
     let env = Env::new("otel-health").await;
     // A config the collector accepts but cannot run: its OTLP port is taken.

@@ -13,7 +13,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::fleet::AgentView;
-use crate::proto::{AgentCapabilities, ComponentDetails, ComponentHealth, RemoteConfigStatuses};
+use crate::proto::{
+    AgentCapabilities, ComponentDetails, ComponentHealth, ConnectionSettingsStatuses, RemoteConfigStatuses,
+};
 
 /// The API group, version and kind.
 pub const GROUP: &str = "fleet.opamp.dev";
@@ -91,6 +93,9 @@ pub struct AgentStatus {
     pub health: Option<Health>,
     /// Remote configuration: what the operator wants it to run, and what it reports.
     pub config: ConfigState,
+    /// Connection settings: what the operator offers the agent, and what it reports of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<ConnectionState>,
     /// The configuration the agent says it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub effective_config: Option<EffectiveConfig>,
@@ -170,6 +175,27 @@ pub struct ConfigState {
     pub error_message: String,
 }
 
+/// Connection settings: offered (the operator's) and reported (the agent's).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionState {
+    /// Hash (hex) of the connection settings the operator offers the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_hash: Option<String>,
+    /// The heartbeat interval offered, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_interval_seconds: Option<u64>,
+    /// Hash (hex) of the settings the agent last reported on (agents that report it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_hash: Option<String>,
+    /// The agent's status for them (`APPLIED`, `APPLYING`, `FAILED`, `UNSET`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_status: Option<String>,
+    /// The agent's error message for them.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error_message: String,
+}
+
 /// The configuration the agent says it runs: its files and their sizes.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -239,6 +265,17 @@ impl Agent {
             .available_components
             .as_ref()
             .map(|c| c.components.iter().map(|(kind, d)| (kind.clone(), count_components(d))).collect());
+        let offered = a.desired.connection_settings.as_ref();
+        let reported_settings = report.connection_settings_status.as_deref();
+        let connection = (offered.is_some() || reported_settings.is_some()).then(|| ConnectionState {
+            desired_hash: offered.map(|o| hex::encode(&o.hash)),
+            heartbeat_interval_seconds: offered
+                .and_then(|o| o.opamp.as_ref())
+                .map(|o| o.heartbeat_interval_seconds),
+            reported_hash: reported_settings.map(|r| hex::encode(&r.last_connection_settings_hash)),
+            reported_status: reported_settings.map(|r| connection_settings_status_name(r.status).to_owned()),
+            error_message: reported_settings.map(|r| r.error_message.clone()).unwrap_or_default(),
+        });
         let uid = a.uid.to_string();
         Agent {
             api_version: API_VERSION.to_owned(),
@@ -269,6 +306,7 @@ impl Agent {
                     reported_status,
                     error_message: config_error,
                 },
+                connection,
                 effective_config,
                 available_components,
                 custom_capabilities: report
@@ -349,6 +387,12 @@ fn config_status(desired: Option<&str>, reported: Option<&str>, reported_status:
 pub fn remote_config_status_name(status: i32) -> &'static str {
     RemoteConfigStatuses::try_from(status)
         .map(|x| x.as_str_name().trim_start_matches("RemoteConfigStatuses_"))
+        .unwrap_or("UNKNOWN")
+}
+
+fn connection_settings_status_name(status: i32) -> &'static str {
+    ConnectionSettingsStatuses::try_from(status)
+        .map(|x| x.as_str_name().trim_start_matches("ConnectionSettingsStatuses_"))
         .unwrap_or("UNKNOWN")
 }
 

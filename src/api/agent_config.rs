@@ -47,6 +47,24 @@ pub struct AgentConfigSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100))]
     pub revision_history_limit: Option<u32>,
+    /// How the selected agents talk to this server. Applied to every selected agent at once (not
+    /// through the rollout); where several AgentConfigs set it for one agent, the one with the
+    /// highest priority wins (ties go to the alphabetically first name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<Connection>,
+}
+
+/// OpAMP connection settings offered to the selected agents (`ConnectionSettingsOffers.opamp`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Connection {
+    /// Seconds between an agent's heartbeats over WebSocket, and between its polls over HTTP
+    /// (so also how soon a polling agent sees a new config). Offered to agents that report
+    /// heartbeats (capability `ReportsHeartbeat`; the collector's supervisor does by default).
+    /// Agents keep their own default (30 s) when it is not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub heartbeat_interval_seconds: Option<u32>,
 }
 
 /// Revisions kept per AgentConfig when `revisionHistoryLimit` is not set.
@@ -238,6 +256,9 @@ pub struct AgentConfigStatus {
     /// Progress of the rollout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutStatus>,
+    /// The connection settings of `spec.connection`, among the selected agents it wins for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<ConnectionStatus>,
     /// The most recent failures, newest first (at most 20).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failures: Vec<AgentFailure>,
@@ -245,6 +266,30 @@ pub struct AgentConfigStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+}
+
+/// What became of `spec.connection`, counted over the selected agents whose connection settings
+/// come from this AgentConfig (another one of higher priority may win for some).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionStatus {
+    /// The hash of the offer (`ConnectionSettingsOffers.hash`, as agents report it back).
+    pub hash: String,
+    /// Agents offered these settings: they report heartbeats (`ReportsHeartbeat`).
+    #[serde(default)]
+    pub offered_agents: u32,
+    /// Offered agents that report these settings applied (`ConnectionSettingsStatus`, sent by
+    /// agents with `ReportsConnectionSettingsStatus`; the collector's supervisor does not).
+    #[serde(default)]
+    pub applied_agents: u32,
+    /// Offered agents that report these settings failed.
+    #[serde(default)]
+    pub failed_agents: u32,
+    /// Agents these settings are for that cannot take them: they do not report heartbeats, or
+    /// they accept OpAMP connection settings (those would reconnect with an offer's endpoint,
+    /// headers and TLS, which are not offered yet).
+    #[serde(default)]
+    pub unsupported_agents: u32,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]

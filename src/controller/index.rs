@@ -17,10 +17,12 @@ use super::merge::{self, File, Source, display_hash};
 use super::refs::{Key, Kind, Refs};
 use super::revisions;
 use super::rollout::{parse_threshold, rollout_key};
-use crate::api::{AgentConfig, CapabilitySlot, ConfigFile, KeyRef, RolloutState};
+use crate::api::{AgentConfig, CapabilitySlot, ConfigFile, Connection, KeyRef, RolloutState};
 use crate::api::{RETRY_ANNOTATION, RolloutStatus, RolloutStrategy};
 use crate::fleet::{DesiredState, Plan};
-use crate::proto::{AgentRemoteConfig, CustomCapabilities};
+use crate::proto::{
+    AgentRemoteConfig, ConnectionSettingsOffers, CustomCapabilities, OpAmpConnectionSettings,
+};
 use crate::protocol::session::AgentReport;
 use crate::protocol::{Description, Uid, attribute};
 
@@ -136,6 +138,8 @@ pub struct NamespaceIndex {
     /// revisions), shared by every agent with the same selection.
     merged: Mutex<HashMap<MergedKey, Arc<AgentRemoteConfig>>>,
     capabilities: Mutex<HashMap<Vec<usize>, Arc<CustomCapabilities>>>,
+    /// Connection settings offers by the settings they carry, shared likewise.
+    settings: Mutex<HashMap<Connection, Arc<ConnectionSettingsOffers>>>,
 }
 
 /// The hash of an empty file set: what an agent that no AgentConfig selects any more is
@@ -173,7 +177,13 @@ impl NamespaceIndex {
             }
         }
         let slots = ResolvedSlots { slots: slots.clone(), conflicting };
-        Self { configs, slots, merged: Mutex::default(), capabilities: Mutex::default() }
+        Self {
+            configs,
+            slots,
+            merged: Mutex::default(),
+            capabilities: Mutex::default(),
+            settings: Mutex::default(),
+        }
     }
 
     /// Whether `other` gives every agent the same desired state as this one (it may differ in
@@ -207,8 +217,41 @@ impl NamespaceIndex {
         desc: Option<&Description>,
         has_remote_config: bool,
     ) -> DesiredState {
+        let connection_settings = self.connection_settings(&selected);
         let remote_config = self.merged(selected, has_remote_config, false);
-        DesiredState { remote_config, custom_capabilities: self.custom_capabilities(desc) }
+        DesiredState {
+            remote_config,
+            custom_capabilities: self.custom_capabilities(desc),
+            connection_settings,
+        }
+    }
+
+    /// The selecting resource that sets connection settings and wins: the highest priority,
+    /// then the first by name (`configs` is sorted by name).
+    pub fn connection_winner(&self, selected: &[usize]) -> Option<usize> {
+        let sets = |i: &&usize| {
+            self.configs[**i]
+                .object
+                .spec
+                .connection
+                .as_ref()
+                .is_some_and(|c| c.heartbeat_interval_seconds.is_some())
+        };
+        selected
+            .iter()
+            .filter(sets)
+            .max_by_key(|&&i| (self.configs[i].object.spec.priority, std::cmp::Reverse(i)))
+            .copied()
+    }
+
+    /// The connection settings offer for agents with this selection, if a selecting resource
+    /// sets any: the same object (and hash) for every agent given the same settings.
+    fn connection_settings(&self, selected: &[usize]) -> Option<Arc<ConnectionSettingsOffers>> {
+        let winner = self.connection_winner(selected)?;
+        let connection = self.configs[winner].object.spec.connection.clone()?;
+        let mut cache = self.settings.lock();
+        let offer = cache.entry(connection).or_insert_with_key(|c| Arc::new(settings_offer(c)));
+        Some(offer.clone())
     }
 
     /// The hash of the config an agent gets with every selecting resource at the files its spec
@@ -303,6 +346,22 @@ impl Plan for NamespaceIndex {
         let selecting = (0..self.configs.len()).filter(|&i| self.configs[i].selects(desc));
         selecting.map(|i| self.configs[i].object.name_any()).collect()
     }
+}
+
+/// The offer for `connection`, with its hash: SHA-256 over the offer's encoding without the hash
+/// (prost encodes fields in order, maps sorted), so equal settings hash equally on every replica.
+pub fn settings_offer(connection: &Connection) -> ConnectionSettingsOffers {
+    use prost::Message;
+    use sha2::{Digest, Sha256};
+    let mut offer = ConnectionSettingsOffers {
+        opamp: connection.heartbeat_interval_seconds.map(|secs| OpAmpConnectionSettings {
+            heartbeat_interval_seconds: u64::from(secs),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    offer.hash = bytes::Bytes::copy_from_slice(&Sha256::digest(offer.encode_to_vec()));
+    offer
 }
 
 /// The route of a slot, with its Secrets read.
@@ -638,5 +697,49 @@ spec:
         assert!(before.same_plan(&with(3, Some("00000000000000ff"))), "counts are not the plan");
         assert!(!before.same_plan(&with(3, Some("0000000000000fff"))), "a new step is");
         assert!(!before.same_plan(&plan(object(None))));
+    }
+
+    #[test]
+    fn connection_settings_come_from_the_highest_priority_and_are_counted_where_they_win() {
+        let config = |name: &str, priority: i32, heartbeat: Option<u32>| {
+            let mut c: AgentConfig = serde_yaml::from_str(PROGRESSIVE).unwrap();
+            c.metadata.name = Some(name.into());
+            c.spec.priority = priority;
+            c.spec.connection = heartbeat.map(|s| Connection { heartbeat_interval_seconds: Some(s) });
+            Arc::new(c)
+        };
+        let idx = Arc::new(NamespaceIndex::resolve(
+            vec![config("a-low", 0, Some(10)), config("b-high", 5, Some(3)), config("c-none", 9, None)],
+            vec![],
+            &[],
+            &Refs::new().0,
+        ));
+        let fleet = Fleet::default();
+        fleet.publish_plan("team-a", idx.clone());
+        let heartbeats = crate::proto::AgentCapabilities::ReportsHeartbeat as u64;
+        for (uid, capabilities) in [(Uid([1; 16]), 0x7 | heartbeats), (Uid([2; 16]), 0x7)] {
+            let mut conn = fleet.connection(Transport::WebSocket, Tenant::new("team-a"));
+            let reply = fleet.handle(&mut conn, AgentToServer { capabilities, ..hello(uid) }).unwrap();
+            let offered =
+                reply.connection_settings.and_then(|s| s.opamp).map(|o| o.heartbeat_interval_seconds);
+            // Before the Progressive rollout admits the agent to the files: settings go at once.
+            assert_eq!(reply.remote_config, None);
+            assert_eq!(offered, (capabilities & heartbeats != 0).then_some(3), "b-high wins over a-low");
+            std::mem::forget(conn);
+        }
+        let namespaces = vec![("team-a".to_owned(), idx.clone())];
+        let counts = super::super::peer::count(&fleet, &crate::peers::Peers::solo(), &namespaces);
+        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+        let status = counts["team-a"].agent_configs(&now, &mut HashMap::new(), &HashMap::new());
+        let connection = |i: usize| status[i].connection.clone();
+        let won = connection(1).expect("b-high sets connection settings");
+        assert_eq!((won.offered_agents, won.unsupported_agents, won.applied_agents), (1, 1, 0));
+        assert_eq!(
+            won.hash,
+            display_hash(&settings_offer(&Connection { heartbeat_interval_seconds: Some(3) }).hash)
+        );
+        let lost = connection(0).expect("a-low sets them too");
+        assert_eq!((lost.offered_agents, lost.unsupported_agents), (0, 0), "it wins for no agent");
+        assert_eq!(connection(2), None);
     }
 }

@@ -115,6 +115,9 @@ pub struct ConfigPart {
     /// Rollout facts of each selected agent (rollouts not over).
     #[serde(default)]
     pub facts: Vec<Fact>,
+    /// The connection settings' counts: offered, applied, failed, unsupported.
+    #[serde(default)]
+    pub connection: [u32; 4],
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -286,6 +289,7 @@ impl NamespaceStatus<'_> {
                         })
                         .collect(),
                     facts,
+                    connection: c.connection.to_array(),
                 };
                 (config.object.name_any(), part)
             })
@@ -328,6 +332,7 @@ impl NamespaceStatus<'_> {
             c.pending = c.pending.saturating_add(part.pending);
             c.unhealthy = c.unhealthy.saturating_add(part.unhealthy);
             c.incompatible = c.incompatible.saturating_add(part.incompatible);
+            c.connection.add(part.connection);
             c.updated = c.updated.saturating_add(part.updated);
             for f in part.failures.iter().take(MAX_FAILURES) {
                 let uid = hex::decode(&f.uid).ok().and_then(|b| Uid::from_wire(&b));

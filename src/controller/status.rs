@@ -6,13 +6,15 @@ use bytes::Bytes;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 
-use super::index::NamespaceIndex;
+use super::index::{NamespaceIndex, ResolvedConfig, settings_offer};
 use super::merge::display_hash;
 use super::rollout::{AgentFacts, DISCONNECTED_GRACE, Tracker, rollout_key};
 use crate::api::conditions::{self, CONFLICT, DEGRADED, Desired, PROGRESSING, READY};
-use crate::api::{AgentConfigStatus, AgentFailure, CapabilitySlotStatus, RolloutState, RolloutStatus};
+use crate::api::{
+    AgentConfigStatus, AgentFailure, CapabilitySlotStatus, ConnectionStatus, RolloutState, RolloutStatus,
+};
 use crate::fleet::AgentView;
-use crate::proto::RemoteConfigStatuses;
+use crate::proto::{ConnectionSettingsStatuses, RemoteConfigStatuses};
 use crate::protocol::Uid;
 
 pub const MAX_FAILURES: usize = 20;
@@ -28,6 +30,46 @@ pub(super) struct Counts {
     pub(super) incompatible: u32,
     pub(super) updated: u32,
     pub(super) failures: Vec<(Uid, String, Bytes)>,
+    pub(super) connection: ConnectionCounts,
+}
+
+/// The agents a resource's connection settings are for (it wins for them).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ConnectionCounts {
+    pub(super) offered: u32,
+    pub(super) applied: u32,
+    pub(super) failed: u32,
+    pub(super) unsupported: u32,
+}
+
+impl ConnectionCounts {
+    /// As a peer sends them: offered, applied, failed, unsupported.
+    pub(super) fn to_array(self) -> [u32; 4] {
+        [self.offered, self.applied, self.failed, self.unsupported]
+    }
+
+    pub(super) fn add(&mut self, [offered, applied, failed, unsupported]: [u32; 4]) {
+        self.offered = self.offered.saturating_add(offered);
+        self.applied = self.applied.saturating_add(applied);
+        self.failed = self.failed.saturating_add(failed);
+        self.unsupported = self.unsupported.saturating_add(unsupported);
+    }
+
+    /// Counts one agent the settings are for.
+    fn count(&mut self, agent: &AgentView<'_>) {
+        if !agent.report.takes_heartbeat_interval() {
+            self.unsupported += 1;
+            return;
+        }
+        self.offered += 1;
+        let offered = agent.desired.connection_settings.as_ref().map(|o| &o.hash);
+        let reported = agent.report.connection_settings_status.as_deref();
+        match reported.filter(|r| Some(&r.last_connection_settings_hash) == offered) {
+            Some(r) if r.status == ConnectionSettingsStatuses::Applied as i32 => self.applied += 1,
+            Some(r) if r.status == ConnectionSettingsStatuses::Failed as i32 => self.failed += 1,
+            _ => {}
+        }
+    }
 }
 
 /// Accumulates one namespace's agents, then yields each object's status.
@@ -59,6 +101,8 @@ impl<'a> NamespaceStatus<'a> {
         let reported = agent.report.remote_config_status.as_ref();
         let reported_hash = reported.map(|r| &r.last_remote_config_hash);
         let mut selecting = Vec::new();
+        // Every selecting resource with its files at hand (`NamespaceIndex::selecting`).
+        let mut resolved = Vec::new();
         let mut update_hash = None;
         let gone = !agent.connected
             && std::time::SystemTime::now().duration_since(agent.last_seen).unwrap_or_default()
@@ -76,6 +120,7 @@ impl<'a> NamespaceStatus<'a> {
                 c.pending += 1;
                 continue;
             };
+            resolved.push(i);
             // The config of every selecting resource at its update revision: what an agent runs
             // once this version reached it.
             let update = update_hash.get_or_insert_with(|| {
@@ -125,6 +170,9 @@ impl<'a> NamespaceStatus<'a> {
         }
         if selecting.len() > 1 {
             self.selections.insert(selecting);
+        }
+        if let Some(winner) = self.index.connection_winner(&resolved) {
+            self.configs[winner].connection.count(agent);
         }
         for (i, slot) in self.index.slots.slots.iter().enumerate() {
             if agent.report.supports_custom_capability(&slot.spec.capability) {
@@ -216,6 +264,7 @@ impl<'a> NamespaceStatus<'a> {
                     update_revision: update,
                     last_healthy_revision: last_healthy,
                     rollout: config.source.as_ref().map(|_| rollout),
+                    connection: connection_status(config, c.connection),
                     failures,
                     conditions: conditions::merge(&current.conditions, desired, generation, now),
                 }
@@ -294,6 +343,20 @@ impl<'a> NamespaceStatus<'a> {
             })
             .collect()
     }
+}
+
+/// The status of `spec.connection`, when it sets anything.
+fn connection_status(config: &ResolvedConfig, counts: ConnectionCounts) -> Option<ConnectionStatus> {
+    let connection =
+        config.object.spec.connection.as_ref().filter(|c| c.heartbeat_interval_seconds.is_some())?;
+    let offer = settings_offer(connection);
+    Some(ConnectionStatus {
+        hash: display_hash(&offer.hash),
+        offered_agents: counts.offered,
+        applied_agents: counts.applied,
+        failed_agents: counts.failed,
+        unsupported_agents: counts.unsupported,
+    })
 }
 
 fn config_conditions(

@@ -1,6 +1,6 @@
 //! One agent's entry in the registry.
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -82,6 +82,16 @@ impl Agent {
         let http = matches!(self.link, Link::Http | Link::Offline { http: true, .. });
         self.link = Link::Offline { since: now, http };
         self.changed = SystemTime::now();
+    }
+
+    /// How long an HTTP agent may be silent before it counts as gone: three of its polls, at
+    /// the server's interval (`deadline` is three of those) or at a longer one it was offered.
+    pub(super) fn poll_deadline(&self, deadline: Duration) -> Duration {
+        let offered = self.desired.connection_settings.as_ref().and_then(|o| o.opamp.as_ref());
+        let polls_every = offered
+            .filter(|_| self.session.report.takes_heartbeat_interval())
+            .map(|o| Duration::from_secs(o.heartbeat_interval_seconds));
+        polls_every.map_or(deadline, |every| deadline.max(every.saturating_mul(3)))
     }
 
     pub(super) fn touch(&mut self, now: Instant) {

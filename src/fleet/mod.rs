@@ -45,8 +45,8 @@ pub use outbox::{EnqueueError, OUTBOX_LIMIT_DEFAULT, Ticket, TicketState};
 pub use wakeup::Wakeup;
 
 use crate::proto::{
-    AgentIdentification, AgentRemoteConfig, AgentToServer, AgentToServerFlags, CustomCapabilities,
-    CustomMessage, ServerToAgent,
+    AgentIdentification, AgentRemoteConfig, AgentToServer, AgentToServerFlags, ConnectionSettingsOffers,
+    CustomCapabilities, CustomMessage, ServerToAgent,
 };
 pub use crate::protocol::session::Changes;
 use crate::protocol::session::{AgentReport, Desired, Ingested, server_message};
@@ -140,6 +140,7 @@ impl Default for FleetConfig {
 pub struct DesiredState {
     pub remote_config: Option<Arc<AgentRemoteConfig>>,
     pub custom_capabilities: Option<Arc<CustomCapabilities>>,
+    pub connection_settings: Option<Arc<ConnectionSettingsOffers>>,
 }
 
 impl DesiredState {
@@ -147,6 +148,7 @@ impl DesiredState {
         Desired {
             remote_config: self.remote_config.as_ref(),
             custom_capabilities: self.custom_capabilities.as_ref(),
+            connection_settings: self.connection_settings.as_ref(),
         }
     }
 }
@@ -789,8 +791,8 @@ impl Fleet {
 
     /// Sets only the remote config of one agent (see [`Fleet::set_desired_state`]).
     pub fn set_remote_config(&self, key: &AgentKey, config: Option<Arc<AgentRemoteConfig>>) -> bool {
-        let custom_capabilities = self.desired_state(key).and_then(|d| d.custom_capabilities);
-        self.set_desired_state(key, DesiredState { remote_config: config, custom_capabilities })
+        let current = self.desired_state(key).unwrap_or_default();
+        self.set_desired_state(key, DesiredState { remote_config: config, ..current })
     }
 
     pub fn desired_state(&self, key: &AgentKey) -> Option<DesiredState> {
@@ -891,7 +893,8 @@ impl Fleet {
         }
     }
 
-    /// Marks HTTP agents that missed three heartbeats as disconnected and forgets agents
+    /// Marks HTTP agents that missed three heartbeats (the server's interval, or a longer one
+    /// they were offered) as disconnected and forgets agents
     /// offline for longer than the retention. Run periodically (see [`Fleet::run_sweeper`]).
     pub fn sweep(&self, now: Instant) {
         let http_deadline = self.inner.config.heartbeat_interval * 3;
@@ -902,7 +905,10 @@ impl Fleet {
             let mut shard = shard.lock();
             shard.agents.retain(|key, agent| {
                 match agent.link {
-                    Link::Http if now.saturating_duration_since(agent.last_seen) > http_deadline => {
+                    Link::Http
+                        if now.saturating_duration_since(agent.last_seen)
+                            > agent.poll_deadline(http_deadline) =>
+                    {
                         agent.go_offline(now);
                         self.inner.connected.fetch_sub(1, Ordering::Relaxed);
                         changed.push((key.clone(), Changes::DISCONNECTED));

@@ -534,7 +534,11 @@ fn custom_messages_from_agents_reach_the_sink() {
 struct Everyone(Arc<AgentRemoteConfig>);
 impl Plan for Everyone {
     fn desired(&self, _: &Uid, _: &AgentReport, _: &DesiredState) -> DesiredState {
-        DesiredState { remote_config: Some(self.0.clone()), custom_capabilities: None }
+        DesiredState {
+            remote_config: Some(self.0.clone()),
+            custom_capabilities: None,
+            connection_settings: None,
+        }
     }
 }
 
@@ -545,7 +549,11 @@ fn the_plan_gives_the_desired_state_before_the_first_reply() {
         fn desired(&self, _: &Uid, report: &AgentReport, _: &DesiredState) -> DesiredState {
             let selected =
                 report.description.as_ref().map(Description::to_proto) == Some(description("checkout"));
-            DesiredState { remote_config: selected.then(|| self.0.clone()), custom_capabilities: None }
+            DesiredState {
+                remote_config: selected.then(|| self.0.clone()),
+                custom_capabilities: None,
+                connection_settings: None,
+            }
         }
     }
     let fleet = Fleet::default();
@@ -576,7 +584,11 @@ fn a_new_plan_reaches_connected_agents_at_once_and_keeps_what_a_plan_keeps() {
     impl Plan for OnlyUid {
         fn desired(&self, uid: &Uid, _: &AgentReport, current: &DesiredState) -> DesiredState {
             if *uid == self.0 {
-                DesiredState { remote_config: Some(self.1.clone()), custom_capabilities: None }
+                DesiredState {
+                    remote_config: Some(self.1.clone()),
+                    custom_capabilities: None,
+                    connection_settings: None,
+                }
             } else {
                 current.clone()
             }
@@ -604,7 +616,7 @@ fn custom_capabilities_are_advertised_when_they_change() {
     let caps = Arc::new(CustomCapabilities { capabilities: vec!["com.example.pprof".into()] });
     fleet.set_desired_state(
         &key(UID),
-        DesiredState { remote_config: None, custom_capabilities: Some(caps.clone()) },
+        DesiredState { custom_capabilities: Some(caps.clone()), ..Default::default() },
     );
     assert_eq!(
         fleet.poll_push(&conn).unwrap(),
@@ -968,4 +980,113 @@ fn agents_reporting_configs_that_differ_in_their_own_values_keep_a_small_differe
     drop((a, b, ka, kb));
     let b = fleet.agent(&key(uid(2))).unwrap();
     assert_eq!(b.report.effective_config.map(|c| c.to_proto()), Some(effective(2)));
+}
+
+fn settings(heartbeat: u64) -> Arc<ConnectionSettingsOffers> {
+    use crate::proto::OpAmpConnectionSettings;
+    Arc::new(ConnectionSettingsOffers {
+        hash: Bytes::from(format!("settings-{heartbeat}")),
+        opamp: Some(OpAmpConnectionSettings { heartbeat_interval_seconds: heartbeat, ..Default::default() }),
+        ..Default::default()
+    })
+}
+
+fn set_settings(fleet: &Fleet, offer: &Arc<ConnectionSettingsOffers>) {
+    let desired = DesiredState { connection_settings: Some(offer.clone()), ..Default::default() };
+    fleet.set_desired_state(&key(UID), desired);
+}
+
+const HEARTBEATS: u64 = ACCEPTS_CONFIG | AgentCapabilities::ReportsHeartbeat as u64;
+
+#[test]
+fn the_heartbeat_interval_is_offered_once_to_agents_that_report_heartbeats() {
+    let fleet = Fleet::default();
+    let offer = settings(5);
+    let mut conn = ws(&fleet);
+    fleet.handle(&mut conn, AgentToServer { capabilities: HEARTBEATS, ..first(UID) }).unwrap();
+    set_settings(&fleet, &offer);
+    let pushed = fleet.poll_push(&conn).expect("pushed to a connected agent");
+    let sent = pushed.connection_settings.expect("an offer");
+    assert_eq!(sent.hash, offer.hash);
+    assert_eq!(
+        sent.opamp.as_ref().map(|o| o.heartbeat_interval_seconds),
+        Some(5),
+        "always with the interval"
+    );
+    assert_eq!(pushed.capabilities & ServerCapabilities::OffersConnectionSettings as u64, 0x20);
+    // Not again: not on the next message, nor on a new connection (the agent keeps what it was
+    // given; a client that reconnects to apply settings would otherwise do so for ever).
+    let next = fleet.handle(&mut conn, AgentToServer { capabilities: HEARTBEATS, ..msg(UID, 1) }).unwrap();
+    assert_eq!(next.connection_settings, None);
+    fleet.connection_closed(&conn);
+    let mut conn = ws(&fleet);
+    let back = fleet.handle(&mut conn, AgentToServer { capabilities: HEARTBEATS, ..msg(UID, 2) }).unwrap();
+    assert_eq!(back.connection_settings, None, "offered once, not once per connection");
+    // New settings are offered.
+    let faster = settings(2);
+    set_settings(&fleet, &faster);
+    let pushed = fleet.poll_push(&conn).and_then(|m| m.connection_settings).map(|s| s.hash);
+    assert_eq!(pushed, Some(faster.hash.clone()));
+    // A restarted agent (a new sequence) lost them: offered again.
+    let restarted =
+        fleet.handle(&mut conn, AgentToServer { capabilities: HEARTBEATS, ..first(UID) }).unwrap();
+    assert_eq!(restarted.connection_settings.map(|s| s.hash), Some(faster.hash.clone()));
+}
+
+#[test]
+fn connection_settings_go_only_to_agents_that_can_take_them() {
+    let offer = settings(5);
+    let accepts_opamp = HEARTBEATS | AgentCapabilities::AcceptsOpAmpConnectionSettings as u64;
+    for (capabilities, why) in [
+        (ACCEPTS_CONFIG, "an agent that does not report heartbeats"),
+        (accepts_opamp, "an agent that would reconnect with the offer's (empty) endpoint"),
+    ] {
+        let fleet = Fleet::default();
+        let mut conn = ws(&fleet);
+        fleet.handle(&mut conn, AgentToServer { capabilities, ..first(UID) }).unwrap();
+        set_settings(&fleet, &offer);
+        assert_eq!(fleet.poll_push(&conn).and_then(|m| m.connection_settings), None, "{why}");
+        let reply = fleet.handle(&mut conn, AgentToServer { capabilities, ..msg(UID, 1) }).unwrap();
+        assert_eq!(reply.connection_settings, None, "{why}");
+    }
+}
+
+#[test]
+fn settings_an_agent_reports_having_are_not_offered_and_its_status_is_kept() {
+    use crate::proto::{ConnectionSettingsStatus, ConnectionSettingsStatuses};
+    let offer = settings(5);
+    // A fresh server (or another replica): the agent reports the offer it has.
+    let fleet = Fleet::default();
+    let mut conn = ws(&fleet);
+    fleet.handle(&mut conn, AgentToServer { capabilities: HEARTBEATS, ..msg(UID, 7) }).unwrap();
+    set_settings(&fleet, &offer);
+    let status = ConnectionSettingsStatus {
+        last_connection_settings_hash: offer.hash.clone(),
+        status: ConnectionSettingsStatuses::Applied as i32,
+        error_message: String::new(),
+    };
+    let full = AgentToServer {
+        capabilities: HEARTBEATS,
+        agent_description: Some(description("x")),
+        connection_settings_status: Some(status.clone()),
+        ..msg(UID, 8)
+    };
+    assert_eq!(fleet.handle(&mut conn, full).unwrap().connection_settings, None);
+    assert_eq!(fleet.poll_push(&conn), None);
+    let kept = fleet.agent(&key(UID)).unwrap().report.connection_settings_status;
+    assert_eq!(kept.as_deref(), Some(&status));
+    assert!(fleet.take_changes()[&key(UID)].contains(Changes::CONNECTION_SETTINGS_STATUS));
+}
+
+#[test]
+fn an_http_agent_given_a_longer_poll_interval_is_not_taken_for_gone_between_polls() {
+    let fleet = Fleet::new(FleetConfig { heartbeat_interval: Duration::from_secs(10), ..Default::default() });
+    let mut conn = http(&fleet);
+    fleet.handle(&mut conn, AgentToServer { capabilities: HEARTBEATS, ..first(UID) }).unwrap();
+    set_settings(&fleet, &settings(60));
+    let start = Instant::now();
+    fleet.sweep(start + Duration::from_secs(31));
+    assert!(fleet.agent(&key(UID)).unwrap().connected, "three of the server's intervals: polls every 60 s");
+    fleet.sweep(start + Duration::from_secs(181));
+    assert!(!fleet.agent(&key(UID)).unwrap().connected, "three of its own");
 }

@@ -15,15 +15,16 @@ use super::Description;
 use super::shared::{KeptConfig, SharedParts};
 use crate::proto::{
     AgentCapabilities, AgentRemoteConfig, AgentToServer, AvailableComponents, ComponentHealth,
-    CustomCapabilities, CustomMessage, PackageStatuses, RemoteConfigStatus, ServerCapabilities,
-    ServerToAgent, ServerToAgentFlags,
+    ConnectionSettingsOffers, ConnectionSettingsStatus, CustomCapabilities, CustomMessage, PackageStatuses,
+    RemoteConfigStatus, ServerCapabilities, ServerToAgent, ServerToAgentFlags,
 };
 
 /// What this server can do, sent in every reply (the specification requires the first).
 pub const SERVER_CAPABILITIES: u64 = ServerCapabilities::AcceptsStatus as u64
     | ServerCapabilities::OffersRemoteConfig as u64
     | ServerCapabilities::AcceptsEffectiveConfig as u64
-    | ServerCapabilities::AcceptsPackagesStatus as u64;
+    | ServerCapabilities::AcceptsPackagesStatus as u64
+    | ServerCapabilities::OffersConnectionSettings as u64;
 
 bitflags::bitflags! {
     /// What a message changed in the server's view of an agent.
@@ -40,6 +41,7 @@ bitflags::bitflags! {
         const CUSTOM_CAPABILITIES = 1 << 8;
         const AVAILABLE_COMPONENTS = 1 << 9;
         const REMOVED = 1 << 10;
+        const CONNECTION_SETTINGS_STATUS = 1 << 11;
     }
 }
 
@@ -94,6 +96,9 @@ pub struct AgentReport {
     pub custom_capabilities: Option<CustomCapabilities>,
     /// Shared with every agent reporting the same content ([`AgentReport::share`]).
     pub available_components: Option<Arc<AvailableComponents>>,
+    /// What the agent made of the last connection settings offered (agents with
+    /// `ReportsConnectionSettingsStatus`); small, and rare, so boxed.
+    pub connection_settings_status: Option<Box<ConnectionSettingsStatus>>,
     /// Parts dropped because the report exceeded its bound of bytes (see [`AgentReport::fit`]);
     /// a part is kept again once the agent reports a new value that fits.
     pub trimmed: Changes,
@@ -122,6 +127,7 @@ impl AgentReport {
             + len(self.package_statuses.as_ref())
             + len(self.custom_capabilities.as_ref())
             + len(self.available_components.as_deref())
+            + len(self.connection_settings_status.as_deref())
     }
 
     /// Drops parts (largest and least needed first) until the report takes at most `limit`
@@ -175,6 +181,14 @@ impl AgentReport {
             self.available_components =
                 self.available_components.take().map(|c| parts.available_components.share(c));
         }
+    }
+
+    /// Whether the agent takes the heartbeat interval of an OpAMP connection settings offer
+    /// alone: it reports heartbeats, and does not accept OpAMP connection settings (an agent
+    /// that does reconnects with exactly the offer's endpoint, headers and TLS).
+    pub fn takes_heartbeat_interval(&self) -> bool {
+        self.has_capability(AgentCapabilities::ReportsHeartbeat)
+            && !self.has_capability(AgentCapabilities::AcceptsOpAmpConnectionSettings)
     }
 
     /// Whether the agent declared a custom capability in `AgentToServer.custom_capabilities`.
@@ -251,6 +265,9 @@ impl ReportedHealth {
 pub struct Desired<'a> {
     pub remote_config: Option<&'a Arc<AgentRemoteConfig>>,
     pub custom_capabilities: Option<&'a Arc<CustomCapabilities>>,
+    /// Every part the plan offers, with the hash over all of them; each agent is sent the parts
+    /// its capabilities take ([`Session::settings_to_offer`]).
+    pub connection_settings: Option<&'a Arc<ConnectionSettingsOffers>>,
 }
 
 /// The outcome of [`Session::ingest`].
@@ -277,6 +294,12 @@ pub struct Session {
     /// Per connection: the config hash already offered, and the custom capabilities sent.
     offered_config_hash: Option<Bytes>,
     sent_custom_capabilities: Option<Arc<CustomCapabilities>>,
+    /// A fingerprint of the hash of the connection settings last offered (0: none). Kept
+    /// across connections, unlike the above: an agent keeps settings it was given when it
+    /// reconnects, and a client that takes OpAMP settings reconnects to apply them, so offering
+    /// them again on each connection would never end. Forgotten when the agent restarts (a new
+    /// sequence: it lost what it was given).
+    offered_settings: u64,
 }
 
 impl Session {
@@ -311,6 +334,9 @@ impl Session {
         // config must be offered it again, not taken to still run it).
         let full_report = msg.agent_description.is_some()
             && ((seq == 0 && self.last_seq.is_some_and(|prev| prev != u64::MAX)) || self.awaiting_full_state);
+        if seq == 0 && self.last_seq.is_some_and(|prev| prev != u64::MAX) {
+            self.offered_settings = 0;
+        }
         self.last_seq = Some(seq);
         if !in_sequence {
             self.awaiting_full_state = true;
@@ -434,6 +460,16 @@ impl Session {
             }
         }
 
+        keep_latest(
+            &mut r.connection_settings_status,
+            msg.connection_settings_status.take().map(|mut s| {
+                truncate_utf8(&mut s.error_message, MAX_ERROR_MESSAGE_BYTES);
+                s.last_connection_settings_hash.truncate(MAX_CONFIG_HASH_BYTES);
+                Box::new(s)
+            }),
+            Changes::CONNECTION_SETTINGS_STATUS,
+            &mut out.changes,
+        );
         out.custom_message = msg.custom_message.take();
         if msg.agent_disconnect.is_some() {
             out.disconnect = true;
@@ -499,8 +535,48 @@ impl Session {
             msg.custom_capabilities = Some(CustomCapabilities { capabilities: wanted.to_vec() });
             added = true;
         }
+        if let Some(offer) = self.settings_to_offer(desired) {
+            self.offered_settings = fingerprint(&offer.hash);
+            msg.connection_settings = Some(Box::new(offer));
+            added = true;
+        }
         added
     }
+
+    /// The connection settings to offer the agent now, if any: the parts of the plan's offer
+    /// its capabilities take, once per offer (see `offered_settings`), and not when it reports
+    /// having had this one (applied or failed: offering it again would not change that).
+    ///
+    /// `opamp` (the heartbeat interval) goes to agents that report heartbeats, unless they also
+    /// accept OpAMP connection settings: those reconnect with exactly what is offered (endpoint,
+    /// headers, TLS), which this server does not offer, so such an offer would cut them off.
+    /// Every `opamp` part carries `heartbeat_interval_seconds` (the plan only offers one that
+    /// sets it): clients take a missing one for 0 and stop heartbeating.
+    pub fn settings_to_offer(&self, desired: Desired<'_>) -> Option<ConnectionSettingsOffers> {
+        let offer = desired.connection_settings?;
+        if self.offered_settings == fingerprint(&offer.hash) {
+            return None;
+        }
+        let reported = self.report.connection_settings_status.as_ref();
+        if reported.is_some_and(|s| s.last_connection_settings_hash == offer.hash) {
+            return None;
+        }
+        let heartbeat = self.report.takes_heartbeat_interval();
+        let opamp = offer.opamp.as_ref().filter(|o| heartbeat && o.heartbeat_interval_seconds > 0)?;
+        Some(ConnectionSettingsOffers {
+            hash: offer.hash.clone(),
+            opamp: Some(opamp.clone()),
+            ..Default::default()
+        })
+    }
+}
+
+/// A hash of an offer's hash, as a number that is never 0 (0 stands for "none").
+fn fingerprint(hash: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    hash.hash(&mut h);
+    h.finish().max(1)
 }
 
 /// A `ServerToAgent` for an agent, with the server's capabilities and nothing else yet.

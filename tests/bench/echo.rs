@@ -23,8 +23,8 @@ static CONNECTED: AtomicU64 = AtomicU64::new(0);
 static MESSAGES: AtomicU64 = AtomicU64::new(0);
 
 /// The capabilities `serve` announces (AcceptsStatus, OffersRemoteConfig, AcceptsEffectiveConfig,
-/// AcceptsPackagesStatus), so the reply has the same size as ours.
-const SERVER_CAPABILITIES: u8 = 0x17;
+/// AcceptsPackagesStatus, OffersConnectionSettings), so the reply has the same size as ours.
+const SERVER_CAPABILITIES: u8 = 0x37;
 
 fn main() -> std::io::Result<()> {
     let mut addr = "127.0.0.1:4320".to_string();

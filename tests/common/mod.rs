@@ -46,7 +46,11 @@ pub struct Everyone(pub Arc<opamp_operator::proto::AgentRemoteConfig>);
 
 impl Plan for Everyone {
     fn desired(&self, _: &Uid, _: &AgentReport, _: &DesiredState) -> DesiredState {
-        DesiredState { remote_config: Some(self.0.clone()), custom_capabilities: None }
+        DesiredState {
+            remote_config: Some(self.0.clone()),
+            custom_capabilities: None,
+            connection_settings: None,
+        }
     }
 }
 

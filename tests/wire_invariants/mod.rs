@@ -131,7 +131,11 @@ pub fn plan_config() -> Arc<AgentRemoteConfig> {
 pub fn fleet_with_plan() -> Fleet {
     let fleet =
         Fleet::new(FleetConfig { max_reported_bytes_per_agent: MAX_REPORTED_BYTES, ..Default::default() });
-    let desired = DesiredState { remote_config: Some(plan_config()), custom_capabilities: None };
+    let desired = DesiredState {
+        remote_config: Some(plan_config()),
+        custom_capabilities: None,
+        connection_settings: None,
+    };
     fleet.publish_plan(NAMESPACE, Arc::new(FixedPlan(desired)));
     fleet
 }
@@ -141,9 +145,19 @@ pub fn fleet_with_plan() -> Fleet {
 pub fn agent_to_server(data: &[u8]) {
     let Ok(msg) = codec::decode(data) else { return };
     let config = plan_config();
+    // Connection settings too: offered to fuzzed capabilities, never without the interval.
+    let settings = std::sync::Arc::new(opamp_operator::proto::ConnectionSettingsOffers {
+        hash: bytes::Bytes::from_static(b"settings"),
+        opamp: Some(opamp_operator::proto::OpAmpConnectionSettings {
+            heartbeat_interval_seconds: 5,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
     let desired = opamp_operator::protocol::session::Desired {
         remote_config: Some(&config),
         custom_capabilities: None,
+        connection_settings: Some(&settings),
     };
     let mut session = Session::new();
     for _ in 0..2 {
@@ -152,6 +166,11 @@ pub fn agent_to_server(data: &[u8]) {
         let mut reply = Default::default();
         session.reply(&mut reply, msg.instance_uid.clone(), &ingested, desired);
         assert_eq!(reply.instance_uid, msg.instance_uid);
+        if let Some(offer) = &reply.connection_settings {
+            let heartbeat = offer.opamp.as_ref().map(|o| o.heartbeat_interval_seconds);
+            assert!(heartbeat.is_some_and(|s| s > 0), "every offer carries the interval: {offer:?}");
+            assert!(session.report.takes_heartbeat_interval(), "offered to an agent that cannot take it");
+        }
     }
 
     let fleet = fleet_with_plan();
