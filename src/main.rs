@@ -613,6 +613,7 @@ mod bench_admin {
                 remote_config: Some(self.0.clone()),
                 custom_capabilities: None,
                 connection_settings: None,
+                restart: None,
             }
         }
     }

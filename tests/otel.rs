@@ -327,6 +327,54 @@ async fn an_http_collector_polls_at_the_declared_heartbeat_interval_and_sees_cha
 }
 
 #[tokio::test]
+async fn the_restart_annotation_replaces_the_collector_process_once() {
+    let env = Env::new("otel-restart").await;
+    let accepts_restart =
+        |yaml: String| yaml.replace("capabilities:\n", "capabilities:\n  accepts_restart_command: true\n");
+    let mut sup = Supervisor::spawn_with(&env.ws_url(), &env.token, accepts_restart);
+    env.agent_where(&sup, "the collector running", |a| a.report.effective_config.is_some()).await;
+    let config = agent_config("collectors", &collector("127.0.0.1:0", "debug"));
+    env.apply(&config).await;
+    env.status_where(&sup, "collectors", "the config applied", |s| s.applied_agents == 1).await;
+    let agent =
+        env.agent_where(&sup, "healthy on it", |a| effective(a).contains("opampecho") && healthy(a)).await;
+    let before = eventually(T, "the collector's pid", || std::future::ready(sup.collector_pid())).await;
+
+    // `kubectl annotate agentconfig collectors opamp.dev/restartedAt=$(date -u +%FT%TZ)`, a
+    // second after the collector's last start (the annotation has whole seconds).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let now = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let annotated = config.replace(
+        "metadata: {name: collectors}",
+        &format!("metadata: {{name: collectors, annotations: {{opamp.dev/restartedAt: '{now}'}}}}"),
+    );
+    env.apply(&annotated).await;
+    let status = env
+        .status_where(&sup, "collectors", "the collector restarted", |s| {
+            s.restart.as_ref().is_some_and(|r| r.restarted_agents == 1 && r.pending_agents == 0)
+        })
+        .await;
+    let restart = status.restart.clone().unwrap();
+    assert_eq!(
+        (restart.requested_at.as_str(), restart.message, restart.unsupported_agents),
+        (now.as_str(), None, 0)
+    );
+    let after = eventually(T, "a new collector process", || {
+        std::future::ready(sup.collector_pid().filter(|pid| *pid != before))
+    })
+    .await;
+    assert_ne!(before, after);
+    // Once: the collector keeps running (the same process) and is healthy on the same config.
+    let agent = env
+        .agent_where(&sup, "healthy again", |a| healthy(a) && desired_hash(a) == desired_hash(&agent))
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(sup.collector_pid(), Some(after), "restarted once, not again: {agent:#?}");
+    sup.stop().await;
+    env.stop().await;
+}
+
+#[tokio::test]
 async fn collector_health_changes_show_in_the_status() {
     let env = Env::new("otel-health").await;
     // A config the collector accepts but cannot run: its OTLP port is taken.

@@ -74,6 +74,11 @@ pub const REVISION_HISTORY_LIMIT_DEFAULT: u32 = 10;
 /// change its value) and the rollout starts over at its first step.
 pub const RETRY_ANNOTATION: &str = "opamp.dev/retry";
 
+/// The annotation that restarts the selected agents, like `kubectl rollout restart`: set it to
+/// the current time (RFC 3339, e.g. `2026-12-03T10:00:00Z`) and every selected agent that accepts
+/// the restart command and started before that time is sent one, once.
+pub const RESTART_ANNOTATION: &str = "opamp.dev/restartedAt";
+
 /// One file of the remote config: exactly one of `inline`, `configMapKeyRef`, `secretKeyRef`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -259,6 +264,9 @@ pub struct AgentConfigStatus {
     /// The connection settings of `spec.connection`, among the selected agents it wins for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection: Option<ConnectionStatus>,
+    /// The restart the `opamp.dev/restartedAt` annotation asks for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartStatus>,
     /// The most recent failures, newest first (at most 20).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failures: Vec<AgentFailure>,
@@ -288,6 +296,29 @@ pub struct ConnectionStatus {
     /// Agents these settings are for that cannot take them: they do not report heartbeats, or
     /// they accept OpAMP connection settings (those would reconnect with an offer's endpoint,
     /// headers and TLS, which are not offered yet).
+    #[serde(default)]
+    pub unsupported_agents: u32,
+}
+
+/// What became of the restart the `opamp.dev/restartedAt` annotation asks for, over the
+/// selected agents.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestartStatus {
+    /// The annotation's value.
+    pub requested_at: String,
+    /// Why the value is not acted on (not an RFC 3339 time, or in the future); nothing is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Agents that accept the restart command (`AcceptsRestartCommand`) and report having
+    /// started since (their health's start time).
+    #[serde(default)]
+    pub restarted_agents: u32,
+    /// Agents that accept the command and have not reported a start since: sent the command (or
+    /// about to be), or not connected.
+    #[serde(default)]
+    pub pending_agents: u32,
+    /// Agents that do not accept the restart command: never sent one.
     #[serde(default)]
     pub unsupported_agents: u32,
 }

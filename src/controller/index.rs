@@ -16,14 +16,14 @@ use super::error::Error;
 use super::merge::{self, File, Source, display_hash};
 use super::refs::{Key, Kind, Refs};
 use super::revisions;
-use super::rollout::{parse_threshold, rollout_key};
+use super::rollout::{parse_threshold, rollout_key, steps};
 use crate::api::{AgentConfig, CapabilitySlot, ConfigFile, Connection, KeyRef, RolloutState};
-use crate::api::{RETRY_ANNOTATION, RolloutStatus, RolloutStrategy};
+use crate::api::{RESTART_ANNOTATION, RETRY_ANNOTATION, RolloutStatus, RolloutStrategy};
 use crate::fleet::{DesiredState, Plan};
 use crate::proto::{
     AgentRemoteConfig, ConnectionSettingsOffers, CustomCapabilities, OpAmpConnectionSettings,
 };
-use crate::protocol::session::AgentReport;
+use crate::protocol::session::{AgentReport, Restart};
 use crate::protocol::{Description, Uid, attribute};
 
 /// One AgentConfig as the controller sees it.
@@ -50,6 +50,9 @@ pub struct ResolvedConfig {
     pub rolled_back: bool,
     /// The rollout of this version is not over: the leader's tracker needs each agent's facts.
     pub tracking: bool,
+    /// The `opamp.dev/restartedAt` annotation: its time in ns since the epoch, or why it is not
+    /// acted on.
+    pub restart: Option<(String, Result<u64, String>)>,
 }
 
 /// An earlier revision's files, resolved.
@@ -74,6 +77,23 @@ pub enum Admission {
 impl ResolvedConfig {
     pub fn selects(&self, desc: Option<&Description>) -> bool {
         self.object.spec.selector.matches(|k| attribute(desc, k))
+    }
+
+    /// The restart time the annotation asks for, when it is valid.
+    pub fn restart_at(&self) -> Option<u64> {
+        self.restart.as_ref().and_then(|(_, at)| at.as_ref().ok().copied())
+    }
+
+    /// How long after the annotation's time `uid` is restarted: with a Progressive rollout, the
+    /// agents of its k-th step (by rollout key, as a share of the key space) wait k waves of
+    /// `max(minHealthySeconds, 30)` seconds; otherwise none.
+    pub fn restart_delay(&self, uid: &Uid) -> u64 {
+        let (Some(source), true) = (&self.source, self.is_progressive()) else { return 0 };
+        let rollout = &self.object.spec.rollout;
+        let share = u128::from(rollout_key(&source.key, uid)) * 100;
+        let wave = steps(rollout).iter().position(|&p| share < u128::from(p) << 64).unwrap_or(0) as u64;
+        let seconds = u64::from(rollout.min_healthy_seconds.unwrap_or(0)).max(RESTART_WAVE_SECONDS);
+        wave * seconds * 1_000_000_000
     }
 
     pub fn is_progressive(&self) -> bool {
@@ -192,7 +212,16 @@ impl NamespaceIndex {
         let config = |c: &ResolvedConfig| {
             let m = &c.object.metadata;
             let fallback = c.rollback().map(|r| r.hash);
-            (m.uid.clone(), m.generation, c.own_hash, c.admission, c.source.is_some(), fallback)
+            // The restart annotation changes no generation.
+            (
+                m.uid.clone(),
+                m.generation,
+                c.own_hash,
+                c.admission,
+                c.source.is_some(),
+                fallback,
+                c.restart_at(),
+            )
         };
         let slot = |s: &Arc<CapabilitySlot>| (s.metadata.uid.clone(), s.metadata.generation);
         self.configs.iter().map(config).eq(other.configs.iter().map(config))
@@ -223,6 +252,7 @@ impl NamespaceIndex {
             remote_config,
             custom_capabilities: self.custom_capabilities(desc),
             connection_settings,
+            restart: None, // per agent: see `desired`
         }
     }
 
@@ -328,6 +358,12 @@ impl Plan for NamespaceIndex {
     fn desired(&self, uid: &Uid, report: &AgentReport, current: &DesiredState) -> DesiredState {
         let desc = report.description.as_ref();
         let selected = self.selecting(desc);
+        // The latest restart asked for by a selecting resource, paced by that resource.
+        let restart = selected
+            .iter()
+            .filter_map(|&i| self.configs[i].restart_at().map(|at| (at, i)))
+            .max()
+            .map(|(at, i)| Restart { at, due: at + self.configs[i].restart_delay(uid) });
         let admitted = selected.iter().all(|&i| self.configs[i].admits(uid));
         // An agent lacking a component the files use is not sent them.
         let compatible = selected.iter().all(|&i| self.configs[i].missing(report).is_none());
@@ -336,9 +372,9 @@ impl Plan for NamespaceIndex {
         let reported = report.remote_config_status.as_ref().map(|s| &s.last_remote_config_hash);
         let runs = ungated.remote_config.as_ref().is_some_and(|c| Some(&c.config_hash) == reported);
         if (admitted && compatible) || runs {
-            return ungated;
+            return DesiredState { restart, ..ungated };
         }
-        DesiredState { remote_config: current.remote_config.clone(), ..ungated }
+        DesiredState { remote_config: current.remote_config.clone(), restart, ..ungated }
     }
 
     fn selected_by(&self, report: &AgentReport) -> Vec<String> {
@@ -392,12 +428,38 @@ pub fn slot_route(slot: &CapabilitySlot, refs: &Refs) -> crate::routes::SlotRout
     }
 }
 
+/// The shortest wave of a paced restart, in seconds.
+pub const RESTART_WAVE_SECONDS: u64 = 30;
+
+/// Agents' clocks and the API server's may differ: a restart time up to this far ahead is taken.
+const RESTART_CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The time of a `opamp.dev/restartedAt` value in ns since the epoch. One in the future is
+/// refused: agents started before it would be restarted again whenever one reconnects to a
+/// replica that did not command it yet, until that time.
+pub fn restart_time(value: &str, now: std::time::SystemTime) -> Result<u64, String> {
+    let at: k8s_openapi::jiff::Timestamp = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("{value:?} is not an RFC 3339 time (e.g. 2026-12-03T10:00:00Z)"))?;
+    let nanos = u64::try_from(at.as_nanosecond()).map_err(|_| format!("{value:?} is before 1970"))?;
+    let now = now.duration_since(std::time::UNIX_EPOCH).unwrap_or_default() + RESTART_CLOCK_SKEW;
+    if u128::from(nanos) > now.as_nanos() {
+        return Err(format!("{value:?} is in the future: set the current time"));
+    }
+    Ok(nanos)
+}
+
 fn resolve_config(
     object: Arc<AgentConfig>,
     revisions: &[Arc<ControllerRevision>],
     refs: &Refs,
 ) -> ResolvedConfig {
     let ns = object.namespace().unwrap_or_default();
+    let restart = object
+        .annotations()
+        .get(RESTART_ANNOTATION)
+        .map(|v| (v.clone(), restart_time(v, std::time::SystemTime::now())));
     let mut files = BTreeMap::new();
     let mut missing = Vec::new();
     for (name, file) in &object.spec.files {
@@ -462,6 +524,7 @@ fn resolve_config(
         fallback,
         rolled_back,
         tracking: !ended,
+        restart,
     }
 }
 
@@ -741,5 +804,55 @@ spec:
         let lost = connection(0).expect("a-low sets them too");
         assert_eq!((lost.offered_agents, lost.unsupported_agents), (0, 0), "it wins for no agent");
         assert_eq!(connection(2), None);
+    }
+
+    #[test]
+    fn restart_times_are_rfc3339_and_not_in_the_future() {
+        let now = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        assert_eq!(restart_time("2027-01-15T08:00:00Z", now), Ok(1_800_000_000_000_000_000));
+        assert_eq!(
+            restart_time("2027-01-15T08:00:30Z", now),
+            Ok(1_800_000_030_000_000_000),
+            "within the skew"
+        );
+        assert!(restart_time("2027-01-15T08:05:00Z", now).unwrap_err().contains("in the future"));
+        assert!(restart_time("yesterday", now).unwrap_err().contains("RFC 3339"));
+    }
+
+    #[test]
+    fn a_restart_with_a_progressive_rollout_goes_in_its_steps_waves() {
+        let mut config: AgentConfig = serde_yaml::from_str(PROGRESSIVE).unwrap();
+        config.spec.rollout.min_healthy_seconds = Some(45);
+        config.metadata.annotations =
+            Some([(RESTART_ANNOTATION.to_owned(), "2026-01-01T00:00:00Z".to_owned())].into());
+        let idx = plan(Arc::new(config));
+        let at = 1_767_225_600_000_000_000;
+        let report = AgentReport {
+            description: Some(Description::new(hello(Uid([0; 16])).agent_description.unwrap())),
+            ..Default::default()
+        };
+        let mut waves = [0, 0];
+        for i in 0..200u8 {
+            let uid = Uid([i; 16]);
+            let restart =
+                idx.desired(&uid, &report, &DesiredState::default()).restart.expect("selected: restarted");
+            assert_eq!(restart.at, at);
+            let first = rollout_key("team-a/edge", &uid) < 1 << 63; // the first 50 % of the key space
+            assert_eq!(
+                restart.due,
+                if first { at } else { at + 45_000_000_000 },
+                "steps [50], waves of 45 s"
+            );
+            waves[usize::from(!first)] += 1;
+        }
+        assert!(waves[0] > 60 && waves[1] > 60, "about half in each wave: {waves:?}");
+        // Immediate: all at once.
+        let mut config: AgentConfig = serde_yaml::from_str(PROGRESSIVE).unwrap();
+        config.spec.rollout = Default::default();
+        config.metadata.annotations =
+            Some([(RESTART_ANNOTATION.to_owned(), "2026-01-01T00:00:00Z".to_owned())].into());
+        let idx = plan(Arc::new(config));
+        let restart = idx.desired(&Uid([9; 16]), &report, &DesiredState::default()).restart;
+        assert_eq!(restart, Some(Restart { at, due: at }));
     }
 }

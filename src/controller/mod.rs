@@ -555,8 +555,8 @@ impl Controller {
             self.write_revisions(idx, &config_statuses, revisions.get(ns).map_or(&[], Vec::as_slice));
             let slot_statuses = st.capability_slots(&now, &self.routes);
             for (config, status) in idx.configs.iter().zip(config_statuses) {
-                let cached = config.object.status.clone().map(Status::Config);
-                self.offer(&*config.object, cached, Status::Config(status));
+                let cached = config.object.status.clone().map(|s| Status::Config(Box::new(s)));
+                self.offer(&*config.object, cached, Status::Config(Box::new(status)));
             }
             for (slot, status) in idx.slots.slots.iter().zip(slot_statuses) {
                 self.offer(&**slot, slot.status.clone().map(Status::Slot), Status::Slot(status));
@@ -713,7 +713,7 @@ fn events(previous: Option<&Status>, new: &Status) -> Vec<Transition> {
             return transitions(old, &new.conditions);
         }
     };
-    config_events(old_config, new_config)
+    config_events(old_config.map(|b| &**b), new_config)
 }
 
 fn config_events(current: Option<&AgentConfigStatus>, status: &AgentConfigStatus) -> Vec<Transition> {

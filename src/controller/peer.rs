@@ -118,6 +118,9 @@ pub struct ConfigPart {
     /// The connection settings' counts: offered, applied, failed, unsupported.
     #[serde(default)]
     pub connection: [u32; 4],
+    /// The restart's counts: restarted, pending, unsupported.
+    #[serde(default)]
+    pub restart: [u32; 3],
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -219,6 +222,9 @@ pub fn fingerprint(idx: &NamespaceIndex) -> u64 {
         if let Some(revision) = c.rollback() {
             h.update(revision.hash);
         }
+        if let Some(at) = c.restart_at() {
+            h.update(at.to_be_bytes());
+        }
     }
     h.update([0xff]);
     for s in &idx.slots.slots {
@@ -290,6 +296,7 @@ impl NamespaceStatus<'_> {
                         .collect(),
                     facts,
                     connection: c.connection.to_array(),
+                    restart: c.restart,
                 };
                 (config.object.name_any(), part)
             })
@@ -333,6 +340,9 @@ impl NamespaceStatus<'_> {
             c.unhealthy = c.unhealthy.saturating_add(part.unhealthy);
             c.incompatible = c.incompatible.saturating_add(part.incompatible);
             c.connection.add(part.connection);
+            for (mine, theirs) in c.restart.iter_mut().zip(part.restart) {
+                *mine = mine.saturating_add(theirs);
+            }
             c.updated = c.updated.saturating_add(part.updated);
             for f in part.failures.iter().take(MAX_FAILURES) {
                 let uid = hex::decode(&f.uid).ok().and_then(|b| Uid::from_wire(&b));

@@ -11,10 +11,11 @@ use super::merge::display_hash;
 use super::rollout::{AgentFacts, DISCONNECTED_GRACE, Tracker, rollout_key};
 use crate::api::conditions::{self, CONFLICT, DEGRADED, Desired, PROGRESSING, READY};
 use crate::api::{
-    AgentConfigStatus, AgentFailure, CapabilitySlotStatus, ConnectionStatus, RolloutState, RolloutStatus,
+    AgentConfigStatus, AgentFailure, CapabilitySlotStatus, ConnectionStatus, RestartStatus, RolloutState,
+    RolloutStatus,
 };
 use crate::fleet::AgentView;
-use crate::proto::{ConnectionSettingsStatuses, RemoteConfigStatuses};
+use crate::proto::{AgentCapabilities, ConnectionSettingsStatuses, RemoteConfigStatuses};
 use crate::protocol::Uid;
 
 pub const MAX_FAILURES: usize = 20;
@@ -31,6 +32,8 @@ pub(super) struct Counts {
     pub(super) updated: u32,
     pub(super) failures: Vec<(Uid, String, Bytes)>,
     pub(super) connection: ConnectionCounts,
+    /// Restarted, pending, unsupported (see `RestartStatus`).
+    pub(super) restart: [u32; 3],
 }
 
 /// The agents a resource's connection settings are for (it wins for them).
@@ -121,6 +124,16 @@ impl<'a> NamespaceStatus<'a> {
                 continue;
             };
             resolved.push(i);
+            if let Some(at) = config.restart_at() {
+                let r = &mut c.restart;
+                if !agent.report.has_capability(AgentCapabilities::AcceptsRestartCommand) {
+                    r[2] += 1;
+                } else if agent.report.started_since(at) {
+                    r[0] += 1;
+                } else {
+                    r[1] += 1;
+                }
+            }
             // The config of every selecting resource at its update revision: what an agent runs
             // once this version reached it.
             let update = update_hash.get_or_insert_with(|| {
@@ -265,6 +278,13 @@ impl<'a> NamespaceStatus<'a> {
                     last_healthy_revision: last_healthy,
                     rollout: config.source.as_ref().map(|_| rollout),
                     connection: connection_status(config, c.connection),
+                    restart: config.restart.as_ref().map(|(value, at)| RestartStatus {
+                        requested_at: value.clone(),
+                        message: at.as_ref().err().cloned(),
+                        restarted_agents: c.restart[0],
+                        pending_agents: c.restart[1],
+                        unsupported_agents: c.restart[2],
+                    }),
                     failures,
                     conditions: conditions::merge(&current.conditions, desired, generation, now),
                 }

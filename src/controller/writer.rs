@@ -36,7 +36,8 @@ pub const PATCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// A status as computed, of either kind.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Status {
-    Config(AgentConfigStatus),
+    /// Boxed: an AgentConfig's status is several times a slot's.
+    Config(Box<AgentConfigStatus>),
     Slot(CapabilitySlotStatus),
 }
 
@@ -46,7 +47,7 @@ impl Status {
         match (self, other) {
             (Status::Config(new), Some(Status::Config(cur))) => {
                 let strip = |s: &AgentConfigStatus| AgentConfigStatus { conditions: vec![], ..s.clone() };
-                status::changed(Some(cur), new, |s| &s.conditions, strip)
+                status::changed(Some(&**cur), &**new, |s| &s.conditions, strip)
             }
             (Status::Slot(new), Some(Status::Slot(cur))) => {
                 let strip =
@@ -352,7 +353,10 @@ mod tests {
     fn write(applied: u32, event: &'static str) -> StatusWrite {
         StatusWrite {
             reference: ObjectReference::default(),
-            status: Status::Config(AgentConfigStatus { applied_agents: applied, ..Default::default() }),
+            status: Status::Config(Box::new(AgentConfigStatus {
+                applied_agents: applied,
+                ..Default::default()
+            })),
             events: vec![(EventType::Normal, event, String::new(), String::new())],
         }
     }

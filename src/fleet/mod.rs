@@ -49,7 +49,7 @@ use crate::proto::{
     CustomCapabilities, CustomMessage, ServerToAgent,
 };
 pub use crate::protocol::session::Changes;
-use crate::protocol::session::{AgentReport, Desired, Ingested, server_message};
+use crate::protocol::session::{AgentReport, Desired, Ingested, Restart, server_message};
 use crate::protocol::shared::SharedParts;
 use crate::protocol::{Transport, Uid};
 
@@ -141,6 +141,7 @@ pub struct DesiredState {
     pub remote_config: Option<Arc<AgentRemoteConfig>>,
     pub custom_capabilities: Option<Arc<CustomCapabilities>>,
     pub connection_settings: Option<Arc<ConnectionSettingsOffers>>,
+    pub restart: Option<Restart>,
 }
 
 impl DesiredState {
@@ -149,6 +150,7 @@ impl DesiredState {
             remote_config: self.remote_config.as_ref(),
             custom_capabilities: self.custom_capabilities.as_ref(),
             connection_settings: self.connection_settings.as_ref(),
+            restart_at: self.restart.filter(|r| r.due <= unix_nanos(SystemTime::now())).map(|r| r.at),
         }
     }
 }
@@ -630,6 +632,8 @@ impl Fleet {
             agent.go_offline(now);
             self.inner.connected.fetch_sub(1, Ordering::Relaxed);
             conn.bound = None;
+        } else if reply.command.is_some() {
+            agent.wake(); // a command goes alone: WebSocket agents get the rest pushed at once
         } else {
             reply.custom_message = agent.outbox.pop();
             if !agent.outbox.is_empty() {
@@ -713,6 +717,13 @@ impl Fleet {
         let mut shard = self.shard(&key.uid);
         let agent = shard.agents.get_mut(&key).filter(|a| a.is_on(conn))?;
         let mut msg = agent.session.push(key.uid.to_wire(), agent.desired.as_desired());
+        if msg.as_ref().is_some_and(|m| m.command.is_some()) {
+            // A command goes alone; come back for the rest.
+            if let Some(w) = &conn.wakeup {
+                w.raise(Wakeup::PUSH);
+            }
+            return msg;
+        }
         if let Some(custom) = agent.outbox.pop() {
             let msg = msg.get_or_insert_with(|| server_message(key.uid.to_wire()));
             msg.custom_message = Some(custom);
@@ -978,6 +989,11 @@ impl Fleet {
 }
 
 /// Gives an agent the desired state `plan` derives for it; wakes it when that changed.
+/// Nanoseconds since the epoch (0 before it).
+fn unix_nanos(t: SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
 fn derive(agent: &mut Agent, uid: &Uid, plan: &Published) {
     let desired = plan.plan.desired(uid, &agent.session.report, &agent.desired);
     agent.plan_version = plan.version;

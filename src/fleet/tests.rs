@@ -538,6 +538,7 @@ impl Plan for Everyone {
             remote_config: Some(self.0.clone()),
             custom_capabilities: None,
             connection_settings: None,
+            restart: None,
         }
     }
 }
@@ -553,6 +554,7 @@ fn the_plan_gives_the_desired_state_before_the_first_reply() {
                 remote_config: selected.then(|| self.0.clone()),
                 custom_capabilities: None,
                 connection_settings: None,
+                restart: None,
             }
         }
     }
@@ -588,6 +590,7 @@ fn a_new_plan_reaches_connected_agents_at_once_and_keeps_what_a_plan_keeps() {
                     remote_config: Some(self.1.clone()),
                     custom_capabilities: None,
                     connection_settings: None,
+                    restart: None,
                 }
             } else {
                 current.clone()
@@ -1089,4 +1092,61 @@ fn an_http_agent_given_a_longer_poll_interval_is_not_taken_for_gone_between_poll
     assert!(fleet.agent(&key(UID)).unwrap().connected, "three of the server's intervals: polls every 60 s");
     fleet.sweep(start + Duration::from_secs(181));
     assert!(!fleet.agent(&key(UID)).unwrap().connected, "three of its own");
+}
+
+#[test]
+fn a_restart_is_commanded_once_alone_to_agents_that_accept_it_and_started_before_it() {
+    let restarts = HEARTBEATS | AgentCapabilities::AcceptsRestartCommand as u64;
+    let started = |at: u64| ComponentHealth { healthy: true, start_time_unix_nano: at, ..Default::default() };
+    let fleet = Fleet::default();
+    let mut conn = ws(&fleet);
+    let hello = AgentToServer { capabilities: restarts, health: Some(started(100)), ..first(UID) };
+    fleet.handle(&mut conn, hello).unwrap();
+    let cfg = config("a");
+    let desired = DesiredState {
+        remote_config: Some(cfg.clone()),
+        restart: Some(Restart { at: 200, due: 200 }),
+        ..Default::default()
+    };
+    fleet.set_desired_state(&key(UID), desired);
+    // The command goes alone; the config follows at once in the next push.
+    let command = fleet.poll_push(&conn).expect("a command");
+    let alone = ServerToAgent {
+        command: Some(Box::new(crate::proto::ServerToAgentCommand {
+            r#type: crate::proto::CommandType::Restart as i32,
+        })),
+        ..plain(&UID.0)
+    };
+    assert_eq!(command, alone);
+    assert_eq!(fleet.poll_push(&conn).and_then(|m| m.remote_config), Some((*cfg).clone()));
+    // Once: not again while the agent has not reported its new start, nor on a new connection.
+    let next = AgentToServer { capabilities: restarts, ..msg(UID, 1) };
+    assert_eq!(fleet.handle(&mut conn, next).unwrap().command, None);
+    fleet.connection_closed(&conn);
+    let mut conn = ws(&fleet);
+    let back = AgentToServer { capabilities: restarts, health: Some(started(250)), ..msg(UID, 2) };
+    assert_eq!(fleet.handle(&mut conn, back).unwrap().command, None);
+    assert!(fleet.agent(&key(UID)).unwrap().report.started_since(200));
+
+    // A fresh record (another replica) of an agent that already restarted: nothing to do.
+    let other = Fleet::default();
+    let mut conn = ws(&other);
+    let hello = AgentToServer { capabilities: restarts, health: Some(started(250)), ..first(UID) };
+    other.handle(&mut conn, hello).unwrap();
+    other.set_desired_state(
+        &key(UID),
+        DesiredState { restart: Some(Restart { at: 200, due: 200 }), ..Default::default() },
+    );
+    assert_eq!(other.poll_push(&conn), None);
+
+    // Agents that do not accept the command are never sent it.
+    let other = Fleet::default();
+    let mut conn = ws(&other);
+    let hello = AgentToServer { capabilities: HEARTBEATS, health: Some(started(100)), ..first(UID) };
+    other.handle(&mut conn, hello).unwrap();
+    other.set_desired_state(
+        &key(UID),
+        DesiredState { restart: Some(Restart { at: 200, due: 200 }), ..Default::default() },
+    );
+    assert_eq!(other.poll_push(&conn), None);
 }

@@ -14,9 +14,9 @@ use bytes::Bytes;
 use super::Description;
 use super::shared::{KeptConfig, SharedParts};
 use crate::proto::{
-    AgentCapabilities, AgentRemoteConfig, AgentToServer, AvailableComponents, ComponentHealth,
+    AgentCapabilities, AgentRemoteConfig, AgentToServer, AvailableComponents, CommandType, ComponentHealth,
     ConnectionSettingsOffers, ConnectionSettingsStatus, CustomCapabilities, CustomMessage, PackageStatuses,
-    RemoteConfigStatus, ServerCapabilities, ServerToAgent, ServerToAgentFlags,
+    RemoteConfigStatus, ServerCapabilities, ServerToAgent, ServerToAgentCommand, ServerToAgentFlags,
 };
 
 /// What this server can do, sent in every reply (the specification requires the first).
@@ -191,6 +191,12 @@ impl AgentReport {
             && !self.has_capability(AgentCapabilities::AcceptsOpAmpConnectionSettings)
     }
 
+    /// Whether the agent reports having started at or after `at` (ns since the epoch): its
+    /// health's start time.
+    pub fn started_since(&self, at: u64) -> bool {
+        self.health.as_ref().is_some_and(|h| h.start_time_unix_nano >= at)
+    }
+
     /// Whether the agent declared a custom capability in `AgentToServer.custom_capabilities`.
     pub fn supports_custom_capability(&self, capability: &str) -> bool {
         self.custom_capabilities.as_ref().is_some_and(|c| c.capabilities.iter().any(|c| c == capability))
@@ -260,6 +266,14 @@ impl ReportedHealth {
     }
 }
 
+/// A restart an agent is to make: it started before `at` (ns since the epoch), and is commanded
+/// from `due` on (later than `at` for the later waves of a paced restart).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Restart {
+    pub at: u64,
+    pub due: u64,
+}
+
 /// What the server wants an agent to have.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Desired<'a> {
@@ -268,6 +282,9 @@ pub struct Desired<'a> {
     /// Every part the plan offers, with the hash over all of them; each agent is sent the parts
     /// its capabilities take ([`Session::settings_to_offer`]).
     pub connection_settings: Option<&'a Arc<ConnectionSettingsOffers>>,
+    /// Agents that started before this time (ns since the epoch) are to restart now (a restart
+    /// that is not due yet is not here).
+    pub restart_at: Option<u64>,
 }
 
 /// The outcome of [`Session::ingest`].
@@ -300,6 +317,9 @@ pub struct Session {
     /// them again on each connection would never end. Forgotten when the agent restarts (a new
     /// sequence: it lost what it was given).
     offered_settings: u64,
+    /// The restart time (`Desired::restart_at`) last commanded (0: none): each is commanded at
+    /// most once per agent, kept across connections.
+    restart_sent: u64,
 }
 
 impl Session {
@@ -522,6 +542,13 @@ impl Session {
     }
 
     fn add_offers(&mut self, msg: &mut ServerToAgent, desired: Desired<'_>) -> bool {
+        // A command goes alone (with the uid and capabilities only, as the specification asks);
+        // the offers follow in the next message.
+        if let Some(at) = self.restart_to_command(desired).filter(|_| msg.flags == 0) {
+            self.restart_sent = at;
+            msg.command = Some(Box::new(ServerToAgentCommand { r#type: CommandType::Restart as i32 }));
+            return true;
+        }
         let mut added = false;
         if let Some(config) = self.config_to_offer(desired) {
             self.offered_config_hash = Some(config.config_hash.clone());
@@ -541,6 +568,16 @@ impl Session {
             added = true;
         }
         added
+    }
+
+    /// The restart to command now, if any: the agent accepts the command, has not reported a
+    /// start since the requested time, and was not commanded this one yet.
+    pub fn restart_to_command(&self, desired: Desired<'_>) -> Option<u64> {
+        let at = desired.restart_at?;
+        (at != self.restart_sent
+            && self.report.has_capability(AgentCapabilities::AcceptsRestartCommand)
+            && !self.report.started_since(at))
+        .then_some(at)
     }
 
     /// The connection settings to offer the agent now, if any: the parts of the plan's offer

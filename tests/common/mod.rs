@@ -50,6 +50,7 @@ impl Plan for Everyone {
             remote_config: Some(self.0.clone()),
             custom_capabilities: None,
             connection_settings: None,
+            restart: None,
         }
     }
 }

@@ -148,6 +148,21 @@ impl Supervisor {
         Self { child, group, dir }
     }
 
+    /// The pid of the collector the supervisor runs now (a process of its group running the
+    /// collector's executable), if one runs.
+    pub fn collector_pid(&self) -> Option<u32> {
+        let collector = tool("otelcol-opamp-test");
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // pid (comm) state ppid pgrp ...: the fields after the last ')'.
+            let pgrp: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(2)?.parse().ok()?;
+            let exe = std::fs::read_link(entry.path().join("exe")).ok()?;
+            let same = exe == collector || std::fs::canonicalize(&collector).is_ok_and(|c| c == exe);
+            (pgrp == self.group && same).then_some(pid)
+        })
+    }
+
     /// The supervisor's persistent state, once it wrote it.
     pub fn persistent_state(&self) -> Option<PersistentState> {
         let text = std::fs::read_to_string(self.dir.join("storage").join("persistent_state.yaml")).ok()?;

@@ -135,6 +135,7 @@ pub fn fleet_with_plan() -> Fleet {
         remote_config: Some(plan_config()),
         custom_capabilities: None,
         connection_settings: None,
+        restart: None,
     };
     fleet.publish_plan(NAMESPACE, Arc::new(FixedPlan(desired)));
     fleet
@@ -158,6 +159,8 @@ pub fn agent_to_server(data: &[u8]) {
         remote_config: Some(&config),
         custom_capabilities: None,
         connection_settings: Some(&settings),
+        // A restart for agents that started before the epoch's second second.
+        restart_at: Some(1_000_000_000),
     };
     let mut session = Session::new();
     for _ in 0..2 {
@@ -166,6 +169,15 @@ pub fn agent_to_server(data: &[u8]) {
         let mut reply = Default::default();
         session.reply(&mut reply, msg.instance_uid.clone(), &ingested, desired);
         assert_eq!(reply.instance_uid, msg.instance_uid);
+        if reply.command.is_some() {
+            let alone = ServerToAgent {
+                instance_uid: reply.instance_uid.clone(),
+                capabilities: reply.capabilities,
+                command: reply.command.clone(),
+                ..Default::default()
+            };
+            assert_eq!(reply, alone, "a command goes alone");
+        }
         if let Some(offer) = &reply.connection_settings {
             let heartbeat = offer.opamp.as_ref().map(|o| o.heartbeat_interval_seconds);
             assert!(heartbeat.is_some_and(|s| s > 0), "every offer carries the interval: {offer:?}");
