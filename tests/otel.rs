@@ -8,7 +8,10 @@
 //! back. With two collectors: a Progressive rollout of a config the collector validates but
 //! cannot run (its port is taken) trips a gate and is rolled back, the collector healthy again on
 //! the last healthy revision and the other never sent it; and a config using an exporter the
-//! build lacks is never sent, its collectors reported incompatible. Everything is built by
+//! build lacks is never sent, its collectors reported incompatible. Beyond configs: an HTTP
+//! collector polls at the interval an AgentConfig declares, sends its own metrics to the OTLP/HTTP
+//! receiver it names (a header from a Secret), and is restarted by the `opamp.dev/restartedAt`
+//! annotation (its process replaced, once). Everything is built by
 //! `make tools-otel` (collector and supervisor v0.149.0).
 mod common;
 
@@ -329,9 +332,8 @@ async fn an_http_collector_polls_at_the_declared_heartbeat_interval_and_sees_cha
 #[tokio::test]
 async fn the_restart_annotation_replaces_the_collector_process_once() {
     let env = Env::new("otel-restart").await;
-    let accepts_restart =
-        |yaml: String| yaml.replace("capabilities:\n", "capabilities:\n  accepts_restart_command: true\n");
-    let mut sup = Supervisor::spawn_with(&env.ws_url(), &env.token, accepts_restart);
+    // The configuration the README recommends accepts the restart command.
+    let mut sup = env.supervisor(Transport::WebSocket);
     env.agent_where(&sup, "the collector running", |a| a.report.effective_config.is_some()).await;
     let config = agent_config("collectors", &collector("127.0.0.1:0", "debug"));
     env.apply(&config).await;
@@ -370,6 +372,82 @@ async fn the_restart_annotation_replaces_the_collector_process_once() {
         .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(sup.collector_pid(), Some(after), "restarted once, not again: {agent:#?}");
+    sup.stop().await;
+    env.stop().await;
+}
+
+/// An OTLP/HTTP receiver on loopback: what arrives at `/v1/metrics`, with its Authorization.
+struct OtlpReceiver {
+    url: String,
+    received: std::sync::Arc<std::sync::Mutex<Vec<(String, usize)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl OtlpReceiver {
+    async fn start() -> Self {
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = received.clone();
+        let app = axum::Router::new().route(
+            "/v1/metrics",
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let auth =
+                    headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                seen.lock().unwrap().push((auth, body.len()));
+                // An empty ExportMetricsServiceResponse: everything accepted.
+                std::future::ready(([("content-type", "application/x-protobuf")], Vec::<u8>::new()))
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1/metrics", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { url, received, task }
+    }
+}
+
+impl Drop for OtlpReceiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn the_collector_sends_its_own_metrics_where_the_agent_config_says() {
+    let env = Env::new("otel-own-metrics").await;
+    let receiver = OtlpReceiver::start().await;
+    env.apply("apiVersion: v1\nkind: Secret\nmetadata: {name: otlp}\ntype: Opaque\nstringData: {authorization: Bearer own-metrics-token}\n")
+        .await;
+    // The supervisor's defaults for own metrics (the tests otherwise turn them off), exported
+    // every second rather than every minute.
+    let own_metrics = |yaml: String| {
+        yaml.replace("reports_own_metrics: false", "reports_own_metrics: true").replace(
+            "  args: [\"--set=service.telemetry.metrics.level=none\"]\n",
+            "  env: {OTEL_METRIC_EXPORT_INTERVAL: \"1000\"}\n",
+        )
+    };
+    let mut sup = Supervisor::spawn_with(&env.ws_url(), &env.token, own_metrics);
+    env.agent_where(&sup, "the collector running", |a| a.report.effective_config.is_some()).await;
+    let connection = format!(
+        "  connection:\n    ownMetrics:\n      endpoint: {}\n      headers:\n      - name: Authorization\n        secretKeyRef: {{name: otlp, key: authorization}}\n  files:\n",
+        receiver.url
+    );
+    env.apply(
+        &agent_config("collectors", &collector("127.0.0.1:0", "debug")).replace("  files:\n", &connection),
+    )
+    .await;
+    let status = env
+        .status_where(&sup, "collectors", "the settings offered, the config applied", |s| {
+            s.applied_agents == 1 && s.connection.as_ref().is_some_and(|c| c.offered_agents == 1)
+        })
+        .await;
+    assert_eq!(status.connection.as_ref().unwrap().message, None, "{status:#?}");
+    let (auth, bytes) = eventually(T, "the collector's own metrics at the receiver", || {
+        std::future::ready(receiver.received.lock().unwrap().first().cloned())
+    })
+    .await;
+    assert_eq!(auth, "Bearer own-metrics-token", "the header from the Secret");
+    assert!(bytes > 0, "an OTLP export with metrics");
     sup.stop().await;
     env.stop().await;
 }

@@ -47,9 +47,10 @@ pub struct AgentConfigSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100))]
     pub revision_history_limit: Option<u32>,
-    /// How the selected agents talk to this server. Applied to every selected agent at once (not
-    /// through the rollout); where several AgentConfigs set it for one agent, the one with the
-    /// highest priority wins (ties go to the alphabetically first name).
+    /// How the selected agents talk to this server, and where they send their own telemetry.
+    /// Applied to every selected agent at once (not through the rollout); where several
+    /// AgentConfigs set it for one agent, the one with the highest priority wins, the whole block
+    /// (ties go to the alphabetically first name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection: Option<Connection>,
 }
@@ -65,6 +66,43 @@ pub struct Connection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 3600))]
     pub heartbeat_interval_seconds: Option<u32>,
+    /// Where agents that report their own metrics (`ReportsOwnMetrics`; the supervisor does by
+    /// default) send them, over OTLP/HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_metrics: Option<TelemetryDestination>,
+    /// Where agents that report their own logs (`ReportsOwnLogs`) send them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_logs: Option<TelemetryDestination>,
+    /// Where agents that report their own traces (`ReportsOwnTraces`) send them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub own_traces: Option<TelemetryDestination>,
+}
+
+/// An OTLP/HTTP destination for an agent's own telemetry
+/// (`ConnectionSettingsOffers.own_metrics` / `own_logs` / `own_traces`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TelemetryDestination {
+    /// The full OTLP/HTTP URL, with the signal's path, e.g.
+    /// `https://otlp.example.com:4318/v1/metrics`.
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^https?://[^\s\x22'\\]+$"))]
+    pub endpoint: String,
+    /// Headers sent with every export (e.g. `Authorization`), each value from a key of a Secret
+    /// of this namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub headers: Vec<TelemetryHeader>,
+}
+
+/// One header of a telemetry destination.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TelemetryHeader {
+    /// The header's name, e.g. `Authorization`.
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"))]
+    pub name: String,
+    /// The Secret key holding its value.
+    pub secret_key_ref: KeyRef,
 }
 
 /// Revisions kept per AgentConfig when `revisionHistoryLimit` is not set.
@@ -282,8 +320,13 @@ pub struct AgentConfigStatus {
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionStatus {
     /// The hash of the offer (`ConnectionSettingsOffers.hash`, as agents report it back).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub hash: String,
-    /// Agents offered these settings: they report heartbeats (`ReportsHeartbeat`).
+    /// Why the settings are not offered (e.g. a header value that cannot be sent as it is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Agents offered these settings: they take at least one part (the heartbeat interval:
+    /// `ReportsHeartbeat`; own metrics, logs, traces: `ReportsOwnMetrics`, …).
     #[serde(default)]
     pub offered_agents: u32,
     /// Offered agents that report these settings applied (`ConnectionSettingsStatus`, sent by
@@ -293,9 +336,9 @@ pub struct ConnectionStatus {
     /// Offered agents that report these settings failed.
     #[serde(default)]
     pub failed_agents: u32,
-    /// Agents these settings are for that cannot take them: they do not report heartbeats, or
-    /// they accept OpAMP connection settings (those would reconnect with an offer's endpoint,
-    /// headers and TLS, which are not offered yet).
+    /// Agents these settings are for that can take no part of them (the heartbeat interval is
+    /// not offered to agents that accept OpAMP connection settings: those would reconnect with
+    /// an offer's endpoint, headers and TLS, which are not offered yet).
     #[serde(default)]
     pub unsupported_agents: u32,
 }

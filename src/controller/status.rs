@@ -6,7 +6,7 @@ use bytes::Bytes;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 
-use super::index::{NamespaceIndex, ResolvedConfig, settings_offer};
+use super::index::{NamespaceIndex, ResolvedConfig};
 use super::merge::display_hash;
 use super::rollout::{AgentFacts, DISCONNECTED_GRACE, Tracker, rollout_key};
 use crate::api::conditions::{self, CONFLICT, DEGRADED, Desired, PROGRESSING, READY};
@@ -17,6 +17,7 @@ use crate::api::{
 use crate::fleet::AgentView;
 use crate::proto::{AgentCapabilities, ConnectionSettingsStatuses, RemoteConfigStatuses};
 use crate::protocol::Uid;
+use crate::protocol::session::settings_for;
 
 pub const MAX_FAILURES: usize = 20;
 
@@ -60,12 +61,13 @@ impl ConnectionCounts {
 
     /// Counts one agent the settings are for.
     fn count(&mut self, agent: &AgentView<'_>) {
-        if !agent.report.takes_heartbeat_interval() {
+        let Some(offer) = agent.desired.connection_settings.as_ref() else { return };
+        if settings_for(agent.report, offer).is_none() {
             self.unsupported += 1;
             return;
         }
         self.offered += 1;
-        let offered = agent.desired.connection_settings.as_ref().map(|o| &o.hash);
+        let offered = Some(&offer.hash);
         let reported = agent.report.connection_settings_status.as_deref();
         match reported.filter(|r| Some(&r.last_connection_settings_hash) == offered) {
             Some(r) if r.status == ConnectionSettingsStatuses::Applied as i32 => self.applied += 1,
@@ -367,11 +369,10 @@ impl<'a> NamespaceStatus<'a> {
 
 /// The status of `spec.connection`, when it sets anything.
 fn connection_status(config: &ResolvedConfig, counts: ConnectionCounts) -> Option<ConnectionStatus> {
-    let connection =
-        config.object.spec.connection.as_ref().filter(|c| c.heartbeat_interval_seconds.is_some())?;
-    let offer = settings_offer(connection);
+    let offer = config.connection.as_ref()?;
     Some(ConnectionStatus {
-        hash: display_hash(&offer.hash),
+        hash: offer.as_ref().map(|o| display_hash(&o.hash)).unwrap_or_default(),
+        message: offer.as_ref().err().cloned(),
         offered_agents: counts.offered,
         applied_agents: counts.applied,
         failed_agents: counts.failed,

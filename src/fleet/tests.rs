@@ -1150,3 +1150,31 @@ fn a_restart_is_commanded_once_alone_to_agents_that_accept_it_and_started_before
     );
     assert_eq!(other.poll_push(&conn), None);
 }
+
+#[test]
+fn each_agent_is_offered_the_parts_of_the_settings_it_takes() {
+    use crate::proto::TelemetryConnectionSettings;
+    let metrics = TelemetryConnectionSettings {
+        destination_endpoint: "http://127.0.0.1:1/v1/metrics".into(),
+        ..Default::default()
+    };
+    let offer =
+        Arc::new(ConnectionSettingsOffers { own_metrics: Some(metrics.clone()), ..(*settings(5)).clone() });
+    let own_metrics = ACCEPTS_CONFIG | AgentCapabilities::ReportsOwnMetrics as u64;
+    let accepts_opamp = HEARTBEATS | own_metrics | AgentCapabilities::AcceptsOpAmpConnectionSettings as u64;
+    for (capabilities, heartbeat, own) in [
+        (HEARTBEATS | own_metrics, true, true),
+        (own_metrics, false, true),
+        (accepts_opamp, false, true),
+        (HEARTBEATS, true, false),
+    ] {
+        let fleet = Fleet::default();
+        let mut conn = ws(&fleet);
+        fleet.handle(&mut conn, AgentToServer { capabilities, ..first(UID) }).unwrap();
+        set_settings(&fleet, &offer);
+        let sent = fleet.poll_push(&conn).and_then(|m| m.connection_settings).expect("a part it takes");
+        assert_eq!(sent.hash, offer.hash, "the hash of the whole offer");
+        assert_eq!(sent.opamp.is_some(), heartbeat, "capabilities {capabilities:#x}");
+        assert_eq!(sent.own_metrics, own.then(|| metrics.clone()), "capabilities {capabilities:#x}");
+    }
+}

@@ -17,6 +17,7 @@ use crate::proto::{
     AgentCapabilities, AgentRemoteConfig, AgentToServer, AvailableComponents, CommandType, ComponentHealth,
     ConnectionSettingsOffers, ConnectionSettingsStatus, CustomCapabilities, CustomMessage, PackageStatuses,
     RemoteConfigStatus, ServerCapabilities, ServerToAgent, ServerToAgentCommand, ServerToAgentFlags,
+    TelemetryConnectionSettings,
 };
 
 /// What this server can do, sent in every reply (the specification requires the first).
@@ -598,14 +599,35 @@ impl Session {
         if reported.is_some_and(|s| s.last_connection_settings_hash == offer.hash) {
             return None;
         }
-        let heartbeat = self.report.takes_heartbeat_interval();
-        let opamp = offer.opamp.as_ref().filter(|o| heartbeat && o.heartbeat_interval_seconds > 0)?;
-        Some(ConnectionSettingsOffers {
-            hash: offer.hash.clone(),
-            opamp: Some(opamp.clone()),
-            ..Default::default()
-        })
+        settings_for(&self.report, offer)
     }
+}
+
+/// The parts of `offer` an agent reporting `report` takes, with the offer's hash; `None` when it
+/// takes none. The heartbeat interval (`opamp`) goes to agents that report heartbeats and do not
+/// accept OpAMP connection settings, always with a non-zero interval; own metrics, logs and
+/// traces to agents that report them.
+pub fn settings_for(
+    report: &AgentReport,
+    offer: &ConnectionSettingsOffers,
+) -> Option<ConnectionSettingsOffers> {
+    let part = |cap: AgentCapabilities, p: &Option<TelemetryConnectionSettings>| {
+        p.as_ref().filter(|_| report.has_capability(cap)).cloned()
+    };
+    let heartbeat = report.takes_heartbeat_interval();
+    let out = ConnectionSettingsOffers {
+        hash: offer.hash.clone(),
+        opamp: offer.opamp.as_ref().filter(|o| heartbeat && o.heartbeat_interval_seconds > 0).cloned(),
+        own_metrics: part(AgentCapabilities::ReportsOwnMetrics, &offer.own_metrics),
+        own_logs: part(AgentCapabilities::ReportsOwnLogs, &offer.own_logs),
+        own_traces: part(AgentCapabilities::ReportsOwnTraces, &offer.own_traces),
+        other_connections: Default::default(),
+    };
+    let any = out.opamp.is_some()
+        || out.own_metrics.is_some()
+        || out.own_logs.is_some()
+        || out.own_traces.is_some();
+    any.then_some(out)
 }
 
 /// A hash of an offer's hash, as a number that is never 0 (0 stands for "none").

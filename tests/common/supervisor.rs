@@ -23,6 +23,7 @@ capabilities:
   reports_health: true
   reports_available_components: true
   reports_own_metrics: false
+  accepts_restart_command: true
 agent:
   executable: {collector}
   # The collector's own telemetry would listen on :8888, which several collectors on one host
