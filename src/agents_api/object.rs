@@ -164,7 +164,16 @@ pub struct ConfigState {
     /// The file names of that config.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub desired_files: Vec<String>,
-    /// Hash (hex) of the config the agent last reported on.
+    /// What the agent reported of the config.
+    #[serde(flatten)]
+    pub reported: Reported,
+}
+
+/// What an agent last reported of something offered to it (a config, connection settings).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Reported {
+    /// Hash (hex) of what the agent last reported on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reported_hash: Option<String>,
     /// The agent's status for it (`APPLIED`, `APPLYING`, `FAILED`, `UNSET`).
@@ -185,15 +194,9 @@ pub struct ConnectionState {
     /// The heartbeat interval offered, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_interval_seconds: Option<u64>,
-    /// Hash (hex) of the settings the agent last reported on (agents that report it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reported_hash: Option<String>,
-    /// The agent's status for them (`APPLIED`, `APPLYING`, `FAILED`, `UNSET`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reported_status: Option<String>,
-    /// The agent's error message for them.
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub error_message: String,
+    /// What the agent reported of the settings (agents with `ReportsConnectionSettingsStatus`).
+    #[serde(flatten)]
+    pub reported: Reported,
 }
 
 /// The configuration the agent says it runs: its files and their sizes.
@@ -272,9 +275,12 @@ impl Agent {
             heartbeat_interval_seconds: offered
                 .and_then(|o| o.opamp.as_ref())
                 .map(|o| o.heartbeat_interval_seconds),
-            reported_hash: reported_settings.map(|r| hex::encode(&r.last_connection_settings_hash)),
-            reported_status: reported_settings.map(|r| connection_settings_status_name(r.status).to_owned()),
-            error_message: reported_settings.map(|r| r.error_message.clone()).unwrap_or_default(),
+            reported: Reported {
+                reported_hash: reported_settings.map(|r| hex::encode(&r.last_connection_settings_hash)),
+                reported_status: reported_settings
+                    .map(|r| connection_settings_status_name(r.status).to_owned()),
+                error_message: reported_settings.map(|r| r.error_message.clone()).unwrap_or_default(),
+            },
         });
         let uid = a.uid.to_string();
         Agent {
@@ -302,9 +308,7 @@ impl Agent {
                     selected_by,
                     desired_hash,
                     desired_files,
-                    reported_hash,
-                    reported_status,
-                    error_message: config_error,
+                    reported: Reported { reported_hash, reported_status, error_message: config_error },
                 },
                 connection,
                 effective_config,
