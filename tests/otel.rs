@@ -376,6 +376,66 @@ async fn the_restart_annotation_replaces_the_collector_process_once() {
     env.stop().await;
 }
 
+#[tokio::test]
+async fn a_collector_that_accepts_opamp_settings_moves_to_the_server_it_is_given_once() {
+    let env = Env::new("otel-opamp-settings").await;
+    env.apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: reconnect}}\ntype: Opaque\nstringData: {{authorization: Bearer {}}}\n",
+        env.token
+    ))
+    .await;
+    let accepts = |yaml: String| {
+        yaml.replace("capabilities:\n", "capabilities:\n  accepts_opamp_connection_settings: true\n")
+    };
+    let mut sup = Supervisor::spawn_with(&env.ws_url(), &env.token, accepts);
+    env.agent_where(&sup, "the collector running over WebSocket", |a| {
+        a.report.effective_config.is_some() && a.transport == Some(Transport::WebSocket)
+    })
+    .await;
+    // The same operator, over HTTP polling every 2 s, with the agent's token from a Secret.
+    let connection = format!(
+        "  connection:\n    heartbeatIntervalSeconds: 2\n    server:\n      endpoint: {}\n      headers:\n      - name: Authorization\n        secretKeyRef: {{name: reconnect, key: authorization}}\n  files:\n",
+        env.http_url()
+    );
+    env.apply(
+        &agent_config("collectors", &collector("127.0.0.1:0", "debug")).replace("  files:\n", &connection),
+    )
+    .await;
+    let agent = env
+        .agent_where(&sup, "moved to HTTP, running the config", |a| {
+            a.transport == Some(Transport::Http) && a.connected && effective(a).contains("opampecho")
+        })
+        .await;
+    let status = env
+        .status_where(&sup, "collectors", "the settings offered", |s| {
+            s.connection.as_ref().is_some_and(|c| c.offered_agents == 1)
+        })
+        .await;
+    assert_eq!(status.connection.as_ref().unwrap().message, None, "{status:#?}");
+    // Offered once: the supervisor restarted its OpAMP client with the settings (a new
+    // sequence, on another transport), and was not offered them again.
+    let offered = env.op.fleet.connection_settings_offered();
+    assert_eq!(offered, 1, "{agent:#?}");
+    let mut polls: Vec<std::time::SystemTime> = Vec::new();
+    poll_until(Duration::from_secs(12), || {
+        let agent = env.op.fleet.agents().into_iter().find(|a| a.namespace == env.ns.name);
+        if let Some(seen) = agent.filter(|a| a.transport == Some(Transport::Http)).map(|a| a.last_seen) {
+            let apart = |last: &std::time::SystemTime| {
+                seen.duration_since(*last).is_ok_and(|d| d >= Duration::from_millis(1500))
+            };
+            if polls.last().is_none_or(apart) {
+                polls.push(seen);
+            }
+        }
+        std::future::ready(if polls.len() >= 5 { Ok(()) } else { Err(polls.len()) })
+    })
+    .await
+    .unwrap_or_else(|n| panic!("{n} polls in 12 s at the offered 2 s\n{}", sup.logs()));
+    assert_eq!(env.op.fleet.connection_settings_offered(), 1, "still offered once");
+    sup.stop().await;
+    env.stop().await;
+}
+
 /// An OTLP/HTTP receiver on loopback: what arrives at `/v1/metrics`, with its Authorization.
 struct OtlpReceiver {
     url: String,

@@ -61,11 +61,18 @@ pub struct AgentConfigSpec {
 pub struct Connection {
     /// Seconds between an agent's heartbeats over WebSocket, and between its polls over HTTP
     /// (so also how soon a polling agent sees a new config). Offered to agents that report
-    /// heartbeats (capability `ReportsHeartbeat`; the collector's supervisor does by default).
-    /// Agents keep their own default (30 s) when it is not set.
+    /// heartbeats (capability `ReportsHeartbeat`; the collector's supervisor does by default),
+    /// and with `server` to agents that accept OpAMP connection settings. Agents keep their own
+    /// default (30 s) when it is not set; 30 is offered with `server` then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 3600))]
     pub heartbeat_interval_seconds: Option<u32>,
+    /// The OpAMP server agents that accept OpAMP connection settings
+    /// (`AcceptsOpAMPConnectionSettings`) are to connect to. Such agents reconnect with exactly
+    /// what they are offered (endpoint, headers, CA), so they are offered the heartbeat interval
+    /// only together with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<OpampServer>,
     /// Where agents that report their own metrics (`ReportsOwnMetrics`; the supervisor does by
     /// default) send them, over OTLP/HTTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -76,6 +83,27 @@ pub struct Connection {
     /// Where agents that report their own traces (`ReportsOwnTraces`) send them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub own_traces: Option<TelemetryDestination>,
+}
+
+/// Where agents that accept OpAMP connection settings connect (`ConnectionSettingsOffers.opamp`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OpampServer {
+    /// The operator's OpAMP URL as agents reach it: `wss://…/v1/opamp` or `ws://…` (WebSocket),
+    /// `https://…/v1/opamp` or `http://…` (HTTP polling).
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^(wss?|https?)://[^\s\x22'\\]+$"))]
+    pub endpoint: String,
+    /// Headers agents send when connecting: at least `Authorization` with an agent token
+    /// (`Bearer <token>`), each value from a key of a Secret of this namespace. They replace
+    /// the headers the agent has.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub headers: Vec<TelemetryHeader>,
+    /// The CA (PEM) agents verify the operator's certificate with, from a ConfigMap key of this
+    /// namespace; required for `wss://` and `https://` (without one the supervisor would skip
+    /// verifying the server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_config_map_key_ref: Option<KeyRef>,
 }
 
 /// An OTLP/HTTP destination for an agent's own telemetry
@@ -326,7 +354,8 @@ pub struct ConnectionStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     /// Agents offered these settings: they take at least one part (the heartbeat interval:
-    /// `ReportsHeartbeat`; own metrics, logs, traces: `ReportsOwnMetrics`, …).
+    /// `ReportsHeartbeat`; the server: `AcceptsOpAMPConnectionSettings`; own metrics, logs,
+    /// traces: `ReportsOwnMetrics`, …).
     #[serde(default)]
     pub offered_agents: u32,
     /// Offered agents that report these settings applied (`ConnectionSettingsStatus`, sent by
@@ -336,9 +365,9 @@ pub struct ConnectionStatus {
     /// Offered agents that report these settings failed.
     #[serde(default)]
     pub failed_agents: u32,
-    /// Agents these settings are for that can take no part of them (the heartbeat interval is
-    /// not offered to agents that accept OpAMP connection settings: those would reconnect with
-    /// an offer's endpoint, headers and TLS, which are not offered yet).
+    /// Agents these settings are for that can take no part of them (agents that accept OpAMP
+    /// connection settings are offered the heartbeat interval only with `server`: they
+    /// reconnect with exactly what they are offered).
     #[serde(default)]
     pub unsupported_agents: u32,
 }

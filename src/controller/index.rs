@@ -17,13 +17,13 @@ use super::merge::{self, File, Source, display_hash};
 use super::refs::{Key, Kind, Refs};
 use super::revisions;
 use super::rollout::{parse_threshold, rollout_key, steps};
-use crate::api::TelemetryDestination;
 use crate::api::{AgentConfig, CapabilitySlot, ConfigFile, Connection, KeyRef, RolloutState};
 use crate::api::{RESTART_ANNOTATION, RETRY_ANNOTATION, RolloutStatus, RolloutStrategy};
+use crate::api::{TelemetryDestination, TelemetryHeader};
 use crate::fleet::{DesiredState, Plan};
 use crate::proto::{
     AgentRemoteConfig, ConnectionSettingsOffers, CustomCapabilities, Header, Headers,
-    OpAmpConnectionSettings, TelemetryConnectionSettings,
+    OpAmpConnectionSettings, TelemetryConnectionSettings, TlsCertificate,
 };
 use crate::protocol::session::{AgentReport, Restart};
 use crate::protocol::{Description, Uid, attribute};
@@ -372,6 +372,10 @@ impl Plan for NamespaceIndex {
     }
 }
 
+/// The heartbeat interval offered when a resource sets `connection.server` but no interval (the
+/// specification's default).
+pub const DEFAULT_HEARTBEAT_SECONDS: u32 = 30;
+
 /// Bytes of a telemetry header's value at most.
 pub const MAX_HEADER_VALUE_BYTES: usize = 4096;
 
@@ -381,43 +385,81 @@ pub const MAX_HEADER_VALUE_BYTES: usize = 4096;
 /// as for its files). `Err` says why the settings cannot be offered.
 pub fn settings_offer(
     connection: &Connection,
-    secret: &dyn Fn(&KeyRef) -> Result<bytes::Bytes, Error>,
+    read: &dyn Fn(Kind, &KeyRef) -> Result<bytes::Bytes, Error>,
     missing: &mut Vec<String>,
 ) -> Result<ConnectionSettingsOffers, String> {
     use prost::Message;
     use sha2::{Digest, Sha256};
     let mut invalid = Vec::new();
-    let mut destination = |signal: &str, d: &Option<TelemetryDestination>| {
-        let d = d.as_ref()?;
-        if let Err(why) = check_endpoint(&d.endpoint) {
-            invalid.push(format!("{signal}.endpoint: {why}"));
+    let server = connection.server.as_ref();
+    let tls = server.is_some_and(|s| s.endpoint.starts_with("wss://") || s.endpoint.starts_with("https://"));
+    let certificate = match server.map(|s| &s.ca_config_map_key_ref) {
+        Some(Some(r)) => match read(Kind::ConfigMap, r) {
+            Ok(ca) => Some(TlsCertificate { ca_cert: ca, ..Default::default() }),
+            Err(e) => {
+                missing.push(e.to_string());
+                None
+            }
+        },
+        Some(None) if tls => {
+            invalid.push(
+                "server: a wss:// or https:// endpoint needs caConfigMapKeyRef (without a CA the supervisor \
+                 skips verifying the operator's certificate)"
+                    .into(),
+            );
+            None
         }
+        _ => None,
+    };
+    let mut headers_of = |what: &str, list: &[TelemetryHeader], invalid: &mut Vec<String>| {
         let mut headers = Vec::new();
-        for h in &d.headers {
-            match secret(&h.secret_key_ref) {
+        for h in list {
+            match read(Kind::Secret, &h.secret_key_ref) {
                 Ok(value) => match check_header_value(&value) {
                     Ok(value) => headers.push(Header { key: h.name.clone(), value }),
-                    Err(why) => invalid.push(format!("{signal} header {}: {why}", h.name)),
+                    Err(why) => invalid.push(format!("{what} header {}: {why}", h.name)),
                 },
                 Err(e) => missing.push(e.to_string()),
             }
         }
+        (!headers.is_empty()).then_some(Headers { headers })
+    };
+    let mut destination = |signal: &str, d: &Option<TelemetryDestination>, invalid: &mut Vec<String>| {
+        let d = d.as_ref()?;
+        if let Err(why) = check_endpoint(&d.endpoint, &["http", "https"]) {
+            invalid.push(format!("{signal}.endpoint: {why}"));
+        }
         Some(TelemetryConnectionSettings {
             destination_endpoint: d.endpoint.clone(),
-            headers: (!headers.is_empty()).then_some(Headers { headers }),
+            headers: headers_of(signal, &d.headers, invalid),
             ..Default::default()
         })
     };
-    let mut offer = ConnectionSettingsOffers {
-        opamp: connection.heartbeat_interval_seconds.map(|secs| OpAmpConnectionSettings {
-            heartbeat_interval_seconds: u64::from(secs),
-            ..Default::default()
-        }),
-        own_metrics: destination("ownMetrics", &connection.own_metrics),
-        own_logs: destination("ownLogs", &connection.own_logs),
-        own_traces: destination("ownTraces", &connection.own_traces),
-        ..Default::default()
+    let own_metrics = destination("ownMetrics", &connection.own_metrics, &mut invalid);
+    let own_logs = destination("ownLogs", &connection.own_logs, &mut invalid);
+    let own_traces = destination("ownTraces", &connection.own_traces, &mut invalid);
+    // Every `opamp` part carries the interval: a client takes a missing one for 0 and stops
+    // heartbeating. Without one declared, the specification's default.
+    let heartbeat = u64::from(connection.heartbeat_interval_seconds.unwrap_or(DEFAULT_HEARTBEAT_SECONDS));
+    let opamp = match server {
+        Some(server) => {
+            if let Err(why) = check_endpoint(&server.endpoint, &["ws", "wss", "http", "https"]) {
+                invalid.push(format!("server.endpoint: {why}"));
+            }
+            Some(OpAmpConnectionSettings {
+                destination_endpoint: server.endpoint.clone(),
+                headers: headers_of("server", &server.headers, &mut invalid),
+                certificate,
+                heartbeat_interval_seconds: heartbeat,
+                ..Default::default()
+            })
+        }
+        None => connection
+            .heartbeat_interval_seconds
+            .map(|_| OpAmpConnectionSettings { heartbeat_interval_seconds: heartbeat, ..Default::default() }),
     };
+    let mut offer =
+        ConnectionSettingsOffers { opamp, own_metrics, own_logs, own_traces, ..Default::default() };
     if !invalid.is_empty() {
         return Err(invalid.join("; "));
     }
@@ -427,11 +469,12 @@ pub fn settings_offer(
 
 /// An own-telemetry endpoint: an http(s) URL with nothing that could break out of the
 /// collector configuration agents write it into (the supervisor templates it into YAML).
-fn check_endpoint(endpoint: &str) -> Result<(), String> {
-    let scheme_ok = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+fn check_endpoint(endpoint: &str, schemes: &[&str]) -> Result<(), String> {
+    let scheme_ok =
+        schemes.iter().any(|s| endpoint.strip_prefix(s).is_some_and(|rest| rest.starts_with("://")));
     let bad = endpoint.bytes().any(|b| !(0x21..=0x7e).contains(&b) || b == b'"' || b == b'\\' || b == b'\'');
     match (scheme_ok, bad) {
-        (false, _) => Err("not an http:// or https:// URL".into()),
+        (false, _) => Err(format!("not a URL with a scheme of {}", schemes.join(", "))),
         (_, true) => Err("has spaces, quotes, backslashes or control characters".into()),
         _ => Ok(()),
     }
@@ -522,12 +565,12 @@ fn resolve_config(
             Err(what) => missing.push(what),
         }
     }
-    let secret = |r: &KeyRef| {
-        let value = refs.value(&Key::new(Kind::Secret, &ns, &r.name), &r.key);
-        lookup("Secret", r, value)
+    let read = |kind: Kind, r: &KeyRef| {
+        let value = refs.value(&Key::new(kind, &ns, &r.name), &r.key);
+        lookup(kind.as_str(), r, value)
     };
     let connection =
-        object.spec.connection.as_ref().map(|c| settings_offer(c, &secret, &mut missing).map(Arc::new));
+        object.spec.connection.as_ref().map(|c| settings_offer(c, &read, &mut missing).map(Arc::new));
     let own_hash = missing.is_empty().then(|| merge::hash_files(files.iter()));
     let source = missing.is_empty().then(|| Source {
         key: format!("{ns}/{}", object.name_any()),
@@ -918,7 +961,7 @@ spec:
     }
 
     fn offer(connection: Connection) -> ConnectionSettingsOffers {
-        settings_offer(&connection, &|_| unreachable!("no headers"), &mut Vec::new()).unwrap()
+        settings_offer(&connection, &|_, _| unreachable!("no headers"), &mut Vec::new()).unwrap()
     }
 
     #[test]
@@ -933,7 +976,9 @@ spec:
         };
         let metrics =
             |endpoint: &str| Connection { own_metrics: Some(destination(endpoint)), ..Default::default() };
-        let with = |value: &'static [u8]| move |_: &KeyRef| Ok::<_, Error>(bytes::Bytes::from_static(value));
+        let with = |value: &'static [u8]| {
+            move |_: Kind, _: &KeyRef| Ok::<_, Error>(bytes::Bytes::from_static(value))
+        };
         let endpoint = "http://127.0.0.1:4318/v1/metrics";
         let mut missing = Vec::new();
         let ok = settings_offer(&metrics(endpoint), &with(b"Bearer abc\n"), &mut missing).unwrap();
@@ -952,7 +997,7 @@ spec:
         assert!(refused.unwrap_err().contains("ownMetrics.endpoint"));
         assert!(settings_offer(&metrics("file:///etc/passwd"), &with(b"ok"), &mut missing).is_err());
         // A missing Secret: the resource waits for it, as for its files.
-        let absent = |r: &KeyRef| lookup::<bytes::Bytes>("Secret", r, None);
+        let absent = |_: Kind, r: &KeyRef| lookup::<bytes::Bytes>("Secret", r, None);
         assert!(settings_offer(&metrics(endpoint), &absent, &mut missing).is_ok());
         assert_eq!(missing, ["Secret \"otlp\" not found"], "{missing:?}");
         // Equal settings, equal hash; another value, another hash.
@@ -964,5 +1009,34 @@ spec:
             offer(Connection { heartbeat_interval_seconds: Some(5), ..Default::default() }).hash,
             ok.hash
         );
+    }
+
+    #[test]
+    fn a_server_offer_carries_the_interval_and_needs_a_ca_for_tls() {
+        use crate::api::OpampServer;
+        let server = |endpoint: &str, ca: bool| Connection {
+            server: Some(OpampServer {
+                endpoint: endpoint.into(),
+                headers: vec![],
+                ca_config_map_key_ref: ca.then(|| KeyRef { name: "ca".into(), key: "ca.crt".into() }),
+            }),
+            ..Default::default()
+        };
+        let pem =
+            |_: Kind, _: &KeyRef| Ok::<_, Error>(bytes::Bytes::from_static(b"-----BEGIN CERTIFICATE-----"));
+        let plain = offer(server("ws://opamp.example:4320/v1/opamp", false)).opamp.unwrap();
+        assert_eq!(plain.heartbeat_interval_seconds, 30, "always an interval: the default without one");
+        assert_eq!(
+            (plain.destination_endpoint.as_str(), plain.certificate),
+            ("ws://opamp.example:4320/v1/opamp", None)
+        );
+        let tls =
+            settings_offer(&server("wss://opamp.example/v1/opamp", true), &pem, &mut Vec::new()).unwrap();
+        let ca = tls.opamp.unwrap().certificate.unwrap().ca_cert;
+        assert_eq!(&ca[..], b"-----BEGIN CERTIFICATE-----");
+        // Without a CA the supervisor would stop verifying the operator's certificate.
+        let refused = settings_offer(&server("https://opamp.example/v1/opamp", false), &pem, &mut Vec::new());
+        assert!(refused.unwrap_err().contains("caConfigMapKeyRef"));
+        assert!(settings_offer(&server("ftp://x", false), &pem, &mut Vec::new()).is_err());
     }
 }

@@ -144,8 +144,16 @@ pub fn referenced(
         }
         let connection = config.spec.connection.as_ref();
         let destinations = connection.into_iter().flat_map(|c| [&c.own_metrics, &c.own_logs, &c.own_traces]);
-        for header in destinations.flatten().flat_map(|d| &d.headers) {
+        let server = connection.and_then(|c| c.server.as_ref());
+        let headers = destinations
+            .flatten()
+            .flat_map(|d| &d.headers)
+            .chain(server.into_iter().flat_map(|s| &s.headers));
+        for header in headers {
             keys.insert(Key::new(Kind::Secret, namespace, &header.secret_key_ref.name));
+        }
+        if let Some(ca) = server.and_then(|s| s.ca_config_map_key_ref.as_ref()) {
+            keys.insert(Key::new(Kind::ConfigMap, namespace, &ca.name));
         }
     }
     for slot in slots {

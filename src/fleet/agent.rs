@@ -89,7 +89,7 @@ impl Agent {
     pub(super) fn poll_deadline(&self, deadline: Duration) -> Duration {
         let offered = self.desired.connection_settings.as_ref().and_then(|o| o.opamp.as_ref());
         let polls_every = offered
-            .filter(|_| self.session.report.takes_heartbeat_interval())
+            .and_then(|o| self.session.report.opamp_part(o))
             .map(|o| Duration::from_secs(o.heartbeat_interval_seconds));
         polls_every.map_or(deadline, |every| deadline.max(every.saturating_mul(3)))
     }

@@ -29,6 +29,8 @@ pub struct FleetMetrics {
     pub remote_config_statuses: Family<StatusLabel, Gauge>,
     /// Distinct report parts held once for every agent reporting them, by part.
     pub report_parts_shared: Family<PartLabel, Gauge>,
+    /// Connection settings offers sent since the start (a gauge read from the fleet's count).
+    pub connection_settings_offers: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -55,6 +57,11 @@ impl FleetMetrics {
             self.remote_config_statuses.clone(),
         );
         registry.register(
+            "connection_settings_offers",
+            "Connection settings offers (heartbeat interval, own telemetry, OpAMP server) sent to agents since the start",
+            self.connection_settings_offers.clone(),
+        );
+        registry.register(
             "report_parts_shared",
             "Distinct reported parts (effectiveConfig, availableComponents, descriptionStrings: keys and values) held once for all the agents reporting them",
             self.report_parts_shared.clone(),
@@ -63,6 +70,8 @@ impl FleetMetrics {
 
     /// Refreshes the fleet gauges (one pass over the fleet; call at scrape time).
     pub fn observe(&self, fleet: &Fleet) {
+        self.connection_settings_offers
+            .set(i64::try_from(fleet.connection_settings_offered()).unwrap_or(i64::MAX));
         let (mut ws, mut http, mut known, mut trimmed) = (0i64, 0i64, 0i64, 0i64);
         let mut statuses = [0i64; 4];
         fleet.for_each_view(|view| {

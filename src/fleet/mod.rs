@@ -332,6 +332,8 @@ struct Inner {
     shards: Box<[Mutex<Shard>]>,
     connected: AtomicUsize,
     known: AtomicUsize,
+    /// Connection settings offers sent.
+    settings_offered: AtomicU64,
     next_conn: AtomicU64,
     changes: Mutex<HashMap<AgentKey, Changes>>,
     changes_notify: Notify,
@@ -364,6 +366,7 @@ impl Fleet {
                 shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
                 connected: AtomicUsize::new(0),
                 known: AtomicUsize::new(0),
+                settings_offered: AtomicU64::new(0),
                 next_conn: AtomicU64::new(1),
                 changes: Mutex::default(),
                 changes_notify: Notify::new(),
@@ -628,6 +631,7 @@ impl Fleet {
         now: Instant,
     ) {
         agent.session.reply(reply, reply_uid, ingested, agent.desired.as_desired());
+        self.count_offer(reply);
         if ingested.disconnect {
             agent.go_offline(now);
             self.inner.connected.fetch_sub(1, Ordering::Relaxed);
@@ -711,12 +715,26 @@ impl Fleet {
         }
     }
 
+    fn count_offer(&self, msg: &ServerToAgent) {
+        if msg.connection_settings.is_some() {
+            self.inner.settings_offered.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Connection settings offers sent since the fleet began.
+    pub fn connection_settings_offered(&self) -> u64 {
+        self.inner.settings_offered.load(Ordering::Relaxed)
+    }
+
     /// What to push to a WebSocket agent after its connection was notified, if anything.
     pub fn poll_push(&self, conn: &Connection) -> Option<ServerToAgent> {
         let key = AgentKey { namespace: conn.tenant.namespace.clone(), uid: conn.bound? };
         let mut shard = self.shard(&key.uid);
         let agent = shard.agents.get_mut(&key).filter(|a| a.is_on(conn))?;
         let mut msg = agent.session.push(key.uid.to_wire(), agent.desired.as_desired());
+        if let Some(m) = &msg {
+            self.count_offer(m);
+        }
         if msg.as_ref().is_some_and(|m| m.command.is_some()) {
             // A command goes alone; come back for the rest.
             if let Some(w) = &conn.wakeup {

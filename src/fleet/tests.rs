@@ -1178,3 +1178,41 @@ fn each_agent_is_offered_the_parts_of_the_settings_it_takes() {
         assert_eq!(sent.own_metrics, own.then(|| metrics.clone()), "capabilities {capabilities:#x}");
     }
 }
+
+#[test]
+fn agents_that_accept_opamp_settings_get_all_of_them_once_even_across_their_client_restarts() {
+    use crate::proto::{Header, Headers, OpAmpConnectionSettings};
+    let server = OpAmpConnectionSettings {
+        destination_endpoint: "http://127.0.0.1:4320/v1/opamp".into(),
+        headers: Some(Headers {
+            headers: vec![Header { key: "Authorization".into(), value: "Bearer t".into() }],
+        }),
+        heartbeat_interval_seconds: 2,
+        ..Default::default()
+    };
+    let offer = Arc::new(ConnectionSettingsOffers {
+        hash: Bytes::from_static(b"with-server"),
+        opamp: Some(server.clone()),
+        ..Default::default()
+    });
+    let accepts = HEARTBEATS | AgentCapabilities::AcceptsOpAmpConnectionSettings as u64;
+    let fleet = Fleet::default();
+    let mut conn = ws(&fleet);
+    fleet.handle(&mut conn, AgentToServer { capabilities: accepts, ..first(UID) }).unwrap();
+    set_settings(&fleet, &offer);
+    let sent = fleet.poll_push(&conn).and_then(|m| m.connection_settings).expect("offered");
+    assert_eq!(sent.opamp, Some(server.clone()), "the endpoint, headers and interval together");
+    // The supervisor restarts its OpAMP client with them: a new connection and a new sequence.
+    fleet.connection_closed(&conn);
+    let mut conn = http(&fleet);
+    let back = fleet.handle(&mut conn, AgentToServer { capabilities: accepts, ..first(UID) }).unwrap();
+    assert_eq!(back.connection_settings, None, "not offered again: that would restart it for ever");
+
+    // An agent that only reports heartbeats gets the interval alone (not the token).
+    let fleet = Fleet::default();
+    let mut conn = ws(&fleet);
+    fleet.handle(&mut conn, AgentToServer { capabilities: HEARTBEATS, ..first(UID) }).unwrap();
+    set_settings(&fleet, &offer);
+    let sent = fleet.poll_push(&conn).and_then(|m| m.connection_settings).and_then(|s| s.opamp);
+    assert_eq!(sent, Some(OpAmpConnectionSettings { heartbeat_interval_seconds: 2, ..Default::default() }));
+}

@@ -15,9 +15,9 @@ use super::Description;
 use super::shared::{KeptConfig, SharedParts};
 use crate::proto::{
     AgentCapabilities, AgentRemoteConfig, AgentToServer, AvailableComponents, CommandType, ComponentHealth,
-    ConnectionSettingsOffers, ConnectionSettingsStatus, CustomCapabilities, CustomMessage, PackageStatuses,
-    RemoteConfigStatus, ServerCapabilities, ServerToAgent, ServerToAgentCommand, ServerToAgentFlags,
-    TelemetryConnectionSettings,
+    ConnectionSettingsOffers, ConnectionSettingsStatus, CustomCapabilities, CustomMessage,
+    OpAmpConnectionSettings, PackageStatuses, RemoteConfigStatus, ServerCapabilities, ServerToAgent,
+    ServerToAgentCommand, ServerToAgentFlags, TelemetryConnectionSettings,
 };
 
 /// What this server can do, sent in every reply (the specification requires the first).
@@ -184,12 +184,22 @@ impl AgentReport {
         }
     }
 
-    /// Whether the agent takes the heartbeat interval of an OpAMP connection settings offer
-    /// alone: it reports heartbeats, and does not accept OpAMP connection settings (an agent
-    /// that does reconnects with exactly the offer's endpoint, headers and TLS).
-    pub fn takes_heartbeat_interval(&self) -> bool {
-        self.has_capability(AgentCapabilities::ReportsHeartbeat)
-            && !self.has_capability(AgentCapabilities::AcceptsOpAmpConnectionSettings)
+    /// The part of an offer's OpAMP connection settings this agent is sent, if any. An agent
+    /// that accepts OpAMP connection settings reconnects with exactly what it is offered, so it
+    /// gets all of them, and only when they name the server to reconnect to; one that only
+    /// reports heartbeats gets the interval alone. Never without a non-zero interval: clients
+    /// take a missing one for 0 and stop heartbeating.
+    pub fn opamp_part(&self, opamp: &OpAmpConnectionSettings) -> Option<OpAmpConnectionSettings> {
+        if opamp.heartbeat_interval_seconds == 0 {
+            return None;
+        }
+        if self.has_capability(AgentCapabilities::AcceptsOpAmpConnectionSettings) {
+            return (!opamp.destination_endpoint.is_empty()).then(|| opamp.clone());
+        }
+        self.has_capability(AgentCapabilities::ReportsHeartbeat).then(|| OpAmpConnectionSettings {
+            heartbeat_interval_seconds: opamp.heartbeat_interval_seconds,
+            ..Default::default()
+        })
     }
 
     /// Whether the agent reports having started at or after `at` (ns since the epoch): its
@@ -355,7 +365,10 @@ impl Session {
         // config must be offered it again, not taken to still run it).
         let full_report = msg.agent_description.is_some()
             && ((seq == 0 && self.last_seq.is_some_and(|prev| prev != u64::MAX)) || self.awaiting_full_state);
-        if seq == 0 && self.last_seq.is_some_and(|prev| prev != u64::MAX) {
+        // Not for an agent that accepts OpAMP connection settings: the offer restarts its OpAMP
+        // client, which begins a new sequence; offering them again would never end.
+        let accepts_opamp = msg.capabilities & AgentCapabilities::AcceptsOpAmpConnectionSettings as u64 != 0;
+        if seq == 0 && self.last_seq.is_some_and(|prev| prev != u64::MAX) && !accepts_opamp {
             self.offered_settings = 0;
         }
         self.last_seq = Some(seq);
@@ -604,9 +617,8 @@ impl Session {
 }
 
 /// The parts of `offer` an agent reporting `report` takes, with the offer's hash; `None` when it
-/// takes none. The heartbeat interval (`opamp`) goes to agents that report heartbeats and do not
-/// accept OpAMP connection settings, always with a non-zero interval; own metrics, logs and
-/// traces to agents that report them.
+/// takes none: `opamp` as [`AgentReport::opamp_part`] says, own metrics, logs and traces to
+/// agents that report them.
 pub fn settings_for(
     report: &AgentReport,
     offer: &ConnectionSettingsOffers,
@@ -614,10 +626,9 @@ pub fn settings_for(
     let part = |cap: AgentCapabilities, p: &Option<TelemetryConnectionSettings>| {
         p.as_ref().filter(|_| report.has_capability(cap)).cloned()
     };
-    let heartbeat = report.takes_heartbeat_interval();
     let out = ConnectionSettingsOffers {
         hash: offer.hash.clone(),
-        opamp: offer.opamp.as_ref().filter(|o| heartbeat && o.heartbeat_interval_seconds > 0).cloned(),
+        opamp: offer.opamp.as_ref().and_then(|o| report.opamp_part(o)),
         own_metrics: part(AgentCapabilities::ReportsOwnMetrics, &offer.own_metrics),
         own_logs: part(AgentCapabilities::ReportsOwnLogs, &offer.own_logs),
         own_traces: part(AgentCapabilities::ReportsOwnTraces, &offer.own_traces),

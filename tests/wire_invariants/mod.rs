@@ -181,7 +181,12 @@ pub fn agent_to_server(data: &[u8]) {
         if let Some(offer) = &reply.connection_settings {
             let heartbeat = offer.opamp.as_ref().map(|o| o.heartbeat_interval_seconds);
             assert!(heartbeat.is_some_and(|s| s > 0), "every offer carries the interval: {offer:?}");
-            assert!(session.report.takes_heartbeat_interval(), "offered to an agent that cannot take it");
+            let takes = AgentCapabilities::ReportsHeartbeat as u64
+                | AgentCapabilities::AcceptsOpAmpConnectionSettings as u64
+                | AgentCapabilities::ReportsOwnMetrics as u64
+                | AgentCapabilities::ReportsOwnLogs as u64
+                | AgentCapabilities::ReportsOwnTraces as u64;
+            assert!(session.report.capabilities & takes != 0, "offered to an agent that cannot take it");
         }
     }
 
