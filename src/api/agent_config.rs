@@ -120,6 +120,11 @@ pub struct TelemetryDestination {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 20))]
     pub headers: Vec<TelemetryHeader>,
+    /// The CA (PEM) to verify an `https://` endpoint with, from a ConfigMap key of this
+    /// namespace (`tls.ca_pem_contents` of the offer, with the system's CAs too). The
+    /// collector's supervisor (v0.149.0) does not apply TLS settings of own telemetry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_config_map_key_ref: Option<KeyRef>,
 }
 
 /// One header of a telemetry destination.

@@ -23,7 +23,7 @@ use crate::api::{TelemetryDestination, TelemetryHeader};
 use crate::fleet::{DesiredState, Plan};
 use crate::proto::{
     AgentRemoteConfig, ConnectionSettingsOffers, CustomCapabilities, Header, Headers,
-    OpAmpConnectionSettings, TelemetryConnectionSettings, TlsCertificate,
+    OpAmpConnectionSettings, TelemetryConnectionSettings, TlsCertificate, TlsConnectionSettings,
 };
 use crate::protocol::session::{AgentReport, Restart};
 use crate::protocol::{Description, Uid, attribute};
@@ -424,14 +424,27 @@ pub fn settings_offer(
         }
         (!headers.is_empty()).then_some(Headers { headers })
     };
+    let mut cas_missing = Vec::new();
     let mut destination = |signal: &str, d: &Option<TelemetryDestination>, invalid: &mut Vec<String>| {
         let d = d.as_ref()?;
         if let Err(why) = check_endpoint(&d.endpoint, &["http", "https"]) {
             invalid.push(format!("{signal}.endpoint: {why}"));
         }
+        let tls = d.ca_config_map_key_ref.as_ref().and_then(|r| match read(Kind::ConfigMap, r) {
+            Ok(ca) => Some(TlsConnectionSettings {
+                ca_pem_contents: String::from_utf8_lossy(&ca).into_owned(),
+                include_system_ca_certs_pool: true,
+                ..Default::default()
+            }),
+            Err(e) => {
+                cas_missing.push(e.to_string());
+                None
+            }
+        });
         Some(TelemetryConnectionSettings {
             destination_endpoint: d.endpoint.clone(),
             headers: headers_of(signal, &d.headers, invalid),
+            tls,
             ..Default::default()
         })
     };
@@ -460,6 +473,7 @@ pub fn settings_offer(
     };
     let mut offer =
         ConnectionSettingsOffers { opamp, own_metrics, own_logs, own_traces, ..Default::default() };
+    missing.append(&mut cas_missing);
     if !invalid.is_empty() {
         return Err(invalid.join("; "));
     }
@@ -969,6 +983,7 @@ spec:
         use crate::api::{TelemetryDestination, TelemetryHeader};
         let destination = |endpoint: &str| TelemetryDestination {
             endpoint: endpoint.into(),
+            ca_config_map_key_ref: None,
             headers: vec![TelemetryHeader {
                 name: "Authorization".into(),
                 secret_key_ref: KeyRef { name: "otlp".into(), key: "auth".into() },
@@ -1000,6 +1015,19 @@ spec:
         let absent = |_: Kind, r: &KeyRef| lookup::<bytes::Bytes>("Secret", r, None);
         assert!(settings_offer(&metrics(endpoint), &absent, &mut missing).is_ok());
         assert_eq!(missing, ["Secret \"otlp\" not found"], "{missing:?}");
+        // A CA for an https:// endpoint, from a ConfigMap, with the system's CAs.
+        let mut with_ca = metrics("https://otlp.example/v1/metrics");
+        with_ca.own_metrics.as_mut().unwrap().ca_config_map_key_ref =
+            Some(KeyRef { name: "otlp-ca".into(), key: "ca.crt".into() });
+        let read = |kind: Kind, _: &KeyRef| {
+            Ok::<_, Error>(bytes::Bytes::from_static(if kind == Kind::ConfigMap {
+                b"PEM"
+            } else {
+                b"Bearer abc"
+            }))
+        };
+        let tls = settings_offer(&with_ca, &read, &mut missing).unwrap().own_metrics.unwrap().tls.unwrap();
+        assert_eq!((tls.ca_pem_contents.as_str(), tls.include_system_ca_certs_pool), ("PEM", true));
         // Equal settings, equal hash; another value, another hash.
         let again = settings_offer(&metrics(endpoint), &with(b"Bearer abc"), &mut Vec::new()).unwrap();
         let other = settings_offer(&metrics(endpoint), &with(b"Bearer xyz"), &mut Vec::new()).unwrap();

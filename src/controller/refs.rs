@@ -152,7 +152,9 @@ pub fn referenced(
         for header in headers {
             keys.insert(Key::new(Kind::Secret, namespace, &header.secret_key_ref.name));
         }
-        if let Some(ca) = server.and_then(|s| s.ca_config_map_key_ref.as_ref()) {
+        let destinations = connection.into_iter().flat_map(|c| [&c.own_metrics, &c.own_logs, &c.own_traces]);
+        let cas = destinations.flatten().filter_map(|d| d.ca_config_map_key_ref.as_ref());
+        for ca in cas.chain(server.and_then(|s| s.ca_config_map_key_ref.as_ref())) {
             keys.insert(Key::new(Kind::ConfigMap, namespace, &ca.name));
         }
     }
