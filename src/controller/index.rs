@@ -18,8 +18,8 @@ use super::refs::{Key, Kind, Refs};
 use super::revisions;
 use super::rollout::{parse_threshold, rollout_key, steps};
 use crate::api::{AgentConfig, CapabilitySlot, ConfigFile, Connection, KeyRef, RolloutState};
+use crate::api::{OpampServer, TelemetryDestination, TelemetryHeader};
 use crate::api::{RESTART_ANNOTATION, RETRY_ANNOTATION, RolloutStatus, RolloutStrategy};
-use crate::api::{TelemetryDestination, TelemetryHeader};
 use crate::fleet::{DesiredState, Plan};
 use crate::proto::{
     AgentRemoteConfig, ConnectionSettingsOffers, CustomCapabilities, Header, Headers,
@@ -379,110 +379,126 @@ pub const DEFAULT_HEARTBEAT_SECONDS: u32 = 30;
 /// Bytes of a telemetry header's value at most.
 pub const MAX_HEADER_VALUE_BYTES: usize = 4096;
 
-/// The offer for `connection`, with its hash: SHA-256 over the offer's encoding without the hash
-/// (prost encodes fields in order), so equal settings hash equally on every replica. `secret`
-/// reads a header's value; what is missing goes to `missing` (the resource then waits for it,
-/// as for its files). `Err` says why the settings cannot be offered.
-pub fn settings_offer(
-    connection: &Connection,
-    read: &dyn Fn(Kind, &KeyRef) -> Result<bytes::Bytes, Error>,
-    missing: &mut Vec<String>,
-) -> Result<ConnectionSettingsOffers, String> {
-    use prost::Message;
-    use sha2::{Digest, Sha256};
-    let mut invalid = Vec::new();
-    let server = connection.server.as_ref();
-    let tls = server.is_some_and(|s| s.endpoint.starts_with("wss://") || s.endpoint.starts_with("https://"));
-    let certificate = match server.map(|s| &s.ca_config_map_key_ref) {
-        Some(Some(r)) => match read(Kind::ConfigMap, r) {
-            Ok(ca) => Some(TlsCertificate { ca_cert: ca, ..Default::default() }),
-            Err(e) => {
-                missing.push(e.to_string());
-                None
-            }
-        },
-        Some(None) if tls => {
-            invalid.push(
-                "server: a wss:// or https:// endpoint needs caConfigMapKeyRef (without a CA the supervisor \
-                 skips verifying the operator's certificate)"
-                    .into(),
-            );
-            None
+/// A reader of a ConfigMap's or Secret's key (`Err` when the object or key is missing).
+type ReadRef<'a> = &'a dyn Fn(Kind, &KeyRef) -> Result<bytes::Bytes, Error>;
+
+/// What [`settings_offer`] could not read (the resource waits for it, as for its files) and what
+/// it refuses to offer.
+#[derive(Default)]
+struct Problems {
+    missing: Vec<String>,
+    invalid: Vec<String>,
+}
+
+impl Problems {
+    fn read(&mut self, read: ReadRef<'_>, kind: Kind, r: &KeyRef) -> Option<bytes::Bytes> {
+        read(kind, r).map_err(|e| self.missing.push(e.to_string())).ok()
+    }
+
+    fn check(&mut self, what: &str, checked: Result<(), String>) {
+        if let Err(why) = checked {
+            self.invalid.push(format!("{what}: {why}"));
         }
-        _ => None,
-    };
-    let mut headers_of = |what: &str, list: &[TelemetryHeader], invalid: &mut Vec<String>| {
+    }
+
+    /// Headers whose values are read from Secrets.
+    fn headers(&mut self, read: ReadRef<'_>, what: &str, list: &[TelemetryHeader]) -> Option<Headers> {
         let mut headers = Vec::new();
         for h in list {
-            match read(Kind::Secret, &h.secret_key_ref) {
-                Ok(value) => match check_header_value(&value) {
-                    Ok(value) => headers.push(Header { key: h.name.clone(), value }),
-                    Err(why) => invalid.push(format!("{what} header {}: {why}", h.name)),
-                },
-                Err(e) => missing.push(e.to_string()),
+            let Some(value) = self.read(read, Kind::Secret, &h.secret_key_ref) else { continue };
+            match check_header_value(&value) {
+                Ok(value) => headers.push(Header { key: h.name.clone(), value }),
+                Err(why) => self.invalid.push(format!("{what} header {}: {why}", h.name)),
             }
         }
         (!headers.is_empty()).then_some(Headers { headers })
-    };
-    let mut cas_missing = Vec::new();
-    let mut destination = |signal: &str, d: &Option<TelemetryDestination>, invalid: &mut Vec<String>| {
-        let d = d.as_ref()?;
-        if let Err(why) = check_endpoint(&d.endpoint, &["http", "https"]) {
-            invalid.push(format!("{signal}.endpoint: {why}"));
-        }
-        let tls = d.ca_config_map_key_ref.as_ref().and_then(|r| match read(Kind::ConfigMap, r) {
-            Ok(ca) => Some(TlsConnectionSettings {
+    }
+
+    fn destination(
+        &mut self,
+        read: ReadRef<'_>,
+        signal: &str,
+        d: Option<&TelemetryDestination>,
+    ) -> Option<TelemetryConnectionSettings> {
+        let d = d?;
+        self.check(&format!("{signal}.endpoint"), check_endpoint(&d.endpoint, &["http", "https"]));
+        let ca = d.ca_config_map_key_ref.as_ref().and_then(|r| self.read(read, Kind::ConfigMap, r));
+        Some(TelemetryConnectionSettings {
+            destination_endpoint: d.endpoint.clone(),
+            headers: self.headers(read, signal, &d.headers),
+            tls: ca.map(|ca| TlsConnectionSettings {
                 ca_pem_contents: String::from_utf8_lossy(&ca).into_owned(),
                 include_system_ca_certs_pool: true,
                 ..Default::default()
             }),
-            Err(e) => {
-                cas_missing.push(e.to_string());
-                None
-            }
-        });
-        Some(TelemetryConnectionSettings {
-            destination_endpoint: d.endpoint.clone(),
-            headers: headers_of(signal, &d.headers, invalid),
-            tls,
             ..Default::default()
         })
-    };
-    let own_metrics = destination("ownMetrics", &connection.own_metrics, &mut invalid);
-    let own_logs = destination("ownLogs", &connection.own_logs, &mut invalid);
-    let own_traces = destination("ownTraces", &connection.own_traces, &mut invalid);
+    }
+
+    fn server(&mut self, read: ReadRef<'_>, server: &OpampServer, heartbeat: u64) -> OpAmpConnectionSettings {
+        let endpoint = &server.endpoint;
+        self.check("server.endpoint", check_endpoint(endpoint, &["ws", "wss", "http", "https"]));
+        let tls = endpoint.starts_with("wss://") || endpoint.starts_with("https://");
+        let ca = match &server.ca_config_map_key_ref {
+            Some(r) => self.read(read, Kind::ConfigMap, r),
+            None if tls => {
+                self.invalid.push(
+                    "server: a wss:// or https:// endpoint needs caConfigMapKeyRef (without a CA the \
+                     supervisor skips verifying the operator's certificate)"
+                        .into(),
+                );
+                None
+            }
+            None => None,
+        };
+        OpAmpConnectionSettings {
+            destination_endpoint: endpoint.clone(),
+            headers: self.headers(read, "server", &server.headers),
+            certificate: ca.map(|ca| TlsCertificate { ca_cert: ca, ..Default::default() }),
+            heartbeat_interval_seconds: heartbeat,
+            ..Default::default()
+        }
+    }
+}
+
+/// The offer for `connection`, with its hash: SHA-256 over the offer's encoding without the hash
+/// (prost encodes fields in order), so equal settings hash equally on every replica. `read`
+/// reads the ConfigMap and Secret keys it references; what is missing goes to `missing` (the
+/// resource then waits for it, as for its files). `Err` says why the settings cannot be offered.
+pub fn settings_offer(
+    connection: &Connection,
+    read: ReadRef<'_>,
+    missing: &mut Vec<String>,
+) -> Result<ConnectionSettingsOffers, String> {
+    use prost::Message;
+    use sha2::{Digest, Sha256};
+    let mut p = Problems::default();
     // Every `opamp` part carries the interval: a client takes a missing one for 0 and stops
     // heartbeating. Without one declared, the specification's default.
     let heartbeat = u64::from(connection.heartbeat_interval_seconds.unwrap_or(DEFAULT_HEARTBEAT_SECONDS));
-    let opamp = match server {
-        Some(server) => {
-            if let Err(why) = check_endpoint(&server.endpoint, &["ws", "wss", "http", "https"]) {
-                invalid.push(format!("server.endpoint: {why}"));
-            }
-            Some(OpAmpConnectionSettings {
-                destination_endpoint: server.endpoint.clone(),
-                headers: headers_of("server", &server.headers, &mut invalid),
-                certificate,
-                heartbeat_interval_seconds: heartbeat,
-                ..Default::default()
-            })
-        }
+    let opamp = match &connection.server {
+        Some(server) => Some(p.server(read, server, heartbeat)),
         None => connection
             .heartbeat_interval_seconds
             .map(|_| OpAmpConnectionSettings { heartbeat_interval_seconds: heartbeat, ..Default::default() }),
     };
-    let mut offer =
-        ConnectionSettingsOffers { opamp, own_metrics, own_logs, own_traces, ..Default::default() };
-    missing.append(&mut cas_missing);
-    if !invalid.is_empty() {
-        return Err(invalid.join("; "));
+    let mut offer = ConnectionSettingsOffers {
+        opamp,
+        own_metrics: p.destination(read, "ownMetrics", connection.own_metrics.as_ref()),
+        own_logs: p.destination(read, "ownLogs", connection.own_logs.as_ref()),
+        own_traces: p.destination(read, "ownTraces", connection.own_traces.as_ref()),
+        ..Default::default()
+    };
+    missing.append(&mut p.missing);
+    if !p.invalid.is_empty() {
+        return Err(p.invalid.join("; "));
     }
     offer.hash = bytes::Bytes::copy_from_slice(&Sha256::digest(offer.encode_to_vec()));
     Ok(offer)
 }
 
-/// An own-telemetry endpoint: an http(s) URL with nothing that could break out of the
-/// collector configuration agents write it into (the supervisor templates it into YAML).
+/// An endpoint offered to agents: a URL of one of `schemes` with nothing that could break out of
+/// the collector configuration agents write it into (the supervisor templates it into YAML).
 fn check_endpoint(endpoint: &str, schemes: &[&str]) -> Result<(), String> {
     let scheme_ok =
         schemes.iter().any(|s| endpoint.strip_prefix(s).is_some_and(|rest| rest.starts_with("://")));
@@ -980,7 +996,6 @@ spec:
 
     #[test]
     fn own_telemetry_headers_come_from_secrets_and_cannot_add_collector_configuration() {
-        use crate::api::{TelemetryDestination, TelemetryHeader};
         let destination = |endpoint: &str| TelemetryDestination {
             endpoint: endpoint.into(),
             ca_config_map_key_ref: None,
@@ -1041,7 +1056,6 @@ spec:
 
     #[test]
     fn a_server_offer_carries_the_interval_and_needs_a_ca_for_tls() {
-        use crate::api::OpampServer;
         let server = |endpoint: &str, ca: bool| Connection {
             server: Some(OpampServer {
                 endpoint: endpoint.into(),
