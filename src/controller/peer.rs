@@ -299,7 +299,7 @@ impl NamespaceStatus<'_> {
                         .collect(),
                     facts,
                     connection: c.connection.to_array(),
-                    restart: c.restart,
+                    restart: c.restart.to_array(),
                 };
                 (config.object.name_any(), part)
             })
@@ -343,9 +343,7 @@ impl NamespaceStatus<'_> {
             c.unhealthy = c.unhealthy.saturating_add(part.unhealthy);
             c.incompatible = c.incompatible.saturating_add(part.incompatible);
             c.connection.add(part.connection);
-            for (mine, theirs) in c.restart.iter_mut().zip(part.restart) {
-                *mine = mine.saturating_add(theirs);
-            }
+            c.restart.add(part.restart);
             c.updated = c.updated.saturating_add(part.updated);
             for f in part.failures.iter().take(MAX_FAILURES) {
                 let uid = hex::decode(&f.uid).ok().and_then(|b| Uid::from_wire(&b));

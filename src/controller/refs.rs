@@ -142,20 +142,17 @@ pub fn referenced(
                 keys.insert(Key::new(Kind::Secret, namespace, &r.name));
             }
         }
-        let connection = config.spec.connection.as_ref();
-        let destinations = connection.into_iter().flat_map(|c| [&c.own_metrics, &c.own_logs, &c.own_traces]);
-        let server = connection.and_then(|c| c.server.as_ref());
-        let headers = destinations
-            .flatten()
-            .flat_map(|d| &d.headers)
-            .chain(server.into_iter().flat_map(|s| &s.headers));
-        for header in headers {
-            keys.insert(Key::new(Kind::Secret, namespace, &header.secret_key_ref.name));
-        }
-        let destinations = connection.into_iter().flat_map(|c| [&c.own_metrics, &c.own_logs, &c.own_traces]);
-        let cas = destinations.flatten().filter_map(|d| d.ca_config_map_key_ref.as_ref());
-        for ca in cas.chain(server.and_then(|s| s.ca_config_map_key_ref.as_ref())) {
-            keys.insert(Key::new(Kind::ConfigMap, namespace, &ca.name));
+        let Some(c) = config.spec.connection.as_ref() else { continue };
+        // The headers (Secrets) and CA (a ConfigMap) of each destination and of the server.
+        let destinations = [&c.own_metrics, &c.own_logs, &c.own_traces].into_iter().flatten();
+        let server = c.server.as_ref().map(|s| (&s.headers, &s.ca_config_map_key_ref));
+        for (headers, ca) in destinations.map(|d| (&d.headers, &d.ca_config_map_key_ref)).chain(server) {
+            for h in headers {
+                keys.insert(Key::new(Kind::Secret, namespace, &h.secret_key_ref.name));
+            }
+            if let Some(ca) = ca {
+                keys.insert(Key::new(Kind::ConfigMap, namespace, &ca.name));
+            }
         }
     }
     for slot in slots {

@@ -33,8 +33,43 @@ pub(super) struct Counts {
     pub(super) updated: u32,
     pub(super) failures: Vec<(Uid, String, Bytes)>,
     pub(super) connection: ConnectionCounts,
-    /// Restarted, pending, unsupported (see `RestartStatus`).
-    pub(super) restart: [u32; 3],
+    pub(super) restart: RestartCounts,
+}
+
+/// Each count plus the other's (saturating): how peers' counts add up.
+fn add_each<const N: usize>(mine: [u32; N], theirs: [u32; N]) -> [u32; N] {
+    std::array::from_fn(|i| mine[i].saturating_add(theirs[i]))
+}
+
+/// The selected agents of a resource that asks for a restart (see `RestartStatus`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct RestartCounts {
+    pub(super) restarted: u32,
+    pub(super) pending: u32,
+    pub(super) unsupported: u32,
+}
+
+impl RestartCounts {
+    /// As a peer sends them: restarted, pending, unsupported.
+    pub(super) fn to_array(self) -> [u32; 3] {
+        [self.restarted, self.pending, self.unsupported]
+    }
+
+    pub(super) fn add(&mut self, theirs: [u32; 3]) {
+        let [restarted, pending, unsupported] = add_each(self.to_array(), theirs);
+        *self = Self { restarted, pending, unsupported };
+    }
+
+    /// Counts one selected agent of a restart asked for at `at`.
+    fn count(&mut self, agent: &AgentView<'_>, at: u64) {
+        if !agent.report.has_capability(AgentCapabilities::AcceptsRestartCommand) {
+            self.unsupported += 1;
+        } else if agent.report.started_since(at) {
+            self.restarted += 1;
+        } else {
+            self.pending += 1;
+        }
+    }
 }
 
 /// The agents a resource's connection settings are for (it wins for them).
@@ -52,11 +87,9 @@ impl ConnectionCounts {
         [self.offered, self.applied, self.failed, self.unsupported]
     }
 
-    pub(super) fn add(&mut self, [offered, applied, failed, unsupported]: [u32; 4]) {
-        self.offered = self.offered.saturating_add(offered);
-        self.applied = self.applied.saturating_add(applied);
-        self.failed = self.failed.saturating_add(failed);
-        self.unsupported = self.unsupported.saturating_add(unsupported);
+    pub(super) fn add(&mut self, theirs: [u32; 4]) {
+        let [offered, applied, failed, unsupported] = add_each(self.to_array(), theirs);
+        *self = Self { offered, applied, failed, unsupported };
     }
 
     /// Counts one agent the settings are for.
@@ -127,14 +160,7 @@ impl<'a> NamespaceStatus<'a> {
             };
             resolved.push(i);
             if let Some(at) = config.restart_at() {
-                let r = &mut c.restart;
-                if !agent.report.has_capability(AgentCapabilities::AcceptsRestartCommand) {
-                    r[2] += 1;
-                } else if agent.report.started_since(at) {
-                    r[0] += 1;
-                } else {
-                    r[1] += 1;
-                }
+                c.restart.count(agent, at);
             }
             // The config of every selecting resource at its update revision: what an agent runs
             // once this version reached it.
@@ -283,9 +309,9 @@ impl<'a> NamespaceStatus<'a> {
                     restart: config.restart.as_ref().map(|(value, at)| RestartStatus {
                         requested_at: value.clone(),
                         message: at.as_ref().err().cloned(),
-                        restarted_agents: c.restart[0],
-                        pending_agents: c.restart[1],
-                        unsupported_agents: c.restart[2],
+                        restarted_agents: c.restart.restarted,
+                        pending_agents: c.restart.pending,
+                        unsupported_agents: c.restart.unsupported,
                     }),
                     failures,
                     conditions: conditions::merge(&current.conditions, desired, generation, now),

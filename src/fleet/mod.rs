@@ -1006,12 +1006,12 @@ impl Fleet {
     }
 }
 
-/// Gives an agent the desired state `plan` derives for it; wakes it when that changed.
 /// Nanoseconds since the epoch (0 before it).
 fn unix_nanos(t: SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
+/// Gives an agent the desired state `plan` derives for it; wakes it when that changed.
 fn derive(agent: &mut Agent, uid: &Uid, plan: &Published) {
     let desired = plan.plan.desired(uid, &agent.session.report, &agent.desired);
     agent.plan_version = plan.version;

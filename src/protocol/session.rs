@@ -363,12 +363,13 @@ impl Session {
         // restarted agent (a new sequence), or the full state the server asked for. A part it
         // does not carry, the agent does not have (e.g. a restarted agent that lost its remote
         // config must be offered it again, not taken to still run it).
-        let full_report = msg.agent_description.is_some()
-            && ((seq == 0 && self.last_seq.is_some_and(|prev| prev != u64::MAX)) || self.awaiting_full_state);
+        // A new sequence after one that did not end at the wrap-around: the agent restarted.
+        let restarted = seq == 0 && self.last_seq.is_some_and(|prev| prev != u64::MAX);
+        let full_report = msg.agent_description.is_some() && (restarted || self.awaiting_full_state);
         // Not for an agent that accepts OpAMP connection settings: the offer restarts its OpAMP
         // client, which begins a new sequence; offering them again would never end.
         let accepts_opamp = msg.capabilities & AgentCapabilities::AcceptsOpAmpConnectionSettings as u64 != 0;
-        if seq == 0 && self.last_seq.is_some_and(|prev| prev != u64::MAX) && !accepts_opamp {
+        if restarted && !accepts_opamp {
             self.offered_settings = 0;
         }
         self.last_seq = Some(seq);
