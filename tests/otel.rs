@@ -103,6 +103,26 @@ impl Env {
     async fn stop(self) {
         self.0.stop().await;
     }
+
+    /// Waits for five HTTP polls of the namespace's one agent at least 1.5 s apart within 12 s,
+    /// which a collector polling every 30 s cannot make (what it sends between polls, e.g. a
+    /// status change, comes in bursts); else the number seen.
+    async fn polls_every_2_seconds(&self) -> Result<(), usize> {
+        let mut polls: Vec<std::time::SystemTime> = Vec::new();
+        poll_until(Duration::from_secs(12), || {
+            let agent = self.op.fleet.agents().into_iter().find(|a| a.namespace == self.ns.name);
+            if let Some(seen) = agent.filter(|a| a.transport == Some(Transport::Http)).map(|a| a.last_seen) {
+                let apart = |last: &std::time::SystemTime| {
+                    seen.duration_since(*last).is_ok_and(|d| d >= Duration::from_millis(1500))
+                };
+                if polls.last().is_none_or(apart) {
+                    polls.push(seen);
+                }
+            }
+            std::future::ready(if polls.len() >= 5 { Ok(()) } else { Err(polls.len()) })
+        })
+        .await
+    }
 }
 
 /// An AgentConfig giving every collector of the namespace `collector.yaml`.
@@ -281,23 +301,7 @@ async fn an_http_collector_polls_at_the_declared_heartbeat_interval_and_sees_cha
     assert_eq!((connection.failed_agents, connection.unsupported_agents), (0, 0), "{status:#?}");
     assert!(connection.hash.starts_with("sha256:"), "{connection:#?}");
 
-    // Five polls at least 1.5 s apart within 12 s: a collector polling every 30 s cannot (what
-    // it sends between polls, e.g. a status change, comes in bursts).
-    let mut polls: Vec<std::time::SystemTime> = Vec::new();
-    poll_until(Duration::from_secs(12), || {
-        let agent = env.op.fleet.agents().into_iter().find(|a| a.namespace == env.ns.name);
-        if let Some(seen) = agent.map(|a| a.last_seen) {
-            let apart = |last: &std::time::SystemTime| {
-                seen.duration_since(*last).is_ok_and(|d| d >= Duration::from_millis(1500))
-            };
-            if polls.last().is_none_or(apart) {
-                polls.push(seen);
-            }
-        }
-        std::future::ready(if polls.len() >= 5 { Ok(()) } else { Err(polls.len()) })
-    })
-    .await
-    .unwrap_or_else(|n| {
+    env.polls_every_2_seconds().await.unwrap_or_else(|n| {
         panic!("{n} polls seen in 12 s; the collector does not poll every 2 s\n{}", sup.logs())
     });
 
@@ -416,21 +420,9 @@ async fn a_collector_that_accepts_opamp_settings_moves_to_the_server_it_is_given
     // sequence, on another transport), and was not offered them again.
     let offered = env.op.fleet.connection_settings_offered();
     assert_eq!(offered, 1, "{agent:#?}");
-    let mut polls: Vec<std::time::SystemTime> = Vec::new();
-    poll_until(Duration::from_secs(12), || {
-        let agent = env.op.fleet.agents().into_iter().find(|a| a.namespace == env.ns.name);
-        if let Some(seen) = agent.filter(|a| a.transport == Some(Transport::Http)).map(|a| a.last_seen) {
-            let apart = |last: &std::time::SystemTime| {
-                seen.duration_since(*last).is_ok_and(|d| d >= Duration::from_millis(1500))
-            };
-            if polls.last().is_none_or(apart) {
-                polls.push(seen);
-            }
-        }
-        std::future::ready(if polls.len() >= 5 { Ok(()) } else { Err(polls.len()) })
-    })
-    .await
-    .unwrap_or_else(|n| panic!("{n} polls in 12 s at the offered 2 s\n{}", sup.logs()));
+    env.polls_every_2_seconds()
+        .await
+        .unwrap_or_else(|n| panic!("{n} polls in 12 s at the offered 2 s\n{}", sup.logs()));
     assert_eq!(env.op.fleet.connection_settings_offered(), 1, "still offered once");
     sup.stop().await;
     env.stop().await;
