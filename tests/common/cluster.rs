@@ -355,9 +355,26 @@ pub async fn apply_yaml(
                 (kube::discovery::Scope::Cluster, _) => Api::all_with(client.clone(), &resource),
             };
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        applied.push(api.patch(&name, &params, &Patch::Apply(&object)).await?);
+        // etcd on two busy cores sometimes answers a write late: the API server says so with a
+        // timeout. A server-side apply is idempotent: it is sent again, a few times.
+        let mut attempt = 1;
+        let object = loop {
+            match api.patch(&name, &params, &Patch::Apply(&object)).await {
+                Err(kube::Error::Api(s)) if attempt < 4 && storage_timed_out(&s) => {
+                    attempt += 1;
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                result => break result?,
+            }
+        };
+        applied.push(object);
     }
     Ok(applied)
+}
+
+/// The API server's answer when etcd did not answer a request in time.
+fn storage_timed_out(s: &kube::core::Status) -> bool {
+    s.code == 504 || (s.code == 500 && s.message.contains("etcdserver: request timed out"))
 }
 
 /// Applies every CRD in `crds/` (server-side, forced) and waits until each is Established.
