@@ -4,7 +4,7 @@ SHELL := bash
 CARGO ?= cargo
 export OPAMP_TOOLS_BIN := $(CURDIR)/target/tools/bin
 
-.PHONY: all build test unit lint fmt crds tools tools-interop tools-k8s tools-otel tools-bench demo bench fuzz fuzz-lint soak
+.PHONY: all build image test test-image unit lint fmt crds tools tools-interop tools-k8s tools-otel tools-bench demo bench fuzz fuzz-lint soak
 
 all: build
 
@@ -49,6 +49,18 @@ test: tools-interop tools-k8s tools-otel lint
 	trap 'tests/tools/local-cluster down; LOCAL_CLUSTER_DIR=$(CURDIR)/target/local-cluster-faults tests/tools/local-cluster down' EXIT; \
 	tests/tools/local-cluster up; \
 	$(CARGO) test --all-targets --no-fail-fast
+
+## image: the operator image from the Dockerfile, without a daemon (buildah; installed from
+## Debian's packages when missing): target/image/opamp-operator.tar, named in target/image/name.
+image:
+	CARGO="$(CARGO)" tests/tools/build-image
+
+## test-image: builds the image and runs it with podman (tests/image.rs: --version, /healthz,
+## /readyz against a local API server, exit 0 on SIGTERM; non-root, read-only root file system).
+test-image: image tools-k8s
+	trap 'tests/tools/local-cluster down' EXIT; \
+	tests/tools/local-cluster up; \
+	$(CARGO) test --test image -- --ignored
 
 unit:
 	$(CARGO) test --lib

@@ -9,7 +9,12 @@ use opamp_operator::opamp::{OpampServer, ServerConfig};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "opamp-operator", version, about = "Manages fleets of OpAMP agents from Kubernetes")]
+#[command(
+    name = "opamp-operator",
+    version,
+    propagate_version = true,
+    about = "Manages fleets of OpAMP agents from Kubernetes"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, env = "OPAMP_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
