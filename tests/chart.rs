@@ -643,6 +643,19 @@ fn renders_replicas_peers_and_spread_as_set() {
     assert_eq!(spread[1]["maxSkew"], 2);
     let m = Manifests::render("rel", "ops", None, &["--set-json", "topologySpreadConstraints=[]"]);
     assert!(pod_of(&m)["topologySpreadConstraints"].is_null());
+
+    // Host network and the update strategy: absent by default, as set otherwise (a single node
+    // with host networking replaces its one pod in place; tests/node.rs).
+    let m = Manifests::render("rel", "ops", None, &[]);
+    assert!(pod_of(&m)["hostNetwork"].is_null() && pod_of(&m)["dnsPolicy"].is_null());
+    assert!(m.get("Deployment", full)["spec"]["strategy"].is_null());
+    let in_place = r#"strategy={"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}"#;
+    let m = Manifests::render("rel", "ops", Some("hostNetwork=true"), &["--set-json", in_place]);
+    let pod = pod_of(&m);
+    assert_eq!((&pod["hostNetwork"], text(&pod["dnsPolicy"])), (&Value::Bool(true), "ClusterFirstWithHostNet"));
+    let strategy = &m.get("Deployment", full)["spec"]["strategy"];
+    assert_eq!(strategy["rollingUpdate"]["maxSurge"], 0);
+    assert_eq!(strategy["rollingUpdate"]["maxUnavailable"], 1);
 }
 
 /// The base64 value of `key` in a Secret's `data`, decoded.
@@ -1443,8 +1456,9 @@ async fn operator_runs_with_the_charts_rbac() {
 
     agent.stop().await;
     op.stop().await;
-    // A replica that stops hands the Lease back, and deletes its own.
-    assert_eq!(holder(leases.get_opt(LEASE).await.unwrap()), None, "the Lease is released");
+    // A replica that stops deletes the leader Lease it holds, and its own: nothing is left.
+    assert_eq!(holder(leases.get_opt(LEASE).await.unwrap()), None, "the leader Lease is released");
+    assert!(leases.get_opt(LEASE).await.unwrap().is_none(), "the leader Lease is deleted");
     wait_for("the replica's own Lease deleted", || async {
         leases.get_opt(&member).await.ok()?.is_none().then_some(())
     })

@@ -1,13 +1,14 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease: every replica serves OpAMP, only the
 //! leader writes status and events. The leader renews the Lease every `renew_every`; when it
 //! stops renewing (crash) another replica takes over once `lease_duration` has passed, and a
-//! replica that shuts down releases the Lease so the next one takes over at once.
+//! replica that shuts down deletes the Lease it holds so the next one takes over at once (and an
+//! uninstalled release leaves none behind).
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
 use kube::{Api, Client};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -120,15 +121,28 @@ async fn try_acquire(api: &Api<Lease>, config: &LeaderElectionConfig) -> Result<
     }
 }
 
+/// Deletes the Lease if this replica still holds it: the next replica creates it at once, and a
+/// release uninstalled leaves no Lease behind. The resourceVersion precondition keeps a Lease
+/// another replica took meanwhile.
 async fn release(api: &Api<Lease>, config: &LeaderElectionConfig) -> Result<(), kube::Error> {
-    let mut lease = api.get(&config.name).await?;
-    let Some(spec) = lease.spec.as_mut() else { return Ok(()) };
-    if spec.holder_identity.as_deref() != Some(config.identity.as_str()) {
+    let Some(lease) = api.get_opt(&config.name).await? else { return Ok(()) };
+    let holder = lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref());
+    if holder != Some(config.identity.as_str()) {
         return Ok(());
     }
-    spec.holder_identity = None;
-    spec.renew_time = None;
-    api.replace(&config.name, &PostParams::default(), &lease).await.map(|_| ())
+    let held = DeleteParams {
+        preconditions: Some(Preconditions {
+            resource_version: lease.metadata.resource_version.clone(),
+            uid: lease.metadata.uid.clone(),
+        }),
+        ..Default::default()
+    };
+    match api.delete(&config.name, &held).await {
+        Ok(_) => Ok(()),
+        // Gone or taken over meanwhile: nothing of ours to release.
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]
