@@ -4,7 +4,7 @@ SHELL := bash
 CARGO ?= cargo
 export OPAMP_TOOLS_BIN := $(CURDIR)/target/tools/bin
 
-.PHONY: all build test unit lint fmt crds tools tools-interop tools-k8s tools-otel tools-bench demo bench fuzz fuzz-lint soak
+.PHONY: all build test unit lint fmt crds tools tools-interop tools-k8s tools-k8s-node tools-otel tools-bench demo bench fuzz fuzz-lint soak
 
 all: build
 
@@ -28,6 +28,11 @@ tools-bench:
 tools-k8s:
 	bash tests/tools/build-k8s.sh
 	bash tests/tools/build-helm.sh
+
+## tools-k8s-node: what `tests/tools/local-cluster up --node` adds (kubelet, kube-controller-manager,
+## kube-scheduler); not part of `tools`.
+tools-k8s-node:
+	bash tests/tools/build-k8s-node.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
