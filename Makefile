@@ -30,9 +30,10 @@ tools-k8s:
 	bash tests/tools/build-helm.sh
 
 ## tools-k8s-node: what `tests/tools/local-cluster up --node` adds (kubelet, kube-controller-manager,
-## kube-scheduler); not part of `tools`.
+## kube-scheduler and the pod sandbox image); not part of `tools`.
 tools-k8s-node:
 	bash tests/tools/build-k8s-node.sh
+	bash tests/tools/build-pause-image.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
