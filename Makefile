@@ -4,7 +4,7 @@ SHELL := bash
 CARGO ?= cargo
 export OPAMP_TOOLS_BIN := $(CURDIR)/target/tools/bin
 
-.PHONY: all build image test test-image unit lint fmt crds tools tools-interop tools-k8s tools-otel tools-bench demo bench fuzz fuzz-lint soak
+.PHONY: all build image test test-image test-node unit lint fmt crds tools tools-interop tools-k8s tools-k8s-node tools-otel tools-bench demo bench fuzz fuzz-lint soak
 
 all: build
 
@@ -28,6 +28,12 @@ tools-bench:
 tools-k8s:
 	bash tests/tools/build-k8s.sh
 	bash tests/tools/build-helm.sh
+
+## tools-k8s-node: what `tests/tools/local-cluster up --node` adds (kubelet, kube-controller-manager,
+## kube-scheduler and the pod sandbox image); not part of `tools`.
+tools-k8s-node:
+	bash tests/tools/build-k8s-node.sh
+	bash tests/tools/build-pause-image.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -61,6 +67,18 @@ test-image: image tools-k8s
 	trap 'tests/tools/local-cluster down' EXIT; \
 	tests/tools/local-cluster up; \
 	$(CARGO) test --test image -- --ignored
+
+## test-node: the chart on a real node (tests/node.rs): `local-cluster up --node` (kubelet,
+## containerd, controller-manager, scheduler, in a network namespace of their own), the image
+## loaded into it, then helm install / upgrade / uninstall with an opamp-go agent connected. Needs
+## root; ~25 min cold (the release build and the node's binaries), ~3 min warm.
+test-node: image tools-k8s tools-k8s-node tools-interop
+	export LOCAL_CLUSTER_DIR=$(CURDIR)/target/local-cluster-node; \
+	trap 'tests/tools/local-cluster down' EXIT; \
+	tests/tools/local-cluster up --node; \
+	tests/tools/local-cluster load-image target/image/opamp-operator.tar; \
+	$(CARGO) test --test node --no-run; \
+	tests/tools/local-cluster exec -- $(CARGO) test --test node -- --ignored --nocapture
 
 unit:
 	$(CARGO) test --lib

@@ -1,0 +1,3 @@
+module opamp-operator.local/pause
+
+go 1.24.0
