@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use opamp_operator::fleet::{Fleet, FleetConfig};
 use opamp_operator::opamp::{OpampServer, ServerConfig};
 use tracing_subscriber::EnvFilter;
@@ -146,6 +147,11 @@ struct RunArgs {
     /// This replica's identity in the Lease (default: the pod name, else the host name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// The uid of the pod this replica runs in (the chart sets it from the downward API). With
+    /// `POD_NAME`, the Leases this replica holds are owned by its pod, and the cluster deletes
+    /// them with it: after `helm uninstall` the replica may no longer delete them itself.
+    #[arg(long, env = "POD_UID")]
+    pod_uid: Option<String>,
     /// Act as one operator with the other replicas of `--peer-group`: a Lease per replica in
     /// the pod's namespace, merged status, dispatch and HTTP agents forwarded between them.
     #[arg(long, env = "OPAMP_PEERS")]
@@ -371,6 +377,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), uuid::Uuid::new_v4().simple())
     });
+    let lease_owner = args.identity.clone().zip(args.pod_uid.clone()).map(|(name, uid)| OwnerReference {
+        api_version: "v1".into(),
+        kind: "Pod".into(),
+        name,
+        uid,
+        ..Default::default()
+    });
     let peers = if args.peers {
         let advertise = match (&args.peer_advertise, std::env::var("POD_IP")) {
             (Some(a), _) => a.clone(),
@@ -388,6 +401,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         p.allowed_users = args.peer_users.iter().filter(|u| !u.trim().is_empty()).cloned().collect();
         p.lease_duration = Duration::from_secs(args.peer_lease_seconds.max(3));
         p.renew_every = p.lease_duration / 3;
+        p.owner = lease_owner.clone();
         Some(p)
     } else {
         None
@@ -418,6 +432,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 &identity,
             );
             election.lease_duration = Duration::from_secs(args.leader_election_lease_seconds.max(3));
+            election.owner = lease_owner.clone();
             election.renew_every = election.lease_duration / 3;
             election
         }),

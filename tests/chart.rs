@@ -409,6 +409,7 @@ fn renders_defaults() {
     assert_binary_accepts(&args);
     assert_eq!(named(&c["env"], "POD_NAME")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
     assert_eq!(named(&c["env"], "POD_NAMESPACE")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.namespace");
+    assert_eq!(named(&c["env"], "POD_UID")["valueFrom"]["fieldRef"]["fieldPath"], "metadata.uid");
     assert_eq!(named(&c["env"], "POD_IP")["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
     assert_eq!(named(&c["env"], "RUST_LOG")["value"], "info");
     for (port, number) in
@@ -649,10 +650,14 @@ fn renders_replicas_peers_and_spread_as_set() {
     let m = Manifests::render("rel", "ops", None, &[]);
     assert!(pod_of(&m)["hostNetwork"].is_null() && pod_of(&m)["dnsPolicy"].is_null());
     assert!(m.get("Deployment", full)["spec"]["strategy"].is_null());
-    let in_place = r#"strategy={"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}"#;
+    let in_place =
+        r#"strategy={"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}"#;
     let m = Manifests::render("rel", "ops", Some("hostNetwork=true"), &["--set-json", in_place]);
     let pod = pod_of(&m);
-    assert_eq!((&pod["hostNetwork"], text(&pod["dnsPolicy"])), (&Value::Bool(true), "ClusterFirstWithHostNet"));
+    assert_eq!(
+        (&pod["hostNetwork"], text(&pod["dnsPolicy"])),
+        (&Value::Bool(true), "ClusterFirstWithHostNet")
+    );
     let strategy = &m.get("Deployment", full)["spec"]["strategy"];
     assert_eq!(strategy["rollingUpdate"]["maxSurge"], 0);
     assert_eq!(strategy["rollingUpdate"]["maxUnavailable"], 1);

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, OwnerReference};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
 use kube::{Api, Client};
@@ -22,6 +22,9 @@ pub struct LeaderElectionConfig {
     pub identity: String,
     pub lease_duration: Duration,
     pub renew_every: Duration,
+    /// The holder's Pod, set as the Lease's owner by whoever acquires it: the garbage collector
+    /// deletes the Lease with its holder (a release uninstalled leaves none behind).
+    pub owner: Option<OwnerReference>,
 }
 
 impl LeaderElectionConfig {
@@ -32,6 +35,7 @@ impl LeaderElectionConfig {
             identity: identity.into(),
             lease_duration: Duration::from_secs(15),
             renew_every: Duration::from_secs(5),
+            owner: None,
         }
     }
 }
@@ -85,7 +89,11 @@ async fn try_acquire(api: &Api<Lease>, config: &LeaderElectionConfig) -> Result<
     let seconds = i32::try_from(config.lease_duration.as_secs()).unwrap_or(i32::MAX);
     let Some(mut lease) = api.get_opt(&config.name).await? else {
         let lease = Lease {
-            metadata: ObjectMeta { name: Some(config.name.clone()), ..Default::default() },
+            metadata: ObjectMeta {
+                name: Some(config.name.clone()),
+                owner_references: config.owner.clone().map(|o| vec![o]),
+                ..Default::default()
+            },
             spec: Some(LeaseSpec {
                 holder_identity: Some(config.identity.clone()),
                 lease_duration_seconds: Some(seconds),
@@ -110,6 +118,7 @@ async fn try_acquire(api: &Api<Lease>, config: &LeaderElectionConfig) -> Result<
         spec.holder_identity = Some(config.identity.clone());
         spec.acquire_time = Some(now());
         spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+        lease.metadata.owner_references = config.owner.clone().map(|o| vec![o]);
     }
     spec.lease_duration_seconds = Some(seconds);
     spec.renew_time = Some(now());

@@ -114,6 +114,7 @@ async fn hold(api: &Api<Lease>, name: &str, config: &PeersConfig, peers: &Peers)
         metadata: ObjectMeta {
             name: Some(name.into()),
             labels: Some(BTreeMap::from([(GROUP_LABEL.into(), config.group.clone())])),
+            owner_references: config.owner.clone().map(|o| vec![o]),
             annotations: Some(BTreeMap::from([
                 (ADDRESS_ANNOTATION.into(), me.address.to_string()),
                 (INCARNATION_ANNOTATION.into(), me.incarnation.to_string()),

@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use parking_lot::RwLock;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -58,6 +59,8 @@ pub struct PeersConfig {
     pub allowed_users: Vec<String>,
     /// Deadline of one peer call.
     pub call_timeout: Duration,
+    /// The owner of this replica's Lease (its Pod): deleted with it by the garbage collector.
+    pub owner: Option<OwnerReference>,
 }
 
 impl PeersConfig {
@@ -72,6 +75,7 @@ impl PeersConfig {
             token_file: token_file.into(),
             allowed_users: Vec::new(),
             call_timeout: Duration::from_secs(5),
+            owner: None,
         }
     }
 }
