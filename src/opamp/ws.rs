@@ -21,7 +21,7 @@ use super::server::{PlainIo, State, TlsIo};
 use crate::fleet::{Connection, Wakeup};
 use crate::proto::{AgentToServer, ServerToAgent};
 use crate::protocol::Transport;
-use crate::protocol::codec;
+use crate::protocol::codec::{self, WsFrame};
 
 const WS: TransportLabel = TransportLabel { transport: "websocket" };
 
@@ -199,20 +199,20 @@ fn timed_out(state: &State, kind: &'static str) {
 }
 
 /// Decodes and handles one frame: the encoded reply, and what to do once it is written.
-fn on_frame(state: &State, conn: &mut Connection, data: Bytes) -> (Bytes, Step) {
+fn on_frame(state: &State, conn: &mut Connection, data: Bytes) -> (WsFrame, Step) {
     let metrics = &state.metrics;
     let mut msg = AgentToServer::default();
     if let Err(e) = codec::decode_ws_into(data, &mut msg) {
         tracing::debug!(error = %e, "undecodable frame");
         metrics.decode_errors.get_or_create(&WS).inc();
         metrics.hot.error.inc();
-        return (codec::encode_ws(&bad_request(e.to_string())), Step::Continue);
+        return (codec::encode_ws_reply(&bad_request(e.to_string())), Step::Continue);
     }
     let mut reply = ServerToAgent::default();
     match request::handle(state, conn, &mut msg, &mut reply) {
-        Handled::Reply => (codec::encode_ws(&reply), Step::Continue),
+        Handled::Reply => (codec::encode_ws_reply(&reply), Step::Continue),
         Handled::Refused(_) => {
-            (codec::encode_ws(&reply), Step::Close(CloseCode::Again, "server at capacity, retry later"))
+            (codec::encode_ws_reply(&reply), Step::Close(CloseCode::Again, "server at capacity, retry later"))
         }
     }
 }
