@@ -671,7 +671,9 @@ impl Fleet {
             Uid::new_v7()
         };
         if msg.instance_uid.len() <= ISSUED_UID_KEY_MAX_BYTES {
-            conn.issued = Some(Box::new((msg.instance_uid.clone(), uid)));
+            // Copied, not cloned: on WebSocket the wire uid is a slice of the frame's buffer
+            // (`codec::decode_ws_into`), which the connection would otherwise keep.
+            conn.issued = Some(Box::new((Bytes::copy_from_slice(&msg.instance_uid), uid)));
         }
         (uid, Some(uid))
     }

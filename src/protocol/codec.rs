@@ -44,8 +44,27 @@ pub fn decode_ws_into(mut frame: Bytes, msg: &mut AgentToServer) -> Result<(), D
         Some(&WS_HEADER) => frame.advance(1),
         Some(_) => {} // headerless frame from an older client
     }
+    // The `instance_uid`, first when it comes as agents send it (fields in number order), is
+    // a slice of the frame rather than a copy (the copy was one allocation per message, two
+    // with the reference count prost's encoding of the reply then added). It does not pin the
+    // frame's buffer for long: the registry keeps no wire uid (a `Uid` is 16 bytes copied), and
+    // the bytes go into the reply, dropped once written. Merged after it, the rest of the
+    // message decodes as the whole would: a later `instance_uid` replaces this one.
+    if let Some(len) = leading_uid_len(&frame) {
+        msg.instance_uid = frame.slice(2..2 + len);
+        frame.advance(2 + len);
+    }
     // From a slice, like `decode`: the kept `bytes` fields are copied out of the frame.
     msg.merge(frame.as_ref()).map_err(|e| DecodeError::Protobuf(e.to_string()))
+}
+
+/// The length of the message's first field when it is a whole `instance_uid` (field 1,
+/// length-delimited) of under 128 bytes (a one-byte length).
+fn leading_uid_len(message: &[u8]) -> Option<usize> {
+    match *message {
+        [0x0a, len, ..] if len < 0x80 && message.len() >= 2 + usize::from(len) => Some(usize::from(len)),
+        _ => None,
+    }
 }
 
 /// Decodes a bare protobuf `AgentToServer`.
@@ -320,6 +339,39 @@ mod tests {
             proptest::prop_assert_eq!(&frame[..], &want[..]);
             let inline = matches!(frame, WsFrame::Inline { .. });
             proptest::prop_assert_eq!(inline, other >= 8 && msg.instance_uid.len() <= PLAIN_UID_MAX);
+        }
+    }
+
+    proptest::proptest! {
+        /// A frame that starts with an `instance_uid`, then any bytes (other fields, another
+        /// `instance_uid`, garbage): decoded as prost decodes it, or refused when prost refuses.
+        #[test]
+        fn ws_frame_decodes_as_prost_decodes(
+            uid in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..140),
+            declared in proptest::option::of(0u8..0x90),
+            rest in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+            later_uid in proptest::option::of(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..20)),
+            sequence_num in proptest::prelude::any::<u64>(),
+        ) {
+            let mut message = vec![0x0a];
+            // The uid's true length, or another (too long, or shorter: the rest then misparses).
+            prost::encoding::encode_varint(declared.map_or(uid.len() as u64, u64::from), &mut message);
+            message.extend_from_slice(&uid);
+            let tail = AgentToServer {
+                instance_uid: later_uid.unwrap_or_default().into(),
+                sequence_num,
+                ..Default::default()
+            };
+            tail.encode(&mut message).unwrap();
+            for tail in [&[][..], &rest[..]] {
+                let mut whole = message.clone();
+                whole.extend_from_slice(tail);
+                let want = AgentToServer::decode(&whole[..]).ok();
+                let mut framed = vec![WS_HEADER];
+                framed.extend_from_slice(&whole);
+                proptest::prop_assert_eq!(decode_ws(framed.into()).ok(), want.clone());
+                proptest::prop_assert_eq!(decode_ws(whole.into()).ok(), want);
+            }
         }
     }
 
