@@ -140,7 +140,7 @@ where
                         // The message is handled and its reply encoded before anything is awaited;
                         // only the write is, and only when the socket does not take it at once.
                         Ok(Some(Incoming::Binary(data))) => {
-                            let (reply, then) = on_frame(&state, &mut conn, data);
+                            let (reply, then) = on_frame(&state, &mut conn, data, last_heard);
                             if first_due.is_some() && conn.agent().is_some() {
                                 first_due = None;
                             }
@@ -198,8 +198,9 @@ fn timed_out(state: &State, kind: &'static str) {
     state.metrics.connection_timeouts.get_or_create(&KindLabel { kind }).inc();
 }
 
-/// Decodes and handles one frame: the encoded reply, and what to do once it is written.
-fn on_frame(state: &State, conn: &mut Connection, data: Bytes) -> (WsFrame, Step) {
+/// Decodes and handles one frame, received at `now`: the encoded reply, and what to do once it
+/// is written.
+fn on_frame(state: &State, conn: &mut Connection, data: Bytes, now: Instant) -> (WsFrame, Step) {
     let metrics = &state.metrics;
     let mut msg = AgentToServer::default();
     if let Err(e) = codec::decode_ws_into(data, &mut msg) {
@@ -209,7 +210,7 @@ fn on_frame(state: &State, conn: &mut Connection, data: Bytes) -> (WsFrame, Step
         return (codec::encode_ws_reply(&bad_request(e.to_string())), Step::Continue);
     }
     let mut reply = ServerToAgent::default();
-    match request::handle(state, conn, &mut msg, &mut reply) {
+    match request::handle(state, conn, &mut msg, &mut reply, now) {
         Handled::Reply => (codec::encode_ws_reply(&reply), Step::Continue),
         Handled::Refused(_) => {
             (codec::encode_ws_reply(&reply), Step::Close(CloseCode::Again, "server at capacity, retry later"))
