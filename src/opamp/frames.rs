@@ -10,9 +10,10 @@
 //! A write goes to the socket from the stack too, and only what the socket does not take at once
 //! is kept until it does.
 //!
-//! The frame header is tungstenite's ([`FrameHeader`]), as is the accept key of the handshake;
-//! what is ours is the buffering, the checks a server makes of a client's frames, and the
-//! assembly of fragmented messages.
+//! The frame header is parsed by tungstenite ([`FrameHeader`]), whose accept key of the
+//! handshake is used too; the server's own headers are written here (`server_header`, tested
+//! against tungstenite's). What is ours is the buffering, the checks a server makes of a
+//! client's frames, and the assembly of fragmented messages.
 use std::io::{self, Cursor, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
