@@ -690,6 +690,19 @@ fn client_frame(payload: &[u8]) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_websocket_peer_that_never_answers_pings_is_closed() {
+    deaf_after_heartbeats(0).await;
+}
+
+/// Heartbeats more often than the ping interval move the ping's deadline many times before the
+/// agent goes deaf: it is still pinged, and closed.
+#[tokio::test]
+async fn a_websocket_peer_that_stops_after_heartbeats_and_never_answers_pings_is_closed() {
+    deaf_after_heartbeats(12).await;
+}
+
+/// One AgentToServer, `heartbeats` more a quarter of the ping interval apart, then nothing read
+/// or written: the server's pings go unanswered and it closes the connection.
+async fn deaf_after_heartbeats(heartbeats: usize) {
     let ping = Duration::from_millis(200);
     let server = Endpoint::start(ServerConfig { ws_ping_interval: ping, ..Default::default() }).await;
     let mut tcp = TcpStream::connect(server.addr).await.unwrap();
@@ -715,6 +728,12 @@ async fn a_websocket_peer_that_never_answers_pings_is_closed() {
         server.fleet.agent(&AgentKey::new("default", agent.uid())).filter(|a| a.connected).map(|_| ())
     })
     .await;
+    for _ in 0..heartbeats {
+        tokio::time::sleep(ping / 4).await;
+        let mut payload = vec![0u8];
+        payload.extend(agent.heartbeat().encode_to_vec());
+        tcp.write_all(&client_frame(&payload)).await.unwrap();
+    }
     eventually(ping * 3 + SLACK, "the deaf agent disconnected", || async {
         server.fleet.agent(&AgentKey::new("default", agent.uid())).filter(|a| !a.connected).map(|_| ())
     })

@@ -512,7 +512,7 @@ impl Fleet {
     /// Handles one message from an agent and returns the reply.
     pub fn handle(&self, conn: &mut Connection, mut msg: AgentToServer) -> Result<ServerToAgent, Rejection> {
         let mut reply = ServerToAgent::default();
-        self.handle_in_place(conn, &mut msg, &mut reply)?;
+        self.handle_in_place(conn, &mut msg, &mut reply, Instant::now())?;
         Ok(reply)
     }
 
@@ -521,11 +521,13 @@ impl Fleet {
     /// taken out of it; once it is answered, so is its `instance_uid` (into the reply). A
     /// refused message keeps its `instance_uid`, for the error reply. The reply is written into
     /// `reply`, an empty message (over 300 bytes: returned, it was copied at every call).
+    /// `now` is when the message arrived: the transport read the clock already.
     pub fn handle_in_place(
         &self,
         conn: &mut Connection,
         msg: &mut AgentToServer,
         reply: &mut ServerToAgent,
+        now: Instant,
     ) -> Result<(), Rejection> {
         let (uid, issued) = self.resolve_uid(conn, msg);
         let key = AgentKey { namespace: conn.tenant.namespace.clone(), uid };
@@ -535,7 +537,6 @@ impl Fleet {
         if let Some(previous) = conn.bound.filter(|b| *b != uid) {
             self.detach(conn, previous);
         }
-        let now = Instant::now();
 
         let mut claim = None;
         let ingested = {
@@ -671,7 +672,9 @@ impl Fleet {
             Uid::new_v7()
         };
         if msg.instance_uid.len() <= ISSUED_UID_KEY_MAX_BYTES {
-            conn.issued = Some(Box::new((msg.instance_uid.clone(), uid)));
+            // Copied, not cloned: on WebSocket the wire uid is a slice of the frame's buffer
+            // (`codec::decode_ws_into`), which the connection would otherwise keep.
+            conn.issued = Some(Box::new((Bytes::copy_from_slice(&msg.instance_uid), uid)));
         }
         (uid, Some(uid))
     }

@@ -111,6 +111,10 @@ impl Outbox {
 
     /// The next message to send, skipping expired ones; its ticket becomes sent.
     pub(super) fn pop(&mut self) -> Option<CustomMessage> {
+        // Asked at every message, with nothing queued most of the time: no clock read then.
+        if self.queue.is_empty() {
+            return None;
+        }
         let now = Instant::now();
         while let Some(o) = self.queue.pop_front() {
             match &o.ticket {

@@ -10,9 +10,10 @@
 //! A write goes to the socket from the stack too, and only what the socket does not take at once
 //! is kept until it does.
 //!
-//! The frame header is tungstenite's ([`FrameHeader`]), as is the accept key of the handshake;
-//! what is ours is the buffering, the checks a server makes of a client's frames, and the
-//! assembly of fragmented messages.
+//! The frame header is parsed by tungstenite ([`FrameHeader`]), whose accept key of the
+//! handshake is used too; the server's own headers are written here (`server_header`, tested
+//! against tungstenite's). What is ours is the buffering, the checks a server makes of a
+//! client's frames, and the assembly of fragmented messages.
 use std::io::{self, Cursor, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -342,6 +343,29 @@ pub enum Outgoing<'a> {
     Close(CloseCode, &'a str),
 }
 
+/// Writes the header of a final, unmasked frame (a server's) into `head`; returns its length.
+/// By hand rather than with tungstenite's `FrameHeader::format` (through `io::Write`, its
+/// length computed apart): it is written for every reply. A test compares the two.
+fn server_header(opcode: OpCode, len: usize, head: &mut [u8; 10]) -> usize {
+    head[0] = 0x80 | u8::from(opcode);
+    match len {
+        0..=125 => {
+            head[1] = len as u8;
+            2
+        }
+        126..=0xFFFF => {
+            head[1] = 126;
+            head[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            4
+        }
+        _ => {
+            head[1] = 127;
+            head[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+            10
+        }
+    }
+}
+
 /// The writing half of a connection's state: what the socket has not taken yet of the frame
 /// being written (no heap between writes).
 #[derive(Debug, Default)]
@@ -374,10 +398,8 @@ impl FrameWriter {
                 (OpCode::Control(Control::Close), &close[..2 + reason.len()])
             }
         };
-        let header = FrameHeader { opcode, ..FrameHeader::default() };
         let mut head = [0u8; 10];
-        let head_len = header.len(payload.len() as u64);
-        header.format(payload.len() as u64, &mut &mut head[..]).expect("ten bytes hold any header");
+        let head_len = server_header(opcode, payload.len(), &mut head);
         let total = head_len + payload.len();
         if total > STACK_WRITE {
             self.pending.reserve_exact(total);
@@ -432,6 +454,7 @@ impl FrameWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::strategy::Strategy as _;
     use std::future::poll_fn;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 
@@ -734,6 +757,25 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// The hand-written header is tungstenite's, for every length class and opcode we send.
+        #[test]
+        fn server_header_is_tungstenites(
+            len in proptest::prop_oneof![0usize..=130, 0xFF00usize..=0x10100, proptest::prelude::any::<u32>().prop_map(|n| n as usize)],
+            which in 0usize..4,
+        ) {
+            let opcode = [
+                OpCode::Data(Data::Binary),
+                OpCode::Control(Control::Ping),
+                OpCode::Control(Control::Pong),
+                OpCode::Control(Control::Close),
+            ][which];
+            let mut want = Vec::new();
+            FrameHeader { opcode, ..FrameHeader::default() }.format(len as u64, &mut want).unwrap();
+            let mut head = [0u8; 10];
+            let n = server_header(opcode, len, &mut head);
+            proptest::prop_assert_eq!(&head[..n], &want[..]);
+        }
+
         /// Any bytes: an error or messages, never a panic, and never a buffer beyond what was read.
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512), chunk in 1usize..64) {

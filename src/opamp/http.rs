@@ -188,7 +188,7 @@ fn handle_here(state: &State, tenant: Tenant, mut msg: AgentToServer, gzip_ok: b
     }
     let mut conn = state.fleet.connection(Transport::Http, tenant);
     let mut out = ServerToAgent::default();
-    let handled = request::handle(state, &mut conn, &mut msg, &mut out);
+    let handled = request::handle(state, &mut conn, &mut msg, &mut out, tokio::time::Instant::now());
     if let (Some(forwarding), Some(uid)) = (&state.forwarding, conn.agent())
         && forwarding.peers.owner(&uid).is_some()
         && state.fleet.release_http_agent(&AgentKey::new(conn.tenant().namespace.clone(), uid))

@@ -33,15 +33,17 @@ pub(super) enum Handled {
     Refused(Duration),
 }
 
-/// Hands one message to the fleet; its reply is written into `reply`, an empty message.
+/// Hands one message, received at `now`, to the fleet; its reply is written into `reply`, an
+/// empty message.
 pub(super) fn handle(
     state: &State,
     conn: &mut Connection,
     msg: &mut AgentToServer,
     reply: &mut ServerToAgent,
+    now: tokio::time::Instant,
 ) -> Handled {
     state.metrics.hot.received(msg).inc();
-    match state.fleet.handle_in_place(conn, msg, reply) {
+    match state.fleet.handle_in_place(conn, msg, reply, now) {
         Ok(()) => {
             state.metrics.hot.reply.inc();
             Handled::Reply

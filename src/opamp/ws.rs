@@ -21,7 +21,7 @@ use super::server::{PlainIo, State, TlsIo};
 use crate::fleet::{Connection, Wakeup};
 use crate::proto::{AgentToServer, ServerToAgent};
 use crate::protocol::Transport;
-use crate::protocol::codec;
+use crate::protocol::codec::{self, WsFrame};
 
 const WS: TransportLabel = TransportLabel { transport: "websocket" };
 
@@ -116,7 +116,16 @@ where
         let mut first_due = Some(last_heard + state.config.ws_first_message_timeout);
         let mut pinged = false;
         let mut ping = pin!(sleep_until(earliest(last_heard + ping_every, first_due)));
+        // The timer is polled only when it may have fired: once polled pending it holds the
+        // task's waker until it fires, and another poll before its deadline (each turn of the
+        // loop) cost more than a look at the clock. `heard` is the time a message was read at,
+        // when its reply was written at once: still current at the first poll of the next turn
+        // (nothing awaited in between), so a heartbeat's turns read the clock once. A time
+        // older than the task's last yield could hide a timer that fired meanwhile.
+        let mut ping_waits = false;
+        let mut heard = None;
         let step = loop {
+            let mut fresh = heard.take();
             let step = tokio::select! {
                 biased;
                 raised = poll_fn(|cx| wakeup.poll_raised(cx)) => {
@@ -140,11 +149,18 @@ where
                         // The message is handled and its reply encoded before anything is awaited;
                         // only the write is, and only when the socket does not take it at once.
                         Ok(Some(Incoming::Binary(data))) => {
-                            let (reply, then) = on_frame(&state, &mut conn, data);
+                            let (reply, then) = on_frame(&state, &mut conn, data, last_heard);
                             if first_due.is_some() && conn.agent().is_some() {
                                 first_due = None;
                             }
-                            match write(&mut socket, &mut writer, &state, Outgoing::Binary(&reply)).await {
+                            let written = match start_write(&mut socket, &mut writer, Outgoing::Binary(&reply)).await {
+                                Poll::Ready(step) => {
+                                    heard = Some(last_heard);
+                                    step
+                                }
+                                Poll::Pending => Box::pin(finish_write(&mut socket, &mut writer, &state)).await,
+                            };
+                            match written {
                                 Step::Continue => then,
                                 failed => failed,
                             }
@@ -157,7 +173,16 @@ where
                         Err(e) => read_error(&state, e),
                     }
                 }
-                _ = &mut ping => {
+                _ = poll_fn(|cx| {
+                    let now = fresh.take();
+                    if ping_waits && now.unwrap_or_else(Instant::now) < ping.deadline() {
+                        return Poll::Pending;
+                    }
+                    // Unconstrained: a timer pending for want of the task's budget would not
+                    // hold its waker.
+                    ping_waits = pin!(tokio::task::unconstrained(ping.as_mut())).poll(cx).is_pending();
+                    if ping_waits { Poll::Pending } else { Poll::Ready(()) }
+                }) => {
                     // Silent for one interval: pinged; for three (the ping unanswered): closed. Only a
                     // peer that reads answers pings, so one that stopped reading or is gone is closed too.
                     let now = Instant::now();
@@ -198,21 +223,22 @@ fn timed_out(state: &State, kind: &'static str) {
     state.metrics.connection_timeouts.get_or_create(&KindLabel { kind }).inc();
 }
 
-/// Decodes and handles one frame: the encoded reply, and what to do once it is written.
-fn on_frame(state: &State, conn: &mut Connection, data: Bytes) -> (Bytes, Step) {
+/// Decodes and handles one frame, received at `now`: the encoded reply, and what to do once it
+/// is written.
+fn on_frame(state: &State, conn: &mut Connection, data: Bytes, now: Instant) -> (WsFrame, Step) {
     let metrics = &state.metrics;
     let mut msg = AgentToServer::default();
     if let Err(e) = codec::decode_ws_into(data, &mut msg) {
         tracing::debug!(error = %e, "undecodable frame");
         metrics.decode_errors.get_or_create(&WS).inc();
         metrics.hot.error.inc();
-        return (codec::encode_ws(&bad_request(e.to_string())), Step::Continue);
+        return (codec::encode_ws_reply(&bad_request(e.to_string())), Step::Continue);
     }
     let mut reply = ServerToAgent::default();
-    match request::handle(state, conn, &mut msg, &mut reply) {
-        Handled::Reply => (codec::encode_ws(&reply), Step::Continue),
+    match request::handle(state, conn, &mut msg, &mut reply, now) {
+        Handled::Reply => (codec::encode_ws_reply(&reply), Step::Continue),
         Handled::Refused(_) => {
-            (codec::encode_ws(&reply), Step::Close(CloseCode::Again, "server at capacity, retry later"))
+            (codec::encode_ws_reply(&reply), Step::Close(CloseCode::Again, "server at capacity, retry later"))
         }
     }
 }
@@ -227,11 +253,23 @@ async fn write<S: AsyncWrite + Unpin>(
     state: &State,
     frame: Outgoing<'_>,
 ) -> Step {
-    let now = poll_fn(|cx| Poll::Ready(writer.start(cx, socket, frame))).await;
-    match now {
-        Poll::Ready(Ok(())) => Step::Continue,
-        Poll::Ready(Err(_)) => Step::Gone,
+    match start_write(socket, writer, frame).await {
+        Poll::Ready(step) => step,
         Poll::Pending => Box::pin(finish_write(socket, writer, state)).await,
+    }
+}
+
+/// Starts a write, awaiting nothing: `Ready` when the socket took the whole frame (or failed),
+/// `Pending` when [`finish_write`] is to write the rest.
+async fn start_write<S: AsyncWrite + Unpin>(
+    socket: &mut S,
+    writer: &mut FrameWriter,
+    frame: Outgoing<'_>,
+) -> Poll<Step> {
+    match poll_fn(|cx| Poll::Ready(writer.start(cx, socket, frame))).await {
+        Poll::Ready(Ok(())) => Poll::Ready(Step::Continue),
+        Poll::Ready(Err(_)) => Poll::Ready(Step::Gone),
+        Poll::Pending => Poll::Pending,
     }
 }
 
