@@ -733,15 +733,20 @@ async fn dispatch(
     let mut planned: Vec<Result<Uid, Box<str>>> = Vec::new();
     let selector = match (req.agents, req.selector) {
         (Some(agents), None) if !agents.is_empty() => {
+            // What is not a uid is kept as shown (cut short), and each shown string once: two
+            // strings that differ only beyond the cut are one entry, in this answer and in `GET`.
             let mut seen_uids = HashSet::new();
             let mut seen_others = HashSet::new();
             for agent in &agents {
                 match agent.parse::<Uid>() {
                     Ok(uid) if seen_uids.insert(uid) => planned.push(Ok(uid)),
-                    Err(_) if seen_others.insert(agent.as_str()) => {
-                        planned.push(Err(truncated(agent, MAX_AGENT_BYTES_KEPT)))
+                    Ok(_) => {}
+                    Err(_) => {
+                        let shown = truncated(agent, MAX_AGENT_BYTES_KEPT);
+                        if seen_others.insert(shown.clone()) {
+                            planned.push(Err(shown));
+                        }
                     }
-                    _ => {}
                 }
             }
             None
@@ -1035,6 +1040,17 @@ mod tests {
         let shown = reply["results"][0]["agent"].as_str().expect("agent");
         assert_eq!(shown, format!("{}…", "y".repeat(MAX_AGENT_BYTES_KEPT)));
         assert_eq!(reply["results"][0]["reason"], "not an instance uid");
+
+        // Two that differ only beyond the cut are shown once, by POST and by GET alike.
+        let (a, b) = ("é".repeat(39), "é".repeat(33));
+        let body = json!({ "id": "cut", "type": "t", "agents": [a, b] });
+        let (status, reply) = post(&app, "jobs", Some(TOKEN), &body).await;
+        assert_eq!(status, 200, "{reply}");
+        assert_eq!(reply["results"].as_array().map(Vec::len), Some(1), "{reply}");
+        let (status, again) =
+            call(&app, Method::GET, &format!("{}/cut", path("jobs")), Some(TOKEN), vec![]).await;
+        assert_eq!(status, 200, "{again}");
+        assert_eq!(again["results"], reply["results"]);
     }
 
     fn record(ns: &str, id: &str, targets: usize) -> Arc<Record> {
