@@ -574,8 +574,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = std::sync::Arc::new(opamp_operator::opamp::ServerMetrics::default());
     let server = OpampServer::new(fleet.clone(), args.server_config()).with_metrics(metrics.clone());
     opamp_operator::operator::raise_fd_limit();
-    let listener = tokio::net::TcpListener::bind(args.opamp_addr)
-        .await
+    let listener = opamp_operator::opamp::listen(args.opamp_addr)
         .with_context(|| format!("cannot listen on {}", args.opamp_addr))?;
     tracing::info!(addr = %listener.local_addr()?, "serving OpAMP on /v1/opamp");
     let shutdown = server.shutdown_token();

@@ -180,7 +180,8 @@ impl Operator {
         let listen = |addr| async move {
             TcpListener::bind(addr).await.map_err(|source| Error::Listen { addr, source })
         };
-        let opamp_listener = listen(config.opamp_addr).await?;
+        let opamp_listener = crate::opamp::listen(config.opamp_addr)
+            .map_err(|source| Error::Listen { addr: config.opamp_addr, source })?;
         let api_listener = listen(config.api_addr).await?;
         let opamp_addr = opamp_listener
             .local_addr()

@@ -17,5 +17,5 @@ pub use auth::{AuthError, Authenticator};
 pub use forward::{FORWARDED_AUTHORIZATION, INSTANCE_UID, MAX_FORWARDS_DEFAULT, PEER_OPAMP_PATH};
 pub use metrics::{KindLabel, MessageCounters, ResultLabel, ServerMetrics, TransportLabel};
 pub use pace::{MAX_CONNECTS_PER_SECOND_DEFAULT, Pacer};
-pub use server::{OPAMP_PATH, OpampServer, ServerConfig};
+pub use server::{LISTEN_BACKLOG, OPAMP_PATH, OpampServer, ServerConfig, listen};
 pub use tls::TlsFiles;
