@@ -816,7 +816,7 @@ mod tests {
 
     /// A reconnect storm meets a loop busy with the first handshakes: the kernel must queue the
     /// rest. With tokio's `bind` (a backlog of 1,024) connection 1,026 to a listener that has not
-    /// accepted yet has its SYN dropped and waits a second for the retransmission.
+    /// accepted yet has its SYN dropped; in a storm it waits a second for the retransmission.
     #[tokio::test]
     async fn the_opamp_listener_queues_more_than_tokios_default_backlog() {
         let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
@@ -832,8 +832,9 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let mut clients = Vec::with_capacity(n);
         for i in 0..n {
-            // A queued connection completes at once; a dropped SYN is retried after a second.
-            let connected = tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await;
+            // A queued connection completes at once. Beyond a full queue the SYN is dropped, and
+            // its retransmissions too, as nothing is accepted: such a connect never completes.
+            let connected = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await;
             match connected {
                 Ok(Ok(tcp)) => clients.push(tcp),
                 Ok(Err(e)) => panic!("connection {i}: {e}"),
