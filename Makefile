@@ -100,9 +100,11 @@ demo:
 ## server is killed (tls), and ours only: 1,000 AgentConfigs over 100 namespaces under 10k agents
 ## (controller). BENCH_PHASES picks phases (default: base kube replicas payload http tls
 ## controller); each phase's time is in the log. Prints the tables and writes them into
-## docs/benchmarks.md; the whole target takes under 30 minutes on a fresh clone.
+## docs/benchmarks.md; the whole target takes under 30 minutes on a fresh clone. The local control
+## plane it starts is taken down at the end, as `make test` does.
 bench: tools-bench tools-k8s
 	nice -n 10 $(CARGO) build --release
+	trap 'tests/tools/local-cluster down' EXIT; \
 	BENCH_COMMAND="make bench" tests/bench/run
 
 ## fuzz: coverage-guided fuzzing (cargo-fuzz + libFuzzer, nightly toolchain) of the wire decoders,
